@@ -1,0 +1,68 @@
+"""One exception root. The library raises; the CLI and daemon turn it into one line."""
+
+from __future__ import annotations
+
+
+class MvmError(Exception):
+    """Root of every error mvm reports to a user. `hint` says what to do about it."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def line(self) -> str:
+        return f"{self.message} ({self.hint})" if self.hint else self.message
+
+
+class InvalidInput(MvmError):
+    exit_code = 2
+
+
+class NotFound(MvmError):
+    exit_code = 3
+
+
+class Conflict(MvmError):
+    exit_code = 4
+
+
+class QuotaExceeded(MvmError):
+    exit_code = 5
+
+
+class IllegalTransition(MvmError):
+    exit_code = 6
+
+
+class BuildFailed(MvmError):
+    exit_code = 7
+
+
+class CommandFailed(MvmError):
+    """A subprocess failed; message carries a copy-pasteable command line."""
+
+    exit_code = 8
+
+    def __init__(self, message: str, hint: str | None = None, *, returncode: int = 1,
+                 stdout: str = "", stderr: str = "") -> None:
+        super().__init__(message, hint)
+        self.returncode = returncode
+        self.stdout = stdout
+        self.stderr = stderr
+
+
+class RuntimeFailure(MvmError):
+    """The hypervisor or the guest did not do what was asked."""
+
+    exit_code = 9
+
+
+class GuestError(RuntimeFailure):
+    """The guest agent refused or did not answer."""
+
+
+class HostUnsupported(MvmError):
+    exit_code = 10

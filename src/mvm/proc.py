@@ -1,0 +1,71 @@
+"""The one way mvm runs a subprocess: argv lists, stdin closed, always reaped, a deadline."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from mvm.errors import CommandFailed
+
+DEFAULT_TIMEOUT = 600.0
+
+
+def run(
+    argv: Sequence[str | os.PathLike[str]],
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+    check: bool = True,
+    input: bytes | None = None,
+    env: Mapping[str, str] | None = None,
+    cwd: str | Path | None = None,
+    capture: bool = True,
+    stdout: int | None = None,
+) -> subprocess.CompletedProcess[bytes]:
+    """Run argv to completion. On failure raise CommandFailed naming the exact command."""
+    args = [os.fspath(a) for a in argv]
+    full_env = None
+    if env is not None:
+        full_env = dict(os.environ)
+        full_env.update(env)
+    try:
+        proc = subprocess.run(
+            args,
+            input=input,
+            stdin=None if input is not None else subprocess.DEVNULL,
+            stdout=stdout if stdout is not None else (subprocess.PIPE if capture else None),
+            stderr=subprocess.PIPE if capture else None,
+            env=full_env,
+            cwd=cwd,
+            timeout=timeout,
+            check=False,
+        )
+    except FileNotFoundError as e:
+        raise CommandFailed(f"{args[0]}: not found", "run `mvm doctor` to see what the host is missing",
+                            returncode=127) from e
+    except subprocess.TimeoutExpired as e:
+        raise CommandFailed(f"timed out after {timeout:g}s: {shlex.join(args)}", returncode=124) from e
+    if check and proc.returncode != 0:
+        err = (proc.stderr or b"").decode(errors="replace").strip()
+        tail = err.splitlines()[-1] if err else ""
+        cause = f"exit {proc.returncode}" if proc.returncode > 0 else f"signal {-proc.returncode}"
+        raise CommandFailed(
+            f"{shlex.join(args)} failed ({cause}){': ' + tail if tail else ''}",
+            returncode=proc.returncode,
+            stdout=(proc.stdout or b"").decode(errors="replace"),
+            stderr=err,
+        )
+    return proc
+
+
+def output(argv: Sequence[str | os.PathLike[str]], **kw: object) -> str:
+    """Run and return stdout as text."""
+    return run(argv, **kw).stdout.decode()  # type: ignore[arg-type]
+
+
+def which(name: str) -> str | None:
+    from shutil import which as _which
+
+    return _which(name)
