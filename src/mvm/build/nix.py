@@ -1,0 +1,114 @@
+"""Host Nix: evaluate and build flakes, offline when the host says so."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from mvm import config, proc
+from mvm.errors import BuildFailed, CommandFailed, InvalidInput
+
+SYSTEM = "x86_64-linux"
+NIX_CONFIG = "\n".join(
+    [
+        "experimental-features = nix-command flakes",
+        "substituters =",
+        "build-users-group =",
+        "warn-dirty = false",
+    ]
+)
+
+
+def env() -> dict[str, str]:
+    return {"NIX_CONFIG": NIX_CONFIG}
+
+
+def normalize_ref(ref: str, base: Path | None = None) -> str:
+    """Turn a user's flake reference into one that means the same from any directory."""
+    if ref.startswith((".", "/")) or os.path.isdir(ref):
+        p = (base or Path.cwd()) / ref
+        p = p.resolve()
+        if not (p / "flake.nix").is_file():
+            raise InvalidInput(f"no flake at {ref!r}: {p}/flake.nix does not exist",
+                               "point --flake at a directory holding flake.nix")
+        return str(p)
+    if ":" not in ref:
+        raise InvalidInput(f"flake reference {ref!r} is neither a directory nor a URL-like ref",
+                           "use a path such as ./my-flake or a ref such as github:owner/repo")
+    return ref
+
+
+def _override_args() -> list[str]:
+    nixpkgs = config.get("nixpkgs")
+    return ["--override-input", "nixpkgs", nixpkgs] if nixpkgs else []
+
+
+def _common(ref: str) -> list[str]:
+    return ["--no-write-lock-file", *_override_args()]
+
+
+def metadata(ref: str, override: bool = True) -> dict:  # type: ignore[type-arg]
+    args = ["nix", "flake", "metadata", "--json", "--no-write-lock-file"]
+    if override:
+        args += _override_args()
+    try:
+        out = proc.run([*args, ref], env=env(), timeout=300).stdout
+    except CommandFailed as e:
+        raise BuildFailed(_nix_error(e), "check the flake reference and that it evaluates") from e
+    result: dict = json.loads(out)  # type: ignore[type-arg]
+    return result
+
+
+def profiles(ref: str) -> list[str]:
+    """Names under packages.<system> of the flake."""
+    try:
+        out = proc.run(
+            ["nix", "eval", "--json", *_common(ref), f"{ref}#packages.{SYSTEM}",
+             "--apply", "builtins.attrNames"],
+            env=env(), timeout=300).stdout
+    except CommandFailed as e:
+        raise BuildFailed(_nix_error(e), "the flake must evaluate and have packages."
+                          f"{SYSTEM}.<profile> outputs") from e
+    names: list[str] = json.loads(out)
+    return names
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    out_path: str
+    drv_path: str
+    locked: dict  # type: ignore[type-arg]
+
+
+def build(ref: str, profile: str, log: Path) -> BuildResult:
+    """`nix build <ref>#<profile>`; Nix's own messages go to the build log and into the error."""
+    common = _common(ref)
+    args = ["nix", "build", "--no-link", "--json", "-L", *common, f"{ref}#packages.{SYSTEM}.{profile}"]
+    with log.open("ab") as f:
+        f.write(("$ " + " ".join(args) + "\n").encode())
+    try:
+        res = proc.run(args, env=env(), timeout=3600)
+    except CommandFailed as e:
+        with log.open("ab") as f:
+            f.write(e.stderr.encode() + b"\n")
+        raise BuildFailed(_nix_error(e), f"full log: {log}") from e
+    with log.open("ab") as f:
+        f.write(res.stderr)
+    data = json.loads(res.stdout)
+    meta = metadata(ref)
+    return BuildResult(data[0]["outputs"]["out"], data[0]["drvPath"], meta.get("locks", {}))
+
+
+def closure(out_path: str) -> list[str]:
+    out = proc.output(["nix-store", "--query", "--requisites", out_path], env=env(), timeout=300)
+    return sorted(line for line in out.splitlines() if line)
+
+
+def _nix_error(e: CommandFailed) -> str:
+    # Our own override flag's warning is noise in the user's error; Nix's error is what matters.
+    lines = [ln for ln in e.stderr.strip().splitlines()
+             if not ln.startswith("warning: the flag '--override-input")]
+    text = "\n".join(lines).strip()
+    return text if text else e.message

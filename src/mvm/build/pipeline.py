@@ -1,0 +1,217 @@
+"""`pool build`: a flat recipe of named, timed steps (DESIGN §4).
+
+The builder step (host Nix today, the builder microVM later) is one entry of the
+recipe, so it can be swapped without touching the rest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mvm import paths
+from mvm.build import nix, rootfs
+from mvm.errors import BuildFailed, HostUnsupported, MvmError
+from mvm.model import Pool, Revision
+
+Progress = Callable[[str, str], None]  # (step, message)
+DATA = Path(__file__).resolve().parent.parent / "data"
+
+
+@dataclass
+class BuildContext:
+    pool: Pool
+    force: bool
+    log: Path
+    progress: Progress
+    result: nix.BuildResult | None = None
+    closure: list[str] = field(default_factory=list)
+    kernel: Path | None = None
+    initrd: Path | None = None
+    kernel_source: str = ""
+    revision: str = ""
+    cache_hit: bool = False
+    closure_size: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def guest_files_hash() -> str:
+    h = hashlib.sha256()
+    guest = DATA / "guest"
+    for p in sorted(guest.rglob("*")) if guest.exists() else []:
+        if p.is_file():
+            h.update(p.relative_to(guest).as_posix().encode() + b"\0" + p.read_bytes())
+    return h.hexdigest()
+
+
+def file_sha256(p: Path) -> str:
+    h = hashlib.sha256()
+    with p.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# -- steps -------------------------------------------------------------------
+
+def step_nix_build(ctx: BuildContext) -> None:
+    ctx.result = nix.build(ctx.pool.flake, ctx.pool.profile, ctx.log)
+    ctx.progress("nix-build", ctx.result.out_path)
+
+
+def step_closure(ctx: BuildContext) -> None:
+    assert ctx.result
+    ctx.closure = nix.closure(ctx.result.out_path)
+    ctx.progress("closure", f"{len(ctx.closure)} store paths")
+
+
+def step_kernel(ctx: BuildContext) -> None:
+    """The profile's own kernel when it ships one, else mvm's default guest kernel."""
+    assert ctx.result
+    out = Path(ctx.result.out_path)
+    for name in ("vmlinux", "boot/vmlinux"):
+        if (out / name).is_file():
+            ctx.kernel = (out / name).resolve()
+            init = out / name.replace("vmlinux", "initrd")
+            ctx.initrd = init.resolve() if init.is_file() else None
+            ctx.kernel_source = "profile"
+            break
+    else:
+        kdir = Path(os.environ.get("MVM_KERNEL_DIR") or paths.kernel_dir())
+        if not (kdir / "vmlinux").is_file():
+            raise HostUnsupported(f"the default guest kernel is missing ({kdir}/vmlinux)",
+                                  "run `mvm setup` (or `make demo`) to install it")
+        ctx.kernel, ctx.initrd = kdir / "vmlinux", kdir / "initrd"
+        ctx.kernel_source = "default"
+    ctx.progress("kernel", f"{ctx.kernel_source}: {ctx.kernel}")
+
+
+def step_revision(ctx: BuildContext) -> None:
+    """The revision hash covers everything that determines the image bytes."""
+    assert ctx.result and ctx.kernel
+    h = hashlib.sha256()
+    for part in (
+        ctx.result.out_path,
+        file_sha256(ctx.kernel),
+        file_sha256(ctx.initrd) if ctx.initrd else "",
+        guest_files_hash(),
+        rootfs.PACKER_VERSION,
+    ):
+        h.update(part.encode() + b"\0")
+    ctx.revision = h.hexdigest()[:16]
+    rdir = paths.revision_dir(ctx.pool.tenant, ctx.pool.id, ctx.revision)
+    ctx.cache_hit = (rdir / "manifest.json").is_file() and not ctx.force
+    ctx.progress("revision", ctx.revision + (" (cached, nothing to build)" if ctx.cache_hit else ""))
+
+
+def step_pack(ctx: BuildContext) -> None:
+    if ctx.cache_hit:
+        return
+    assert ctx.result and ctx.kernel
+    from mvm.guest.layout import install_guest_files
+
+    revs = paths.revisions_dir(ctx.pool.tenant, ctx.pool.id)
+    revs.mkdir(parents=True, exist_ok=True)
+    tmp = revs / f".tmp-{ctx.revision}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        started = time.monotonic()
+        ctx.closure_size = rootfs.pack_closure(
+            ctx.result.out_path, ctx.closure, tmp / "rootfs.ext4", ctx.revision,
+            install_guest_files, tmp)
+        ctx.timings["pack"] = time.monotonic() - started
+        shutil.copyfile(ctx.kernel, tmp / "vmlinux")
+        if ctx.initrd:
+            shutil.copyfile(ctx.initrd, tmp / "initrd")
+        manifest = {
+            "revision": ctx.revision,
+            "tenant": ctx.pool.tenant,
+            "pool": ctx.pool.id,
+            "flake": ctx.pool.flake,
+            "profile": ctx.pool.profile,
+            "out_path": ctx.result.out_path,
+            "lock_hash": hashlib.sha256(
+                json.dumps(ctx.result.locked, sort_keys=True).encode()).hexdigest(),
+            "locked_inputs": {
+                k: v.get("locked", {}) for k, v in ctx.result.locked.get("nodes", {}).items()
+                if k != "root"},
+            "closure_paths": len(ctx.closure),
+            "closure_size": ctx.closure_size,
+            "rootfs_size": (tmp / "rootfs.ext4").stat().st_size,
+            "rootfs_sha256": file_sha256(tmp / "rootfs.ext4"),
+            "kernel": {"source": ctx.kernel_source, "sha256": file_sha256(tmp / "vmlinux")},
+            "initrd": bool(ctx.initrd),
+            "built": time.time(),
+            "build_seconds": None,
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        final = paths.revision_dir(ctx.pool.tenant, ctx.pool.id, ctx.revision)
+        if final.exists():  # --force over an existing revision: replace it whole
+            old = revs / f".old-{ctx.revision}-{os.getpid()}"
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    ctx.progress("pack", f"rootfs.ext4 {manifest['rootfs_size'] // 2**20} MiB"
+                 f" from {ctx.closure_size // 2**20} MiB closure")
+
+
+RECIPE: list[tuple[str, Callable[[BuildContext], None]]] = [
+    ("nix-build", step_nix_build),
+    ("closure", step_closure),
+    ("kernel", step_kernel),
+    ("revision", step_revision),
+    ("pack", step_pack),
+]
+
+
+def switch_current(tenant: str, pool: str, rev: str) -> None:
+    """Point artifacts/current at a revision atomically (symlink + rename)."""
+    link = paths.current_link(tenant, pool)
+    tmp = link.with_name(f".current-{os.getpid()}")
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    tmp.symlink_to(Path("revisions") / rev)
+    os.replace(tmp, link)
+
+
+def read_manifest(tenant: str, pool: str, rev: str) -> dict:  # type: ignore[type-arg]
+    data: dict = json.loads(  # type: ignore[type-arg]
+        (paths.revision_dir(tenant, pool, rev) / "manifest.json").read_text())
+    return data
+
+
+def run_build(pool: Pool, force: bool, log: Path, progress: Progress) -> tuple[Revision, bool]:
+    """Run the recipe. `current` is not touched here: the caller switches it on success."""
+    ctx = BuildContext(pool, force, log, progress)
+    started = time.monotonic()
+    for name, step in RECIPE:
+        t0 = time.monotonic()
+        progress(name, "…")
+        try:
+            step(ctx)
+        except MvmError:
+            raise
+        except Exception as e:  # a bug or an OS error: still one clear line, log kept
+            raise BuildFailed(f"build step {name} failed: {e}", f"full log: {log}") from e
+        ctx.timings[name] = time.monotonic() - t0
+    manifest = read_manifest(pool.tenant, pool.id, ctx.revision)
+    if not ctx.cache_hit:
+        manifest["build_seconds"] = round(time.monotonic() - started, 3)
+        mpath = paths.revision_dir(pool.tenant, pool.id, ctx.revision) / "manifest.json"
+        mpath.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    assert ctx.result
+    rev = Revision(pool.tenant, pool.id, ctx.revision, ctx.result.out_path, manifest,
+                   float(manifest.get("built", time.time())))
+    return rev, ctx.cache_hit

@@ -1,0 +1,356 @@
+"""The `mvm` command line. It parses, calls the library, and prints; nothing else."""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+from rich.markup import escape
+
+from mvm import __version__
+from mvm.cli import output
+from mvm.cli.output import emit_json, err, table
+from mvm.errors import MvmError
+from mvm.model import PoolRef, Quotas, check_id
+from mvm.store import Store
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  rich_markup_mode=None, help="Fleets of microVMs for many tenants, built from Nix flakes.")
+tenant_app = typer.Typer(no_args_is_help=True, help="Tenants: quota, secrets and network boundary.")
+secrets_app = typer.Typer(no_args_is_help=True, help="A tenant's secrets (values are never printed).")
+pool_app = typer.Typer(no_args_is_help=True, help="Pools: a flake profile, its revisions and instances.")
+config_app = typer.Typer(no_args_is_help=True, help="Host settings.")
+app.add_typer(tenant_app, name="tenant")
+tenant_app.add_typer(secrets_app, name="secrets")
+app.add_typer(pool_app, name="pool")
+app.add_typer(config_app, name="config")
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+STATE: dict[str, object] = {"debug": False}
+_store: Store | None = None
+
+
+def store() -> Store:
+    global _store
+    if _store is None:
+        _store = Store()
+    return _store
+
+
+@app.callback()
+def _root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False) -> None:
+    STATE["debug"] = debug
+
+
+@app.command()
+def version() -> None:
+    """Print mvm's version."""
+    print(__version__)
+
+
+# -- setup, doctor, config ---------------------------------------------------
+
+@app.command()
+def setup(
+    offline: Annotated[bool | None, typer.Option(
+        "--offline/--online", help="Point flakes' nixpkgs at mvm's offline package set "
+        "(default: only when github.com is unreachable).")] = None,
+) -> None:
+    """Install mvm's host assets: default guest kernel, built-in flake, offline nixpkgs."""
+    from mvm import host_setup
+
+    host_setup.setup(offline, progress=output.Steps("setup"))
+
+
+@app.command()
+def doctor(json_: JsonOpt = False) -> None:
+    """Check what the host has: QEMU, a usable and fast KVM, Nix, mkfs.ext4, TUN, bridges, kernel."""
+    from mvm import host_setup
+
+    checks = host_setup.doctor()
+    if json_:
+        emit_json(checks)
+    else:
+        table(["check", "ok", "detail"], [(c["check"], "yes" if c["ok"] else "NO", c["detail"])
+                                          for c in checks])
+    if not all(c["ok"] or not c["required"] for c in checks):
+        raise typer.Exit(1)
+
+
+@config_app.command("list")
+def config_list(json_: JsonOpt = False) -> None:
+    """Show every setting."""
+    from mvm import config
+
+    values = config.load()
+    if json_:
+        emit_json(values)
+    else:
+        table(["setting", "value", "meaning"],
+              [(k, values[k], s.help) for k, s in config.SETTINGS.items()])
+
+
+@config_app.command("get")
+def config_get(key: str) -> None:
+    """Print one setting."""
+    from mvm import config
+
+    print(config.get(key))
+
+
+@config_app.command("set")
+def config_set(key: str, value: str) -> None:
+    """Change one setting (an empty string restores the default)."""
+    from mvm import config
+
+    config.set_value(key, value)
+
+
+# -- tenants -------------------------------------------------------------------
+
+@tenant_app.command("create")
+def tenant_create(
+    tenant: str,
+    net_id: Annotated[int | None, typer.Option("--net-id", help="0-4095; auto when omitted")] = None,
+    subnet: Annotated[str | None, typer.Option(help="a private /24; auto when omitted")] = None,
+    max_vcpus: Annotated[int, typer.Option("--max-vcpus")] = Quotas.max_vcpus,
+    max_mem: Annotated[int, typer.Option("--max-mem", help="MiB")] = Quotas.max_mem,
+    max_running: Annotated[int, typer.Option("--max-running")] = Quotas.max_running,
+    max_warm: Annotated[int, typer.Option("--max-warm")] = Quotas.max_warm,
+    max_pools: Annotated[int, typer.Option("--max-pools")] = Quotas.max_pools,
+    max_instances: Annotated[int, typer.Option("--max-instances", help="per pool")] = Quotas.max_instances,
+) -> None:
+    """Create a tenant."""
+    from mvm import tenants
+
+    t = tenants.create(store(), tenant, net_id, subnet,
+                       Quotas(max_vcpus, max_mem, max_running, max_warm, max_pools, max_instances))
+    print(f"tenant {t.id} created (net-id {t.net_id}, subnet {t.subnet})")
+
+
+@tenant_app.command("list")
+def tenant_list(json_: JsonOpt = False) -> None:
+    """List tenants."""
+    ts = store().tenants()
+    if json_:
+        emit_json(ts)
+        return
+    table(["tenant", "net-id", "subnet", "pools"],
+          [(t.id, t.net_id, t.subnet, len(store().pools(t.id))) for t in ts])
+
+
+@tenant_app.command("info")
+def tenant_info(tenant: str, json_: JsonOpt = False) -> None:
+    """Show a tenant: network, quotas, usage, secret names (never values)."""
+    from mvm import tenants
+
+    t = store().tenant(check_id("tenant", tenant))
+    instances = store().instances(t.id)
+    info = {
+        "id": t.id, "net_id": t.net_id, "subnet": t.subnet, "quotas": t.quotas,
+        "pools": [p.id for p in store().pools(t.id)],
+        "instances": {s: sum(1 for i in instances if i.state.value == s)
+                      for s in sorted({i.state.value for i in instances})},
+        "secret_keys": tenants.secret_keys(t.id), "secrets_version": t.secrets_version,
+    }
+    if json_:
+        emit_json(info)
+        return
+    for k, v in output.to_jsonable(info).items():
+        print(f"{k}: {v}")
+
+
+@tenant_app.command("destroy")
+def tenant_destroy(tenant: str, force: Annotated[bool, typer.Option(
+        "--force", help="also destroy the tenant's pools and instances")] = False) -> None:
+    """Destroy a tenant (and with --force everything it owns)."""
+    from mvm import tenants
+
+    tenants.destroy(store(), check_id("tenant", tenant), force)
+    print(f"tenant {tenant} destroyed")
+
+
+@secrets_app.command("set")
+def secrets_set(tenant: str, from_file: Annotated[Path, typer.Option("--from-file")]) -> None:
+    """Replace the tenant's secrets with a JSON object read from a file."""
+    from mvm import tenants
+
+    version = tenants.set_secrets(store(), check_id("tenant", tenant), from_file)
+    print(f"secrets of {tenant} set (version {version}); running instances keep their copy"
+          " until restarted or woken")
+
+
+@secrets_app.command("rotate")
+def secrets_rotate(tenant: str, restart: Annotated[bool, typer.Option(
+        "--restart", help="restart running and warm instances that hold old secrets")] = False,
+        json_: JsonOpt = False) -> None:
+    """Say which instances hold old secrets; with --restart, re-deliver by restarting them."""
+    from mvm import tenants
+
+    stale = tenants.stale_instances(store(), check_id("tenant", tenant))
+    restarted: list[str] = []
+    if restart and stale:
+        from mvm import instances
+
+        restarted = instances.redeliver_secrets(store(), tenant, progress=output.Steps("rotate"))
+    if json_:
+        emit_json({"stale": stale, "restarted": restarted})
+        return
+    if not stale:
+        print(f"every instance of {tenant} holds the current secrets")
+    for s in stale:
+        print(f"{s}: holds old secrets" + (" -> restarted" if s in restarted else ""))
+
+
+# -- pools ---------------------------------------------------------------------
+
+@pool_app.command("create")
+def pool_create(
+    pool: str,
+    flake: Annotated[str | None, typer.Option(help="flake reference; omitted: mvm's built-in flake")] = None,
+    profile: Annotated[str, typer.Option(help="the flake's package to build")] = "minimal",
+    cpus: Annotated[int, typer.Option(help="vCPUs per instance")] = 1,
+    mem: Annotated[int, typer.Option(help="MiB per instance")] = 256,
+    data_disk: Annotated[int, typer.Option("--data-disk", help="MiB of /data per instance (0: none)")] = 0,
+    network: Annotated[str, typer.Option(help="tenant (default) or none")] = "tenant",
+) -> None:
+    """Create a pool from a flake profile."""
+    from mvm import pools
+
+    p = pools.create(store(), PoolRef.parse(pool), flake, profile, cpus, mem, data_disk, network)
+    print(f"pool {p.ref} created ({p.flake}#{p.profile}, {p.cpus} vCPU, {p.mem} MiB"
+          f"{f', data disk {p.data_disk} MiB' if p.data_disk else ''})")
+
+
+@pool_app.command("list")
+def pool_list(tenant: Annotated[str | None, typer.Argument()] = None, json_: JsonOpt = False) -> None:
+    """List pools."""
+    if tenant:
+        store().tenant(check_id("tenant", tenant))
+    ps = store().pools(tenant)
+    if json_:
+        emit_json(ps)
+        return
+    table(["pool", "profile", "cpus", "mem", "data-disk", "current", "instances"],
+          [(str(p.ref), p.profile, p.cpus, p.mem, p.data_disk or "-", p.current or "-",
+            len(store().instances(p.tenant, p.id))) for p in ps])
+
+
+@pool_app.command("info")
+def pool_info(pool: str, json_: JsonOpt = False) -> None:
+    """Show a pool."""
+    ref = PoolRef.parse(pool)
+    p = store().pool(ref.tenant, ref.pool)
+    info = output.to_jsonable(p)
+    info["revisions"] = len(store().revisions(ref.tenant, ref.pool))
+    info["builds"] = store().builds(ref.tenant, ref.pool)[-5:]
+    info["instances"] = [{"id": i.id, "state": i.state.value, "revision": i.revision}
+                         for i in store().instances(ref.tenant, ref.pool)]
+    if json_:
+        emit_json(info)
+        return
+    for k, v in info.items():
+        print(f"{k}: {v}")
+
+
+@pool_app.command("build")
+def pool_build(pool: str, force: Annotated[bool, typer.Option(
+        "--force", help="rebuild even when nothing changed")] = False) -> None:
+    """Build the pool's flake profile into a new revision and make it current."""
+    from mvm import pools
+
+    ref = PoolRef.parse(pool)
+    rev, cached = pools.build(store(), ref, force, progress=output.Steps(f"build {ref}"))
+    print(f"{ref}: revision {rev.hash} is current" + (" (no change, cache hit)" if cached else ""))
+
+
+@pool_app.command("revisions")
+def pool_revisions(pool: str, json_: JsonOpt = False) -> None:
+    """List a pool's revisions; * marks current."""
+    from mvm import pools
+
+    ref = PoolRef.parse(pool)
+    current = store().pool(ref.tenant, ref.pool).current
+    revs = pools.revisions(store(), ref)
+    in_use = pools.revisions_in_use(store(), ref)
+    if json_:
+        emit_json([{"revision": r.hash, "current": r.hash == current, "in_use": r.hash in in_use,
+                    "out_path": r.out_path, "created": r.created, "manifest": r.manifest} for r in revs])
+        return
+    import datetime as dt
+
+    table(["", "revision", "built", "closure", "in use"],
+          [("*" if r.hash == current else "", r.hash,
+            dt.datetime.fromtimestamp(r.created).strftime("%Y-%m-%d %H:%M:%S"),
+            f"{int(r.manifest.get('closure_size', 0)) // 2**20} MiB",  # type: ignore[call-overload]
+            "yes" if r.hash in in_use else "") for r in revs])
+
+
+@pool_app.command("rollback")
+def pool_rollback(pool: str, revision: Annotated[str | None, typer.Option(
+        help="revision hash (or unique prefix); omitted: the previous one")] = None) -> None:
+    """Point `current` at another revision without building."""
+    from mvm import pools
+
+    ref = PoolRef.parse(pool)
+    target = pools.rollback(store(), ref, revision)
+    print(f"{ref}: current is now {target}; new instances boot it, running ones keep theirs"
+          " until restarted")
+
+
+@pool_app.command("gc")
+def pool_gc(pool: str, keep: Annotated[int, typer.Option(help="newest revisions to keep")] = 3) -> None:
+    """Delete old revisions (never current, never one an instance uses)."""
+    from mvm import pools
+
+    removed = pools.gc(store(), PoolRef.parse(pool), keep)
+    print(f"removed {len(removed)} revision(s)" + (": " + ", ".join(removed) if removed else ""))
+
+
+@pool_app.command("destroy")
+def pool_destroy(pool: str, force: Annotated[bool, typer.Option(
+        "--force", help="also destroy the pool's instances")] = False) -> None:
+    """Destroy a pool, its revisions and (with --force) its instances."""
+    from mvm import pools
+
+    ref = PoolRef.parse(pool)
+    pools.destroy(store(), ref, force)
+    print(f"pool {ref} destroyed")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: every error becomes one clear line and a non-zero exit code."""
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args
+    try:
+        rc = app(args=args, prog_name="mvm", standalone_mode=False)
+        return rc if isinstance(rc, int) else 0
+    except MvmError as e:
+        if debug:
+            traceback.print_exc()
+        err.print(f"[bold red]error:[/bold red] {escape(e.line())}", markup=True, highlight=False)
+        return e.exit_code
+    except click.exceptions.NoArgsIsHelpError as e:
+        e.show()
+        return 0
+    except click.UsageError as e:
+        cmd = e.ctx.command_path if e.ctx else "mvm"
+        err.print(f"[bold red]error:[/bold red] {escape(e.format_message())} (see `{cmd} --help`)",
+                  markup=True, highlight=False)
+        return 2
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.exceptions.Abort:
+        err.print("aborted")
+        return 130
+    except click.ClickException as e:
+        err.print(f"error: {e.format_message()}")
+        return e.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""Presenting results: tables with Rich, `--json` everywhere, step progress on stderr."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from collections.abc import Sequence
+from enum import Enum
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True, highlight=False)
+
+
+def to_jsonable(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {k: to_jsonable(v) for k, v in dataclasses.asdict(obj).items()}
+    if isinstance(obj, Enum):
+        return obj.value
+    if isinstance(obj, dict):
+        return {k: to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [to_jsonable(v) for v in obj]
+    return obj
+
+
+def emit_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(to_jsonable(obj), indent=2, sort_keys=True) + "\n")
+
+
+def table(columns: Sequence[str], rows: Sequence[Sequence[Any]], title: str | None = None) -> None:
+    t = Table(title=title, show_edge=False, pad_edge=False, box=None, header_style="bold")
+    for c in columns:
+        t.add_column(c)
+    for r in rows:
+        t.add_row(*("" if v is None else str(v) for v in r))
+    out.print(t)
+
+
+class Steps:
+    """Progress for long work: one line per step with its duration."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.started: dict[str, float] = {}
+
+    def __call__(self, step: str, message: str) -> None:
+        now = time.monotonic()
+        if message == "…":
+            self.started[step] = now
+            err.print(f"[dim]{self.what}[/dim] {step} …")
+            return
+        took = now - self.started.get(step, now)
+        err.print(f"[dim]{self.what}[/dim] {step}: {message} [dim]({took:.2f}s)[/dim]")

@@ -1,0 +1,210 @@
+"""The object model (DESIGN §1, §2): IDs, records, and the instance state machine."""
+
+from __future__ import annotations
+
+import re
+import secrets
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from mvm.errors import IllegalTransition, InvalidInput
+
+_ID = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+_INSTANCE_ID = re.compile(r"i-[0-9a-f]{8}")
+_REV = re.compile(r"[0-9a-f]{6,64}")
+
+ID_RULE = "lowercase letters, digits and '-', 1-63 characters, not starting or ending with '-'"
+
+
+def check_id(kind: str, value: str) -> str:
+    """Validate a tenant or pool ID before it is ever used as a path component."""
+    if not _ID.fullmatch(value):
+        raise InvalidInput(f"invalid {kind} ID {value!r}", f"use {ID_RULE}")
+    return value
+
+
+def check_instance_id(value: str) -> str:
+    if not _INSTANCE_ID.fullmatch(value):
+        raise InvalidInput(f"invalid instance ID {value!r}", "instance IDs look like i-1a2b3c4d")
+    return value
+
+
+def check_revision(value: str) -> str:
+    if not _REV.fullmatch(value):
+        raise InvalidInput(f"invalid revision {value!r}", "a revision is a hex hash, see `mvm pool revisions`")
+    return value
+
+
+def new_instance_id() -> str:
+    return "i-" + secrets.token_hex(4)
+
+
+@dataclass(frozen=True)
+class PoolRef:
+    tenant: str
+    pool: str
+
+    @classmethod
+    def parse(cls, text: str) -> PoolRef:
+        parts = text.split("/")
+        if len(parts) != 2:
+            raise InvalidInput(f"invalid pool address {text!r}", "write it as <tenant>/<pool>, e.g. acme/workers")
+        return cls(check_id("tenant", parts[0]), check_id("pool", parts[1]))
+
+    def __str__(self) -> str:
+        return f"{self.tenant}/{self.pool}"
+
+
+@dataclass(frozen=True)
+class InstanceRef:
+    tenant: str
+    pool: str
+    instance: str
+
+    @classmethod
+    def parse(cls, text: str) -> InstanceRef:
+        parts = text.split("/")
+        if len(parts) != 3:
+            raise InvalidInput(
+                f"invalid instance address {text!r}",
+                "write it as <tenant>/<pool>/<instance>, e.g. acme/workers/i-1a2b3c4d",
+            )
+        return cls(check_id("tenant", parts[0]), check_id("pool", parts[1]), check_instance_id(parts[2]))
+
+    @property
+    def pool_ref(self) -> PoolRef:
+        return PoolRef(self.tenant, self.pool)
+
+    def __str__(self) -> str:
+        return f"{self.tenant}/{self.pool}/{self.instance}"
+
+
+@dataclass(frozen=True)
+class Quotas:
+    max_vcpus: int = 16
+    max_mem: int = 32768
+    max_running: int = 8
+    max_warm: int = 4
+    max_pools: int = 16
+    max_instances: int = 32
+
+
+@dataclass(frozen=True)
+class Tenant:
+    id: str
+    net_id: int
+    subnet: str
+    quotas: Quotas = field(default_factory=Quotas)
+    secrets_version: int = 0
+    created: float = 0.0
+
+
+MIN_MEM_MIB = 128
+MAX_CPUS = 32
+MAX_MEM_MIB = 65536
+
+
+@dataclass(frozen=True)
+class Pool:
+    tenant: str
+    id: str
+    flake: str
+    profile: str
+    cpus: int
+    mem: int
+    data_disk: int = 0
+    network: str = "tenant"
+    current: str | None = None
+    desired_running: int = 0
+    desired_warm: int = 0
+    desired_sleeping: int = 0
+    created: float = 0.0
+
+    @property
+    def ref(self) -> PoolRef:
+        return PoolRef(self.tenant, self.id)
+
+
+@dataclass(frozen=True)
+class Revision:
+    tenant: str
+    pool: str
+    hash: str
+    out_path: str
+    manifest: dict[str, object]
+    created: float
+
+
+class State(StrEnum):
+    CREATED = "created"
+    RUNNING = "running"
+    WARM = "warm"
+    SLEEPING = "sleeping"
+    STOPPED = "stopped"
+    FAILED = "failed"
+    DESTROYED = "destroyed"
+
+    def is_live(self) -> bool:
+        """A hypervisor process exists for the instance."""
+        return self in (State.RUNNING, State.WARM)
+
+    def holds_ram(self) -> bool:
+        return self in (State.RUNNING, State.WARM)
+
+
+class Action(StrEnum):
+    START = "start"
+    WARM = "warm"
+    RESUME = "resume"
+    SLEEP = "sleep"
+    WAKE = "wake"
+    STOP = "stop"
+    DESTROY = "destroy"
+
+
+# The one transition table: action -> (states it may start from, state it ends in).
+TRANSITIONS: dict[Action, tuple[frozenset[State], State]] = {
+    Action.START: (frozenset({State.CREATED, State.STOPPED, State.FAILED}), State.RUNNING),
+    Action.WARM: (frozenset({State.RUNNING}), State.WARM),
+    Action.RESUME: (frozenset({State.WARM}), State.RUNNING),
+    Action.SLEEP: (frozenset({State.RUNNING, State.WARM}), State.SLEEPING),
+    Action.WAKE: (frozenset({State.SLEEPING}), State.RUNNING),
+    Action.STOP: (
+        frozenset({State.RUNNING, State.WARM, State.SLEEPING, State.FAILED, State.CREATED}),
+        State.STOPPED,
+    ),
+    Action.DESTROY: (frozenset(set(State) - {State.DESTROYED}), State.DESTROYED),
+}
+
+
+def transition(current: State, action: Action, what: str = "instance") -> State:
+    """The one guard: the state `action` leads to from `current`, or IllegalTransition."""
+    allowed, target = TRANSITIONS[action]
+    if current not in allowed:
+        froms = ", ".join(sorted(s.value for s in allowed))
+        raise IllegalTransition(
+            f"cannot {action.value} {what}: it is {current.value}",
+            f"{action.value} works from: {froms}",
+        )
+    return target
+
+
+@dataclass(frozen=True)
+class Instance:
+    id: str
+    tenant: str
+    pool: str
+    state: State
+    revision: str | None
+    host_index: int | None = None
+    ip: str | None = None
+    mac: str | None = None
+    secrets_version: int = 0
+    pid: int | None = None
+    created: float = 0.0
+    updated: float = 0.0
+    error: str | None = None
+
+    @property
+    def ref(self) -> InstanceRef:
+        return InstanceRef(self.tenant, self.pool, self.id)

@@ -1,0 +1,164 @@
+"""Pools: a flake + profile, machine shape, and the revisions built from them."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable
+
+from mvm import paths
+from mvm.build import nix, pipeline
+from mvm.errors import Conflict, InvalidInput, NotFound, QuotaExceeded
+from mvm.model import MAX_CPUS, MAX_MEM_MIB, MIN_MEM_MIB, Pool, PoolRef, Revision, check_revision
+from mvm.store import Store, pool_lock
+
+BUILTIN_PROFILES = ("minimal", "baseline", "python")
+MIN_DATA_DISK_MIB = 8
+NETWORK_MODES = ("tenant", "none")
+
+
+def builtin_flake() -> str:
+    d = paths.builtin_flake_dir()
+    if not (d / "flake.nix").is_file():
+        raise NotFound("mvm's built-in flake is not installed",
+                       "run `mvm setup` (or `make demo`), or pass --flake")
+    return str(d)
+
+
+def create(store: Store, ref: PoolRef, flake: str | None, profile: str, cpus: int, mem: int,
+           data_disk: int = 0, network: str = "tenant") -> Pool:
+    tenant = store.tenant(ref.tenant)
+    if cpus < 1 or cpus > MAX_CPUS:
+        raise InvalidInput(f"--cpus must be between 1 and {MAX_CPUS} (got {cpus})")
+    if mem < MIN_MEM_MIB or mem > MAX_MEM_MIB:
+        raise InvalidInput(f"--mem must be between {MIN_MEM_MIB} and {MAX_MEM_MIB} MiB (got {mem})")
+    if data_disk and data_disk < MIN_DATA_DISK_MIB:
+        raise InvalidInput(f"--data-disk must be 0 (none) or at least {MIN_DATA_DISK_MIB} MiB"
+                           f" (got {data_disk})")
+    if data_disk < 0:
+        raise InvalidInput(f"--data-disk must not be negative (got {data_disk})")
+    if network not in NETWORK_MODES:
+        raise InvalidInput(f"--network must be one of {', '.join(NETWORK_MODES)} (got {network!r})")
+    q = tenant.quotas
+    if cpus > q.max_vcpus:
+        raise QuotaExceeded(f"--cpus {cpus} exceeds tenant {tenant.id}'s vCPU quota ({q.max_vcpus})")
+    if mem > q.max_mem:
+        raise QuotaExceeded(f"--mem {mem} exceeds tenant {tenant.id}'s memory quota ({q.max_mem} MiB)")
+    existing = store.pools(tenant.id)
+    if any(p.id == ref.pool for p in existing):
+        raise Conflict(f"pool {ref} already exists", "choose another name or `mvm pool destroy` it first")
+    if len(existing) >= q.max_pools:
+        raise QuotaExceeded(f"tenant {tenant.id} already has {len(existing)} pools (quota {q.max_pools})")
+    flake_ref = nix.normalize_ref(flake) if flake else builtin_flake()
+    if flake is None and profile not in BUILTIN_PROFILES:
+        raise InvalidInput(f"no built-in profile {profile!r}",
+                           f"built-in profiles: {', '.join(BUILTIN_PROFILES)}; or pass --flake")
+    available = nix.profiles(flake_ref)
+    if profile not in available:
+        raise NotFound(f"flake {flake_ref} has no profile {profile!r}",
+                       f"it has: {', '.join(available) or 'none'}")
+    pool = Pool(ref.tenant, ref.pool, flake_ref, profile, cpus, mem, data_disk, network,
+                created=time.time())
+    store.add_pool(pool)
+    paths.artifacts_dir(ref.tenant, ref.pool).mkdir(parents=True, exist_ok=True)
+    store.event("pool.create", f"pool {ref} from {flake_ref}#{profile}", tenant=ref.tenant, pool=ref.pool)
+    return pool
+
+
+def build(store: Store, ref: PoolRef, force: bool = False,
+          progress: Callable[[str, str], None] = lambda s, m: None) -> tuple[Revision, bool]:
+    pool = store.pool(ref.tenant, ref.pool)
+    with pool_lock(ref.tenant, ref.pool):
+        bdir = paths.builds_dir(ref.tenant, ref.pool)
+        bdir.mkdir(parents=True, exist_ok=True)
+        log = bdir / f"{time.strftime('%Y%m%dT%H%M%S')}-{time.time_ns() % 10**9:09d}.log"
+        build_id = store.start_build(ref.tenant, ref.pool, str(log))
+        try:
+            rev, cached = pipeline.run_build(pool, force, log, progress)
+            store.add_revision(rev)
+            pipeline.switch_current(ref.tenant, ref.pool, rev.hash)
+            store.set_pool_current(ref.tenant, ref.pool, rev.hash)
+        except BaseException as e:
+            store.finish_build(build_id, "failed", error=str(e).splitlines()[-1] if str(e) else "")
+            store.event("pool.build", f"build failed: {e}", tenant=ref.tenant, pool=ref.pool)
+            raise
+        store.finish_build(build_id, "ok", rev.hash, cached)
+        store.event("pool.build", f"revision {rev.hash}{' (cached)' if cached else ''}",
+                    tenant=ref.tenant, pool=ref.pool)
+        progress("current", rev.hash)
+        return rev, cached
+
+
+def revisions(store: Store, ref: PoolRef) -> list[Revision]:
+    store.pool(ref.tenant, ref.pool)
+    return store.revisions(ref.tenant, ref.pool)
+
+
+def rollback(store: Store, ref: PoolRef, revision: str | None = None) -> str:
+    pool = store.pool(ref.tenant, ref.pool)
+    with pool_lock(ref.tenant, ref.pool):
+        revs = store.revisions(ref.tenant, ref.pool)
+        hashes = [r.hash for r in revs]
+        if revision is None:
+            if pool.current not in hashes or hashes.index(pool.current) == 0:
+                raise NotFound(f"pool {ref} has no revision before the current one",
+                               "see `mvm pool revisions`, or pass --revision")
+            target = hashes[hashes.index(pool.current) - 1]
+        else:
+            check_revision(revision)
+            matches = [h for h in hashes if h.startswith(revision)]
+            if not matches:
+                raise NotFound(f"pool {ref} has no revision {revision}", "see `mvm pool revisions " f"{ref}`")
+            if len(matches) > 1:
+                raise InvalidInput(f"revision prefix {revision} is ambiguous", "give more characters")
+            target = matches[0]
+        if not (paths.revision_dir(ref.tenant, ref.pool, target) / "manifest.json").is_file():
+            raise NotFound(f"revision {target} of {ref} has no artifacts on disk",
+                           "rebuild it with `mvm pool build --force`")
+        pipeline.switch_current(ref.tenant, ref.pool, target)
+        store.set_pool_current(ref.tenant, ref.pool, target)
+        store.event("pool.rollback", f"current -> {target}", tenant=ref.tenant, pool=ref.pool)
+        return target
+
+
+def revisions_in_use(store: Store, ref: PoolRef) -> set[str]:
+    return {i.revision for i in store.instances(ref.tenant, ref.pool)
+            if i.revision and i.state.value != "destroyed"}
+
+
+def gc(store: Store, ref: PoolRef, keep: int = 3) -> list[str]:
+    """Delete old revisions; never `current`, never one an instance uses. Returns what went."""
+    if keep < 0:
+        raise InvalidInput(f"--keep must not be negative (got {keep})")
+    pool = store.pool(ref.tenant, ref.pool)
+    with pool_lock(ref.tenant, ref.pool):
+        revs = store.revisions(ref.tenant, ref.pool)
+        protected = revisions_in_use(store, ref) | {pool.current}
+        newest = {r.hash for r in revs[-keep:]} if keep else set()
+        removed = []
+        for r in revs:
+            if r.hash in protected or r.hash in newest:
+                continue
+            shutil.rmtree(paths.revision_dir(ref.tenant, ref.pool, r.hash), ignore_errors=True)
+            store.remove_revision(ref.tenant, ref.pool, r.hash)
+            removed.append(r.hash)
+        if removed:
+            store.event("pool.gc", f"removed {', '.join(removed)}", tenant=ref.tenant, pool=ref.pool)
+        return removed
+
+
+def destroy(store: Store, ref: PoolRef, force: bool = False) -> None:
+    store.pool(ref.tenant, ref.pool)
+    with pool_lock(ref.tenant, ref.pool):
+        live = store.instances(ref.tenant, ref.pool)
+        if live and not force:
+            raise Conflict(f"pool {ref} still has {len(live)} instance(s)",
+                           "scale it to zero first, or pass --force to destroy them too")
+        if live:
+            from mvm import instances
+
+            for i in live:
+                instances.destroy(store, i.ref, keep_data=False, locked=True)
+        store.remove_pool(ref.tenant, ref.pool)
+        shutil.rmtree(paths.pool_dir(ref.tenant, ref.pool), ignore_errors=True)
+        store.event("pool.destroy", f"pool {ref} destroyed", tenant=ref.tenant, pool=ref.pool)

@@ -1,0 +1,105 @@
+"""Tenants: the security, quota and network boundary (DESIGN §1)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from mvm import paths
+from mvm.errors import Conflict, InvalidInput
+from mvm.model import Quotas, Tenant, check_id
+from mvm.network import plan
+from mvm.store import Store, lock
+
+
+def create(store: Store, tid: str, net_id: int | None = None, subnet: str | None = None,
+           quotas: Quotas | None = None) -> Tenant:
+    check_id("tenant", tid)
+    q = quotas or Quotas()
+    for name, value in vars(q).items():
+        if value < 0:
+            raise InvalidInput(f"--{name.replace('_', '-')} must not be negative (got {value})")
+    with lock("tenants"):
+        existing = store.tenants()
+        if any(t.id == tid for t in existing):
+            raise Conflict(f"tenant {tid!r} already exists", "see `mvm tenant info " + tid + "`")
+        used_ids = {t.net_id for t in existing}
+        if net_id is None:
+            net_id = plan.allocate_net_id(used_ids)
+        else:
+            plan.validate_net_id(net_id, used_ids)
+        others = [t.subnet for t in existing]
+        if subnet is None:
+            subnet = str(plan.allocate_subnet(others, net_id))
+        else:
+            subnet = str(plan.validate_subnet(subnet, others))
+        t = Tenant(tid, net_id, subnet, q, 0, time.time())
+        store.add_tenant(t)
+        paths.tenant_dir(tid).mkdir(parents=True, exist_ok=True)
+        store.event("tenant.create", f"tenant {tid} net-id {net_id} subnet {subnet}", tenant=tid)
+    return t
+
+
+def destroy(store: Store, tid: str, force: bool = False) -> None:
+    store.tenant(tid)
+    pools = store.pools(tid)
+    if pools and not force:
+        raise Conflict(f"tenant {tid} still has {len(pools)} pool(s): "
+                       + ", ".join(p.id for p in pools),
+                       "destroy them first, or pass --force to destroy everything of the tenant")
+    from mvm import pools as pool_svc
+
+    for p in pools:
+        pool_svc.destroy(store, p.ref, force=True)
+    from mvm import netops
+
+    netops.teardown_tenant(store, store.tenant(tid))
+    store.remove_tenant(tid)
+    shutil.rmtree(paths.tenant_dir(tid), ignore_errors=True)
+    store.event("tenant.destroy", f"tenant {tid} destroyed", tenant=tid)
+
+
+def set_secrets(store: Store, tid: str, source: Path) -> int:
+    """Store the tenant's secrets (a JSON object) 0600; returns the new secrets version."""
+    store.tenant(tid)
+    try:
+        raw = source.read_bytes()
+    except OSError as e:
+        raise InvalidInput(f"cannot read {source}: {e.strerror}") from e
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InvalidInput(f"{source} is not valid JSON ({e.__class__.__name__})",
+                           "secrets must be a JSON object, e.g. {\"API_KEY\": \"...\"}") from None
+    if not isinstance(data, dict):
+        raise InvalidInput(f"{source} holds a JSON {type(data).__name__}, not an object",
+                           "secrets must be a JSON object, e.g. {\"API_KEY\": \"...\"}")
+    dest = paths.secrets_file(tid)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".secrets-{os.getpid()}.json")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, json.dumps(data, indent=2, sort_keys=True).encode() + b"\n")
+    finally:
+        os.close(fd)
+    os.replace(tmp, dest)
+    version = store.bump_secrets_version(tid)
+    store.event("tenant.secrets", f"secrets set ({len(data)} keys), version {version}", tenant=tid)
+    return version
+
+
+def secret_keys(tid: str) -> list[str]:
+    try:
+        return sorted(json.loads(paths.secrets_file(tid).read_text()))
+    except FileNotFoundError:
+        return []
+
+
+def stale_instances(store: Store, tid: str) -> list[str]:
+    """Instances that hold secrets older than the tenant's current ones."""
+    t = store.tenant(tid)
+    return [f"{i.tenant}/{i.pool}/{i.id}" for i in store.instances(tid)
+            if i.state.value in ("running", "warm", "sleeping") and i.secrets_version < t.secrets_version]
