@@ -322,6 +322,185 @@ def pool_destroy(pool: str, force: Annotated[bool, typer.Option(
     print(f"pool {ref} destroyed")
 
 
+@pool_app.command("scale")
+def pool_scale(
+    pool: str,
+    running: Annotated[int, typer.Option(help="instances running")] = 0,
+    warm: Annotated[int, typer.Option(help="instances with vCPUs paused (instant resume)")] = 0,
+    sleeping: Annotated[int, typer.Option(help="instances snapshotted to disk (~1s wake)")] = 0,
+    json_: JsonOpt = False,
+) -> None:
+    """Converge the pool to these counts now (reusing instances before creating new ones)."""
+    from mvm import scale
+
+    ref = PoolRef.parse(pool)
+    result = scale.scale(store(), ref, running, warm, sleeping, report=lambda s: err.print(s),
+                         progress=output.Steps("scale"))
+    if json_:
+        emit_json([_instance_json(i) for i in result])
+        return
+    counts = {s: sum(1 for i in result if i.state.value == s) for s in ("running", "warm", "sleeping")}
+    print(f"{ref}: running={counts['running']} warm={counts['warm']} sleeping={counts['sleeping']}")
+
+
+# -- instances -------------------------------------------------------------------
+
+instance_app = typer.Typer(no_args_is_help=True, help="Instances: one microVM each.")
+app.add_typer(instance_app, name="instance")
+
+
+def _instance_json(i: object) -> dict[str, object]:
+    from mvm.model import Instance
+
+    assert isinstance(i, Instance)
+    return {"id": i.id, "pool": f"{i.tenant}/{i.pool}", "tenant": i.tenant, "state": i.state.value,
+            "revision": i.revision, "ip": i.ip, "mac": i.mac, "secrets_version": i.secrets_version,
+            "error": i.error, "address": str(i.ref)}
+
+
+def _iref(text: str):  # type: ignore[no-untyped-def]
+    from mvm.model import InstanceRef
+
+    return InstanceRef.parse(text)
+
+
+@instance_app.command("list")
+def instance_list(where: Annotated[str | None, typer.Argument(help="<tenant> or <tenant>/<pool>")] = None,
+                  json_: JsonOpt = False) -> None:
+    """List instances."""
+    from mvm import instances
+
+    tenant = pool = None
+    if where:
+        parts = where.split("/")
+        if len(parts) == 2:
+            ref = PoolRef.parse(where)
+            store().pool(ref.tenant, ref.pool)
+            tenant, pool = ref.tenant, ref.pool
+        else:
+            tenant = check_id("tenant", where)
+            store().tenant(tenant)
+    items = instances.list_instances(store(), tenant, pool)
+    if json_:
+        emit_json([_instance_json(i) for i in items])
+        return
+    table(["instance", "state", "revision", "ip"],
+          [(str(i.ref), i.state.value, i.revision or "-", i.ip or "-") for i in items])
+
+
+@instance_app.command("info")
+def instance_info(instance: str, json_: JsonOpt = False) -> None:
+    """Show one instance, including the revision it runs."""
+    from mvm import instances
+
+    i = instances.get(store(), _iref(instance))
+    info = _instance_json(i)
+    info["data_disk"] = str(instances.data_disk_path(i)) if instances.data_disk_path(i).exists() else None
+    current = store().pool(i.tenant, i.pool).current
+    info["pool_current_revision"] = current
+    if json_:
+        emit_json(info)
+        return
+    for k, v in info.items():
+        print(f"{k}: {v}")
+
+
+@instance_app.command("create")
+def instance_create(pool: str) -> None:
+    """Create an instance (state created) in a pool."""
+    from mvm import instances
+
+    i = instances.create(store(), PoolRef.parse(pool))
+    print(str(i.ref))
+
+
+def _transition_cmd(name: str, doc: str) -> None:
+    def cmd(instance: str) -> None:
+        from mvm import instances
+
+        fn = getattr(instances, name)
+        i = fn(store(), _iref(instance), output.Steps(f"{name} {instance}"))
+        print(f"{i.ref}: {i.state.value}")
+
+    cmd.__doc__ = doc
+    instance_app.command(name)(cmd)
+
+
+for _name, _doc in (
+    ("start", "Cold-boot the instance on its pool's current revision."),
+    ("stop", "Shut the instance down (data disk kept)."),
+    ("warm", "Pause the instance's vCPUs (RAM stays; instant resume)."),
+    ("resume", "Un-pause a warm instance."),
+    ("sleep", "Snapshot the instance to disk and end its hypervisor (RAM freed)."),
+    ("wake", "Restore a sleeping instance from its snapshot."),
+):
+    _transition_cmd(_name, _doc)
+
+
+@instance_app.command("destroy")
+def instance_destroy(instance: str, keep_data: Annotated[bool, typer.Option(
+        "--keep-data", help="keep the data disk file")] = False) -> None:
+    """Stop the instance and remove everything it has (unless --keep-data, its data disk)."""
+    from mvm import instances
+
+    kept = instances.destroy(store(), _iref(instance), keep_data)
+    print(f"{instance} destroyed" + (f"; data disk kept at {kept}" if kept else ""))
+
+
+@instance_app.command("exec", context_settings={"allow_interspersed_args": False})
+def instance_exec(
+    instance: str,
+    command: Annotated[list[str], typer.Argument(help="command and arguments (after --)")],
+    timeout: Annotated[float, typer.Option(help="seconds before the command is killed")] = 60.0,
+) -> None:
+    """Run a command in the guest; exits with the command's exit code."""
+    from mvm import instances
+
+    r = instances.exec_(store(), _iref(instance), list(command), timeout)
+    sys.stdout.buffer.write(r.stdout)
+    sys.stdout.buffer.flush()
+    sys.stderr.buffer.write(r.stderr)
+    sys.stderr.buffer.flush()
+    if r.timed_out:
+        err.print(f"error: command timed out after {timeout:g}s")
+    raise typer.Exit(r.exit_code)
+
+
+@instance_app.command("logs")
+def instance_logs(instance: str) -> None:
+    """Print the instance's serial console log."""
+    from mvm import instances
+
+    sys.stdout.buffer.write(instances.console(store(), _iref(instance)))
+
+
+# -- network -------------------------------------------------------------------
+
+net_app = typer.Typer(no_args_is_help=True, help="Tenant networks.")
+app.add_typer(net_app, name="net")
+
+
+@net_app.command("verify")
+def net_verify(repair: Annotated[bool, typer.Option("--repair", help="put drifted parts back")] = False,
+               json_: JsonOpt = False) -> None:
+    """Compare bridges, TAPs and firewall rules with the database; --repair puts them back."""
+    from mvm import netops
+
+    report = netops.verify(store(), repair)
+    if json_:
+        emit_json(report)
+    else:
+        problems = report["problems"]
+        for line in problems:
+            print(line)
+        if not problems:
+            print("network matches the database")
+        elif repair:
+            print("repaired")
+    if report["problems"] and not repair:
+        raise typer.Exit(1)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: every error becomes one clear line and a non-zero exit code."""
     args = sys.argv[1:] if argv is None else argv

@@ -1,0 +1,393 @@
+"""Instances: the state machine of DESIGN §2 driven through the runtime interface.
+
+Every transition goes through `model.transition` (one table, one guard) and through
+`_transition`, which holds the pool lock, re-reads the observed state, and writes the new
+state only after the runtime and the guest did what was asked.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from mvm import disks, netops, paths, secrets_disk
+from mvm.errors import GuestError, IllegalTransition, MvmError, NotFound, RuntimeFailure
+from mvm.model import (
+    Action,
+    Instance,
+    InstanceRef,
+    Pool,
+    PoolRef,
+    State,
+    new_instance_id,
+    transition,
+)
+from mvm.runtime.base import Disk, Runtime, Steps, VmSpec, VmStatus
+from mvm.store import Store, pool_lock
+
+Progress = Callable[[str, str], None]
+AGENT_READY_TIMEOUT = 120.0
+STOP_TIMEOUT = 10.0
+
+
+def _noop(step: str, message: str) -> None:
+    pass
+
+
+def runtime() -> Runtime:
+    from mvm.runtime import select
+
+    return select.runtime()
+
+
+def agent(rt: Runtime, spec: VmSpec):  # type: ignore[no-untyped-def]
+    from mvm.guest.agent_client import AgentClient
+
+    return AgentClient(rt.agent_socket(spec))
+
+
+# -- specs --------------------------------------------------------------------
+
+def instance_dir(i: Instance) -> Path:
+    return paths.instance_dir(i.tenant, i.pool, i.id)
+
+
+def data_disk_path(i: Instance) -> Path:
+    return instance_dir(i) / "data.ext4"
+
+
+def snapshot_dir(i: Instance) -> Path:
+    return instance_dir(i) / "snapshot"
+
+
+def spec_for(store: Store, i: Instance, revision: str) -> VmSpec:
+    """The VM for an instance at a revision. Device order is fixed: rootfs, data, secrets."""
+    pool = store.pool(i.tenant, i.pool)
+    rdir = paths.revision_dir(i.tenant, i.pool, revision)
+    if not (rdir / "rootfs.ext4").is_file():
+        raise NotFound(f"revision {revision} of {i.tenant}/{i.pool} has no artifacts",
+                       f"build the pool: `mvm pool build {i.tenant}/{i.pool}`")
+    devs = [Disk("rootfs", rdir / "rootfs.ext4", True)]
+    if pool.data_disk:
+        devs.append(Disk("data", data_disk_path(i), False))
+    devs.append(Disk("secrets", secrets_disk.image_path(i.id), True))
+    initrd = rdir / "initrd"
+    return VmSpec(
+        name=i.id, vcpus=pool.cpus, mem_mib=pool.mem, kernel=rdir / "vmlinux",
+        initrd=initrd if initrd.is_file() else None,
+        cmdline=" ".join(_cmdline(store, i, pool)), disks=tuple(devs),
+        net=netops.netif(store, i, pool), run_dir=instance_dir(i) / "run",
+    )
+
+
+def _cmdline(store: Store, i: Instance, pool: Pool) -> list[str]:
+    args = ["root=/dev/vda", "ro", f"mvm.hostname={i.id}"]
+    ip = netops.kernel_ip_arg(store, i, pool)
+    if ip:
+        args.append(ip)
+    return args
+
+
+# -- observed state --------------------------------------------------------------
+
+def refresh(store: Store, i: Instance, rt: Runtime | None = None) -> Instance:
+    """Reconcile a live instance with its hypervisor: a dead process is failed, never running."""
+    if not i.state.is_live() or i.revision is None:
+        return i
+    rt = rt or runtime()
+    try:
+        spec = spec_for(store, i, i.revision)
+    except MvmError:
+        return i
+    status = rt.status(spec)
+    if status is VmStatus.GONE:
+        rt.stop(spec, 0)  # removes stale sockets and pid file
+        netops.instance_down(store, i)
+        secrets_disk.remove(i.id)
+        store.update_instance(i.id, state=State.FAILED, pid=None,
+                              error="hypervisor process exited unexpectedly")
+        store.event("instance.failed", "hypervisor process gone", i.tenant, i.pool, i.id)
+    elif status is VmStatus.PAUSED and i.state is State.RUNNING:
+        store.update_instance(i.id, state=State.WARM)
+    elif status is VmStatus.RUNNING and i.state is State.WARM:
+        store.update_instance(i.id, state=State.RUNNING)
+    else:
+        return i
+    return store.instance(i.tenant, i.pool, i.id)
+
+
+def list_instances(store: Store, tenant: str | None = None, pool: str | None = None) -> list[Instance]:
+    rt = None
+    out = []
+    for i in store.instances(tenant, pool):
+        if i.state.is_live():
+            rt = rt or runtime()
+            i = refresh(store, i, rt)
+        out.append(i)
+    return out
+
+
+def get(store: Store, ref: InstanceRef) -> Instance:
+    return refresh(store, store.instance(ref.tenant, ref.pool, ref.instance))
+
+
+# -- transitions --------------------------------------------------------------------
+
+@contextmanager
+def _locked(ref: PoolRef, locked: bool) -> Iterator[None]:
+    if locked:
+        yield
+    else:
+        with pool_lock(ref.tenant, ref.pool):
+            yield
+
+
+def create(store: Store, ref: PoolRef, locked: bool = False) -> Instance:
+    """A new instance in state `created`: an ID, an address, and its data disk."""
+    pool = store.pool(ref.tenant, ref.pool)
+    tenant = store.tenant(ref.tenant)
+    with _locked(ref, locked):
+        if len(store.instances(ref.tenant, ref.pool)) >= tenant.quotas.max_instances:
+            from mvm.errors import QuotaExceeded
+
+            raise QuotaExceeded(f"pool {ref} already has {tenant.quotas.max_instances} instances"
+                                " (tenant quota max-instances)")
+        iid = new_instance_id()
+        host_index, ip, mac = netops.allocate(store, tenant, pool, iid)
+        i = Instance(iid, ref.tenant, ref.pool, State.CREATED, pool.current, host_index, ip, mac)
+        d = paths.instance_dir(ref.tenant, ref.pool, iid)
+        try:
+            d.mkdir(parents=True)
+            if pool.data_disk:
+                disks.create_data_disk(d / "data.ext4", pool.data_disk)
+            store.add_instance(i)
+        except BaseException:
+            shutil.rmtree(d, ignore_errors=True)
+            raise
+        store.event("instance.create", f"created {iid}", ref.tenant, ref.pool, iid)
+        return i
+
+
+def start(store: Store, ref: InstanceRef, progress: Progress = _noop, locked: bool = False) -> Instance:
+    with _locked(ref.pool_ref, locked):
+        i = get(store, ref)
+        transition(i.state, Action.START)
+        pool = store.pool(ref.tenant, ref.pool)
+        if not pool.current:
+            raise NotFound(f"pool {ref.pool_ref} has no built revision",
+                           f"run `mvm pool build {ref.pool_ref}` first")
+        revision = pool.current  # a (re)start boots the pool's current revision
+        rt = runtime()
+        tenant = store.tenant(ref.tenant)
+        i = _with(i, revision=revision)
+        spec = spec_for(store, i, revision)
+        with Steps(f"start {i.id}", _timed(progress)) as steps:
+            steps.run("network", lambda: netops.instance_up(store, i))
+            steps.on_undo("network", lambda: netops.instance_down(store, i))
+            steps.run("secrets", lambda: secrets_disk.build(ref.tenant, i.id))
+            steps.on_undo("secrets", lambda: secrets_disk.remove(i.id))
+            steps.run("boot", lambda: rt.boot(spec))
+            steps.on_undo("boot", lambda: rt.stop(spec, 0))
+            steps.run("agent", lambda: agent(rt, spec).wait_ready(AGENT_READY_TIMEOUT))
+        secrets_disk.remove(i.id)  # the hypervisor holds it open; nothing stays in clear
+        _discard_snapshot(i)
+        store.update_instance(i.id, state=State.RUNNING, revision=revision,
+                              secrets_version=tenant.secrets_version, error=None)
+        store.event("instance.start", f"running revision {revision}", i.tenant, i.pool, i.id)
+        return store.instance(ref.tenant, ref.pool, ref.instance)
+
+
+def warm(store: Store, ref: InstanceRef, progress: Progress = _noop, locked: bool = False) -> Instance:
+    with _locked(ref.pool_ref, locked):
+        i = get(store, ref)
+        transition(i.state, Action.WARM)
+        rt = runtime()
+        assert i.revision
+        rt.pause(spec_for(store, i, i.revision))
+        store.update_instance(i.id, state=State.WARM)
+        store.event("instance.warm", "vCPUs paused", i.tenant, i.pool, i.id)
+        return store.instance(ref.tenant, ref.pool, ref.instance)
+
+
+def resume(store: Store, ref: InstanceRef, progress: Progress = _noop, locked: bool = False) -> Instance:
+    with _locked(ref.pool_ref, locked):
+        i = get(store, ref)
+        transition(i.state, Action.RESUME)
+        rt = runtime()
+        assert i.revision
+        rt.resume(spec_for(store, i, i.revision))
+        store.update_instance(i.id, state=State.RUNNING)
+        store.event("instance.resume", "vCPUs running", i.tenant, i.pool, i.id)
+        return store.instance(ref.tenant, ref.pool, ref.instance)
+
+
+def sleep(store: Store, ref: InstanceRef, progress: Progress = _noop, locked: bool = False) -> Instance:
+    """Sync the guest, snapshot memory + devices to disk, end the hypervisor (RAM freed)."""
+    with _locked(ref.pool_ref, locked):
+        i = get(store, ref)
+        transition(i.state, Action.SLEEP)
+        rt = runtime()
+        assert i.revision
+        spec = spec_for(store, i, i.revision)
+        was_warm = i.state is State.WARM
+        if was_warm:
+            rt.resume(spec)  # the guest must run to sync its disks
+        ag = agent(rt, spec)
+        try:
+            ag.sleep_prep()
+            snap = snapshot_dir(i)
+            if snap.exists():
+                shutil.rmtree(snap)
+            snap.mkdir(parents=True)
+            t0 = time.monotonic()
+            rt.snapshot(spec, snap)
+            progress("snapshot", f"{time.monotonic() - t0:.2f}s")
+        except BaseException:
+            # A failed sleep leaves the instance as it was: running (or warm), never lost.
+            if rt.is_alive(spec):
+                try:
+                    ag.wake()
+                finally:
+                    if was_warm:
+                        rt.pause(spec)
+            raise
+        netops.instance_down(store, i)
+        store.update_instance(i.id, state=State.SLEEPING, pid=None)
+        store.event("instance.sleep", "snapshotted to disk", i.tenant, i.pool, i.id)
+        return store.instance(ref.tenant, ref.pool, ref.instance)
+
+
+def wake(store: Store, ref: InstanceRef, progress: Progress = _noop, locked: bool = False) -> Instance:
+    """Restore the snapshot in a new hypervisor; re-sync the clock and re-deliver secrets."""
+    with _locked(ref.pool_ref, locked):
+        i = get(store, ref)
+        transition(i.state, Action.WAKE)
+        rt = runtime()
+        assert i.revision  # a snapshot is tied to the revision it was taken on
+        spec = spec_for(store, i, i.revision)
+        tenant = store.tenant(ref.tenant)
+        with Steps(f"wake {i.id}", _timed(progress)) as steps:
+            steps.run("network", lambda: netops.instance_up(store, i))
+            steps.on_undo("network", lambda: netops.instance_down(store, i))
+            steps.run("secrets", lambda: secrets_disk.build(ref.tenant, i.id))
+            steps.on_undo("secrets", lambda: secrets_disk.remove(i.id))
+            steps.run("restore", lambda: rt.restore(spec, snapshot_dir(i)))
+            steps.on_undo("restore", lambda: rt.stop(spec, 0))
+            steps.run("agent", lambda: agent(rt, spec).wake())
+        secrets_disk.remove(i.id)
+        _discard_snapshot(i)  # the disks moved on; the snapshot must never be restored again
+        store.update_instance(i.id, state=State.RUNNING, secrets_version=tenant.secrets_version,
+                              error=None)
+        store.event("instance.wake", "restored from snapshot", i.tenant, i.pool, i.id)
+        return store.instance(ref.tenant, ref.pool, ref.instance)
+
+
+def stop(store: Store, ref: InstanceRef, progress: Progress = _noop, locked: bool = False) -> Instance:
+    with _locked(ref.pool_ref, locked):
+        i = get(store, ref)
+        transition(i.state, Action.STOP)
+        _halt(store, i)
+        store.update_instance(i.id, state=State.STOPPED, pid=None)
+        store.event("instance.stop", "stopped", i.tenant, i.pool, i.id)
+        return store.instance(ref.tenant, ref.pool, ref.instance)
+
+
+def destroy(store: Store, ref: InstanceRef, keep_data: bool = False, locked: bool = False) -> Path | None:
+    """Stop, then remove runtime files, snapshot and (unless kept) the data disk."""
+    with _locked(ref.pool_ref, locked):
+        i = store.instance(ref.tenant, ref.pool, ref.instance)
+        transition(i.state, Action.DESTROY)
+        _halt(store, i)
+        d = instance_dir(i)
+        kept = None
+        if keep_data and data_disk_path(i).exists():
+            kept = paths.pool_dir(i.tenant, i.pool) / "kept-data" / f"{i.id}.ext4"
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            data_disk_path(i).rename(kept)
+        shutil.rmtree(d, ignore_errors=True)
+        netops.release(store, i)
+        store.remove_instance(i.id)
+        store.event("instance.destroy", f"destroyed{' (data kept)' if kept else ''}",
+                    i.tenant, i.pool, i.id)
+        return kept
+
+
+def _halt(store: Store, i: Instance) -> None:
+    """Whatever the state: no hypervisor, no TAP, no secrets image, no snapshot."""
+    if i.revision:
+        try:
+            spec = spec_for(store, i, i.revision)
+        except MvmError:
+            spec = None
+        if spec is not None:
+            runtime().stop(spec, STOP_TIMEOUT if i.state is State.RUNNING else 0)
+    netops.instance_down(store, i)
+    secrets_disk.remove(i.id)
+    _discard_snapshot(i)
+
+
+def _discard_snapshot(i: Instance) -> None:
+    shutil.rmtree(snapshot_dir(i), ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    exit_code: int
+    stdout: bytes
+    stderr: bytes
+    timed_out: bool
+
+
+def exec_(store: Store, ref: InstanceRef, argv: list[str], timeout: float = 60.0) -> ExecResult:
+    i = get(store, ref)
+    if i.state is not State.RUNNING:
+        hint = {State.WARM: f"resume it first: `mvm instance resume {ref}`",
+                State.SLEEPING: f"wake it first: `mvm instance wake {ref}`"}.get(
+                    i.state, f"start it first: `mvm instance start {ref}`")
+        raise IllegalTransition(f"cannot exec in {ref}: it is {i.state.value}", hint)
+    assert i.revision
+    rt = runtime()
+    r = agent(rt, spec_for(store, i, i.revision)).exec(argv, timeout)
+    return ExecResult(r.exit_code, r.stdout, r.stderr, r.timed_out)
+
+
+def console(store: Store, ref: InstanceRef) -> bytes:
+    i = store.instance(ref.tenant, ref.pool, ref.instance)
+    log = instance_dir(i) / "run" / "console.log"
+    try:
+        return log.read_bytes()
+    except FileNotFoundError:
+        return b""
+
+
+def redeliver_secrets(store: Store, tenant: str, progress: Progress = _noop) -> list[str]:
+    """Restart running/warm instances holding old secrets; sleeping ones get them at wake."""
+    t = store.tenant(tenant)
+    done = []
+    for i in store.instances(tenant):
+        if i.state in (State.RUNNING, State.WARM) and i.secrets_version < t.secrets_version:
+            with pool_lock(i.tenant, i.pool):
+                was_warm = i.state is State.WARM
+                stop(store, i.ref, progress, locked=True)
+                start(store, i.ref, progress, locked=True)
+                if was_warm:
+                    warm(store, i.ref, progress, locked=True)
+            done.append(str(i.ref))
+    return done
+
+
+def _with(i: Instance, **changes: object) -> Instance:
+    from dataclasses import replace
+
+    return replace(i, **changes)  # type: ignore[arg-type]
+
+
+def _timed(progress: Progress) -> Callable[[str, float], None]:
+    return lambda step, took: progress(step, f"{took:.2f}s")
+
+
+__all__ = ["GuestError", "RuntimeFailure", "create", "destroy", "start", "stop"]

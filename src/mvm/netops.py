@@ -1,0 +1,89 @@
+"""Tenant and instance networks as the lifecycle sees them: plan from the store, apply to the host.
+
+A pool with `--network none` has no NIC and touches nothing on the host.
+"""
+
+from __future__ import annotations
+
+from mvm.model import Instance, Pool, Tenant
+from mvm.network import plan
+from mvm.runtime.base import NetIf
+from mvm.store import Store, lock
+
+
+def _wants_net(pool: Pool) -> bool:
+    return pool.network != "none"
+
+
+def allocate(store: Store, tenant: Tenant, pool: Pool, iid: str) -> tuple[int | None, str | None, str | None]:
+    """Host index, IP and MAC for a new instance: deterministic, unique within the tenant."""
+    if not _wants_net(pool):
+        return None, None, None
+    used = {i.host_index for i in store.instances(tenant.id) if i.host_index is not None}
+    index = plan.allocate_host_index(used)
+    net = plan.instance_net(tenant.net_id, tenant.subnet, iid, index)
+    return index, str(net.ip), net.mac
+
+
+def _instance_net(store: Store, i: Instance) -> plan.InstanceNet | None:
+    if i.host_index is None:
+        return None
+    t = store.tenant(i.tenant)
+    return plan.instance_net(t.net_id, t.subnet, i.id, i.host_index)
+
+
+def netif(store: Store, i: Instance, pool: Pool) -> NetIf | None:
+    net = _instance_net(store, i)
+    return NetIf(net.tap, net.mac) if net else None
+
+
+def kernel_ip_arg(store: Store, i: Instance, pool: Pool) -> str | None:
+    net = _instance_net(store, i)
+    return net.kernel_arg(i.id) if net else None
+
+
+def tenant_up(t: Tenant) -> str:
+    """The tenant's bridge, gateway address, isolation and NAT (idempotent)."""
+    from mvm.network import firewall, host
+
+    with lock("network"):
+        bridge = host.ensure_bridge(t.net_id, t.subnet)
+        host.enable_forwarding()
+        firewall.ensure_tenant(t.net_id, t.subnet, bridge)
+    return bridge
+
+
+def instance_up(store: Store, i: Instance) -> None:
+    net = _instance_net(store, i)
+    if net is None:
+        return
+    from mvm.network import host
+
+    tenant_up(store.tenant(i.tenant))
+    host.ensure_tap(net.tap, net.bridge)
+
+
+def instance_down(store: Store, i: Instance) -> None:
+    if i.host_index is None:
+        return
+    from mvm.network import host
+
+    host.remove_tap(plan.tap_name(i.id))
+
+
+def release(store: Store, i: Instance) -> None:
+    """The instance is gone: its TAP too (its address is free once its row is deleted)."""
+    instance_down(store, i)
+
+
+def teardown_tenant(store: Store, t: Tenant) -> None:
+    """Remove exactly what the tenant's network created; drop mvm's table when it was the last."""
+    from mvm.network import firewall, host
+
+    with lock("network"):
+        for name in host.list_taps():
+            if any(name == plan.tap_name(i.id) for i in store.instances(t.id)):
+                host.remove_tap(name)
+        host.remove_bridge(t.net_id)
+        firewall.remove_tenant(t.net_id)
+        firewall.remove_all_if_empty()

@@ -1,0 +1,159 @@
+"""`pool scale`: converge a pool to desired counts now, reusing instances before creating.
+
+Policy (documented in the README): every slot is filled first by an instance already in
+that state, then by the cheapest instance to convert (warm→running is a resume, sleeping→
+running a wake, stopped→running a cold start), then by a new instance. Instances left
+over are stopped, not destroyed: their data disks stay and the next scale-up reuses them
+first. `mvm instance destroy` removes one for good.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from mvm import instances
+from mvm.errors import InvalidInput, NotFound, QuotaExceeded
+from mvm.model import Instance, PoolRef, State
+from mvm.store import Store, pool_lock, tenant_lock
+
+Report = Callable[[str], None]
+
+# For each target state, which current states may fill its slot, cheapest first.
+PREFERENCE: dict[State, tuple[State, ...]] = {
+    State.RUNNING: (State.WARM, State.SLEEPING, State.STOPPED, State.CREATED, State.FAILED),
+    State.WARM: (State.RUNNING, State.SLEEPING, State.STOPPED, State.CREATED, State.FAILED),
+    State.SLEEPING: (State.WARM, State.RUNNING, State.STOPPED, State.CREATED, State.FAILED),
+}
+
+# How to get from a state to a target, as instance operations.
+PATHS: dict[tuple[State, State], tuple[str, ...]] = {
+    (State.WARM, State.RUNNING): ("resume",),
+    (State.SLEEPING, State.RUNNING): ("wake",),
+    (State.RUNNING, State.WARM): ("warm",),
+    (State.SLEEPING, State.WARM): ("wake", "warm"),
+    (State.RUNNING, State.SLEEPING): ("sleep",),
+    (State.WARM, State.SLEEPING): ("sleep",),
+}
+for _s in (State.STOPPED, State.CREATED, State.FAILED):
+    PATHS[(_s, State.RUNNING)] = ("start",)
+    PATHS[(_s, State.WARM)] = ("start", "warm")
+    PATHS[(_s, State.SLEEPING)] = ("start", "sleep")
+for _s in (State.RUNNING, State.WARM, State.SLEEPING, State.FAILED):
+    PATHS[(_s, State.STOPPED)] = ("stop",)
+
+OPS = {
+    "start": instances.start, "warm": instances.warm, "resume": instances.resume,
+    "sleep": instances.sleep, "wake": instances.wake, "stop": instances.stop,
+}
+
+
+@dataclass
+class Plan:
+    moves: list[tuple[Instance | None, State]] = field(default_factory=list)  # None: new instance
+
+    def actions(self) -> list[tuple[str, tuple[str, ...]]]:
+        out = []
+        for inst, target in self.moves:
+            if inst is None:
+                out.append(("new", ("create", *PATHS[(State.CREATED, target)])))
+            elif inst.state is not target:
+                out.append((inst.id, PATHS[(inst.state, target)]))
+        return out
+
+
+def plan(current: list[Instance], running: int, warm: int, sleeping: int) -> Plan:
+    """Assign instances to slots: exact matches first, then by preference, then new ones."""
+    want = {State.RUNNING: running, State.WARM: warm, State.SLEEPING: sleeping}
+    free = list(current)
+    p = Plan()
+    for target, n in want.items():
+        for inst in [i for i in free if i.state is target][:n]:
+            free.remove(inst)
+            p.moves.append((inst, target))
+            want[target] -= 1
+    for target in (State.RUNNING, State.WARM, State.SLEEPING):
+        for source in PREFERENCE[target]:
+            for inst in [i for i in free if i.state is source]:
+                if want[target] == 0:
+                    break
+                free.remove(inst)
+                p.moves.append((inst, target))
+                want[target] -= 1
+        p.moves.extend((None, target) for _ in range(want[target]))
+        want[target] = 0
+    for inst in free:
+        if inst.state in (State.RUNNING, State.WARM, State.SLEEPING, State.FAILED):
+            p.moves.append((inst, State.STOPPED))
+    # Free resources before taking new ones: stops and sleeps first.
+    p.moves.sort(key=lambda m: 0 if m[1] in (State.STOPPED, State.SLEEPING) and m[0] else 1)
+    return p
+
+
+def check_quotas(store: Store, ref: PoolRef, running: int, warm: int, sleeping: int) -> None:
+    t = store.tenant(ref.tenant)
+    pool = store.pool(ref.tenant, ref.pool)
+    q = t.quotas
+    tot = {"running": running, "warm": warm, "vcpus": running * pool.cpus,
+           "mem": (running + warm) * pool.mem}
+    for other in store.pools(ref.tenant):
+        if other.id == ref.pool:
+            continue
+        for i in store.instances(ref.tenant, other.id):
+            if i.state is State.RUNNING:
+                tot["running"] += 1
+                tot["vcpus"] += other.cpus
+            if i.state is State.WARM:
+                tot["warm"] += 1
+            if i.state.holds_ram():
+                tot["mem"] += other.mem
+    problems = []
+    if tot["running"] > q.max_running:
+        problems.append(f"{tot['running']} running > max-running {q.max_running}")
+    if tot["warm"] > q.max_warm:
+        problems.append(f"{tot['warm']} warm > max-warm {q.max_warm}")
+    if tot["vcpus"] > q.max_vcpus:
+        problems.append(f"{tot['vcpus']} vCPUs running > max-vcpus {q.max_vcpus}")
+    if tot["mem"] > q.max_mem:
+        problems.append(f"{tot['mem']} MiB in running+warm instances > max-mem {q.max_mem}")
+    total = running + warm + sleeping
+    if total > q.max_instances:
+        problems.append(f"{total} instances > max-instances {q.max_instances}")
+    if problems:
+        raise QuotaExceeded(f"scaling {ref} would exceed tenant {t.id}'s quota: "
+                            + "; ".join(problems), "nothing was changed; lower the counts or"
+                            " raise the quota")
+
+
+def scale(store: Store, ref: PoolRef, running: int, warm: int, sleeping: int,
+          report: Report = lambda s: None,
+          progress: instances.Progress = instances._noop) -> list[Instance]:
+    for name, n in (("--running", running), ("--warm", warm), ("--sleeping", sleeping)):
+        if n < 0:
+            raise InvalidInput(f"{name} must not be negative (got {n})")
+    pool = store.pool(ref.tenant, ref.pool)
+    if not pool.current and running + warm + sleeping > 0:
+        raise NotFound(f"pool {ref} has no built revision", f"run `mvm pool build {ref}` first")
+    with tenant_lock(ref.tenant), pool_lock(ref.tenant, ref.pool):
+        check_quotas(store, ref, running, warm, sleeping)
+        store.set_pool_desired(ref.tenant, ref.pool, running, warm, sleeping)
+        current = instances.list_instances(store, ref.tenant, ref.pool)
+        p = plan(current, running, warm, sleeping)
+        if not p.actions():
+            report(f"{ref}: already at running={running} warm={warm} sleeping={sleeping}")
+        for inst, target in p.moves:
+            if inst is None:
+                inst = instances.create(store, ref, locked=True)
+                report(f"{inst.id}: created")
+            if inst.state is target:
+                continue
+            for op in PATHS[(inst.state, target)]:
+                OPS[op](store, inst.ref, progress, locked=True)
+                report(f"{inst.id}: {op} -> {_after(op).value}")
+        return instances.list_instances(store, ref.tenant, ref.pool)
+
+
+def _after(op: str) -> State:
+    from mvm.model import TRANSITIONS, Action
+
+    return TRANSITIONS[Action(op)][1]

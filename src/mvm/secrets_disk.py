@@ -1,0 +1,60 @@
+"""The read-only secrets disk: built from the tenant's secrets at every start and wake.
+
+The clear-text image lives only in memory-backed storage (/dev/shm) and is unlinked as soon
+as the hypervisor holds it open, so it is never left anywhere in clear.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from mvm import paths, proc
+from mvm.errors import InvalidInput
+
+# Fixed, so a snapshot's device geometry matches the image re-delivered at wake.
+SIZE_MIB = 4
+LABEL = "mvm-secrets"
+
+
+def image_path(instance_id: str) -> Path:
+    return paths.secrets_runtime_dir() / f"{instance_id}.img"
+
+
+def build(tenant: str, instance_id: str) -> Path:
+    src = paths.secrets_file(tenant)
+    data = src.read_bytes() if src.exists() else b"{}\n"
+    if len(data) > (SIZE_MIB - 1) * 2**20:
+        raise InvalidInput(f"tenant {tenant}'s secrets are {len(data)} bytes; at most "
+                           f"{SIZE_MIB - 1} MiB fit the secrets disk")
+    rt = paths.secrets_runtime_dir()
+    rt.mkdir(mode=0o700, parents=True, exist_ok=True)
+    image = image_path(instance_id)
+    staging = Path(tempfile.mkdtemp(prefix="stage-", dir=rt))
+    try:
+        staging.chmod(0o755)
+        f = staging / "secrets.json"
+        fd = os.open(f, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o400)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+        fd = os.open(image, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.ftruncate(fd, SIZE_MIB * 2**20)
+        finally:
+            os.close(fd)
+        proc.run(["mkfs.ext4", "-q", "-F", "-L", LABEL, "-O", "^has_journal", "-m", "0",
+                  "-E", "root_owner=0:0", "-d", str(staging), str(image)], timeout=60)
+    except BaseException:
+        remove(instance_id)
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return image
+
+
+def remove(instance_id: str) -> None:
+    image_path(instance_id).unlink(missing_ok=True)
