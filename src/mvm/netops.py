@@ -5,7 +5,7 @@ A pool with `--network none` has no NIC and touches nothing on the host.
 
 from __future__ import annotations
 
-from mvm.model import Instance, Pool, Tenant
+from mvm.model import Instance, Pool, State, Tenant
 from mvm.network import plan
 from mvm.runtime.base import NetIf
 from mvm.store import Store, lock
@@ -72,8 +72,35 @@ def instance_down(store: Store, i: Instance) -> None:
 
 
 def release(store: Store, i: Instance) -> None:
-    """The instance is gone: its TAP too (its address is free once its row is deleted)."""
+    """The instance is gone: its TAP too, and the tenant's network with its last instance."""
     instance_down(store, i)
+    if i.host_index is None:
+        return
+    if not any(o.host_index is not None for o in store.instances(i.tenant) if o.id != i.id):
+        teardown_tenant(store, store.tenant(i.tenant))
+
+
+def _expected(store: Store) -> tuple[list[tuple[int, str]], list[tuple[str, str]]]:
+    """A tenant has a network while it has instances with one; live ones have TAPs."""
+    tenants, taps = {}, []
+    for t in store.tenants():
+        for i in store.instances(t.id):
+            if i.host_index is None:
+                continue
+            tenants[t.net_id] = t.subnet
+            if i.state in (State.RUNNING, State.WARM):
+                taps.append((plan.tap_name(i.id), plan.bridge_name(t.net_id)))
+    return sorted(tenants.items()), taps
+
+
+def verify(store: Store, repair: bool) -> dict[str, object]:
+    from mvm.network import verify as net_verify
+
+    tenants, taps = _expected(store)
+    with lock("network"):
+        report = net_verify.verify(tenants, taps, repair)
+    return {"ok": report.ok, "problems": report.lines(), "repaired": report.repaired,
+            "tenants": len(tenants), "taps": len(taps)}
 
 
 def teardown_tenant(store: Store, t: Tenant) -> None:

@@ -130,7 +130,8 @@ class Store:
     def pool(self, tenant: str, pid: str) -> Pool:
         row = self.db.execute("SELECT * FROM pools WHERE tenant=? AND id=?", (tenant, pid)).fetchone()
         if row is None:
-            raise NotFound(f"no pool {tenant}/{pid}", f"see `mvm pool list {tenant}`, or create it with `mvm pool create`")
+            raise NotFound(f"no pool {tenant}/{pid}",
+                           f"see `mvm pool list {tenant}`, or create it with `mvm pool create`")
         return self._pool(row)
 
     def set_pool_current(self, tenant: str, pid: str, rev: str | None) -> None:

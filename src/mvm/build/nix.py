@@ -6,6 +6,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from mvm import config, proc
 from mvm.errors import BuildFailed, CommandFailed, InvalidInput
@@ -49,7 +50,7 @@ def _common(ref: str) -> list[str]:
     return ["--no-write-lock-file", *_override_args()]
 
 
-def metadata(ref: str, override: bool = True) -> dict:  # type: ignore[type-arg]
+def metadata(ref: str, override: bool = True) -> dict[str, Any]:
     args = ["nix", "flake", "metadata", "--json", "--no-write-lock-file"]
     if override:
         args += _override_args()
@@ -57,7 +58,7 @@ def metadata(ref: str, override: bool = True) -> dict:  # type: ignore[type-arg]
         out = proc.run([*args, ref], env=env(), timeout=300).stdout
     except CommandFailed as e:
         raise BuildFailed(_nix_error(e), "check the flake reference and that it evaluates") from e
-    result: dict = json.loads(out)  # type: ignore[type-arg]
+    result: dict[str, Any] = json.loads(out)
     return result
 
 
@@ -79,7 +80,7 @@ def profiles(ref: str) -> list[str]:
 class BuildResult:
     out_path: str
     drv_path: str
-    locked: dict  # type: ignore[type-arg]
+    locked: dict[str, Any]
 
 
 def build(ref: str, profile: str, log: Path) -> BuildResult:

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from mvm import paths
 from mvm.build import nix, rootfs
@@ -130,7 +131,7 @@ def step_pack(ctx: BuildContext) -> None:
         shutil.copyfile(ctx.kernel, tmp / "vmlinux")
         if ctx.initrd:
             shutil.copyfile(ctx.initrd, tmp / "initrd")
-        manifest = {
+        manifest: dict[str, Any] = {
             "revision": ctx.revision,
             "tenant": ctx.pool.tenant,
             "pool": ctx.pool.id,
@@ -186,8 +187,8 @@ def switch_current(tenant: str, pool: str, rev: str) -> None:
     os.replace(tmp, link)
 
 
-def read_manifest(tenant: str, pool: str, rev: str) -> dict:  # type: ignore[type-arg]
-    data: dict = json.loads(  # type: ignore[type-arg]
+def read_manifest(tenant: str, pool: str, rev: str) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(
         (paths.revision_dir(tenant, pool, rev) / "manifest.json").read_text())
     return data
 

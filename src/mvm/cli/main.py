@@ -490,14 +490,11 @@ def net_verify(repair: Annotated[bool, typer.Option("--repair", help="put drifte
     if json_:
         emit_json(report)
     else:
-        problems = report["problems"]
-        for line in problems:
+        for line in report["problems"]:  # type: ignore[attr-defined]
             print(line)
-        if not problems:
+        if report["ok"]:
             print("network matches the database")
-        elif repair:
-            print("repaired")
-    if report["problems"] and not repair:
+    if not report["ok"] and not repair:
         raise typer.Exit(1)
 
 
