@@ -21,5 +21,5 @@ def mounted(image: Path) -> Iterator[Path]:
 
 
 def chroot(root: Path, *argv: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["chroot", str(root), *argv], capture_output=True, text=True, timeout=60,
+    return subprocess.run(["/usr/sbin/chroot", str(root), *argv], capture_output=True, text=True, timeout=60,
                           env={"PATH": "/bin:/usr/bin", "HOME": "/", "LANG": "C.UTF-8"})

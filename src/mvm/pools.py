@@ -22,7 +22,7 @@ def builtin_flake() -> str:
     if not (d / "flake.nix").is_file():
         raise NotFound("mvm's built-in flake is not installed",
                        "run `mvm setup` (or `make demo`), or pass --flake")
-    return str(d)
+    return str(d.resolve())
 
 
 def create(store: Store, ref: PoolRef, flake: str | None, profile: str, cpus: int, mem: int,

@@ -118,6 +118,30 @@ def mkfs(staging: Path, image: Path, label: str, seed: str) -> None:
          "-d", str(staging), str(image)],
         env={"E2FSPROGS_FAKE_TIME": str(FIXED_MTIME)}, timeout=1800,
     )
+    _pin_inode_times(staging, image)
+
+
+def _pin_inode_times(staging: Path, image: Path) -> None:
+    """mkfs.ext4 -d copies each source's atime and ctime, which no one can pin on the source
+    (ctime is the kernel's); set them in the image instead, in one debugfs session."""
+    seen: set[tuple[int, int]] = set()
+    cmds = []
+    for dirpath, dirnames, filenames in os.walk(staging):
+        for name in [*dirnames, *filenames]:
+            full = os.path.join(dirpath, name)
+            st = os.lstat(full)
+            if (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            rel = "/" + os.path.relpath(full, staging)
+            if '"' in rel or "\n" in rel:
+                continue  # debugfs cannot quote these; such names do not occur in practice
+            for field in ("atime", "ctime", "mtime"):
+                cmds.append(f'sif "{rel}" {field} {FIXED_MTIME}')
+    for field in ("atime", "ctime", "mtime"):
+        cmds.append(f'sif / {field} {FIXED_MTIME}')
+    proc.run(["debugfs", "-w", "-f", "-", str(image)], input="\n".join(cmds).encode() + b"\n",
+             env={"E2FSPROGS_FAKE_TIME": str(FIXED_MTIME)}, timeout=1800)
 
 
 def pack_closure(out_path: str, closure: list[str], image: Path, seed: str,

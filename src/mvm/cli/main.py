@@ -508,7 +508,9 @@ def main(argv: list[str] | None = None) -> int:
     except MvmError as e:
         if debug:
             traceback.print_exc()
-        err.print(f"[bold red]error:[/bold red] {escape(e.line())}", markup=True, highlight=False)
+        line = e.line()
+        line = line[len("error: "):] if line.startswith("error: ") else line  # Nix's own prefix
+        err.print(f"[bold red]error:[/bold red] {escape(line)}", markup=True, highlight=False)
         return e.exit_code
     except click.exceptions.NoArgsIsHelpError as e:
         e.show()
