@@ -136,8 +136,9 @@ def _pin_inode_times(staging: Path, image: Path) -> None:
             rel = "/" + os.path.relpath(full, staging)
             if '"' in rel or "\n" in rel:
                 continue  # debugfs cannot quote these; such names do not occur in practice
-            for field in ("atime", "ctime", "mtime"):
-                cmds.append(f'sif "{rel}" {field} {FIXED_MTIME}')
+            # mtime is already pinned in the staging tree (and in the Nix store)
+            cmds.append(f'sif "{rel}" atime {FIXED_MTIME}')
+            cmds.append(f'sif "{rel}" ctime {FIXED_MTIME}')
     for field in ("atime", "ctime", "mtime"):
         cmds.append(f'sif / {field} {FIXED_MTIME}')
     proc.run(["debugfs", "-w", "-f", "-", str(image)], input="\n".join(cmds).encode() + b"\n",

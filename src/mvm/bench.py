@@ -1,0 +1,122 @@
+"""`make bench`: speed as ratios measured in one run (never asserted in tests).
+
+Runs in a throw-away MVM_HOME that borrows the host assets (kernel, flakes, offline nixpkgs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from mvm import paths
+
+RUNS = 5
+
+
+def median_of(fn: Callable[[], float], n: int = RUNS) -> float:
+    return statistics.median(fn() for _ in range(n))
+
+
+def timed(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+class Home:
+    """A scratch MVM_HOME with the host's assets linked in; the real CLI runs against it."""
+
+    def __init__(self) -> None:
+        self.assets = paths.home()
+        self.dir = Path(tempfile.mkdtemp(prefix="mvm-bench-"))
+        for name in ("kernel", "builtin-flake", "nixpkgs-offline", "kvm-probe.json", "config.json"):
+            src = self.assets / name
+            if src.is_dir():
+                (self.dir / name).symlink_to(src)
+            elif src.is_file():
+                shutil.copyfile(src, self.dir / name)
+        self.env = dict(os.environ, MVM_HOME=str(self.dir))
+        os.environ["MVM_HOME"] = str(self.dir)
+
+    def mvm(self, *args: str) -> str:
+        p = subprocess.run([sys.executable, "-m", "mvm.cli.main", *args], env=self.env,
+                           capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        if p.returncode != 0:
+            raise SystemExit(f"bench: mvm {' '.join(args)} failed:\n{p.stderr}")
+        return p.stdout
+
+    def close(self) -> None:
+        os.environ["MVM_HOME"] = str(self.assets)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def line(name: str, value: str) -> None:
+    print(f"  {name:<44} {value}", flush=True)
+
+
+def bench_build(h: Home) -> None:
+    from mvm.build import nix, rootfs
+    from mvm.guest.layout import install_guest_files
+
+    print("image pipeline")
+    h.mvm("tenant", "create", "bench")
+    h.mvm("pool", "create", "bench/py", "--profile", "python")
+    cold = timed(lambda: h.mvm("pool", "build", "bench/py"))
+    line("first build (python profile)", f"{cold:.2f} s")
+    nochange = median_of(lambda: timed(lambda: h.mvm("pool", "build", "bench/py")))
+    line("no-change rebuild (cache hit), median of 5", f"{nochange:.2f} s")
+    line("no-change / first build", f"{nochange / cold:.3f}")
+
+    manifest = json.loads((paths.current_link("bench", "py") / "manifest.json").read_text())
+    out = manifest["out_path"]
+    closure = nix.closure(out)
+    work = Path(tempfile.mkdtemp(prefix="mvm-bench-pack-", dir=h.dir))
+    ours, plain = [], []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        rootfs.pack_closure(out, closure, work / "ours.ext4", "bench", install_guest_files, work)
+        ours.append(time.perf_counter() - t0)
+        staging = work / "plain-tree"
+        shutil.rmtree(staging, ignore_errors=True)
+        rootfs.stage(out, closure, staging, install_guest_files)
+        size, _ = rootfs.tree_size(staging)
+        img = work / "plain.ext4"
+        img.unlink(missing_ok=True)
+        with img.open("wb") as f:
+            f.truncate(int(size * 1.3) + 64 * 2**20)
+        t0 = time.perf_counter()
+        subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(staging), str(img)], check=True)
+        plain.append(time.perf_counter() - t0)
+    size = manifest["closure_size"]
+    o, p = statistics.median(ours), statistics.median(plain)
+    line("closure packed", f"{size / 2**20:.1f} MiB")
+    line("pack_closure (stage + mkfs + pin times)", f"{o:.2f} s = {size / 2**20 / o:.0f} MiB/s")
+    line("plain mkfs.ext4 -d on the same tree", f"{p:.2f} s = {size / 2**20 / p:.0f} MiB/s")
+    line("packing throughput / plain mkfs.ext4 -d", f"{p / o:.2f}")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+SECTIONS: dict[str, Callable[[Home], None]] = {"build": bench_build}
+
+
+def main(argv: list[str] | None = None) -> int:
+    wanted = (argv if argv is not None else sys.argv[1:]) or list(SECTIONS)
+    h = Home()
+    try:
+        for name in wanted:
+            SECTIONS[name](h)
+    finally:
+        h.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
