@@ -1,0 +1,517 @@
+"""mvm's default guest kernel: Debian's cloud kernel as an ELF vmlinux plus a tiny initrd.
+
+The kernel package ships a bzImage whose payload is LZ4 (legacy frame); QEMU's microvm
+(PVH) and Firecracker both boot the uncompressed ELF faster, so we unpack it once. The
+virtio drivers are modules in this kernel, so the initrd carries a static BusyBox, the
+modules and an `/init` that loads them, mounts the shared root read-only and hands over
+to `/mvm/init` (DESIGN §5). Everything here is reproducible: same package + same
+BusyBox → same bytes.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import re
+import stat
+import struct
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from mvm import proc
+from mvm.errors import BuildFailed, CommandFailed, HostUnsupported
+from mvm.guest.layout import static_busybox
+
+METAPACKAGE = "linux-image-cloud-amd64"
+# Bump when the initrd layout or /init changes, so installed kernels are rebuilt.
+BUILDER_VERSION = 3
+# Drivers the guest needs before its root can be mounted; dependencies are added from
+# each module's own `depends=` (the package ships no modules.dep: depmod runs at install).
+WANTED_MODULES = ("virtio_mmio", "virtio_blk", "virtio_net", "virtio_console")
+FIXED_MTIME = 0
+
+LZ4_LEGACY_MAGIC = b"\x02\x21\x4c\x18"
+ELF_MAGIC = b"\x7fELF"
+
+
+class KernelInstallFailed(BuildFailed):
+    """The default guest kernel could not be fetched, unpacked or packed."""
+
+
+@dataclass(frozen=True)
+class KernelInfo:
+    dir: Path
+    kernel_version: str  # `uname -r` in the guest
+    package: str
+    package_version: str
+    vmlinux_sha256: str
+    initrd_sha256: str
+    modules: tuple[str, ...]
+
+    @property
+    def version(self) -> str:
+        return self.kernel_version
+
+    @property
+    def vmlinux(self) -> Path:
+        return self.dir / "vmlinux"
+
+    @property
+    def initrd(self) -> Path:
+        return self.dir / "initrd"
+
+    @property
+    def manifest(self) -> Path:
+        return self.dir / "manifest.json"
+
+
+# ---------------------------------------------------------------------------- public
+
+
+def install_default_kernel(dest: Path) -> KernelInfo:
+    """Install vmlinux, initrd and manifest.json into dest; skip when already current."""
+    package, version = resolve_package()
+    busybox_sha = _sha256_file(static_busybox())
+    current = _installed(dest, package, version, busybox_sha)
+    if current is not None:
+        return current
+
+    dest.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".kernel-", dir=dest) as tmp_s:
+        tmp = Path(tmp_s)
+        deb = _download(package, tmp)
+        root = tmp / "pkg"
+        proc.run(["dpkg-deb", "-x", deb, root], timeout=300)
+        kver = _kernel_version(root)
+        vmlinux = tmp / "vmlinux"
+        extract_vmlinux(root / "boot" / f"vmlinuz-{kver}", vmlinux, tmp)
+        _check_config(root / "boot" / f"config-{kver}")
+        mod_root = root / "lib" / "modules" / kver
+        modules = module_closure(mod_root, WANTED_MODULES)
+        initrd = tmp / "initrd"
+        initrd.write_bytes(build_initrd(kver, modules, static_busybox()))
+
+        info = KernelInfo(
+            dir=dest,
+            kernel_version=kver,
+            package=package,
+            package_version=version,
+            vmlinux_sha256=_sha256_file(vmlinux),
+            initrd_sha256=_sha256_file(initrd),
+            modules=tuple(m for m, _ in modules),
+        )
+        manifest = tmp / "manifest.json"
+        manifest.write_text(json.dumps(_manifest_dict(info, busybox_sha), indent=2) + "\n")
+        for f in (vmlinux, initrd):
+            f.chmod(0o644)
+            os.replace(f, dest / f.name)
+        os.replace(manifest, info.manifest)  # last: a manifest means both files are complete
+    return info
+
+
+def load_kernel(dest: Path) -> KernelInfo:
+    """Read an installed kernel's manifest (no apt, no hashing)."""
+    try:
+        data = json.loads((dest / "manifest.json").read_text())
+        return _info_from_manifest(dest, data)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise KernelInstallFailed(
+            f"no usable guest kernel in {dest}: {e}",
+            "install it with install_default_kernel() (`mvm doctor` says how)",
+        ) from e
+
+
+def resolve_package() -> tuple[str, str]:
+    """The versioned kernel package behind the metapackage, and the version apt would get."""
+    try:
+        out = proc.output(["apt-cache", "depends", METAPACKAGE], timeout=60)
+    except CommandFailed as e:
+        raise KernelInstallFailed(
+            f"cannot resolve {METAPACKAGE}: {e.message}",
+            "run `apt-get update` (the package lists must know the Debian cloud kernel)",
+        ) from e
+    pkgs = re.findall(r"^\s*Depends:\s*(linux-image-[^\s<>]+)", out, re.M)
+    if not pkgs:
+        raise KernelInstallFailed(
+            f"{METAPACKAGE} depends on no linux-image package",
+            f"check `apt-cache depends {METAPACKAGE}`",
+        )
+    package = pkgs[0]
+    policy = proc.output(["apt-cache", "policy", package], timeout=60)
+    m = re.search(r"^\s*Candidate:\s*(\S+)", policy, re.M)
+    if not m or m.group(1) == "(none)":
+        raise KernelInstallFailed(f"{package} has no installable version",
+                                  "run `apt-get update`")
+    return package, m.group(1)
+
+
+# ---------------------------------------------------------------------------- vmlinux
+
+
+def extract_vmlinux(bzimage: Path, out: Path, workdir: Path) -> None:
+    """Decompress the LZ4 payload of a bzImage into an ELF vmlinux at `out`."""
+    data = bzimage.read_bytes()
+    payload = _lz4_payload(data)
+    if payload is None:
+        raise KernelInstallFailed(
+            f"{bzimage.name}: no LZ4 payload found",
+            "the kernel must be built with CONFIG_KERNEL_LZ4 (Debian's cloud kernel is)",
+        )
+    src = workdir / "payload.lz4"
+    src.write_bytes(payload)
+    try:
+        proc.run(["lz4", "-d", "-f", "-q", src, out], timeout=120)
+    except CommandFailed as e:
+        if e.returncode == 127:
+            raise HostUnsupported("lz4 is not installed", "apt-get install lz4") from e
+        raise KernelInstallFailed(f"cannot decompress {bzimage.name}: {e.message}") from e
+    finally:
+        src.unlink(missing_ok=True)
+    with out.open("rb") as f:
+        head = f.read(5)
+    if head[:4] != ELF_MAGIC or head[4] != 2:
+        raise KernelInstallFailed(f"{bzimage.name}: decompressed payload is not an ELF64 vmlinux")
+
+
+def _lz4_payload(data: bytes) -> bytes | None:
+    """The compressed stream without the 4-byte decompressed-size trailer the kernel appends.
+
+    The setup header names the payload exactly (boot protocol ≥ 2.08); scanning for the
+    magic is the fallback, leaving lz4 to stop at the end of the stream.
+    """
+    if data[0x202:0x206] == b"HdrS" and len(data) > 0x250:
+        setup_sects = data[0x1F1] or 4
+        offset, length = struct.unpack_from("<II", data, 0x248)
+        start = (setup_sects + 1) * 512 + offset
+        blob = data[start : start + length]
+        if blob[:4] == LZ4_LEGACY_MAGIC and len(blob) == length:
+            return blob[:-4]
+    pos = data.find(LZ4_LEGACY_MAGIC)
+    return data[pos:] if pos >= 0 else None
+
+
+# ---------------------------------------------------------------------------- modules
+
+
+def module_closure(mod_root: Path, wanted: Iterable[str]) -> list[tuple[str, Path]]:
+    """The wanted modules plus their dependencies, in load order (dependencies first)."""
+    index = {_norm(p.name.removesuffix(".ko")): p for p in (mod_root / "kernel").rglob("*.ko")}
+    builtin = {
+        _norm(Path(line.strip()).name.removesuffix(".ko"))
+        for line in _read_lines(mod_root / "modules.builtin")
+    }
+    order: list[tuple[str, Path]] = []
+    state: dict[str, str] = {}
+
+    def visit(name: str, chain: tuple[str, ...]) -> None:
+        if name in builtin or state.get(name) == "done":
+            return
+        if state.get(name) == "visiting":
+            raise KernelInstallFailed(f"module dependency cycle: {' -> '.join((*chain, name))}")
+        path = index.get(name)
+        if path is None:
+            raise KernelInstallFailed(
+                f"kernel module {name} not found (needed by {' -> '.join(chain) or 'mvm'})",
+                "the kernel package must ship the virtio drivers as modules or built in",
+            )
+        state[name] = "visiting"
+        info = modinfo(path)
+        for dep in info.get("depends", "").split(","):
+            if dep:
+                visit(_norm(dep), (*chain, name))
+        for soft in info.get("softdep", "").split():
+            if soft not in ("pre:", "post:") and _norm(soft) in index:
+                visit(_norm(soft), (*chain, name))
+        state[name] = "done"
+        order.append((name, path))
+
+    for name in wanted:
+        visit(_norm(name), ())
+    return order
+
+
+def modinfo(ko: Path) -> dict[str, str]:
+    """The `.modinfo` section of a kernel module (ELF64 little-endian), as a dict."""
+    data = ko.read_bytes()
+    if data[:4] != ELF_MAGIC or data[4] != 2 or data[5] != 1:
+        raise KernelInstallFailed(f"{ko.name}: not an ELF64 little-endian module")
+    (shoff,) = struct.unpack_from("<Q", data, 0x28)
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
+
+    def section(i: int) -> tuple[int, int, int]:
+        base = shoff + i * shentsize
+        name, _type, _flags, _addr, offset, size = struct.unpack_from("<IIQQQQ", data, base)
+        return name, offset, size
+
+    _, str_off, _ = section(shstrndx)
+    for i in range(shnum):
+        name_off, offset, size = section(i)
+        end = data.index(b"\0", str_off + name_off)
+        if data[str_off + name_off : end] == b".modinfo":
+            info: dict[str, str] = {}
+            for item in data[offset : offset + size].split(b"\0"):
+                key, sep, value = item.decode(errors="replace").partition("=")
+                if sep and key not in info:
+                    info[key] = value
+            return info
+    return {}
+
+
+def _norm(name: str) -> str:
+    return name.replace("-", "_")
+
+
+def _read_lines(path: Path) -> list[str]:
+    try:
+        return path.read_text().splitlines()
+    except FileNotFoundError:
+        return []
+
+
+def _check_config(config: Path) -> None:
+    """Fail early if the kernel lacks what the guest relies on being built in."""
+    text = config.read_text() if config.exists() else ""
+    needed = ("CONFIG_EXT4_FS=y", "CONFIG_DEVTMPFS=y", "CONFIG_BLK_DEV_INITRD=y",
+              "CONFIG_RD_GZIP=y", "CONFIG_TMPFS=y", "CONFIG_PVH=y")
+    missing = [opt for opt in needed if opt not in text.splitlines()]
+    if missing:
+        raise KernelInstallFailed(f"{config.name} lacks {', '.join(missing)}",
+                                  "mvm's initrd needs these built in")
+
+
+# ---------------------------------------------------------------------------- initrd
+
+INIT_TEMPLATE = r"""#!/bin/busybox sh
+# mvm initramfs /init (generated by mvm.build.kernel, kernel @KVER@).
+# Loads the virtio drivers, mounts the root read-only (it is shared by all instances
+# of a revision and attached read-only) and hands over to the image's /mvm/init.
+# Kernel command line: root=/dev/vda | LABEL=.. | UUID=..  (default /dev/vda),
+# rootfstype= (ext4), rootflags=, mvm.rootwait=<s> (10), mvm.debug=1, and
+# <module>.<param>=<value> for the modules loaded here.
+export PATH=/bin
+B=/bin/busybox
+
+fail() {
+	echo "mvm-initrd: FATAL: $*"
+	echo "mvm-initrd: cmdline: $CMDLINE"
+	echo "mvm-initrd: block devices: $($B ls /sys/class/block 2>/dev/null | $B tr '\n' ' ')"
+	echo "mvm-initrd: powering off"
+	$B sync
+	$B poweroff -f
+	exit 1
+}
+
+$B mount -t devtmpfs -o mode=0755,nosuid devtmpfs /dev || fail "cannot mount devtmpfs"
+$B mount -t proc -o nosuid,nodev,noexec proc /proc || fail "cannot mount /proc"
+$B mount -t sysfs -o nosuid,nodev,noexec sysfs /sys || fail "cannot mount /sys"
+read -r CMDLINE </proc/cmdline
+
+root=/dev/vda rootfstype=ext4 rootflags= rootwait=10
+set -f
+for arg in $CMDLINE; do
+	case $arg in
+	root=*) root=${arg#root=} ;;
+	rootfstype=*) rootfstype=${arg#rootfstype=} ;;
+	rootflags=*) rootflags=,${arg#rootflags=} ;;
+	mvm.rootwait=*) rootwait=${arg#mvm.rootwait=} ;;
+	mvm.debug=1) set -x ;;
+	esac
+done
+set +f
+
+load() {  # load <name> <file>: insmod with any <name>.<param>= from the command line
+	params=
+	set -f
+	for arg in $CMDLINE; do
+		case $arg in "$1".*=*) params="$params ${arg#"$1".}" ;; esac
+	done
+	$B insmod "$2" $params || fail "cannot load kernel module $1"
+	set +f
+}
+@LOADS@
+
+uptime_cs() {  # centiseconds since boot
+	read -r up _ </proc/uptime
+	echo $(( ${up%.*} * 100 + 1${up#*.} - 100 ))
+}
+
+deadline=$(( $(uptime_cs) + rootwait * 100 ))
+while :; do
+	case $root in
+	LABEL=* | UUID=*) dev=$($B findfs "$root" 2>/dev/null) ;;
+	*) dev=$root ;;
+	esac
+	[ -n "$dev" ] && [ -b "$dev" ] && break
+	[ "$(uptime_cs)" -lt "$deadline" ] ||
+		fail "root device $root did not appear within ${rootwait}s"
+	$B sleep 0.01
+done
+
+$B mount -t "$rootfstype" -o "ro$rootflags" "$dev" /newroot ||
+	fail "cannot mount $dev ($rootfstype) read-only at /newroot"
+for f in /mvm/init /mvm/busybox; do
+	[ -f "/newroot$f" ] || fail "the root image has no $f (it was not built with mvm's guest files)"
+done
+for m in dev proc sys; do
+	if [ -d "/newroot/$m" ]; then
+		$B mount -o move "/$m" "/newroot/$m" || fail "cannot move /$m into the root"
+	else
+		$B umount "/$m"
+	fi
+done
+exec $B switch_root /newroot /mvm/busybox sh /mvm/init
+"""
+
+
+def render_init(kver: str, modules: list[tuple[str, Path]]) -> str:
+    loads = "\n".join(f"load {name} /lib/modules/{kver}/{name}.ko" for name, _ in modules)
+    return INIT_TEMPLATE.replace("@KVER@", kver).replace("@LOADS@", loads)
+
+
+def build_initrd(kver: str, modules: list[tuple[str, Path]], busybox: Path) -> bytes:
+    """A gzip'd newc cpio: /init, static BusyBox, the modules. Byte-for-byte reproducible."""
+    cpio = CpioWriter()
+    for d in ("bin", "dev", "lib", "lib/modules", f"lib/modules/{kver}", "newroot", "proc",
+              "sys"):
+        cpio.add_dir(d)
+    cpio.add_file("bin/busybox", busybox.read_bytes(), 0o755)
+    cpio.add_symlink("bin/sh", "busybox")
+    # The kernel opens /dev/console for init before anything is mounted.
+    cpio.add_device("dev/console", stat.S_IFCHR, 5, 1, 0o600)
+    cpio.add_file("init", render_init(kver, modules).encode(), 0o755)
+    for name, path in modules:
+        cpio.add_file(f"lib/modules/{kver}/{name}.ko", path.read_bytes(), 0o644)
+    raw = cpio.finish()
+    buf = io.BytesIO()
+    with gzip.GzipFile(fileobj=buf, mode="wb", compresslevel=9, mtime=FIXED_MTIME) as gz:
+        gz.write(raw)
+    return buf.getvalue()
+
+
+class CpioWriter:
+    """SVR4 "newc" cpio archive, entries sorted by path, fixed owner/mtime/inode numbers."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, tuple[int, bytes, int, int]] = {}  # path → mode, data, rdev
+
+    def add_dir(self, path: str, perm: int = 0o755) -> None:
+        self._entries[path] = (stat.S_IFDIR | perm, b"", 0, 0)
+
+    def add_file(self, path: str, data: bytes, perm: int) -> None:
+        self._entries[path] = (stat.S_IFREG | perm, data, 0, 0)
+
+    def add_symlink(self, path: str, target: str) -> None:
+        self._entries[path] = (stat.S_IFLNK | 0o777, target.encode(), 0, 0)
+
+    def add_device(self, path: str, kind: int, major: int, minor: int, perm: int) -> None:
+        self._entries[path] = (kind | perm, b"", major, minor)
+
+    def finish(self) -> bytes:
+        out = bytearray()
+        for ino, path in enumerate(sorted(self._entries), start=1):
+            mode, data, rmajor, rminor = self._entries[path]
+            nlink = 2 if stat.S_ISDIR(mode) else 1
+            self._entry(out, path, ino, mode, nlink, data, rmajor, rminor)
+        self._entry(out, "TRAILER!!!", 0, 0, 1, b"", 0, 0)
+        out += b"\0" * (-len(out) % 512)
+        return bytes(out)
+
+    @staticmethod
+    def _entry(out: bytearray, name: str, ino: int, mode: int, nlink: int, data: bytes,
+               rmajor: int, rminor: int) -> None:
+        name_b = name.encode() + b"\0"
+        fields = (ino, mode, 0, 0, nlink, FIXED_MTIME, len(data), 0, 0, rmajor, rminor,
+                  len(name_b), 0)
+        out += b"070701" + b"".join(b"%08X" % v for v in fields)
+        out += name_b + b"\0" * (-(110 + len(name_b)) % 4)
+        out += data + b"\0" * (-len(data) % 4)
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _download(package: str, workdir: Path) -> Path:
+    dl = workdir / "deb"
+    dl.mkdir()
+    try:
+        proc.run(["apt-get", "download", "-q", package], cwd=dl, timeout=600)
+    except CommandFailed as e:
+        raise KernelInstallFailed(
+            f"cannot download {package}: {e.message}",
+            "the host needs a reachable Debian mirror for apt-get, or a kernel dir to copy",
+        ) from e
+    debs = sorted(dl.glob("*.deb"))
+    if len(debs) != 1:
+        raise KernelInstallFailed(f"apt-get download {package} produced {len(debs)} .deb files")
+    return debs[0]
+
+
+def _kernel_version(root: Path) -> str:
+    versions = sorted(p.name for p in (root / "lib" / "modules").iterdir() if p.is_dir())
+    for kver in versions:
+        if (root / "boot" / f"vmlinuz-{kver}").exists():
+            return kver
+    raise KernelInstallFailed("the kernel package has no boot/vmlinuz-* with matching modules")
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _manifest_dict(info: KernelInfo, busybox_sha: str) -> dict[str, object]:
+    return {
+        "builder": BUILDER_VERSION,
+        "kernel_version": info.kernel_version,
+        "package": info.package,
+        "package_version": info.package_version,
+        "busybox_sha256": busybox_sha,
+        "modules": list(info.modules),
+        "vmlinux": {"file": "vmlinux", "sha256": info.vmlinux_sha256},
+        "initrd": {"file": "initrd", "sha256": info.initrd_sha256},
+    }
+
+
+def _info_from_manifest(dest: Path, data: dict[str, object]) -> KernelInfo:
+    vml = data["vmlinux"]
+    ird = data["initrd"]
+    assert isinstance(vml, dict) and isinstance(ird, dict)
+    mods = data.get("modules", [])
+    assert isinstance(mods, list)
+    return KernelInfo(
+        dir=dest,
+        kernel_version=str(data["kernel_version"]),
+        package=str(data["package"]),
+        package_version=str(data["package_version"]),
+        vmlinux_sha256=str(vml["sha256"]),
+        initrd_sha256=str(ird["sha256"]),
+        modules=tuple(str(m) for m in mods),
+    )
+
+
+def _installed(dest: Path, package: str, version: str, busybox_sha: str) -> KernelInfo | None:
+    """The installed kernel if it is exactly what we would build now, else None."""
+    try:
+        data = json.loads((dest / "manifest.json").read_text())
+        info = _info_from_manifest(dest, data)
+    except (OSError, ValueError, KeyError, TypeError, AssertionError):
+        return None
+    if (data.get("builder") != BUILDER_VERSION or info.package != package
+            or info.package_version != version or data.get("busybox_sha256") != busybox_sha):
+        return None
+    try:
+        if (_sha256_file(info.vmlinux) != info.vmlinux_sha256
+                or _sha256_file(info.initrd) != info.initrd_sha256):
+            return None
+    except OSError:
+        return None
+    return info
+
