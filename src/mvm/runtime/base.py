@@ -1,0 +1,257 @@
+"""The runtime interface: what the layers above may ask of a hypervisor, and nothing more.
+
+Every operation is expressible in Firecracker's API terms, so a second backend is a new
+class, not a rewrite: boot = /machine-config + /boot-source + /drives + /network-interfaces
++ /actions InstanceStart; pause/resume = PATCH /vm; snapshot = PATCH /vm Paused +
+/snapshot/create + exit; restore = a new process + /snapshot/load + PATCH /vm Resumed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, TypeVar
+
+from mvm.errors import RuntimeFailure
+
+T = TypeVar("T")
+
+#: Called after each named step of boot/restore/snapshot with the step's wall time.
+Progress = Callable[[str, float], None]
+#: Removes what one step created. Must be safe to call when that thing is already gone.
+Undo = Callable[[], None]
+
+MANIFEST = "snapshot.json"
+
+
+@dataclass(frozen=True)
+class Disk:
+    id: str
+    path: Path
+    read_only: bool
+
+
+@dataclass(frozen=True)
+class NetIf:
+    tap: str
+    mac: str
+
+
+@dataclass(frozen=True)
+class VmSpec:
+    """One microVM as the hypervisor sees it. Disk order is device order: keep it stable."""
+
+    name: str
+    vcpus: int
+    mem_mib: int
+    kernel: Path
+    initrd: Path | None
+    #: Guest-contract parameters only; the backend adds its own hypervisor-specific ones.
+    cmdline: str
+    disks: tuple[Disk, ...]
+    net: NetIf | None
+    #: Sockets, pid file and console log live here (DESIGN §8 `instances/<i>/run/`).
+    run_dir: Path
+
+    def devices(self) -> tuple[str, ...]:
+        """The device list a snapshot depends on, in device order (see SnapshotInfo)."""
+        out = [f"blk:{d.id}:{'ro' if d.read_only else 'rw'}" for d in self.disks]
+        out.append("agent")
+        if self.net is not None:
+            out.append(f"net:{self.net.mac}")
+        return tuple(out)
+
+
+class VmStatus(StrEnum):
+    RUNNING = "running"
+    PAUSED = "paused"
+    #: No hypervisor process (never started, stopped, snapshotted, or crashed).
+    GONE = "gone"
+
+    def is_live(self) -> bool:
+        return self is not VmStatus.GONE
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    """The manifest written last into a snapshot directory; its presence commits the snapshot."""
+
+    backend: str
+    #: File names inside the snapshot directory.
+    memory_file: str
+    mem_mib: int
+    vcpus: int
+    devices: tuple[str, ...]
+    size_bytes: int
+    created: float
+    #: Backend-specific facts restore needs (e.g. QEMU's accelerator and CPU model).
+    extra: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> SnapshotInfo:
+        raw: dict[str, Any] = json.loads(text)
+        raw["devices"] = tuple(raw["devices"])
+        return cls(**raw)
+
+    def write(self, snap_dir: Path) -> None:
+        """Atomically write the manifest (tmp + fsync + rename)."""
+        tmp = snap_dir / (MANIFEST + ".tmp")
+        with open(tmp, "w") as f:
+            f.write(self.to_json())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, snap_dir / MANIFEST)
+        _fsync_dir(snap_dir)
+
+    @classmethod
+    def load(cls, snap_dir: Path) -> SnapshotInfo:
+        path = snap_dir / MANIFEST
+        try:
+            info = cls.from_json(path.read_text())
+        except FileNotFoundError:
+            raise RuntimeFailure(f"no snapshot in {snap_dir}",
+                                 "the instance was never put to sleep, or its snapshot was "
+                                 "removed; start it instead") from None
+        except (ValueError, TypeError, KeyError) as e:
+            raise RuntimeFailure(f"unreadable snapshot manifest {path}: {e}",
+                                 "remove the snapshot directory and start the instance "
+                                 "afresh") from e
+        return info
+
+    def check_matches(self, spec: VmSpec, backend: str) -> None:
+        """Refuse a restore that cannot work: the hypervisor would fail later, less clearly."""
+        problems = []
+        if self.backend != backend:
+            problems.append(f"taken by {self.backend}, restoring with {backend}")
+        if self.mem_mib != spec.mem_mib:
+            problems.append(f"memory {self.mem_mib} MiB at snapshot, {spec.mem_mib} MiB now")
+        if self.vcpus != spec.vcpus:
+            problems.append(f"{self.vcpus} vCPUs at snapshot, {spec.vcpus} now")
+        if self.devices != spec.devices():
+            problems.append(f"devices {list(self.devices)} at snapshot, "
+                            f"{list(spec.devices())} now")
+        if problems:
+            raise RuntimeFailure(f"snapshot of {spec.name} does not fit its VM: "
+                                 + "; ".join(problems),
+                                 "restart the instance cold instead of waking it")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Steps:
+    """An ordered run of named steps; what they created is undone, once, in reverse, on failure.
+
+    Use as a context manager. Each step returns its value; `on_undo` registers how to remove
+    what a step created. Leaving the block normally commits (undos are dropped); leaving it by
+    an exception runs the undos and lets the exception propagate. An undo that itself fails is
+    recorded as a note on the original exception instead of hiding it.
+    """
+
+    def __init__(self, what: str, progress: Progress | None = None) -> None:
+        self.what = what
+        self.progress = progress
+        self.timings: list[tuple[str, float]] = []
+        self._undos: list[tuple[str, Undo]] = []
+        self._started = time.monotonic()
+
+    def run(self, name: str, fn: Callable[[], T]) -> T:
+        start = time.monotonic()
+        result = fn()
+        took = time.monotonic() - start
+        self.timings.append((name, took))
+        if self.progress is not None:
+            self.progress(name, took)
+        return result
+
+    def on_undo(self, name: str, undo: Undo) -> None:
+        self._undos.append((name, undo))
+
+    def total(self) -> float:
+        return time.monotonic() - self._started
+
+    def rollback(self, error: BaseException | None = None) -> None:
+        undos, self._undos = self._undos, []
+        for name, undo in reversed(undos):
+            try:
+                undo()
+            except Exception as e:
+                if error is not None:
+                    error.add_note(f"while undoing {self.what} step {name!r}: {e}")
+
+    def __enter__(self) -> Steps:
+        return self
+
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        if exc is not None:
+            self.rollback(exc)
+        else:
+            self._undos.clear()
+
+
+class Runtime(ABC):
+    """One hypervisor backend. Callers never reach past this to the hypervisor itself."""
+
+    #: Short backend name, recorded in snapshot manifests ("qemu", "firecracker").
+    name: str
+
+    @abstractmethod
+    def boot(self, spec: VmSpec, progress: Progress | None = None) -> None:
+        """Start a fresh VM. Returns once the hypervisor runs the guest; the caller then waits
+        for the guest agent. On failure nothing is left behind (process, socket or file)."""
+
+    @abstractmethod
+    def pause(self, spec: VmSpec) -> None:
+        """Stop the vCPUs; RAM stays resident. Idempotent."""
+
+    @abstractmethod
+    def resume(self, spec: VmSpec) -> None:
+        """Run the vCPUs again. Idempotent."""
+
+    @abstractmethod
+    def snapshot(self, spec: VmSpec, snap_dir: Path,
+                 progress: Progress | None = None) -> SnapshotInfo:
+        """Pause if needed, save memory and device state into snap_dir with a manifest, then
+        end the hypervisor process (freeing its RAM). The caller syncs the guest's disks first.
+        On failure the VM is left as it was (running or paused) and no manifest is written."""
+
+    @abstractmethod
+    def restore(self, spec: VmSpec, snap_dir: Path, progress: Progress | None = None) -> None:
+        """Start a new process with identical devices, load the snapshot, resume. Disks must be
+        exactly as at snapshot time. On failure nothing is left behind; the snapshot stays."""
+
+    @abstractmethod
+    def stop(self, spec: VmSpec, timeout: float) -> None:
+        """Ask the guest to power off, wait up to `timeout`, then force. Always leaves no
+        process, socket or pid file; the console log is kept. Safe when nothing runs."""
+
+    @abstractmethod
+    def status(self, spec: VmSpec) -> VmStatus:
+        """Running, paused, or gone — from the hypervisor, not from what we last asked."""
+
+    @abstractmethod
+    def is_alive(self, spec: VmSpec) -> bool:
+        """Whether this VM's own hypervisor process exists (pid file + /proc, never `ps`)."""
+
+    @abstractmethod
+    def agent_socket(self, spec: VmSpec) -> Path:
+        """The host end of the guest agent channel (a Unix stream socket to connect to)."""
+
+    @abstractmethod
+    def console_log(self, spec: VmSpec) -> Path:
+        """Where the guest's serial console is written."""

@@ -1,0 +1,549 @@
+"""The QEMU backend: `qemu-system-x86_64 -M microvm`, driven over QMP.
+
+Facts this relies on are in /work/shared/QEMU-HERE.md. In short: `tsc_early_khz` on the
+kernel command line (TCG guests otherwise hang in TSC calibration), `-cpu qemu64,+arat`
+under TCG, `console=ttyS0,115200`, ACPI kept on, identical device order on boot and
+restore (it fixes each device's virtio-mmio slot), snapshots through QEMU's migration.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import re
+import time
+from pathlib import Path
+
+from mvm.errors import CommandFailed, InvalidInput, RuntimeFailure
+from mvm.proc import run
+from mvm.retry import until
+from mvm.runtime import pids
+from mvm.runtime.base import (
+    MANIFEST,
+    Progress,
+    Runtime,
+    SnapshotInfo,
+    Steps,
+    VmSpec,
+    VmStatus,
+)
+from mvm.runtime.qmp import Qmp
+
+BINARY = "qemu-system-x86_64"
+
+# Files in spec.run_dir.
+QMP_SOCK = "qmp.sock"
+AGENT_SOCK = "agent.sock"
+PID_FILE = "qemu.pid"
+CONSOLE_LOG = "console.log"
+#: QEMU's own messages (`-D`): also where errors after daemonizing go.
+QEMU_LOG = "qemu.log"
+
+# Files in a snapshot directory.
+MEMORY_FILE = "memory"
+
+AGENT_PORT = "mvm.agent"
+#: microvm has no PCI: every device is one of at most 8 virtio-mmio slots.
+MAX_MMIO_DEVICES = 8
+#: TCG translation cache. The default (1 GiB of address space, touched as code is translated)
+#: lets each guest keep ~50 MB of translated code resident; memory, not CPU, limits density.
+TCG_TB_MIB = 64
+
+SPAWN_TIMEOUT = 30.0
+QUIT_TIMEOUT = 5.0
+KILL_TIMEOUT = 10.0
+#: The default 128 MiB/s migration cap makes a 256 MiB snapshot take 6x longer.
+SNAPSHOT_BANDWIDTH = 64 * 1024**3
+SNAPSHOT_FD = "mvm-snapshot"
+#: The first bytes of every QEMU migration stream.
+QEVM_MAGIC = b"QEVM"
+
+#: Hypervisor-specific guest parameters, the first `console=` wins its options (baud), so ours
+#: go first. The rest is the trimmed line measured fastest under TCG (QEMU-HERE.md) plus
+#: `panic=-1 reboot=t` so a panicking or rebooting guest ends the process (`-no-reboot`)
+#: instead of hanging or looping, as Firecracker does.
+BASE_PARAMS = (
+    "console=ttyS0,115200",
+    "quiet",
+    "panic=-1",
+    "reboot=t",
+    "pci=off",
+    "cryptomgr.notests",
+    "i8042.noaux",
+    "i8042.nomux",
+    "i8042.nopnp",
+    "i8042.dumbkbd",
+    "8250.nr_uarts=1",
+    "init_on_alloc=0",
+    "random.trust_cpu=on",
+)
+
+_QEMU_ID = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,63}")
+
+
+def _opt(value: str | Path) -> str:
+    """A value inside a QEMU `key=value,...` option: commas are escaped by doubling."""
+    return str(value).replace(",", ",,")
+
+
+def _abs(path: Path) -> str:
+    # QEMU changes to / when it daemonizes; every path it opens later must be absolute.
+    return os.path.abspath(path)
+
+
+def _disk_id(disk_id: str) -> str:
+    if not _QEMU_ID.fullmatch(disk_id):
+        raise InvalidInput(f"disk id {disk_id!r} is not usable as a device id",
+                           "use letters, digits, '-', '_' or '.', starting with a letter")
+    return f"disk-{disk_id}"
+
+
+def kernel_cmdline(cmdline: str, tsc_khz: int | None) -> str:
+    params = list(BASE_PARAMS)
+    if tsc_khz:
+        params.append(f"tsc_early_khz={tsc_khz}")
+    return " ".join([*params, cmdline]).strip()
+
+
+def argv(spec: VmSpec, accel: str, incoming: bool = False, *, tsc_khz: int | None = None,
+         binary: str = BINARY, tb_size_mib: int | None = TCG_TB_MIB) -> list[str]:
+    """The complete QEMU command line for spec. Pure: same inputs, same list.
+
+    Device order is fixed (disks in the given order, agent channel, network) and identical
+    with or without `incoming`, which only appends `-incoming defer -S`.
+    """
+    if accel not in ("tcg", "kvm"):
+        raise InvalidInput(f"unknown accelerator {accel!r}", "use tcg or kvm")
+    devices = len(spec.disks) + 1 + (1 if spec.net else 0)
+    if devices > MAX_MMIO_DEVICES:
+        raise InvalidInput(f"{spec.name}: {devices} devices, microvm has "
+                           f"{MAX_MMIO_DEVICES} virtio-mmio slots",
+                           "attach fewer disks")
+    run_dir = Path(_abs(spec.run_dir))
+    if accel == "tcg":
+        accel_args = ["-accel", f"tcg,tb-size={tb_size_mib}" if tb_size_mib else "tcg",
+                      "-cpu", "qemu64,+arat"]
+    else:
+        accel_args = ["-accel", "kvm", "-cpu", "host"]
+    args = [
+        binary,
+        "-name", _opt(spec.name),
+        "-M", "microvm",
+        *accel_args,
+        "-m", f"{spec.mem_mib}M",
+        "-smp", str(spec.vcpus),
+        "-nodefaults", "-no-user-config", "-display", "none",
+        "-no-reboot",
+        "-kernel", _abs(spec.kernel),
+    ]
+    if spec.initrd is not None:
+        args += ["-initrd", _abs(spec.initrd)]
+    args += ["-append", kernel_cmdline(spec.cmdline, tsc_khz)]
+    for disk in spec.disks:
+        node = _disk_id(disk.id)
+        args += [
+            "-drive",
+            f"file={_opt(_abs(disk.path))},if=none,id={node},format=raw,"
+            f"readonly={'on' if disk.read_only else 'off'},cache=writeback",
+            "-device", f"virtio-blk-device,drive={node}",
+        ]
+    args += [
+        "-device", "virtio-serial-device",
+        "-chardev",
+        f"socket,id=agent,path={_opt(run_dir / AGENT_SOCK)},server=on,wait=off",
+        "-device", f"virtserialport,chardev=agent,name={AGENT_PORT}",
+    ]
+    if spec.net is not None:
+        args += [
+            "-netdev", f"tap,id=net0,ifname={_opt(spec.net.tap)},script=no,downscript=no",
+            "-device", f"virtio-net-device,netdev=net0,mac={spec.net.mac}",
+        ]
+    args += [
+        "-chardev", f"file,id=console,path={_opt(run_dir / CONSOLE_LOG)},append=on",
+        "-serial", "chardev:console",
+        "-chardev", f"socket,id=qmp,path={_opt(run_dir / QMP_SOCK)},server=on,wait=off",
+        "-mon", "chardev=qmp,mode=control",
+        "-D", str(run_dir / QEMU_LOG),
+        "-pidfile", str(run_dir / PID_FILE),
+        "-daemonize",
+    ]
+    if incoming:
+        args += ["-incoming", "defer", "-S"]
+    return args
+
+
+@functools.cache
+def host_tsc_khz() -> int | None:
+    """The host TSC frequency; a TCG guest's TSC runs at it (see `tsc_early_khz`)."""
+    sysfs = Path("/sys/devices/system/cpu/cpu0/tsc_freq_khz")
+    with contextlib.suppress(OSError, ValueError):
+        return int(sysfs.read_text().strip())
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    first = cpuinfo.split("\n\n", 1)[0]
+    flags = re.search(r"^flags\s*:(.*)$", first, re.M)
+    mhz = re.search(r"^cpu MHz\s*:\s*([0-9.]+)", first, re.M)
+    # Without a constant TSC, "cpu MHz" is the current clock, not the TSC's.
+    if not mhz or not flags or "constant_tsc" not in flags.group(1).split():
+        return None
+    return round(float(mhz.group(1)) * 1000)
+
+
+def _tail(path: Path, lines: int = 8, max_bytes: int = 4096) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - max_bytes))
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+def _unlink(*paths: Path) -> None:
+    for p in paths:
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+
+
+def qemu_message(text: str) -> str:
+    """QEMU's error line (the first explicit `error:`, else the last), without the prefix."""
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    flagged = [ln for ln in lines if ": error: " in ln]
+    errors = flagged[:1] or [ln for ln in lines if "warning:" not in ln][-1:] or lines[-1:]
+    return re.sub(r"^qemu-system-\w+:\s*(error:\s*)?", "", errors[0]) if errors else ""
+
+
+class QemuRuntime(Runtime):
+    name = "qemu"
+
+    def __init__(self, accel: str = "tcg", *, binary: str = BINARY,
+                 tb_size_mib: int | None = TCG_TB_MIB) -> None:
+        if accel not in ("tcg", "kvm"):
+            raise InvalidInput(f"unknown accelerator {accel!r}", "use tcg or kvm")
+        self.accel = accel
+        self.binary = binary
+        self.tb_size_mib = tb_size_mib
+
+    # -- files ------------------------------------------------------------------------------
+
+    def agent_socket(self, spec: VmSpec) -> Path:
+        return spec.run_dir / AGENT_SOCK
+
+    def console_log(self, spec: VmSpec) -> Path:
+        return spec.run_dir / CONSOLE_LOG
+
+    def qmp_socket(self, spec: VmSpec) -> Path:
+        return spec.run_dir / QMP_SOCK
+
+    def pid_file(self, spec: VmSpec) -> Path:
+        return Path(_abs(spec.run_dir)) / PID_FILE
+
+    def qemu_log(self, spec: VmSpec) -> Path:
+        return spec.run_dir / QEMU_LOG
+
+    def argv(self, spec: VmSpec, accel: str | None = None, incoming: bool = False) -> list[str]:
+        return argv(spec, accel or self.accel, incoming, tsc_khz=host_tsc_khz(),
+                    binary=self.binary, tb_size_mib=self.tb_size_mib)
+
+    # -- queries ----------------------------------------------------------------------------
+
+    def _pid(self, spec: VmSpec) -> int | None:
+        return pids.owned_pid(self.pid_file(spec))
+
+    def is_alive(self, spec: VmSpec) -> bool:
+        return self._pid(spec) is not None
+
+    def status(self, spec: VmSpec) -> VmStatus:
+        if not self.is_alive(spec):
+            return VmStatus.GONE
+        try:
+            state = self._qmp(spec).execute("query-status")["status"]
+        except RuntimeFailure:
+            if not self.is_alive(spec):
+                return VmStatus.GONE
+            raise
+        return VmStatus.RUNNING if state == "running" else VmStatus.PAUSED
+
+    def _qmp(self, spec: VmSpec) -> _OneShot:
+        return _OneShot(self.qmp_socket(spec))
+
+    def _require_alive(self, spec: VmSpec) -> int:
+        pid = self._pid(spec)
+        if pid is None:
+            raise RuntimeFailure(f"{spec.name} has no running hypervisor",
+                                 "start or wake the instance first")
+        return pid
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def boot(self, spec: VmSpec, progress: Progress | None = None) -> None:
+        with Steps("boot", progress) as s:
+            s.run("check", lambda: self._check_inputs(spec))
+            s.run("run-dir", lambda: self._prepare_run_dir(spec, s, fresh=True))
+            s.run("spawn", lambda: self._spawn(spec, self.argv(spec), s))
+            s.run("running", lambda: self._expect_state(spec, "running"))
+
+    def restore(self, spec: VmSpec, snap_dir: Path, progress: Progress | None = None) -> None:
+        with Steps("restore", progress) as s:
+            info = s.run("check", lambda: self._check_snapshot(spec, snap_dir))
+            accel = info.extra.get("accel", self.accel)
+            s.run("run-dir", lambda: self._prepare_run_dir(spec, s, fresh=False))
+            s.run("spawn", lambda: self._spawn(spec, self.argv(spec, accel, incoming=True), s))
+            with Qmp(self.qmp_socket(spec)) as q:
+                s.run("load", lambda: self._load(spec, q, snap_dir / info.memory_file, info))
+                s.run("resume", lambda: q.execute("cont"))
+
+    def pause(self, spec: VmSpec) -> None:
+        self._require_alive(spec)
+        self._qmp(spec).execute("stop")
+
+    def resume(self, spec: VmSpec) -> None:
+        self._require_alive(spec)
+        self._qmp(spec).execute("cont")
+
+    def snapshot(self, spec: VmSpec, snap_dir: Path,
+                 progress: Progress | None = None) -> SnapshotInfo:
+        pid = self._require_alive(spec)
+        started = time.monotonic()
+        tmp = snap_dir / (MEMORY_FILE + ".tmp")
+        with Qmp(self.qmp_socket(spec)) as q:
+            with Steps("snapshot", progress) as s:
+                state = s.run("status", lambda: q.execute("query-status")["status"])
+                if state == "running":
+                    s.run("pause", lambda: q.execute("stop"))
+                    s.on_undo("pause", lambda: q.execute("cont"))
+                elif state != "paused":
+                    raise RuntimeFailure(f"cannot snapshot {spec.name} while QEMU is {state}")
+                s.run("prepare", lambda: self._prepare_snap_dir(snap_dir, s))
+                s.run("save", lambda: self._save(spec, q, tmp))
+                info = s.run("commit", lambda: self._commit(spec, snap_dir, tmp, started))
+            # Committed: from here the VM must never run again (its disks now belong to the
+            # snapshot), so failures below end in SIGKILL, not in a resume.
+            s2 = Steps("snapshot", progress)
+            s2.run("quit", lambda: self._end(spec, pid, q))
+        return info
+
+    def stop(self, spec: VmSpec, timeout: float) -> None:
+        pid = self._pid(spec)
+        if pid is not None:
+            try:
+                with Qmp(self.qmp_socket(spec), connect_timeout=2.0) as q:
+                    if timeout > 0:
+                        if q.execute("query-status")["status"] == "paused":
+                            q.execute("cont")  # a paused guest cannot see the power button
+                        q.execute("system_powerdown")
+                        if pids.wait_gone(pid, timeout):
+                            return self._cleanup(spec)
+                    q.quit()
+            except RuntimeFailure:
+                pass  # QMP is gone or hung: fall through to the signal
+            if not pids.wait_gone(pid, QUIT_TIMEOUT):
+                self._kill(spec)
+        self._cleanup(spec)
+
+    # -- steps ------------------------------------------------------------------------------
+
+    def _check_inputs(self, spec: VmSpec) -> None:
+        needed = [("kernel", spec.kernel)]
+        if spec.initrd is not None:
+            needed.append(("initrd", spec.initrd))
+        needed += [(f"disk {d.id!r}", d.path) for d in spec.disks]
+        for what, path in needed:
+            if not path.is_file():
+                raise RuntimeFailure(f"{spec.name}: {what} {path} does not exist",
+                                     "rebuild the pool or restore the missing file")
+        if spec.vcpus < 1 or spec.mem_mib < 16:
+            raise InvalidInput(f"{spec.name}: {spec.vcpus} vCPUs / {spec.mem_mib} MiB is "
+                               "not a runnable VM")
+
+    def _prepare_run_dir(self, spec: VmSpec, steps: Steps, fresh: bool) -> None:
+        pid = self._pid(spec)
+        if pid is not None:
+            raise RuntimeFailure(f"{spec.name} already runs (QEMU pid {pid})",
+                                 "stop the instance first")
+        created = not spec.run_dir.exists()
+        spec.run_dir.mkdir(parents=True, exist_ok=True)
+        console_existed = self.console_log(spec).exists() and not fresh
+
+        def undo() -> None:
+            self._cleanup(spec)
+            _unlink(self.qemu_log(spec))
+            if not console_existed:
+                _unlink(self.console_log(spec))
+            if created:
+                with contextlib.suppress(OSError):
+                    spec.run_dir.rmdir()
+
+        steps.on_undo("run-dir", undo)
+        self._cleanup(spec)  # leftovers of a crashed hypervisor
+        if fresh:
+            _unlink(self.console_log(spec))
+
+    def _spawn(self, spec: VmSpec, args: list[str], steps: Steps) -> int:
+        # Registered first: if QEMU daemonized but we time out, the undo still finds it.
+        steps.on_undo("spawn", lambda: self._kill(spec))
+        try:
+            run(args, timeout=SPAWN_TIMEOUT)
+        except CommandFailed as e:
+            why = qemu_message(_tail(self.qemu_log(spec)) or e.stderr) or e.message
+            raise RuntimeFailure(f"QEMU could not start {spec.name}: {why}",
+                                 f"full command: {e.message.split(' failed (')[0]}") from e
+        pid = self._pid(spec)
+        if pid is None:
+            raise RuntimeFailure(f"QEMU for {spec.name} exited right after starting: "
+                                 f"{qemu_message(_tail(self.qemu_log(spec)))}")
+        return pid
+
+    def _expect_state(self, spec: VmSpec, want: str) -> None:
+        try:
+            state = self._qmp(spec).execute("query-status")["status"]
+        except RuntimeFailure as e:
+            raise self._with_logs(spec, e) from e
+        if state != want:
+            raise self._with_logs(spec, RuntimeFailure(
+                f"{spec.name}: QEMU is {state}, expected {want}"))
+
+    def _with_logs(self, spec: VmSpec, e: RuntimeFailure) -> RuntimeFailure:
+        """Attach what QEMU and the guest said, before the undo removes the logs."""
+        parts = [e.message]
+        if qlog := qemu_message(_tail(self.qemu_log(spec))):
+            parts.append(f"QEMU: {qlog}")
+        if console := _tail(self.console_log(spec), lines=5):
+            parts.append("console:\n" + console)
+        return RuntimeFailure("\n".join(parts), e.hint)
+
+    def _check_snapshot(self, spec: VmSpec, snap_dir: Path) -> SnapshotInfo:
+        info = SnapshotInfo.load(snap_dir)
+        info.check_matches(spec, self.name)
+        self._check_inputs(spec)
+        mem = snap_dir / info.memory_file
+        try:
+            size = mem.stat().st_size
+        except FileNotFoundError:
+            raise RuntimeFailure(f"snapshot memory file {mem} is missing",
+                                 "restart the instance cold instead of waking it") from None
+        # QEMU accepts a truncated stream as a finished one on some paths; never feed it one.
+        if size != info.size_bytes:
+            raise RuntimeFailure(f"snapshot memory file {mem} has {size} bytes, the manifest "
+                                 f"says {info.size_bytes}",
+                                 "restart the instance cold instead of waking it")
+        with open(mem, "rb") as f:
+            if f.read(4) != QEVM_MAGIC:
+                raise RuntimeFailure(f"snapshot memory file {mem} is not a QEMU snapshot",
+                                     "restart the instance cold instead of waking it")
+        return info
+
+    def _prepare_snap_dir(self, snap_dir: Path, steps: Steps) -> None:
+        snap_dir.mkdir(parents=True, exist_ok=True)
+        # Uncommit any older snapshot first: a manifest must never describe a half-written file.
+        _unlink(snap_dir / MANIFEST)
+        steps.on_undo("prepare", lambda: _unlink(snap_dir / (MEMORY_FILE + ".tmp")))
+
+    def _save(self, spec: VmSpec, q: Qmp, tmp: Path) -> None:
+        q.execute("migrate-set-parameters", {"max-bandwidth": SNAPSHOT_BANDWIDTH})
+        # An fd we own rather than `exec:cat > FILE`: once QEMU reports `completed` every
+        # byte is in the file, whereas a `cat` child may still be draining its pipe.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            q.send_fd(fd, SNAPSHOT_FD)
+        finally:
+            os.close(fd)
+        q.execute("migrate", {"uri": f"fd:{SNAPSHOT_FD}"})
+        self._wait_migration(spec, q, "save", _transfer_timeout(spec.mem_mib))
+
+    def _commit(self, spec: VmSpec, snap_dir: Path, tmp: Path, started: float) -> SnapshotInfo:
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        final = snap_dir / MEMORY_FILE
+        os.replace(tmp, final)
+        info = SnapshotInfo(
+            backend=self.name,
+            memory_file=MEMORY_FILE,
+            mem_mib=spec.mem_mib,
+            vcpus=spec.vcpus,
+            devices=spec.devices(),
+            size_bytes=final.stat().st_size,
+            created=time.time(),
+            extra={"accel": self.accel, "machine": "microvm"},
+            seconds=round(time.monotonic() - started, 4),
+        )
+        info.write(snap_dir)
+        return info
+
+    def _load(self, spec: VmSpec, q: Qmp, memory: Path, info: SnapshotInfo) -> None:
+        fd = os.open(memory, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            q.send_fd(fd, SNAPSHOT_FD)
+        finally:
+            os.close(fd)
+        try:
+            q.execute("migrate-incoming", {"uri": f"fd:{SNAPSHOT_FD}"})
+            self._wait_migration(spec, q, "load", _transfer_timeout(info.mem_mib))
+            state = q.execute("query-status")["status"]
+        except RuntimeFailure as e:
+            # QEMU exits when an incoming migration fails; its reason is in qemu.log.
+            raise self._with_logs(spec, RuntimeFailure(
+                f"QEMU could not load the snapshot of {spec.name}: {e.message}",
+                "restart the instance cold instead of waking it")) from e
+        if state != "paused":
+            raise self._with_logs(spec, RuntimeFailure(
+                f"{spec.name}: QEMU is {state} after loading the snapshot, expected paused"))
+
+    def _wait_migration(self, spec: VmSpec, q: Qmp, what: str, timeout: float) -> None:
+        def done() -> dict[str, object] | None:
+            info: dict[str, object] = q.execute("query-migrate")
+            return info if info.get("status") in ("completed", "failed", "cancelled") else None
+
+        try:
+            result = until(done, timeout, interval=0.005, what=f"snapshot {what}")
+        except TimeoutError:
+            if what == "save":
+                with contextlib.suppress(RuntimeFailure):
+                    q.execute("migrate_cancel")
+            raise RuntimeFailure(f"snapshot {what} of {spec.name} did not finish in "
+                                 f"{timeout:g}s") from None
+        if result["status"] != "completed":
+            raise RuntimeFailure(f"snapshot {what} of {spec.name} {result['status']}: "
+                                 f"{result.get('error-desc', 'no reason given')}")
+
+    def _end(self, spec: VmSpec, pid: int, q: Qmp) -> None:
+        with contextlib.suppress(RuntimeFailure):
+            q.quit()
+        if not pids.wait_gone(pid, QUIT_TIMEOUT):
+            self._kill(spec)
+        self._cleanup(spec)
+
+    def _kill(self, spec: VmSpec) -> None:
+        pid = self._pid(spec)
+        if pid is not None:
+            pids.kill(pid)
+            if not pids.wait_gone(pid, KILL_TIMEOUT):
+                raise RuntimeFailure(f"QEMU pid {pid} of {spec.name} survived SIGKILL",
+                                     "the host may be in trouble; check `dmesg`")
+        self._cleanup(spec)
+
+    def _cleanup(self, spec: VmSpec) -> None:
+        """Remove the files a dead hypervisor leaves; never while it lives."""
+        if self._pid(spec) is None:
+            _unlink(self.qmp_socket(spec), self.agent_socket(spec), self.pid_file(spec))
+
+
+def _transfer_timeout(mem_mib: int) -> float:
+    # Measured ~0.1 s per 256 MiB; allow a slow, busy host 100x that.
+    return 30.0 + mem_mib / 16
+
+
+class _OneShot:
+    """`self._qmp(spec).execute(...)`: one command on a fresh connection."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def execute(self, cmd: str, args: dict[str, object] | None = None) -> dict[str, object]:
+        with Qmp(self.path) as q:
+            result: dict[str, object] = q.execute(cmd, args)
+            return result
