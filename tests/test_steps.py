@@ -1,0 +1,79 @@
+"""Steps: named, timed, and on failure undone once, in reverse."""
+
+from __future__ import annotations
+
+import pytest
+
+from mvm.errors import RuntimeFailure
+from mvm.runtime.base import Steps
+
+
+def test_success_runs_in_order_reports_timings_and_keeps_everything() -> None:
+    log: list[str] = []
+    reported: list[tuple[str, float]] = []
+    with Steps("boot", lambda name, took: reported.append((name, took))) as s:
+        assert s.run("a", lambda: log.append("a") or 1) == 1
+        s.on_undo("a", lambda: log.append("undo a"))
+        s.run("b", lambda: log.append("b"))
+    assert log == ["a", "b"]
+    assert [n for n, _ in reported] == ["a", "b"]
+    assert all(t >= 0 for _, t in reported)
+    assert [n for n, _ in s.timings] == ["a", "b"]
+
+
+def test_failure_undoes_in_reverse_once_and_propagates() -> None:
+    log: list[str] = []
+
+    def fail() -> None:
+        raise RuntimeFailure("spawn failed")
+
+    s = Steps("boot")
+    with pytest.raises(RuntimeFailure, match="spawn failed"), s:
+        s.run("dir", lambda: log.append("dir"))
+        s.on_undo("dir", lambda: log.append("undo dir"))
+        s.run("sock", lambda: log.append("sock"))
+        s.on_undo("sock", lambda: log.append("undo sock"))
+        s.run("spawn", fail)
+    assert log == ["dir", "sock", "undo sock", "undo dir"]
+    s.rollback()  # already rolled back: nothing runs twice
+    assert log.count("undo dir") == 1
+
+
+def test_undo_registered_before_a_failing_step_runs() -> None:
+    # A step that may half-create something (e.g. a daemon that started, then timed out)
+    # registers its undo first.
+    log: list[str] = []
+
+    def spawn() -> None:
+        s.on_undo("spawn", lambda: log.append("kill"))
+        raise TimeoutError("timed out")
+
+    s = Steps("boot")
+    with pytest.raises(TimeoutError), s:
+        s.run("spawn", spawn)
+    assert log == ["kill"]
+
+
+def test_a_failing_undo_does_not_hide_the_error_or_stop_the_others() -> None:
+    log: list[str] = []
+
+    def bad_undo() -> None:
+        raise OSError("busy")
+
+    s = Steps("restore")
+    with pytest.raises(RuntimeFailure) as e, s:
+        s.on_undo("first", lambda: log.append("undo first"))
+        s.on_undo("second", bad_undo)
+        raise RuntimeFailure("load failed")
+    assert log == ["undo first"]
+    assert e.value.message == "load failed"
+    assert any("second" in n and "busy" in n for n in e.value.__notes__)
+
+
+def test_interrupt_also_undoes() -> None:
+    log: list[str] = []
+    s = Steps("boot")
+    with pytest.raises(KeyboardInterrupt), s:
+        s.on_undo("x", lambda: log.append("undo x"))
+        raise KeyboardInterrupt
+    assert log == ["undo x"]
