@@ -143,6 +143,9 @@ def test_qemu_message_picks_the_error_line() -> None:
                         "qemu-system-x86_64: kvm.c:3183: Assertion failed.") == (
         "failed to set MSR 0x10a to 0x69")
     assert qemu_message("qemu-system-x86_64: warning: w\nreal problem") == "real problem"
+    assert qemu_message("qemu-system-x86_64: -drive x: Failed to get \"write\" lock\n"
+                        "Is another process using the image [x]?") == (
+        "-drive x: Failed to get \"write\" lock; Is another process using the image [x]?")
     assert qemu_message("") == ""
 
 

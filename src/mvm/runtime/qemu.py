@@ -210,11 +210,15 @@ def _unlink(*paths: Path) -> None:
 
 
 def qemu_message(text: str) -> str:
-    """QEMU's error line (the first explicit `error:`, else the last), without the prefix."""
-    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
-    flagged = [ln for ln in lines if ": error: " in ln]
-    errors = flagged[:1] or [ln for ln in lines if "warning:" not in ln][-1:] or lines[-1:]
-    return re.sub(r"^qemu-system-\w+:\s*(error:\s*)?", "", errors[0]) if errors else ""
+    """What QEMU said went wrong, without its program-name prefix: the first explicit
+    `error:` line if there is one, else the last few non-warning lines."""
+    lines = [re.sub(r"^qemu-system-\w+:\s*", "", ln.strip())
+             for ln in text.strip().splitlines() if ln.strip()]
+    flagged = [ln[len("error:"):].strip() for ln in lines if ln.startswith("error:")]
+    if flagged:
+        return flagged[0]
+    errors = [ln for ln in lines if not ln.startswith("warning:")] or lines
+    return "; ".join(errors[-3:])
 
 
 class QemuRuntime(Runtime):
