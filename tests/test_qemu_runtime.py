@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -161,6 +162,14 @@ def test_pause_resume(vms: Vms) -> None:
         start = time.monotonic()
         a.wait_ready(10)
         answered = time.monotonic() - start
+    statuses: list[VmStatus] = []
+    threads = [threading.Thread(target=lambda: statuses.append(vms.rt.status(spec)))
+               for _ in range(8)]  # QEMU serves one QMP client at a time: they queue
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert statuses == [VmStatus.RUNNING] * 8
     print(f"\npause {t_pause * 1000:.1f} ms, resume {t_resume * 1000:.1f} ms, "
           f"agent answers {answered * 1000:.1f} ms after resume")
 

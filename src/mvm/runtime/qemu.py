@@ -335,13 +335,15 @@ class QemuRuntime(Runtime):
         pid = self._pid(spec)
         if pid is not None:
             try:
-                with Qmp(self.qmp_socket(spec), connect_timeout=2.0) as q:
-                    if timeout > 0:
+                if timeout > 0:
+                    with Qmp(self.qmp_socket(spec), connect_timeout=2.0) as q:
                         if q.execute("query-status")["status"] == "paused":
                             q.execute("cont")  # a paused guest cannot see the power button
                         q.execute("system_powerdown")
-                        if pids.wait_gone(pid, timeout):
-                            return self._cleanup(spec)
+                    # Waiting without holding QMP: QEMU serves one client at a time.
+                    if pids.wait_gone(pid, timeout):
+                        return self._cleanup(spec)
+                with Qmp(self.qmp_socket(spec), connect_timeout=2.0) as q:
                     q.quit()
             except RuntimeFailure:
                 pass  # QMP is gone or hung: fall through to the signal

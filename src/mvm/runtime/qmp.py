@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
+import time
 from collections.abc import Awaitable
 from pathlib import Path
 from types import TracebackType
@@ -43,19 +45,42 @@ class Qmp:
         return self._loop.run_until_complete(asyncio.wait_for(aw, timeout))
 
     def connect(self) -> Qmp:
+        """Connect and negotiate, all within connect_timeout."""
+        deadline = time.monotonic() + self.connect_timeout
         try:
-            self._sync(self._client.connect(str(self.path)), self.connect_timeout)
+            sock = self._open_socket(deadline)
+            self._sync(self._client.connect(sock), max(deadline - time.monotonic(), 0.001))
         except TimeoutError:
             self.close()
             raise RuntimeFailure(f"QEMU did not answer on {self.path} within "
                                  f"{self.connect_timeout:g}s",
-                                 "the hypervisor may be hung; stop the instance") from None
+                                 "the hypervisor may be hung, or busy with another client; "
+                                 "stop the instance if this persists") from None
         except (ConnectError, OSError) as e:
             self.close()
             cause = e.exc if isinstance(e, ConnectError) else e
             raise RuntimeFailure(f"cannot connect to QEMU at {self.path}: {cause}",
                                  "the hypervisor is not running (see the console log)") from e
         return self
+
+    def _open_socket(self, deadline: float) -> socket.socket:
+        """A connected socket. QEMU serves one QMP client at a time with a listen backlog of
+        one; when that slot is taken connect() fails with EAGAIN (asyncio would mistake it
+        for "in progress" and hand back an unconnected socket), so wait and try again."""
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            try:
+                sock.connect(str(self.path))
+                return sock
+            except BlockingIOError:
+                sock.close()
+                if time.monotonic() >= deadline:
+                    raise TimeoutError from None
+                time.sleep(0.005)
+            except OSError:
+                sock.close()
+                raise
 
     def execute(self, cmd: str, args: dict[str, Any] | None = None, *,
                 timeout: float | None = None) -> Any:
