@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import os
 import re
 import time
@@ -324,7 +325,9 @@ class QemuRuntime(Runtime):
                     raise RuntimeFailure(f"cannot snapshot {spec.name} while QEMU is {state}")
                 s.run("prepare", lambda: self._prepare_snap_dir(snap_dir, s))
                 s.run("save", lambda: self._save(spec, q, tmp))
-                info = s.run("commit", lambda: self._commit(spec, snap_dir, tmp, started))
+                accel = _running_accel(pid) or self.accel
+                info = s.run("commit",
+                             lambda: self._commit(spec, snap_dir, tmp, started, accel))
             # Committed: from here the VM must never run again (its disks now belong to the
             # snapshot), so failures below end in SIGKILL, not in a resume.
             s2 = Steps("snapshot", progress)
@@ -447,7 +450,9 @@ class QemuRuntime(Runtime):
         snap_dir.mkdir(parents=True, exist_ok=True)
         # Uncommit any older snapshot first: a manifest must never describe a half-written file.
         _unlink(snap_dir / MANIFEST)
-        steps.on_undo("prepare", lambda: _unlink(snap_dir / (MEMORY_FILE + ".tmp")))
+        # On failure no snapshot is left at all: the VM runs on, so its disks move on.
+        steps.on_undo("prepare", lambda: _unlink(snap_dir / (MEMORY_FILE + ".tmp"),
+                                                 snap_dir / MEMORY_FILE, snap_dir / MANIFEST))
 
     def _save(self, spec: VmSpec, q: Qmp, tmp: Path) -> None:
         q.execute("migrate-set-parameters", {"max-bandwidth": SNAPSHOT_BANDWIDTH})
@@ -461,7 +466,8 @@ class QemuRuntime(Runtime):
         q.execute("migrate", {"uri": f"fd:{SNAPSHOT_FD}"})
         self._wait_migration(spec, q, "save", _transfer_timeout(spec.mem_mib))
 
-    def _commit(self, spec: VmSpec, snap_dir: Path, tmp: Path, started: float) -> SnapshotInfo:
+    def _commit(self, spec: VmSpec, snap_dir: Path, tmp: Path, started: float,
+                accel: str) -> SnapshotInfo:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         final = snap_dir / MEMORY_FILE
@@ -474,7 +480,7 @@ class QemuRuntime(Runtime):
             devices=spec.devices(),
             size_bytes=final.stat().st_size,
             created=time.time(),
-            extra={"accel": self.accel, "machine": "microvm"},
+            extra={"accel": accel, "machine": "microvm"},
             seconds=round(time.monotonic() - started, 4),
         )
         info.write(snap_dir)
@@ -536,6 +542,15 @@ class QemuRuntime(Runtime):
         """Remove the files a dead hypervisor leaves; never while it lives."""
         if self._pid(spec) is None:
             _unlink(self.qmp_socket(spec), self.agent_socket(spec), self.pid_file(spec))
+
+
+def _running_accel(pid: int) -> str | None:
+    """The accelerator a running QEMU was started with (it may predate a settings change)."""
+    args = pids.cmdline(pid)
+    for flag, value in itertools.pairwise(args):
+        if flag == "-accel":
+            return value.split(",")[0]
+    return None
 
 
 def _transfer_timeout(mem_mib: int) -> float:
