@@ -60,6 +60,17 @@ def data_disk_path(i: Instance) -> Path:
     return instance_dir(i) / "data.ext4"
 
 
+def run_dir(i: Instance) -> Path:
+    """Sockets, pid file and console log. They live under a short runtime path (socket paths
+    are limited to 108 bytes); `instances/<i>/run` links there."""
+    real = paths.runtime_dir() / i.id
+    link = instance_dir(i) / "run"
+    if not link.is_symlink() and instance_dir(i).is_dir():
+        real.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(real)
+    return real
+
+
 def snapshot_dir(i: Instance) -> Path:
     return instance_dir(i) / "snapshot"
 
@@ -80,7 +91,7 @@ def spec_for(store: Store, i: Instance, revision: str) -> VmSpec:
         name=i.id, vcpus=pool.cpus, mem_mib=pool.mem, kernel=rdir / "vmlinux",
         initrd=initrd if initrd.is_file() else None,
         cmdline=" ".join(_cmdline(store, i, pool)), disks=tuple(devs),
-        net=netops.netif(store, i, pool), run_dir=instance_dir(i) / "run",
+        net=netops.netif(store, i, pool), run_dir=run_dir(i),
     )
 
 
@@ -309,6 +320,7 @@ def destroy(store: Store, ref: InstanceRef, keep_data: bool = False, locked: boo
             kept.parent.mkdir(parents=True, exist_ok=True)
             data_disk_path(i).rename(kept)
         shutil.rmtree(d, ignore_errors=True)
+        shutil.rmtree(paths.runtime_dir() / i.id, ignore_errors=True)
         netops.release(store, i)
         store.remove_instance(i.id)
         store.event("instance.destroy", f"destroyed{' (data kept)' if kept else ''}",
@@ -324,7 +336,18 @@ def _halt(store: Store, i: Instance) -> None:
         except MvmError:
             spec = None
         if spec is not None:
-            runtime().stop(spec, STOP_TIMEOUT if i.state is State.RUNNING else 0)
+            rt = runtime()
+            graceful = i.state in (State.RUNNING, State.WARM) and rt.is_alive(spec)
+            if graceful:
+                # Flush the guest's page cache to the data disk before power-off, so a stop
+                # (or a destroy --keep-data) never loses what the guest wrote.
+                try:
+                    if i.state is State.WARM:
+                        rt.resume(spec)
+                    agent(rt, spec).sleep_prep()
+                except MvmError:
+                    graceful = False
+            rt.stop(spec, STOP_TIMEOUT if graceful else 0)
     netops.instance_down(store, i)
     secrets_disk.remove(i.id)
     _discard_snapshot(i)
@@ -357,7 +380,7 @@ def exec_(store: Store, ref: InstanceRef, argv: list[str], timeout: float = 60.0
 
 def console(store: Store, ref: InstanceRef) -> bytes:
     i = store.instance(ref.tenant, ref.pool, ref.instance)
-    log = instance_dir(i) / "run" / "console.log"
+    log = paths.runtime_dir() / i.id / "console.log"
     try:
         return log.read_bytes()
     except FileNotFoundError:

@@ -45,6 +45,11 @@ def secrets_runtime_dir() -> Path:
     return Path(os.environ.get("MVM_RUNTIME_DIR", "/dev/shm")) / f"mvm-{_home_tag()}"
 
 
+def runtime_dir() -> Path:
+    """Short paths for sockets and pid files (a Unix socket path must fit in 108 bytes)."""
+    return Path(os.environ.get("MVM_RUNTIME_DIR", "/run/mvm")) / _home_tag()
+
+
 def _home_tag() -> str:
     import hashlib
 

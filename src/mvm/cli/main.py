@@ -447,7 +447,7 @@ def instance_destroy(instance: str, keep_data: Annotated[bool, typer.Option(
     print(f"{instance} destroyed" + (f"; data disk kept at {kept}" if kept else ""))
 
 
-@instance_app.command("exec", context_settings={"allow_interspersed_args": False})
+@instance_app.command("exec")
 def instance_exec(
     instance: str,
     command: Annotated[list[str], typer.Argument(help="command and arguments (after --)")],

@@ -55,5 +55,8 @@ class Steps:
             self.started[step] = now
             err.print(f"[dim]{self.what}[/dim] {step} …")
             return
-        took = now - self.started.get(step, now)
+        if step not in self.started:  # a step that reports its own timing
+            err.print(f"[dim]{self.what}[/dim] {step}: {message}")
+            return
+        took = now - self.started.pop(step)
         err.print(f"[dim]{self.what}[/dim] {step}: {message} [dim]({took:.2f}s)[/dim]")
