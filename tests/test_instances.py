@@ -128,7 +128,7 @@ def test_updating_images_and_rollback(gmvm: Mvm, flake_copy, tmp_path: Path) -> 
     assert json.loads(gmvm.ok("instance", "info", old, "--json").out)["revision"] == rev1
     assert sh(gmvm, old, "test -e /bin/wget").rc == 1
     gmvm.ok("pool", "scale", "acme/workers", "--running", "2")
-    new = [i for i in instances_by_state(gmvm, "acme/workers")["running"] if i != old][0]
+    new = next(i for i in instances_by_state(gmvm, "acme/workers")["running"] if i != old)
     assert json.loads(gmvm.ok("instance", "info", new, "--json").out)["revision"] == rev2
     assert sh(gmvm, new, "test -e /bin/wget").rc == 0
     gmvm.ok("pool", "rollback", "acme/workers", "--revision", rev1)
