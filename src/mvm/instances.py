@@ -67,6 +67,8 @@ def run_dir(i: Instance) -> Path:
     link = instance_dir(i) / "run"
     if not link.is_symlink() and instance_dir(i).is_dir():
         real.mkdir(parents=True, exist_ok=True)
+        if link.is_dir():  # a run dir of an older layout
+            shutil.rmtree(link)
         link.symlink_to(real)
     return real
 

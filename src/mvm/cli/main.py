@@ -528,6 +528,15 @@ def main(argv: list[str] | None = None) -> int:
     except click.ClickException as e:
         err.print(f"error: {e.format_message()}")
         return e.exit_code
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        return 130
+    except Exception as e:  # a bug: still one line, the traceback with --debug
+        if debug:
+            traceback.print_exc()
+        err.print(f"error: internal error: {e.__class__.__name__}: {escape(str(e))} (rerun with --debug"
+                  " for a traceback)", markup=False)
+        return 70
 
 
 if __name__ == "__main__":
