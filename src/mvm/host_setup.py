@@ -51,6 +51,11 @@ def setup(offline: bool | None, progress: Progress) -> None:
     elif offline is False and current == offline_nixpkgs.ref(d):
         config.set_value("nixpkgs", "")
     progress("nixpkgs", f"flakes' nixpkgs input -> {config.get('nixpkgs') or 'their own (online)'}")
+    from mvm.runtime import accel, select
+
+    progress("accelerator", "…")
+    probe = accel.probe_kvm(cache=select.kvm_probe_cache())
+    progress("accelerator", f"{'kvm' if probe.fast else 'tcg'} ({probe.reason})")
 
 
 def _check(name: str, ok: bool, detail: str, required: bool = True) -> dict[str, Any]:
@@ -58,7 +63,7 @@ def _check(name: str, ok: bool, detail: str, required: bool = True) -> dict[str,
 
 
 def doctor() -> list[dict[str, Any]]:
-    from mvm.runtime import accel
+    from mvm.runtime import accel, select
 
     checks = []
     qemu = shutil.which("qemu-system-x86_64")
@@ -69,11 +74,11 @@ def doctor() -> list[dict[str, Any]]:
         except CommandFailed as e:
             qv = e.message
     checks.append(_check("qemu", bool(qemu), qv or "qemu-system-x86_64 not found: apt-get install qemu-system-x86"))
-    probe = accel.probe_kvm(cache=paths.home() / "kvm-probe.json")
+    probe = accel.probe_kvm(cache=select.kvm_probe_cache())
     checks.append(_check("kvm", True, f"{'usable and fast' if probe.fast else 'not used'}: {probe.reason}",
                          required=False))
     checks.append(_check("accelerator", True, accel.choose_accel(config.get("accel"),
-                                                                 cache=paths.home() / "kvm-probe.json")))
+                                                                 cache=select.kvm_probe_cache())))
     nix = shutil.which("nix")
     checks.append(_check("nix", bool(nix), proc.output(["nix", "--version"], timeout=10).strip()
                          if nix else "nix not found: apt-get install nix-bin"))
