@@ -56,6 +56,7 @@ class FakeAgent:
         self.handler = handler
         self.requests: list[str] = []
         self.connections = 0
+        self.discards = 0
         self.session_ended = threading.Event()
         self.drop_after: int | None = None  # close the connection after this many requests
         self._srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -89,6 +90,9 @@ class FakeAgent:
             buf += chunk
             while b"\n" in buf:
                 line, buf = buf.split(b"\n", 1)
+                if b"\x01" in line:
+                    self.discards += 1
+                    continue
                 self.requests.append(line.decode())
                 rid, verb, *args = line.decode().split(" ")
                 out = self.handler(rid, verb, args)
@@ -205,6 +209,7 @@ def test_reconnects_after_the_socket_drops(agent: FakeAgent, sock: Path) -> None
     assert agent.session_ended.wait(5)
     c.ping()  # the request could not be sent on the dead connection: sent on a new one
     assert agent.connections == 2
+    assert agent.discards == 2  # each connection began by ending any torn line
 
 
 def test_answer_lost_with_the_connection_is_a_guest_error(sock: Path) -> None:

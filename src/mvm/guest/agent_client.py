@@ -6,6 +6,8 @@ QEMU: `-chardev socket,id=agent,path=<run>/agent.sock,server=on,wait=off
 Protocol (the guest side is src/mvm/data/guest/agent): one line per request
 `<id> <verb> <args...>`, one line per response `<id> <status> <fields...>`, single spaces,
 payloads base64 with `-` for the empty payload. The guest answers one request at a time.
+Every connection starts with the line `\x01`, which the agent discards (with any partial
+line before it).
 Lines whose id is not the one we wait for — answers to requests we gave up on, the
 agent's own `* hello` lines, data from before a snapshot — are skipped, so the
 connection needs no resynchronisation. QEMU serves one client at a time: use one
@@ -29,6 +31,7 @@ from mvm.errors import GuestError
 
 AGENT_PORT_NAME = "mvm.agent"  # the virtserialport name the guest agent looks for
 EXEC_GRACE = 10.0  # host waits this much longer than the guest-side exec timeout
+DISCARD_LINE = b"\x01\n"  # sent first on every connection; see _connect
 _HINT = "look at the instance's console log; the guest may still be booting or hung"
 
 
@@ -183,10 +186,27 @@ class AgentClient:
         raise GuestError(f"malformed answer to {verb} from guest agent: {fields[:3]!r}", _HINT)
 
     def _connect(self, timeout: float) -> None:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(max(timeout, 0.001))
+        """Connect, retrying while QEMU is between two clients (it accepts one at a time)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(max(_left(deadline), 0.001))
+            try:
+                s.connect(os.fspath(self.socket_path))
+                break
+            except (BlockingIOError, ConnectionRefusedError):
+                s.close()
+                if _left(deadline) <= 0:
+                    raise
+                time.sleep(min(0.01, max(_left(deadline), 0)))
+            except OSError:
+                s.close()
+                raise
         try:
-            s.connect(os.fspath(self.socket_path))
+            # A line that a previous connection left unfinished (its host died or gave
+            # up mid-send) must not run glued to our first request: \001 ends it, and the
+            # agent drops every line that contains one.
+            s.sendall(DISCARD_LINE)
         except OSError:
             s.close()
             raise
