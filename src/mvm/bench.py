@@ -14,6 +14,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from mvm import paths
@@ -116,11 +117,11 @@ def bench_runtime(h: Home) -> dict[str, float]:
     h.mvm("pool", "create", "rt/vm", "--profile", "minimal", "--mem", "256")
     h.mvm("pool", "build", "rt/vm")
     ref = PoolRef("rt", "vm")
-    cold, resume, qmp_resume, wake, snap, used, net = [], [], [], [], [], [], []
+    cold, resume, qmp_resume, wake, snap, used = [], [], [], [], [], []
     rt = runtime()
     for _ in range(RUNS):
         i = instances.create(store, ref)
-        cold.append(timed(lambda: instances.start(store, i.ref)))
+        cold.append(timed(partial(instances.start, store, i.ref)))
         i = store.instance("rt", "vm", i.id)
         spec = instances.spec_for(store, i, i.revision or "")
         meminfo = instances.exec_(store, i.ref, ["cat", "/proc/meminfo"]).stdout.decode()
@@ -128,19 +129,19 @@ def bench_runtime(h: Home) -> dict[str, float]:
         # touched by the guest: its RAM less what its kernel reports free (kernel image included)
         used.append(256 * 2**20 - fields["MemFree"] * 1024)
         instances.warm(store, i.ref)
-        resume.append(timed(lambda: instances.resume(store, i.ref)))
+        resume.append(timed(partial(instances.resume, store, i.ref)))
         rt.pause(spec)
-        qmp_resume.append(timed(lambda: rt.resume(spec)))
+        qmp_resume.append(timed(partial(rt.resume, spec)))
         instances.sleep(store, i.ref)
         snap.append(sum(f.stat().st_size for f in instances.snapshot_dir(i).iterdir()))
-        wake.append(timed(lambda: instances.wake(store, i.ref)))
-        net.append(timed(lambda: netops.instance_up(store, i)))  # TAP exists: re-assert cost
+        wake.append(timed(partial(instances.wake, store, i.ref)))
+
         instances.destroy(store, i.ref)
     # a fresh TAP + rules for an instance whose tenant network already exists
     fresh = []
     for _ in range(RUNS):
         i = instances.create(store, ref)
-        fresh.append(timed(lambda: netops.instance_up(store, i)))
+        fresh.append(timed(partial(netops.instance_up, store, i)))
         instances.destroy(store, i.ref)
     c, r, q, w = (statistics.median(x) for x in (cold, resume, qmp_resume, wake))
     line("cold boot to agent-ready, median of 5", f"{c:.3f} s")

@@ -29,10 +29,12 @@ from mvm.guest.layout import static_busybox
 
 METAPACKAGE = "linux-image-cloud-amd64"
 # Bump when the initrd layout or /init changes, so installed kernels are rebuilt.
-BUILDER_VERSION = 3
+BUILDER_VERSION = 4
 # Drivers the guest needs before its root can be mounted; dependencies are added from
 # each module's own `depends=` (the package ships no modules.dep: depmod runs at install).
-WANTED_MODULES = ("virtio_mmio", "virtio_blk", "virtio_net", "virtio_console")
+WANTED_MODULES = ("virtio_mmio", "virtio_blk", "virtio_net", "virtio_console",
+                  # the ACPI power button, so a graceful stop reaches the guest's init
+                  "button", "evdev")
 FIXED_MTIME = 0
 
 LZ4_LEGACY_MAGIC = b"\x02\x21\x4c\x18"

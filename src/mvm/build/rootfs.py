@@ -49,6 +49,8 @@ def _copy_tree(src: Path, dest: Path, link: bool = True) -> None:
     if src.is_symlink() or not src.is_dir():
         if src.is_symlink():
             dest.symlink_to(os.readlink(src))
+            st = src.lstat()
+            os.utime(dest, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
         else:
             _copy_file(src, dest, link)
         return
@@ -57,9 +59,9 @@ def _copy_tree(src: Path, dest: Path, link: bool = True) -> None:
         pass
     else:
         dest.mkdir()
-    shutil.copystat(src, dest, follow_symlinks=False)
     for child in sorted(src.iterdir()):
         _copy_tree(child, dest / child.name, link)
+    shutil.copystat(src, dest, follow_symlinks=False)  # after the children: they bump mtime
 
 
 def _copy_file(src: Path, dest: Path, link: bool) -> None:
