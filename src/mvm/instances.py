@@ -290,7 +290,8 @@ def wake(store: Store, ref: InstanceRef, progress: Progress = _noop, locked: boo
             steps.on_undo("secrets", lambda: secrets_disk.remove(i.id))
             steps.run("restore", lambda: rt.restore(spec, snapshot_dir(i)))
             steps.on_undo("restore", lambda: rt.stop(spec, 0))
-            steps.run("agent", lambda: agent(rt, spec).wake())
+            fresh = i.secrets_version != tenant.secrets_version
+            steps.run("agent", lambda: agent(rt, spec).wake(fresh_secrets=fresh))
         secrets_disk.remove(i.id)
         _discard_snapshot(i)  # the disks moved on; the snapshot must never be restored again
         store.update_instance(i.id, state=State.RUNNING, secrets_version=tenant.secrets_version,

@@ -59,7 +59,9 @@ def instance_up(store: Store, i: Instance) -> None:
         return
     from mvm.network import host
 
-    tenant_up(store.tenant(i.tenant))
+    if net.bridge not in host.links():
+        tenant_up(store.tenant(i.tenant))  # first instance: bridge, isolation and NAT
+    # (otherwise the tenant's network is left alone; `mvm net verify --repair` mends drift)
     host.ensure_tap(net.tap, net.bridge)
 
 

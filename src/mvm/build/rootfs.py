@@ -104,10 +104,10 @@ def tree_size(root: Path) -> tuple[int, int]:
     return total, inodes
 
 
-def mkfs(staging: Path, image: Path, label: str, seed: str) -> None:
+def mkfs(staging: Path, image: Path, label: str, seed: str, size_mib: int | None = None) -> None:
     """mkfs.ext4 -d with every source of randomness pinned, so equal trees give equal bytes."""
     size, inodes = tree_size(staging)
-    mib = max(MIN_SIZE_MIB, int(size * 1.15 / 2**20) + 16)
+    mib = size_mib or max(MIN_SIZE_MIB, int(size * 1.15 / 2**20) + 16)
     fs_uuid = str(uuid.uuid5(uuid.NAMESPACE_URL, f"mvm:{seed}"))
     if image.exists():
         image.unlink()

@@ -131,13 +131,14 @@ class AgentClient:
                           timed_out=len(fields) == 4)
 
     def sleep_prep(self, timeout: float = 30.0) -> None:
-        """Before a snapshot: the guest syncs its disks and unmounts /run/secrets."""
+        """Before a snapshot: the guest syncs its disks and drops its clean caches."""
         self._request("sleep-prep", [], timeout)
 
-    def wake(self, now: float | None = None, timeout: float = 10.0) -> None:
-        """After a restore: set the guest clock (to the second), remount /run/secrets."""
+    def wake(self, now: float | None = None, timeout: float = 10.0, fresh_secrets: bool = False) -> None:
+        """After a restore: set the guest clock (to the second); with `fresh_secrets` the
+        guest re-reads the secrets disk, whose content changed while it slept."""
         t = time.time() if now is None else now
-        self._request("wake", [f"{t:.6f}"], timeout)
+        self._request("wake", [f"{t:.6f}", *(["fresh"] if fresh_secrets else [])], timeout)
 
     def close(self) -> None:
         with self._lock:
