@@ -149,7 +149,7 @@ def scale(store: Store, ref: PoolRef, running: int, warm: int, sleeping: int,
                 continue
             for op in PATHS[(inst.state, target)]:
                 OPS[op](store, inst.ref, progress, locked=True)
-                report(f"{inst.id}: {op} -> {_after(op).value}")
+                report(f"{inst.id}: {op} (now {_after(op).value})")
         return instances.list_instances(store, ref.tenant, ref.pool)
 
 
