@@ -14,7 +14,7 @@ from mvm.build import offline_nixpkgs
 from mvm.errors import CommandFailed, InvalidInput
 
 REPO = Path(__file__).resolve().parent.parent
-FIXTURES = Path(__file__).resolve().parent / "fixtures" / "guide-flakes"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 BUILTIN = REPO / "src" / "mvm" / "data" / "builtin-flake" / "flake.nix"
 NIX_ENV = {
     "NIX_CONFIG": "experimental-features = nix-command flakes\nsubstituters =\nbuild-users-group =",
@@ -72,7 +72,7 @@ def in_root(root: Path, *argv: str) -> str:
 
 
 def test_builtin_flake_is_the_guides_first_flake() -> None:
-    assert BUILTIN.read_text() == (FIXTURES / "basic" / "flake.nix").read_text()
+    assert BUILTIN.read_text() == (FIXTURES / "guide-flake" / "flake.nix").read_text()
     text = BUILTIN.read_text()
     for profile in ("minimal", "baseline", "python"):
         assert f"{profile} = pkgs.buildEnv" in text
@@ -124,8 +124,8 @@ def roots(nixpkgs: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, 
     base = tmp_path_factory.mktemp("roots")
     out = {}
     for profile in ("minimal", "baseline", "python"):
-        out[profile] = make_root(build(FIXTURES / "basic", profile, nixpkgs), base / profile)
-    out["services"] = make_root(build(FIXTURES / "services", "baseline", nixpkgs), base / "services")
+        out[profile] = make_root(build(FIXTURES / "guide-flake", profile, nixpkgs), base / profile)
+    out["services"] = make_root(build(FIXTURES / "services-flake", "baseline", nixpkgs), base / "services")
     return out
 
 
@@ -183,7 +183,7 @@ def test_services_example_builds(roots: dict[str, Path]) -> None:
 def test_same_input_gives_same_out_path(nixpkgs: Path, tmp_path: Path) -> None:
     again = offline_nixpkgs.install(tmp_path / "again")
     for attr in ("minimal", "python"):
-        assert build(FIXTURES / "basic", attr, nixpkgs) == build(FIXTURES / "basic", attr, again)
+        assert build(FIXTURES / "guide-flake", attr, nixpkgs) == build(FIXTURES / "guide-flake", attr, again)
 
 
 @pytest.mark.nix

@@ -188,7 +188,7 @@ def create(store: Store, ref: PoolRef, locked: bool = False) -> Instance:
 def start(store: Store, ref: InstanceRef, progress: Progress = _noop, locked: bool = False) -> Instance:
     with _locked(ref.pool_ref, locked):
         i = get(store, ref)
-        transition(i.state, Action.START)
+        target = transition(i.state, Action.START)
         pool = store.pool(ref.tenant, ref.pool)
         if not pool.current:
             raise NotFound(f"pool {ref.pool_ref} has no built revision",
@@ -208,33 +208,35 @@ def start(store: Store, ref: InstanceRef, progress: Progress = _noop, locked: bo
             steps.run("agent", lambda: agent(rt, spec).wait_ready(AGENT_READY_TIMEOUT))
         secrets_disk.remove(i.id)  # the hypervisor holds it open; nothing stays in clear
         _discard_snapshot(i)
-        store.update_instance(i.id, state=State.RUNNING, revision=revision,
+        store.update_instance(i.id, state=target, revision=revision,
                               secrets_version=tenant.secrets_version, error=None)
         store.event("instance.start", f"running revision {revision}", i.tenant, i.pool, i.id)
         return store.instance(ref.tenant, ref.pool, ref.instance)
 
 
 def warm(store: Store, ref: InstanceRef, progress: Progress = _noop, locked: bool = False) -> Instance:
-    with _locked(ref.pool_ref, locked):
-        i = get(store, ref)
-        transition(i.state, Action.WARM)
-        rt = runtime()
-        assert i.revision
-        rt.pause(spec_for(store, i, i.revision))
-        store.update_instance(i.id, state=State.WARM)
-        store.event("instance.warm", "vCPUs paused", i.tenant, i.pool, i.id)
-        return store.instance(ref.tenant, ref.pool, ref.instance)
+    return _set_vcpus(store, ref, Action.WARM, locked)
 
 
 def resume(store: Store, ref: InstanceRef, progress: Progress = _noop, locked: bool = False) -> Instance:
+    return _set_vcpus(store, ref, Action.RESUME, locked)
+
+
+def _set_vcpus(store: Store, ref: InstanceRef, action: Action, locked: bool) -> Instance:
+    """warm (pause the vCPUs, RAM stays) and resume: one QMP/API call, no guest involvement."""
     with _locked(ref.pool_ref, locked):
         i = get(store, ref)
-        transition(i.state, Action.RESUME)
-        rt = runtime()
+        target = transition(i.state, action)
         assert i.revision
-        rt.resume(spec_for(store, i, i.revision))
-        store.update_instance(i.id, state=State.RUNNING)
-        store.event("instance.resume", "vCPUs running", i.tenant, i.pool, i.id)
+        spec = spec_for(store, i, i.revision)
+        rt = runtime()
+        if action is Action.WARM:
+            rt.pause(spec)
+        else:
+            rt.resume(spec)
+        store.update_instance(i.id, state=target)
+        store.event(f"instance.{action.value}", f"vCPUs {'paused' if action is Action.WARM else 'running'}",
+                    i.tenant, i.pool, i.id)
         return store.instance(ref.tenant, ref.pool, ref.instance)
 
 
@@ -242,7 +244,7 @@ def sleep(store: Store, ref: InstanceRef, progress: Progress = _noop, locked: bo
     """Sync the guest, snapshot memory + devices to disk, end the hypervisor (RAM freed)."""
     with _locked(ref.pool_ref, locked):
         i = get(store, ref)
-        transition(i.state, Action.SLEEP)
+        target = transition(i.state, Action.SLEEP)
         rt = runtime()
         assert i.revision
         spec = spec_for(store, i, i.revision)
@@ -269,7 +271,7 @@ def sleep(store: Store, ref: InstanceRef, progress: Progress = _noop, locked: bo
                         rt.pause(spec)
             raise
         netops.instance_down(store, i)
-        store.update_instance(i.id, state=State.SLEEPING, pid=None)
+        store.update_instance(i.id, state=target, pid=None)
         store.event("instance.sleep", "snapshotted to disk", i.tenant, i.pool, i.id)
         return store.instance(ref.tenant, ref.pool, ref.instance)
 
@@ -278,7 +280,7 @@ def wake(store: Store, ref: InstanceRef, progress: Progress = _noop, locked: boo
     """Restore the snapshot in a new hypervisor; re-sync the clock and re-deliver secrets."""
     with _locked(ref.pool_ref, locked):
         i = get(store, ref)
-        transition(i.state, Action.WAKE)
+        target = transition(i.state, Action.WAKE)
         rt = runtime()
         assert i.revision  # a snapshot is tied to the revision it was taken on
         spec = spec_for(store, i, i.revision)
@@ -294,8 +296,7 @@ def wake(store: Store, ref: InstanceRef, progress: Progress = _noop, locked: boo
             steps.run("agent", lambda: agent(rt, spec).wake(fresh_secrets=fresh))
         secrets_disk.remove(i.id)
         _discard_snapshot(i)  # the disks moved on; the snapshot must never be restored again
-        store.update_instance(i.id, state=State.RUNNING, secrets_version=tenant.secrets_version,
-                              error=None)
+        store.update_instance(i.id, state=target, secrets_version=tenant.secrets_version, error=None)
         store.event("instance.wake", "restored from snapshot", i.tenant, i.pool, i.id)
         return store.instance(ref.tenant, ref.pool, ref.instance)
 
@@ -303,9 +304,9 @@ def wake(store: Store, ref: InstanceRef, progress: Progress = _noop, locked: boo
 def stop(store: Store, ref: InstanceRef, progress: Progress = _noop, locked: bool = False) -> Instance:
     with _locked(ref.pool_ref, locked):
         i = get(store, ref)
-        transition(i.state, Action.STOP)
+        target = transition(i.state, Action.STOP)
         _halt(store, i)
-        store.update_instance(i.id, state=State.STOPPED, pid=None)
+        store.update_instance(i.id, state=target, pid=None)
         store.event("instance.stop", "stopped", i.tenant, i.pool, i.id)
         return store.instance(ref.tenant, ref.pool, ref.instance)
 

@@ -34,6 +34,15 @@ STATE: dict[str, object] = {"debug": False}
 _store: Store | None = None
 
 
+def show(info: dict[str, object], json_: bool) -> None:
+    """One object: JSON, or `key: value` lines."""
+    if json_:
+        emit_json(info)
+        return
+    for k, v in output.to_jsonable(info).items():
+        print(f"{k}: {v}")
+
+
 def store() -> Store:
     global _store
     if _store is None:
@@ -157,11 +166,7 @@ def tenant_info(tenant: str, json_: JsonOpt = False) -> None:
                       for s in sorted({i.state.value for i in instances})},
         "secret_keys": tenants.secret_keys(t.id), "secrets_version": t.secrets_version,
     }
-    if json_:
-        emit_json(info)
-        return
-    for k, v in output.to_jsonable(info).items():
-        print(f"{k}: {v}")
+    show(info, json_)
 
 
 @tenant_app.command("destroy")
@@ -250,11 +255,7 @@ def pool_info(pool: str, json_: JsonOpt = False) -> None:
     info["builds"] = store().builds(ref.tenant, ref.pool)[-5:]
     info["instances"] = [{"id": i.id, "state": i.state.value, "revision": i.revision}
                          for i in store().instances(ref.tenant, ref.pool)]
-    if json_:
-        emit_json(info)
-        return
-    for k, v in info.items():
-        print(f"{k}: {v}")
+    show(info, json_)
 
 
 @pool_app.command("build")
@@ -398,11 +399,7 @@ def instance_info(instance: str, json_: JsonOpt = False) -> None:
     info["data_disk"] = str(instances.data_disk_path(i)) if instances.data_disk_path(i).exists() else None
     current = store().pool(i.tenant, i.pool).current
     info["pool_current_revision"] = current
-    if json_:
-        emit_json(info)
-        return
-    for k, v in info.items():
-        print(f"{k}: {v}")
+    show(info, json_)
 
 
 @instance_app.command("create")
