@@ -80,7 +80,10 @@ def test_cache_hit_new_revision_and_reproducible_bytes(mvm: Mvm, flake_copy) -> 
     assert "cache hit" in r.out and current(mvm, "acme/w") == first
     assert manifest.read_bytes() == before and revisions(mvm, "acme/w") == [first.split("/")[-1]]
     sha = json.loads(before)["rootfs_sha256"]
+    crashed = mvm.home / "tenants/acme/pools/w/artifacts/revisions/.tmp-0123456789abcdef-99999"
+    crashed.mkdir()  # what a build killed half-way leaves; the next build sweeps it
     mvm.ok("pool", "build", "acme/w", "--force")
+    assert not crashed.exists()
     assert json.loads(manifest.read_text())["rootfs_sha256"] == sha  # same inputs, same bytes
 
     text = (flake / "flake.nix").read_text()

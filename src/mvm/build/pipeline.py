@@ -119,6 +119,9 @@ def step_pack(ctx: BuildContext) -> None:
 
     revs = paths.revisions_dir(ctx.pool.tenant, ctx.pool.id)
     revs.mkdir(parents=True, exist_ok=True)
+    # We hold the pool's lock: half-written revisions of a build that crashed are garbage.
+    for stale in [*revs.glob(".tmp-*"), *revs.glob(".old-*")]:
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = revs / f".tmp-{ctx.revision}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
