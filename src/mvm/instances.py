@@ -270,7 +270,7 @@ def sleep(store: Store, ref: InstanceRef, progress: Progress = _noop, locked: bo
                     if was_warm:
                         rt.pause(spec)
             raise
-        netops.instance_down(store, i)
+        # The TAP stays (it holds no RAM): a wake then plugs straight back in.
         store.update_instance(i.id, state=target, pid=None)
         store.event("instance.sleep", "snapshotted to disk", i.tenant, i.pool, i.id)
         return store.instance(ref.tenant, ref.pool, ref.instance)
@@ -286,8 +286,7 @@ def wake(store: Store, ref: InstanceRef, progress: Progress = _noop, locked: boo
         spec = spec_for(store, i, i.revision)
         tenant = store.tenant(ref.tenant)
         with Steps(f"wake {i.id}", _timed(progress)) as steps:
-            steps.run("network", lambda: netops.instance_up(store, i))
-            steps.on_undo("network", lambda: netops.instance_down(store, i))
+            steps.run("network", lambda: netops.instance_up(store, i))  # the TAP kept at sleep
             steps.run("secrets", lambda: secrets_disk.build(ref.tenant, i.id))
             steps.on_undo("secrets", lambda: secrets_disk.remove(i.id))
             steps.run("restore", lambda: rt.restore(spec, snapshot_dir(i)))

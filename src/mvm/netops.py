@@ -5,6 +5,9 @@ A pool with `--network none` has no NIC and touches nothing on the host.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from mvm.model import Instance, Pool, State, Tenant
 from mvm.network import plan
 from mvm.runtime.base import NetIf
@@ -57,6 +60,9 @@ def instance_up(store: Store, i: Instance) -> None:
     net = _instance_net(store, i)
     if net is None:
         return
+    master = Path("/sys/class/net") / net.tap / "master"
+    if master.is_symlink() and Path(os.readlink(master)).name == net.bridge:
+        return  # plugged in already (a woken instance keeps its TAP): no netlink round trips
     from mvm.network import host
 
     if net.bridge not in host.links():
@@ -90,7 +96,7 @@ def _expected(store: Store) -> tuple[list[tuple[int, str]], list[tuple[str, str]
             if i.host_index is None:
                 continue
             tenants[t.net_id] = t.subnet
-            if i.state in (State.RUNNING, State.WARM):
+            if i.state in (State.RUNNING, State.WARM, State.SLEEPING):
                 taps.append((plan.tap_name(i.id), plan.bridge_name(t.net_id)))
     return sorted(tenants.items()), taps
 
