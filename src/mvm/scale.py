@@ -9,15 +9,20 @@ first. `mvm instance destroy` removes one for good.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from mvm import instances
-from mvm.errors import InvalidInput, NotFound, QuotaExceeded
+from mvm.errors import InvalidInput, MvmError, NotFound, QuotaExceeded
 from mvm.model import Instance, PoolRef, State
 from mvm.store import Store, pool_lock, tenant_lock
 
 Report = Callable[[str], None]
+# Boots and wakes run side by side, one per core (under TCG a boot keeps one core busy).
+WORKERS = max(1, min(8, os.cpu_count() or 1))
 
 # For each target state, which current states may fill its slot, cheapest first.
 PREFERENCE: dict[State, tuple[State, ...]] = {
@@ -141,16 +146,39 @@ def scale(store: Store, ref: PoolRef, running: int, warm: int, sleeping: int,
         p = plan(current, running, warm, sleeping)
         if not p.actions():
             report(f"{ref}: already at running={running} warm={warm} sleeping={sleeping}")
+        moves = []
         for inst, target in p.moves:
-            if inst is None:
+            if inst is None:  # created one by one: addresses are allocated in order
                 inst = instances.create(store, ref, locked=True)
                 report(f"{inst.id}: created")
-            if inst.state is target:
-                continue
-            for op in PATHS[(inst.state, target)]:
-                OPS[op](store, inst.ref, progress, locked=True)
-                report(f"{inst.id}: {op} (now {_after(op).value})")
+            if inst.state is not target:
+                moves.append((inst, target))
+        # What frees resources goes first, one by one; boots and wakes then run side by side.
+        freeing = [m for m in moves if PATHS[(m[0].state, m[1])][0] in ("stop", "sleep")]
+        errors = [_converge(store.path, inst, target, report, progress) for inst, target in freeing]
+        rest = [m for m in moves if m not in freeing]
+        with ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="scale") as pool_:
+            errors += pool_.map(lambda m: _converge(store.path, m[0], m[1], report, progress), rest)
+        failed = [e for e in errors if e is not None]
+        if failed:
+            raise failed[0]
         return instances.list_instances(store, ref.tenant, ref.pool)
+
+
+def _converge(db: Path, inst: Instance, target: State, report: Report,
+              progress: instances.Progress) -> MvmError | None:
+    """Take one instance to its target state; its own store connection (one per thread)."""
+    store = Store(db)
+    try:
+        for op in PATHS[(inst.state, target)]:
+            OPS[op](store, inst.ref, lambda step, msg: progress(f"{inst.id} {step}", msg), locked=True)
+            report(f"{inst.id}: {op} (now {_after(op).value})")
+        return None
+    except MvmError as e:
+        report(f"{inst.id}: failed: {e.line()}")
+        return e
+    finally:
+        store.close()
 
 
 def _after(op: str) -> State:
