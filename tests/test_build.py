@@ -163,3 +163,20 @@ def test_builtin_profiles_without_flake(mvm: Mvm) -> None:
         assert chroot(root, "/bin/busybox", "echo", "ok").stdout == "ok\n"
     r = mvm("pool", "create", "acme/x", "--profile", "nope")
     assert r.rc != 0 and len(r.lines) == 1
+
+
+def test_profile_that_ships_a_kernel_uses_it(mvm: Mvm, flake_copy) -> None:  # type: ignore[no-untyped-def]
+    flake = flake_copy("guide-flake")
+    kernel = Path(os.environ.get("MVM_ASSETS_HOME", "/var/lib/mvm")) / "kernel"
+    # (an impure copy of mvm's own kernel, under another name: the builder reads the host)
+    own = (f'      withkernel = pkgs.buildEnv {{ name = "with-kernel"; paths = [ pkgs.busybox (derivation {{'
+           f' name = "k"; system = "x86_64-linux"; builder = "/bin/sh"; args = [ "-c"'
+           f' "/bin/mkdir $out; /bin/cp {kernel}/vmlinux {kernel}/initrd $out/" ]; }}) ]; }};\n')
+    text = (flake / "flake.nix").read_text()
+    (flake / "flake.nix").write_text(text.replace("      python = pkgs.buildEnv", own + "      python = pkgs.buildEnv"))
+    mvm.ok("tenant", "create", "acme")
+    mvm.ok("pool", "create", "acme/k", "--flake", str(flake), "--profile", "withkernel")
+    r = mvm.ok("pool", "build", "acme/k")
+    assert "kernel: profile" in r.err
+    manifest = json.loads((rootfs(mvm, "acme/k").parent / "manifest.json").read_text())
+    assert manifest["kernel"]["source"] == "profile" and manifest["initrd"] is True

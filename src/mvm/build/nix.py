@@ -108,8 +108,16 @@ def closure(out_path: str) -> list[str]:
 
 
 def _nix_error(e: CommandFailed) -> str:
-    # Our own override flag's warning is noise in the user's error; Nix's error is what matters.
-    lines = [ln for ln in e.stderr.strip().splitlines()
-             if not ln.startswith("warning: the flag '--override-input")]
-    text = "\n".join(lines).strip()
+    """Nix's own error with the builder's log lines, without Nix's warnings (about our
+    --override-input or the lock file we do not write: noise to the user)."""
+    kept, in_warning = [], False
+    for ln in e.stderr.strip().splitlines():
+        if ln.startswith("warning:"):
+            in_warning = True
+            continue
+        if in_warning and (ln[:1].isspace() or ln.startswith(("•", "…"))):
+            continue
+        in_warning = False
+        kept.append(ln)
+    text = "\n".join(kept).strip()
     return text if text else e.message
