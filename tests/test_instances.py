@@ -245,3 +245,20 @@ def test_destroy_keep_data_and_secret_rotation(gmvm: Mvm, flake_copy, tmp_path: 
     assert instances_by_state(gmvm, "acme/workers") == {}
     t, p, i = sleeping.split("/")
     assert not (gmvm.home / f"tenants/{t}/pools/{p}/instances/{i}").exists()
+
+
+def test_single_instance_commands_respect_quotas(gmvm: Mvm, flake_copy, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    gmvm.ok("tenant", "create", "acme", "--max-running", "1", "--max-warm", "0")
+    gmvm.ok("pool", "create", "acme/w", "--flake", str(flake_copy("app-flake")), "--profile", "baseline")
+    gmvm.ok("pool", "build", "acme/w")
+    a = gmvm.ok("instance", "create", "acme/w").out.strip()
+    b = gmvm.ok("instance", "create", "acme/w").out.strip()
+    gmvm.ok("instance", "start", a)
+    before = instances_by_state(gmvm, "acme/w")
+    for args in (("instance", "start", b), ("instance", "warm", a)):
+        r = gmvm(*args)
+        assert r.rc != 0 and len(r.lines) == 1 and "quota" in r.err, r.err
+        assert instances_by_state(gmvm, "acme/w") == before
+    gmvm.ok("instance", "stop", b)
+    gmvm.ok("instance", "stop", b)  # stopping a stopped instance is fine: nothing of it runs
+    assert instances_by_state(gmvm, "acme/w") == {"running": [a], "stopped": [b]}

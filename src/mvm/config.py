@@ -27,7 +27,6 @@ SETTINGS: dict[str, Setting] = {
         ),
         Setting("accel", "auto", "QEMU accelerator: auto (probe KVM speed), kvm or tcg"),
         Setting("backend", "qemu", "runtime backend: qemu or firecracker"),
-        Setting("kernel", "", "default guest kernel dir (empty: MVM_HOME/kernel)"),
     )
 }
 

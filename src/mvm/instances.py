@@ -11,11 +11,11 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
-from mvm import disks, netops, paths, secrets_disk
-from mvm.errors import GuestError, IllegalTransition, MvmError, NotFound, RuntimeFailure
+from mvm import disks, netops, paths, quota, secrets_disk
+from mvm.errors import Conflict, GuestError, IllegalTransition, MvmError, NotFound, RuntimeFailure
+from mvm.guest.agent_client import ExecResult
 from mvm.model import (
     Action,
     Instance,
@@ -27,7 +27,7 @@ from mvm.model import (
     transition,
 )
 from mvm.runtime.base import Disk, Runtime, Steps, VmSpec, VmStatus
-from mvm.store import Store, pool_lock
+from mvm.store import Store, pool_lock, tenant_lock
 
 Progress = Callable[[str, str], None]
 AGENT_READY_TIMEOUT = 120.0
@@ -116,7 +116,10 @@ def refresh(store: Store, i: Instance, rt: Runtime | None = None) -> Instance:
         spec = spec_for(store, i, i.revision)
     except MvmError:
         return i
-    status = rt.status(spec)
+    try:
+        status = rt.status(spec)
+    except RuntimeFailure:
+        return i  # alive but not answering: its state is unknown, keep what we know
     if status is VmStatus.GONE:
         rt.stop(spec, 0)  # removes stale sockets and pid file
         netops.instance_down(store, i)
@@ -133,37 +136,62 @@ def refresh(store: Store, i: Instance, rt: Runtime | None = None) -> Instance:
     return store.instance(i.tenant, i.pool, i.id)
 
 
-def list_instances(store: Store, tenant: str | None = None, pool: str | None = None) -> list[Instance]:
+def list_instances(store: Store, tenant: str | None = None, pool: str | None = None,
+                   locked: bool = False) -> list[Instance]:
+    """Instances with their observed state. `locked`: the caller holds the pool's lock."""
     rt = None
     out = []
     for i in store.instances(tenant, pool):
         if i.state.is_live():
             rt = rt or runtime()
-            i = refresh(store, i, rt)
+            if locked:
+                i = refresh(store, i, rt)
+            else:
+                try:  # a command at work on the pool owns its states: don't correct under it
+                    with pool_lock(i.tenant, i.pool, timeout=0):
+                        i = refresh(store, i, rt)
+                except Conflict:
+                    pass
         out.append(i)
     return out
 
 
-def get(store: Store, ref: InstanceRef) -> Instance:
-    return refresh(store, store.instance(ref.tenant, ref.pool, ref.instance))
+def get(store: Store, ref: InstanceRef, locked: bool = False) -> Instance:
+    """One instance with its observed state. `locked`: the caller holds the pool's lock."""
+    i = store.instance(ref.tenant, ref.pool, ref.instance)
+    if locked:
+        return refresh(store, i)
+    try:
+        with pool_lock(ref.tenant, ref.pool, timeout=0):
+            return refresh(store, i)
+    except Conflict:
+        return i
 
 
 # -- transitions --------------------------------------------------------------------
 
 @contextmanager
 def _locked(ref: PoolRef, locked: bool) -> Iterator[None]:
+    """`locked`: the caller (pool scale, secrets rotation) holds the tenant's and the pool's
+    locks and has checked quotas for the end state. Otherwise take both here: the tenant's
+    for quotas and addresses, the pool's for its instances."""
     if locked:
         yield
     else:
-        with pool_lock(ref.tenant, ref.pool):
+        with tenant_lock(ref.tenant), pool_lock(ref.tenant, ref.pool):
             yield
+
+
+def _check_quota(store: Store, i: Instance, target: State, locked: bool) -> None:
+    if not locked:  # (pool scale checked its end state; its steps may pass through more)
+        quota.check_transition(store, i, target)
 
 
 def create(store: Store, ref: PoolRef, locked: bool = False) -> Instance:
     """A new instance in state `created`: an ID, an address, and its data disk."""
     pool = store.pool(ref.tenant, ref.pool)
     tenant = store.tenant(ref.tenant)
-    with _locked(ref, locked):
+    with _locked(ref, locked):  # the tenant's lock: its addresses are allocated here
         if len(store.instances(ref.tenant, ref.pool)) >= tenant.quotas.max_instances:
             from mvm.errors import QuotaExceeded
 
@@ -185,15 +213,18 @@ def create(store: Store, ref: PoolRef, locked: bool = False) -> Instance:
         return i
 
 
-def start(store: Store, ref: InstanceRef, progress: Progress = _noop, locked: bool = False) -> Instance:
+def start(store: Store, ref: InstanceRef, progress: Progress = _noop, locked: bool = False,
+          revision: str | None = None) -> Instance:
+    """Cold boot. A (re)start boots the pool's current revision unless told which."""
     with _locked(ref.pool_ref, locked):
-        i = get(store, ref)
+        i = get(store, ref, locked=True)
         target = transition(i.state, Action.START)
+        _check_quota(store, i, target, locked)
         pool = store.pool(ref.tenant, ref.pool)
-        if not pool.current:
+        revision = revision or pool.current
+        if not revision:
             raise NotFound(f"pool {ref.pool_ref} has no built revision",
                            f"run `mvm pool build {ref.pool_ref}` first")
-        revision = pool.current  # a (re)start boots the pool's current revision
         rt = runtime()
         tenant = store.tenant(ref.tenant)
         i = _with(i, revision=revision)
@@ -225,8 +256,9 @@ def resume(store: Store, ref: InstanceRef, progress: Progress = _noop, locked: b
 def _set_vcpus(store: Store, ref: InstanceRef, action: Action, locked: bool) -> Instance:
     """warm (pause the vCPUs, RAM stays) and resume: one QMP/API call, no guest involvement."""
     with _locked(ref.pool_ref, locked):
-        i = get(store, ref)
+        i = get(store, ref, locked=True)
         target = transition(i.state, action)
+        _check_quota(store, i, target, locked)
         assert i.revision
         spec = spec_for(store, i, i.revision)
         rt = runtime()
@@ -243,7 +275,7 @@ def _set_vcpus(store: Store, ref: InstanceRef, action: Action, locked: bool) -> 
 def sleep(store: Store, ref: InstanceRef, progress: Progress = _noop, locked: bool = False) -> Instance:
     """Sync the guest, snapshot memory + devices to disk, end the hypervisor (RAM freed)."""
     with _locked(ref.pool_ref, locked):
-        i = get(store, ref)
+        i = get(store, ref, locked=True)
         target = transition(i.state, Action.SLEEP)
         rt = runtime()
         assert i.revision
@@ -254,12 +286,8 @@ def sleep(store: Store, ref: InstanceRef, progress: Progress = _noop, locked: bo
         ag = agent(rt, spec)
         try:
             ag.sleep_prep()
-            snap = snapshot_dir(i)
-            if snap.exists():
-                shutil.rmtree(snap)
-            snap.mkdir(parents=True)
             t0 = time.monotonic()
-            rt.snapshot(spec, snap)
+            rt.snapshot(spec, snapshot_dir(i))
             progress("snapshot", f"{time.monotonic() - t0:.2f}s")
         except BaseException:
             # A failed sleep leaves the instance as it was: running (or warm), never lost.
@@ -279,20 +307,29 @@ def sleep(store: Store, ref: InstanceRef, progress: Progress = _noop, locked: bo
 def wake(store: Store, ref: InstanceRef, progress: Progress = _noop, locked: bool = False) -> Instance:
     """Restore the snapshot in a new hypervisor; re-sync the clock and re-deliver secrets."""
     with _locked(ref.pool_ref, locked):
-        i = get(store, ref)
+        i = get(store, ref, locked=True)
         target = transition(i.state, Action.WAKE)
+        _check_quota(store, i, target, locked)
         rt = runtime()
         assert i.revision  # a snapshot is tied to the revision it was taken on
         spec = spec_for(store, i, i.revision)
         tenant = store.tenant(ref.tenant)
-        with Steps(f"wake {i.id}", _timed(progress)) as steps:
-            steps.run("network", lambda: netops.instance_up(store, i))  # the TAP kept at sleep
-            steps.run("secrets", lambda: secrets_disk.build(ref.tenant, i.id))
-            steps.on_undo("secrets", lambda: secrets_disk.remove(i.id))
-            steps.run("restore", lambda: rt.restore(spec, snapshot_dir(i)))
-            steps.on_undo("restore", lambda: rt.stop(spec, 0))
-            fresh = i.secrets_version != tenant.secrets_version
-            steps.run("agent", lambda: agent(rt, spec).wake(fresh_secrets=fresh))
+        restored = False
+
+        def restore() -> None:
+            nonlocal restored
+            rt.restore(spec, snapshot_dir(i))
+            restored = True
+
+        try:
+            _wake_steps(store, i, spec, rt, restore, tenant.secrets_version, progress)
+        except BaseException as e:
+            if restored:
+                # The guest ran after the restore and may have written to its disks: the
+                # snapshot no longer matches them and must never be restored again.
+                _discard_snapshot(i)
+                store.update_instance(i.id, state=State.FAILED, error=f"wake failed: {e}")
+            raise
         secrets_disk.remove(i.id)
         _discard_snapshot(i)  # the disks moved on; the snapshot must never be restored again
         store.update_instance(i.id, state=target, secrets_version=tenant.secrets_version, error=None)
@@ -300,9 +337,21 @@ def wake(store: Store, ref: InstanceRef, progress: Progress = _noop, locked: boo
         return store.instance(ref.tenant, ref.pool, ref.instance)
 
 
+def _wake_steps(store: Store, i: Instance, spec: VmSpec, rt: Runtime, restore: Callable[[], None],
+                secrets_version: int, progress: Progress) -> None:
+    with Steps(f"wake {i.id}", _timed(progress)) as steps:
+        steps.run("network", lambda: netops.instance_up(store, i))  # the TAP kept at sleep
+        steps.run("secrets", lambda: secrets_disk.build(i.tenant, i.id))
+        steps.on_undo("secrets", lambda: secrets_disk.remove(i.id))
+        steps.run("restore", restore)
+        steps.on_undo("restore", lambda: rt.stop(spec, 0))
+        fresh = i.secrets_version != secrets_version
+        steps.run("agent", lambda: agent(rt, spec).wake(fresh_secrets=fresh))
+
+
 def stop(store: Store, ref: InstanceRef, progress: Progress = _noop, locked: bool = False) -> Instance:
     with _locked(ref.pool_ref, locked):
-        i = get(store, ref)
+        i = get(store, ref, locked=True)
         target = transition(i.state, Action.STOP)
         _halt(store, i)
         store.update_instance(i.id, state=target, pid=None)
@@ -316,15 +365,15 @@ def destroy(store: Store, ref: InstanceRef, keep_data: bool = False, locked: boo
         i = store.instance(ref.tenant, ref.pool, ref.instance)
         transition(i.state, Action.DESTROY)
         _halt(store, i)
-        d = instance_dir(i)
+        netops.release(store, i)
         kept = None
         if keep_data and data_disk_path(i).exists():
-            kept = paths.pool_dir(i.tenant, i.pool) / "kept-data" / f"{i.id}.ext4"
+            # outside the pool: a later `pool destroy` must not take what the user kept
+            kept = paths.tenant_dir(i.tenant) / "kept-data" / f"{i.pool}-{i.id}.ext4"
             kept.parent.mkdir(parents=True, exist_ok=True)
             data_disk_path(i).rename(kept)
-        shutil.rmtree(d, ignore_errors=True)
+        shutil.rmtree(instance_dir(i), ignore_errors=True)
         shutil.rmtree(paths.runtime_dir() / i.id, ignore_errors=True)
-        netops.release(store, i)
         store.remove_instance(i.id)
         store.event("instance.destroy", f"destroyed{' (data kept)' if kept else ''}",
                     i.tenant, i.pool, i.id)
@@ -360,15 +409,8 @@ def _discard_snapshot(i: Instance) -> None:
     shutil.rmtree(snapshot_dir(i), ignore_errors=True)
 
 
-@dataclass(frozen=True)
-class ExecResult:
-    exit_code: int
-    stdout: bytes
-    stderr: bytes
-    timed_out: bool
-
-
 def exec_(store: Store, ref: InstanceRef, argv: list[str], timeout: float = 60.0) -> ExecResult:
+
     i = get(store, ref)
     if i.state is not State.RUNNING:
         hint = {State.WARM: f"resume it first: `mvm instance resume {ref}`",
@@ -377,13 +419,13 @@ def exec_(store: Store, ref: InstanceRef, argv: list[str], timeout: float = 60.0
         raise IllegalTransition(f"cannot exec in {ref}: it is {i.state.value}", hint)
     assert i.revision
     rt = runtime()
-    r = agent(rt, spec_for(store, i, i.revision)).exec(argv, timeout)
-    return ExecResult(r.exit_code, r.stdout, r.stderr, r.timed_out)
+    result: ExecResult = agent(rt, spec_for(store, i, i.revision)).exec(argv, timeout)
+    return result
 
 
 def console(store: Store, ref: InstanceRef) -> bytes:
     i = store.instance(ref.tenant, ref.pool, ref.instance)
-    log = paths.runtime_dir() / i.id / "console.log"
+    log = runtime().console_log(spec_for(store, i, i.revision)) if i.revision else Path("/nonexistent")
     try:
         return log.read_bytes()
     except FileNotFoundError:
@@ -391,18 +433,26 @@ def console(store: Store, ref: InstanceRef) -> bytes:
 
 
 def redeliver_secrets(store: Store, tenant: str, progress: Progress = _noop) -> list[str]:
-    """Restart running/warm instances holding old secrets; sleeping ones get them at wake."""
+    """Restart running/warm instances holding old secrets, each on the revision it runs;
+    sleeping ones get the new secrets at wake. Returns what was restarted; a failure of one
+    is reported and the others still go."""
     t = store.tenant(tenant)
-    done = []
+    done, failed = [], []
     for i in store.instances(tenant):
         if i.state in (State.RUNNING, State.WARM) and i.secrets_version < t.secrets_version:
-            with pool_lock(i.tenant, i.pool):
-                was_warm = i.state is State.WARM
-                stop(store, i.ref, progress, locked=True)
-                start(store, i.ref, progress, locked=True)
-                if was_warm:
-                    warm(store, i.ref, progress, locked=True)
-            done.append(str(i.ref))
+            try:
+                with tenant_lock(i.tenant), pool_lock(i.tenant, i.pool):
+                    was_warm = i.state is State.WARM
+                    stop(store, i.ref, progress, locked=True)
+                    start(store, i.ref, progress, locked=True, revision=i.revision)
+                    if was_warm:
+                        warm(store, i.ref, progress, locked=True)
+                done.append(str(i.ref))
+            except MvmError as e:
+                progress(str(i.ref), f"failed: {e.line()}")
+                failed.append(e)
+    if failed:
+        raise failed[0]
     return done
 
 

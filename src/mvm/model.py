@@ -148,8 +148,6 @@ class State(StrEnum):
         """A hypervisor process exists for the instance."""
         return self in (State.RUNNING, State.WARM)
 
-    def holds_ram(self) -> bool:
-        return self in (State.RUNNING, State.WARM)
 
 
 class Action(StrEnum):
@@ -169,8 +167,9 @@ TRANSITIONS: dict[Action, tuple[frozenset[State], State]] = {
     Action.RESUME: (frozenset({State.WARM}), State.RUNNING),
     Action.SLEEP: (frozenset({State.RUNNING, State.WARM}), State.SLEEPING),
     Action.WAKE: (frozenset({State.SLEEPING}), State.RUNNING),
+    # (stopping a stopped instance is allowed: it makes sure nothing of it runs)
     Action.STOP: (
-        frozenset({State.RUNNING, State.WARM, State.SLEEPING, State.FAILED, State.CREATED}),
+        frozenset({State.RUNNING, State.WARM, State.SLEEPING, State.FAILED, State.CREATED, State.STOPPED}),
         State.STOPPED,
     ),
     Action.DESTROY: (frozenset(set(State) - {State.DESTROYED}), State.DESTROYED),

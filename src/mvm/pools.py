@@ -32,11 +32,11 @@ def create(store: Store, ref: PoolRef, flake: str | None, profile: str, cpus: in
         raise InvalidInput(f"--cpus must be between 1 and {MAX_CPUS} (got {cpus})")
     if mem < MIN_MEM_MIB or mem > MAX_MEM_MIB:
         raise InvalidInput(f"--mem must be between {MIN_MEM_MIB} and {MAX_MEM_MIB} MiB (got {mem})")
+    if data_disk < 0:
+        raise InvalidInput(f"--data-disk must not be negative (got {data_disk})")
     if data_disk and data_disk < MIN_DATA_DISK_MIB:
         raise InvalidInput(f"--data-disk must be 0 (none) or at least {MIN_DATA_DISK_MIB} MiB"
                            f" (got {data_disk})")
-    if data_disk < 0:
-        raise InvalidInput(f"--data-disk must not be negative (got {data_disk})")
     if network not in NETWORK_MODES:
         raise InvalidInput(f"--network must be one of {', '.join(NETWORK_MODES)} (got {network!r})")
     q = tenant.quotas

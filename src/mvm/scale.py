@@ -15,8 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mvm import instances
-from mvm.errors import InvalidInput, MvmError, NotFound, QuotaExceeded
+from mvm import instances, quota
+from mvm.errors import InvalidInput, MvmError, NotFound
 from mvm.model import Instance, PoolRef, State
 from mvm.store import Store, pool_lock, tenant_lock
 
@@ -95,41 +95,6 @@ def plan(current: list[Instance], running: int, warm: int, sleeping: int) -> Pla
     return p
 
 
-def check_quotas(store: Store, ref: PoolRef, running: int, warm: int, sleeping: int) -> None:
-    t = store.tenant(ref.tenant)
-    pool = store.pool(ref.tenant, ref.pool)
-    q = t.quotas
-    tot = {"running": running, "warm": warm, "vcpus": running * pool.cpus,
-           "mem": (running + warm) * pool.mem}
-    for other in store.pools(ref.tenant):
-        if other.id == ref.pool:
-            continue
-        for i in store.instances(ref.tenant, other.id):
-            if i.state is State.RUNNING:
-                tot["running"] += 1
-                tot["vcpus"] += other.cpus
-            if i.state is State.WARM:
-                tot["warm"] += 1
-            if i.state.holds_ram():
-                tot["mem"] += other.mem
-    problems = []
-    if tot["running"] > q.max_running:
-        problems.append(f"{tot['running']} running > max-running {q.max_running}")
-    if tot["warm"] > q.max_warm:
-        problems.append(f"{tot['warm']} warm > max-warm {q.max_warm}")
-    if tot["vcpus"] > q.max_vcpus:
-        problems.append(f"{tot['vcpus']} vCPUs running > max-vcpus {q.max_vcpus}")
-    if tot["mem"] > q.max_mem:
-        problems.append(f"{tot['mem']} MiB in running+warm instances > max-mem {q.max_mem}")
-    total = running + warm + sleeping
-    if total > q.max_instances:
-        problems.append(f"{total} instances > max-instances {q.max_instances}")
-    if problems:
-        raise QuotaExceeded(f"scaling {ref} would exceed tenant {t.id}'s quota: "
-                            + "; ".join(problems), "nothing was changed; lower the counts or"
-                            " raise the quota")
-
-
 def scale(store: Store, ref: PoolRef, running: int, warm: int, sleeping: int,
           report: Report = lambda s: None,
           progress: instances.Progress = instances._noop) -> list[Instance]:
@@ -140,12 +105,13 @@ def scale(store: Store, ref: PoolRef, running: int, warm: int, sleeping: int,
     if not pool.current and running + warm + sleeping > 0:
         raise NotFound(f"pool {ref} has no built revision", f"run `mvm pool build {ref}` first")
     with tenant_lock(ref.tenant), pool_lock(ref.tenant, ref.pool):
-        check_quotas(store, ref, running, warm, sleeping)
+        quota.check(store, ref, running, warm, sleeping)
         store.set_pool_desired(ref.tenant, ref.pool, running, warm, sleeping)
-        current = instances.list_instances(store, ref.tenant, ref.pool)
+        current = instances.list_instances(store, ref.tenant, ref.pool, locked=True)
         p = plan(current, running, warm, sleeping)
         if not p.actions():
             report(f"{ref}: already at running={running} warm={warm} sleeping={sleeping}")
+        instances.runtime()  # once: a KVM probe, if due, runs here and not in every worker
         moves = []
         for inst, target in p.moves:
             if inst is None:  # created one by one: addresses are allocated in order
@@ -162,7 +128,7 @@ def scale(store: Store, ref: PoolRef, running: int, warm: int, sleeping: int,
         failed = [e for e in errors if e is not None]
         if failed:
             raise failed[0]
-        return instances.list_instances(store, ref.tenant, ref.pool)
+        return instances.list_instances(store, ref.tenant, ref.pool, locked=True)
 
 
 def _converge(db: Path, inst: Instance, target: State, report: Report,

@@ -42,6 +42,8 @@ CREATE TABLE IF NOT EXISTS instances (
   revision TEXT, host_index INTEGER, ip TEXT, mac TEXT,
   secrets_version INTEGER NOT NULL DEFAULT 0, pid INTEGER, created REAL NOT NULL,
   updated REAL NOT NULL, error TEXT);
+CREATE UNIQUE INDEX IF NOT EXISTS instance_address ON instances(tenant, host_index)
+  WHERE host_index IS NOT NULL;
 CREATE TABLE IF NOT EXISTS events (
   id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, tenant TEXT, pool TEXT,
   instance TEXT, kind TEXT NOT NULL, message TEXT NOT NULL);
@@ -191,11 +193,15 @@ class Store:
     # -- instances -------------------------------------------------------
     def add_instance(self, i: Instance) -> None:
         now = time.time()
-        with self.tx() as db:
-            db.execute(
-                "INSERT INTO instances VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (i.id, i.tenant, i.pool, i.state.value, i.revision, i.host_index, i.ip, i.mac,
-                 i.secrets_version, i.pid, now, now, i.error))
+        try:
+            with self.tx() as db:
+                db.execute(
+                    "INSERT INTO instances VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    (i.id, i.tenant, i.pool, i.state.value, i.revision, i.host_index, i.ip, i.mac,
+                     i.secrets_version, i.pid, now, now, i.error))
+        except sqlite3.IntegrityError as e:  # the address (or ID) is taken: never two alike
+            raise Conflict(f"instance {i.id} of tenant {i.tenant} clashes with another ({e})",
+                           "retry the command") from e
 
     def instances(self, tenant: str | None = None, pool: str | None = None) -> list[Instance]:
         q, args = "SELECT * FROM instances", []
@@ -270,8 +276,8 @@ def lock(name: str, timeout: float = 600.0) -> Iterator[None]:
         f.close()
 
 
-def pool_lock(tenant: str, pool: str) -> contextlib.AbstractContextManager[None]:
-    return lock(f"pool-{tenant}--{pool}")
+def pool_lock(tenant: str, pool: str, timeout: float = 600.0) -> contextlib.AbstractContextManager[None]:
+    return lock(f"pool-{tenant}--{pool}", timeout)
 
 
 def tenant_lock(tenant: str) -> contextlib.AbstractContextManager[None]:

@@ -11,7 +11,6 @@ BusyBox → same bytes.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import json
 import os
@@ -26,6 +25,7 @@ from pathlib import Path
 from mvm import proc
 from mvm.errors import BuildFailed, CommandFailed, HostUnsupported
 from mvm.guest.layout import static_busybox
+from mvm.hashing import file_sha256
 
 METAPACKAGE = "linux-image-cloud-amd64"
 # Bump when the initrd layout or /init changes, so installed kernels are rebuilt.
@@ -78,7 +78,7 @@ class KernelInfo:
 def install_default_kernel(dest: Path) -> KernelInfo:
     """Install vmlinux, initrd and manifest.json into dest; skip when already current."""
     package, version = resolve_package()
-    busybox_sha = _sha256_file(static_busybox())
+    busybox_sha = file_sha256(static_busybox())
     current = _installed(dest, package, version, busybox_sha)
     if current is not None:
         return current
@@ -103,8 +103,8 @@ def install_default_kernel(dest: Path) -> KernelInfo:
             kernel_version=kver,
             package=package,
             package_version=version,
-            vmlinux_sha256=_sha256_file(vmlinux),
-            initrd_sha256=_sha256_file(initrd),
+            vmlinux_sha256=file_sha256(vmlinux),
+            initrd_sha256=file_sha256(initrd),
             modules=tuple(m for m, _ in modules),
         )
         manifest = tmp / "manifest.json"
@@ -461,14 +461,6 @@ def _kernel_version(root: Path) -> str:
     raise KernelInstallFailed("the kernel package has no boot/vmlinuz-* with matching modules")
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _manifest_dict(info: KernelInfo, busybox_sha: str) -> dict[str, object]:
     return {
         "builder": BUILDER_VERSION,
@@ -510,8 +502,8 @@ def _installed(dest: Path, package: str, version: str, busybox_sha: str) -> Kern
             or info.package_version != version or data.get("busybox_sha256") != busybox_sha):
         return None
     try:
-        if (_sha256_file(info.vmlinux) != info.vmlinux_sha256
-                or _sha256_file(info.initrd) != info.initrd_sha256):
+        if (file_sha256(info.vmlinux) != info.vmlinux_sha256
+                or file_sha256(info.initrd) != info.initrd_sha256):
             return None
     except OSError:
         return None

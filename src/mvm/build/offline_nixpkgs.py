@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import fnmatch
 import glob
-import hashlib
 import json
 import os
 import re
@@ -34,6 +33,7 @@ from pathlib import Path
 
 from mvm import proc
 from mvm.errors import CommandFailed, HostUnsupported, InvalidInput, MvmError
+from mvm.hashing import file_sha256
 
 # apt packages whose files the set copies (and `libc-bin` for `ldd`, `dpkg` for dpkg-query).
 DEBIAN_PACKAGES: tuple[str, ...] = (
@@ -225,7 +225,7 @@ def _resolve(name: str, spec: _Spec, versions: dict[str, str]) -> dict[str, obje
         if os.path.isfile(path) and (not pkgs or path.startswith("/etc/")):
             # made by a maintainer script (the CA bundle) or an admin-editable conffile:
             # its package version does not determine it, so pin its content
-            unowned[path] = _sha256(path)
+            unowned[path] = file_sha256(path)
         elif not pkgs:
             raise OfflineNixpkgsError(f"{name}: {path} belongs to no Debian package",
                                       f"remove it, or reinstall {spec.main}")
@@ -346,14 +346,6 @@ def _store_version(deb_version: str) -> str:
     v = deb_version.split(":", 1)[-1]
     v = v.rsplit("-", 1)[0] if "-" in v else v
     return _NAME_OK.sub("_", v)
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # --- writing the flake ---------------------------------------------------------------------

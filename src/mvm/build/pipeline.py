@@ -19,6 +19,8 @@ from typing import Any
 from mvm import paths
 from mvm.build import nix, rootfs
 from mvm.errors import BuildFailed, HostUnsupported, MvmError
+from mvm.guest.layout import static_busybox
+from mvm.hashing import file_sha256
 from mvm.model import Pool, Revision
 
 Progress = Callable[[str, str], None]  # (step, message)
@@ -51,14 +53,6 @@ def guest_files_hash() -> str:
     return h.hexdigest()
 
 
-def file_sha256(p: Path) -> str:
-    h = hashlib.sha256()
-    with p.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 # -- steps -------------------------------------------------------------------
 
 def step_nix_build(ctx: BuildContext) -> None:
@@ -84,7 +78,7 @@ def step_kernel(ctx: BuildContext) -> None:
             ctx.kernel_source = "profile"
             break
     else:
-        kdir = Path(os.environ.get("MVM_KERNEL_DIR") or paths.kernel_dir())
+        kdir = paths.kernel_dir()
         if not (kdir / "vmlinux").is_file():
             raise HostUnsupported(f"the default guest kernel is missing ({kdir}/vmlinux)",
                                   "run `mvm setup` (or `make demo`) to install it")
@@ -102,6 +96,8 @@ def step_revision(ctx: BuildContext) -> None:
         file_sha256(ctx.kernel),
         file_sha256(ctx.initrd) if ctx.initrd else "",
         guest_files_hash(),
+        file_sha256(static_busybox()),  # copied into every image as /mvm/busybox
+        rootfs.mkfs_version(),
         rootfs.PACKER_VERSION,
     ):
         h.update(part.encode() + b"\0")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import shutil
 import uuid
@@ -85,6 +86,12 @@ def _normalize(staging: Path) -> None:
             os.utime(here / name, (FIXED_MTIME, FIXED_MTIME), follow_symlinks=False)
     for d in (store, store.parent, staging):
         os.utime(d, (FIXED_MTIME, FIXED_MTIME))
+
+
+@functools.cache
+def mkfs_version() -> str:
+    """The packer's own version is part of what determines an image's bytes."""
+    return proc.run(["mkfs.ext4", "-V"], timeout=10).stderr.decode().splitlines()[0].strip()
 
 
 def tree_size(root: Path) -> tuple[int, int]:

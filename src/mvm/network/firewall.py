@@ -199,8 +199,8 @@ def read() -> Installed | None:
     try:
         text = proc.output(["nft", "-j", "list", "table", FAMILY, TABLE], timeout=NFT_TIMEOUT)
     except CommandFailed as e:
-        if "No such file or directory" in e.stderr:
-            return None
+        if "No such file or directory" in e.stderr or e.returncode == 127:
+            return None  # no table, or no nft at all: nothing of mvm's is installed
         raise
     state = Installed()
     for obj in json.loads(text)["nftables"]:
