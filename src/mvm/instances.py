@@ -20,7 +20,6 @@ from mvm.model import (
     Action,
     Instance,
     InstanceRef,
-    Pool,
     PoolRef,
     State,
     new_instance_id,
@@ -92,14 +91,14 @@ def spec_for(store: Store, i: Instance, revision: str) -> VmSpec:
     return VmSpec(
         name=i.id, vcpus=pool.cpus, mem_mib=pool.mem, kernel=rdir / "vmlinux",
         initrd=initrd if initrd.is_file() else None,
-        cmdline=" ".join(_cmdline(store, i, pool)), disks=tuple(devs),
-        net=netops.netif(store, i, pool), run_dir=run_dir(i),
+        cmdline=" ".join(_cmdline(store, i)), disks=tuple(devs),
+        net=netops.netif(store, i), run_dir=run_dir(i),
     )
 
 
-def _cmdline(store: Store, i: Instance, pool: Pool) -> list[str]:
+def _cmdline(store: Store, i: Instance) -> list[str]:
     args = ["root=/dev/vda", "ro", f"mvm.hostname={i.id}"]
-    ip = netops.kernel_ip_arg(store, i, pool)
+    ip = netops.kernel_ip_arg(store, i)
     if ip:
         args.append(ip)
     return args

@@ -35,12 +35,12 @@ def _instance_net(store: Store, i: Instance) -> plan.InstanceNet | None:
     return plan.instance_net(t.net_id, t.subnet, i.id, i.host_index)
 
 
-def netif(store: Store, i: Instance, pool: Pool) -> NetIf | None:
+def netif(store: Store, i: Instance) -> NetIf | None:
     net = _instance_net(store, i)
     return NetIf(net.tap, net.mac) if net else None
 
 
-def kernel_ip_arg(store: Store, i: Instance, pool: Pool) -> str | None:
+def kernel_ip_arg(store: Store, i: Instance) -> str | None:
     net = _instance_net(store, i)
     return net.kernel_arg(i.id) if net else None
 

@@ -46,7 +46,7 @@ def _override_args() -> list[str]:
     return ["--override-input", "nixpkgs", nixpkgs] if nixpkgs else []
 
 
-def _common(ref: str) -> list[str]:
+def _common() -> list[str]:
     return ["--no-write-lock-file", *_override_args()]
 
 
@@ -66,7 +66,7 @@ def profiles(ref: str) -> list[str]:
     """Names under packages.<system> of the flake."""
     try:
         out = proc.run(
-            ["nix", "eval", "--json", *_common(ref), f"{ref}#packages.{SYSTEM}",
+            ["nix", "eval", "--json", *_common(), f"{ref}#packages.{SYSTEM}",
              "--apply", "builtins.attrNames"],
             env=env(), timeout=300).stdout
     except CommandFailed as e:
@@ -85,7 +85,7 @@ class BuildResult:
 
 def build(ref: str, profile: str, log: Path) -> BuildResult:
     """`nix build <ref>#<profile>`; Nix's own messages go to the build log and into the error."""
-    common = _common(ref)
+    common = _common()
     args = ["nix", "build", "--no-link", "--json", "-L", *common, f"{ref}#packages.{SYSTEM}.{profile}"]
     with log.open("ab") as f:
         f.write(("$ " + " ".join(args) + "\n").encode())

@@ -19,7 +19,7 @@ from pathlib import Path
 from mvm.errors import CommandFailed, InvalidInput, RuntimeFailure
 from mvm.proc import run
 from mvm.retry import until
-from mvm.runtime import pids
+from mvm.runtime import pids, qmp
 from mvm.runtime.base import (
     MANIFEST,
     Progress,
@@ -266,15 +266,12 @@ class QemuRuntime(Runtime):
         if not self.is_alive(spec):
             return VmStatus.GONE
         try:
-            state = self._qmp(spec).execute("query-status")["status"]
+            state = qmp.call(self.qmp_socket(spec), "query-status")["status"]
         except RuntimeFailure:
             if not self.is_alive(spec):
                 return VmStatus.GONE
             raise
         return VmStatus.RUNNING if state == "running" else VmStatus.PAUSED
-
-    def _qmp(self, spec: VmSpec) -> _OneShot:
-        return _OneShot(self.qmp_socket(spec))
 
     def _require_alive(self, spec: VmSpec) -> int:
         pid = self._pid(spec)
@@ -304,11 +301,11 @@ class QemuRuntime(Runtime):
 
     def pause(self, spec: VmSpec) -> None:
         self._require_alive(spec)
-        self._qmp(spec).execute("stop")
+        qmp.call(self.qmp_socket(spec), "stop")
 
     def resume(self, spec: VmSpec) -> None:
         self._require_alive(spec)
-        self._qmp(spec).execute("cont")
+        qmp.call(self.qmp_socket(spec), "cont")
 
     def snapshot(self, spec: VmSpec, snap_dir: Path,
                  progress: Progress | None = None) -> SnapshotInfo:
@@ -409,7 +406,7 @@ class QemuRuntime(Runtime):
 
     def _expect_state(self, spec: VmSpec, want: str) -> None:
         try:
-            state = self._qmp(spec).execute("query-status")["status"]
+            state = qmp.call(self.qmp_socket(spec), "query-status")["status"]
         except RuntimeFailure as e:
             raise self._with_logs(spec, e) from e
         if state != want:
@@ -556,15 +553,3 @@ def _running_accel(pid: int) -> str | None:
 def _transfer_timeout(mem_mib: int) -> float:
     # Measured ~0.1 s per 256 MiB; allow a slow, busy host 100x that.
     return 30.0 + mem_mib / 16
-
-
-class _OneShot:
-    """`self._qmp(spec).execute(...)`: one command on a fresh connection."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def execute(self, cmd: str, args: dict[str, object] | None = None) -> dict[str, object]:
-        with Qmp(self.path) as q:
-            result: dict[str, object] = q.execute(cmd, args)
-            return result
