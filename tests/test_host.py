@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.conftest import Mvm, needs_assets
+from tests.conftest import REPO, Mvm, needs_assets
 
 
 def test_doctor_reports_what_the_host_has(mvm: Mvm) -> None:
@@ -49,3 +49,11 @@ def test_two_builds_of_one_pool_at_once_are_safe(mvm: Mvm) -> None:
     assert os.readlink(rdir / "current") == f"revisions/{revs[0]['revision']}"
     builds = json.loads(mvm.ok("pool", "info", "acme/w", "--json").out)["builds"]
     assert [b["status"] for b in builds] == ["ok", "ok"]
+
+
+def test_every_debian_package_mvm_copies_from_is_installed_by_make() -> None:
+    from mvm.build.offline_nixpkgs import DEBIAN_PACKAGES
+
+    listed = {ln.split()[0] for ln in (REPO / "deps" / "apt.txt").read_text().splitlines()
+              if ln.strip() and not ln.startswith("#")}
+    assert set(DEBIAN_PACKAGES) <= listed, set(DEBIAN_PACKAGES) - listed
