@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -59,6 +60,10 @@ def destroy(store: Store, tid: str, force: bool = False) -> None:
     netops.teardown_tenant(store, store.tenant(tid))
     store.remove_tenant(tid)
     shutil.rmtree(paths.tenant_dir(tid), ignore_errors=True)
+    if not store.tenants():  # the last one: this home's runtime dirs go too (when empty)
+        for d in (paths.runtime_dir(), paths.secrets_runtime_dir()):
+            with contextlib.suppress(OSError):
+                d.rmdir()
     store.event("tenant.destroy", f"tenant {tid} destroyed", tenant=tid)
 
 
