@@ -55,6 +55,8 @@ class Home:
         return p.stdout
 
     def close(self) -> None:
+        for t in json.loads(self.mvm("tenant", "list", "--json")):
+            self.mvm("tenant", "destroy", t["id"], "--force")  # guests, networks, runtime dirs
         os.environ["MVM_HOME"] = str(self.assets)
         shutil.rmtree(self.dir, ignore_errors=True)
 
