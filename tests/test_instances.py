@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import time
 from pathlib import Path
@@ -142,6 +143,14 @@ def test_updating_images_and_rollback(gmvm: Mvm, flake_copy, tmp_path: Path) -> 
     assert rev1 in revs
 
 
+def running(pid: int) -> bool:
+    """The process exists and is not a zombie waiting to be reaped."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def qemu_pid(m: Mvm, inst: str) -> int:
     t, p, i = inst.split("/")
     return int((m.home / f"tenants/{t}/pools/{p}/instances/{i}/run/qemu.pid").read_text())
@@ -158,6 +167,18 @@ def test_killed_hypervisor_is_failed_and_scale_restores(gmvm: Mvm, flake_copy, t
     gmvm.ok("pool", "scale", "acme/workers", "--running", "2")
     states = instances_by_state(gmvm, "acme/workers")
     assert len(states["running"]) == 2 and victim in states["running"]
+    assert sh(gmvm, victim, "echo alive").out == "alive\n"
+
+    # a command that crashed after booting but before recording it leaves an orphan
+    # hypervisor behind a `stopped` row: the next start ends it and boots one afresh
+    db = sqlite3.connect(gmvm.home / "mvm.db")
+    db.execute("UPDATE instances SET state='stopped' WHERE id=?", (victim.split("/")[-1],))
+    db.commit()
+    db.close()
+    orphan = qemu_pid(gmvm, victim)
+    gmvm.ok("pool", "scale", "acme/workers", "--running", "2")
+    assert len(instances_by_state(gmvm, "acme/workers")["running"]) == 2
+    assert qemu_pid(gmvm, victim) != orphan and not running(orphan)
     assert sh(gmvm, victim, "echo alive").out == "alive\n"
 
 

@@ -228,6 +228,12 @@ def start(store: Store, ref: InstanceRef, progress: Progress = _noop, locked: bo
         tenant = store.tenant(ref.tenant)
         i = _with(i, revision=revision)
         spec = spec_for(store, i, revision)
+        if rt.is_alive(spec):
+            # The store says nothing runs, yet a hypervisor does: a command that crashed
+            # between boot and recording it. It is no one's; end it before booting afresh.
+            rt.stop(spec, 0)
+            store.event("instance.orphan", "ended a hypervisor the store did not know of",
+                        i.tenant, i.pool, i.id)
         with Steps(f"start {i.id}", _timed(progress)) as steps:
             steps.run("network", lambda: netops.instance_up(store, i))
             steps.on_undo("network", lambda: netops.instance_down(store, i))
