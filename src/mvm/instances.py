@@ -14,7 +14,15 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from mvm import disks, netops, paths, quota, secrets_disk
-from mvm.errors import Conflict, GuestError, IllegalTransition, MvmError, NotFound, RuntimeFailure
+from mvm.errors import (
+    Conflict,
+    GuestError,
+    IllegalTransition,
+    MvmError,
+    NotFound,
+    QuotaExceeded,
+    RuntimeFailure,
+)
 from mvm.guest.agent_client import ExecResult
 from mvm.model import (
     Action,
@@ -192,8 +200,6 @@ def create(store: Store, ref: PoolRef, locked: bool = False) -> Instance:
     tenant = store.tenant(ref.tenant)
     with _locked(ref, locked):  # the tenant's lock: its addresses are allocated here
         if len(store.instances(ref.tenant, ref.pool)) >= tenant.quotas.max_instances:
-            from mvm.errors import QuotaExceeded
-
             raise QuotaExceeded(f"pool {ref} already has {tenant.quotas.max_instances} instances"
                                 " (tenant quota max-instances)")
         iid = new_instance_id()
