@@ -11,12 +11,12 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 from mvm import disks, netops, paths, quota, secrets_disk
 from mvm.errors import (
     Conflict,
-    GuestError,
     IllegalTransition,
     MvmError,
     NotFound,
@@ -232,7 +232,7 @@ def start(store: Store, ref: InstanceRef, progress: Progress = _noop, locked: bo
                            f"run `mvm pool build {ref.pool_ref}` first")
         rt = runtime()
         tenant = store.tenant(ref.tenant)
-        i = _with(i, revision=revision)
+        i = replace(i, revision=revision)
         spec = spec_for(store, i, revision)
         if rt.is_alive(spec):
             # The store says nothing runs, yet a hypervisor does: a command that crashed
@@ -467,14 +467,6 @@ def redeliver_secrets(store: Store, tenant: str, progress: Progress = _noop) -> 
     return done
 
 
-def _with(i: Instance, **changes: object) -> Instance:
-    from dataclasses import replace
-
-    return replace(i, **changes)  # type: ignore[arg-type]
-
-
 def _timed(progress: Progress) -> Callable[[str, float], None]:
     return lambda step, took: progress(step, f"{took:.2f}s")
 
-
-__all__ = ["GuestError", "RuntimeFailure", "create", "destroy", "start", "stop"]

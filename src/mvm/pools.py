@@ -122,8 +122,7 @@ def rollback(store: Store, ref: PoolRef, revision: str | None = None) -> str:
 
 
 def revisions_in_use(store: Store, ref: PoolRef) -> set[str]:
-    return {i.revision for i in store.instances(ref.tenant, ref.pool)
-            if i.revision and i.state.value != "destroyed"}
+    return {i.revision for i in store.instances(ref.tenant, ref.pool) if i.revision}
 
 
 def gc(store: Store, ref: PoolRef, keep: int = 3) -> list[str]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from mvm import paths
 from mvm.errors import Conflict, InvalidInput
-from mvm.model import Quotas, Tenant, check_id
+from mvm.model import Quotas, State, Tenant, check_id
 from mvm.network import plan
 from mvm.store import Store, lock
 
@@ -107,4 +107,5 @@ def stale_instances(store: Store, tid: str) -> list[str]:
     """Instances that hold secrets older than the tenant's current ones."""
     t = store.tenant(tid)
     return [f"{i.tenant}/{i.pool}/{i.id}" for i in store.instances(tid)
-            if i.state.value in ("running", "warm", "sleeping") and i.secrets_version < t.secrets_version]
+            if i.state in (State.RUNNING, State.WARM, State.SLEEPING)
+            and i.secrets_version < t.secrets_version]
