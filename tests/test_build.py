@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -116,8 +117,7 @@ def test_cache_hit_new_revision_and_reproducible_bytes(mvm: Mvm, flake_copy) -> 
 def test_failing_builds_change_nothing(mvm: Mvm, flake_copy) -> None:  # type: ignore[no-untyped-def]
     flake = flake_copy("guide-flake")
     text = (flake / "flake.nix").read_text()
-    broken_drv = ('      broken = derivation { name = "broken"; system = "x86_64-linux"; builder = "/bin/sh";'
-                  ' args = [ "-c" "echo boom-from-the-builder >&2; exit 3" ]; };\n')
+    broken_drv = ('      broken = pkgs.runCommand "broken" { } "echo boom-from-the-builder >&2; exit 3";\n')
     text = text.replace("      python = pkgs.buildEnv", broken_drv + "      python = pkgs.buildEnv")
     (flake / "flake.nix").write_text(text)
     mvm.ok("tenant", "create", "acme")
@@ -168,10 +168,12 @@ def test_builtin_profiles_without_flake(mvm: Mvm) -> None:
 def test_profile_that_ships_a_kernel_uses_it(mvm: Mvm, flake_copy) -> None:  # type: ignore[no-untyped-def]
     flake = flake_copy("guide-flake")
     kernel = Path(os.environ.get("MVM_ASSETS_HOME", "/var/lib/mvm")) / "kernel"
-    # (an impure copy of mvm's own kernel, under another name: the builder reads the host)
-    own = (f'      withkernel = pkgs.buildEnv {{ name = "with-kernel"; paths = [ pkgs.busybox (derivation {{'
-           f' name = "k"; system = "x86_64-linux"; builder = "/bin/sh"; args = [ "-c"'
-           f' "/bin/mkdir $out; /bin/cp {kernel}/vmlinux {kernel}/initrd $out/" ]; }}) ]; }};\n')
+    # mvm's own kernel, shipped by the profile (from the flake's source: builds see no host path)
+    (flake / "kernel").mkdir()
+    for name in ("vmlinux", "initrd"):
+        shutil.copyfile(kernel / name, flake / "kernel" / name)
+    own = ('      withkernel = pkgs.buildEnv { name = "with-kernel"; paths = [ pkgs.busybox'
+           ' (pkgs.runCommand "k" { } "mkdir $out; cp ${./kernel}/vmlinux ${./kernel}/initrd $out/") ]; };\n')
     text = (flake / "flake.nix").read_text()
     (flake / "flake.nix").write_text(text.replace("      python = pkgs.buildEnv", own + "      python = pkgs.buildEnv"))
     mvm.ok("tenant", "create", "acme")

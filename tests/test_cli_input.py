@@ -6,26 +6,32 @@ import json
 
 import pytest
 
-from tests.conftest import Mvm
+from tests.conftest import Mvm, Result
+
+ID_HINT = "(use lowercase letters, digits and '-', 1-63 characters, not starting or ending with '-')"
 
 
 def state(mvm: Mvm) -> str:
     return mvm.ok("tenant", "list", "--json").out + mvm.ok("pool", "list", "--json").out
 
 
+def refused(r: Result, rc: int, line: str) -> None:
+    """The command failed with exit code rc, printed exactly `error: line` and nothing else."""
+    assert (r.rc, r.lines, r.out) == (rc, [f"error: {line}"], ""), (r.rc, r.out, r.err)
+
+
 @pytest.mark.parametrize("bad", ["Acme", "-x", "a/../b", "a" * 64, "-acme", "acme-", "a_b", ""])
 def test_bad_tenant_ids_refused(mvm: Mvm, bad: str) -> None:
     before = state(mvm)
     r = mvm("tenant", "create", bad) if not bad.startswith("-") else mvm("tenant", "create", "--", bad)
-    assert r.rc != 0
-    assert len(r.lines) == 1, r.err
-    assert "invalid tenant ID" in r.err or "tenant" in r.err
+    refused(r, 2, f"invalid tenant ID {bad!r} {ID_HINT}")
     assert state(mvm) == before
+    assert not (mvm.home / "tenants").exists() or not any((mvm.home / "tenants").iterdir())
 
 
 def test_option_like_id_is_one_line(mvm: Mvm) -> None:
     r = mvm("tenant", "create", "-x")
-    assert r.rc == 2 and len(r.lines) == 1 and "-x" in r.err
+    refused(r, 2, "No such option '-x'. (see `mvm tenant create --help`)")
 
 
 def test_tenant_create_list_info_and_duplicates(mvm: Mvm) -> None:
@@ -35,7 +41,7 @@ def test_tenant_create_list_info_and_duplicates(mvm: Mvm) -> None:
     assert [t["id"] for t in tenants] == ["acme"]
     before = state(mvm)
     r = mvm("tenant", "create", "acme")
-    assert r.rc != 0 and len(r.lines) == 1 and "already exists" in r.err
+    refused(r, 4, "tenant 'acme' already exists (see `mvm tenant info acme`)")
     assert state(mvm) == before
     info = json.loads(mvm.ok("tenant", "info", "acme", "--json").out)
     assert info["quotas"]["max_vcpus"] == 16 and info["subnet"].endswith("/24")
@@ -52,48 +58,55 @@ def test_overlapping_subnet_refused(mvm: Mvm) -> None:
     mvm.ok("tenant", "create", "a", "--subnet", "10.77.1.0/24")
     before = state(mvm)
     r = mvm("tenant", "create", "b", "--subnet", "10.77.1.0/24")
-    assert r.rc != 0 and len(r.lines) == 1 and "overlap" in r.err
+    refused(r, 4, "subnet 10.77.1.0/24 overlaps 10.77.1.0/24 of another tenant "
+                  "(pick another /24, or omit --subnet to have one allocated)")
     r = mvm("tenant", "create", "b", "--net-id", "5000")
-    assert r.rc != 0 and len(r.lines) == 1
+    refused(r, 2, "net-id 5000 is out of range (net-ids are 0–4095)")
     assert state(mvm) == before
 
 
 def test_unknown_tenant_and_pool(mvm: Mvm) -> None:
-    r = mvm("tenant", "info", "nope")
-    assert r.rc != 0 and len(r.lines) == 1 and "no tenant" in r.err
-    r = mvm("pool", "create", "nope/workers", "--profile", "minimal")
-    assert r.rc != 0 and len(r.lines) == 1 and "no tenant" in r.err
+    no_tenant = "no tenant 'nope' (see `mvm tenant list`, or create it with `mvm tenant create`)"
+    refused(mvm("tenant", "info", "nope"), 3, no_tenant)
+    refused(mvm("pool", "create", "nope/workers", "--profile", "minimal"), 3, no_tenant)
     mvm.ok("tenant", "create", "acme")
-    r = mvm("pool", "info", "acme/nope")
-    assert r.rc != 0 and len(r.lines) == 1 and "no pool" in r.err
-    r = mvm("pool", "build", "acme/../b")
-    assert r.rc != 0 and len(r.lines) == 1
+    before = state(mvm)
+    refused(mvm("pool", "info", "acme/nope"), 3,
+            "no pool acme/nope (see `mvm pool list acme`, or create it with `mvm pool create`)")
+    refused(mvm("pool", "build", "acme/../b"), 2,
+            "invalid pool address 'acme/../b' (write it as <tenant>/<pool>, e.g. acme/workers)")
+    assert state(mvm) == before
 
 
 def test_pool_shape_validated_before_anything(mvm: Mvm, tmp_path) -> None:  # type: ignore[no-untyped-def]
     mvm.ok("tenant", "create", "acme", "--max-vcpus", "4")
     before = state(mvm)
-    for args, words in [
-        (["--cpus", "0"], "--cpus"),
-        (["--mem", "16"], "--mem"),
-        (["--cpus", "8"], "quota"),
-        (["--data-disk", "-5"], "--data-disk"),
-        (["--flake", str(tmp_path / "missing")], "no flake"),
+    missing = tmp_path / "missing"
+    for args, rc, line in [
+        (["--cpus", "0"], 2, "--cpus must be between 1 and 32 (got 0)"),
+        (["--mem", "16"], 2, "--mem must be between 128 and 65536 MiB (got 16)"),
+        (["--cpus", "8"], 5, "--cpus 8 exceeds tenant acme's vCPU quota (4)"),
+        (["--data-disk", "-5"], 2, "--data-disk must not be negative (got -5)"),
+        (["--flake", str(missing)], 2, f"no flake at '{missing}': {missing}/flake.nix does not "
+                                       "exist (point --flake at a directory holding flake.nix)"),
     ]:
         r = mvm("pool", "create", "acme/workers", "--profile", "minimal", *args)
-        assert r.rc != 0, args
-        assert len(r.lines) == 1, r.err
-        assert words in r.err, r.err
+        refused(r, rc, line)
     assert state(mvm) == before
+    assert not (mvm.home / "tenants/acme/pools").exists() or not any(
+        (mvm.home / "tenants/acme/pools").iterdir())
 
 
 def test_secrets_must_be_a_json_object_and_never_printed(mvm: Mvm, tmp_path) -> None:  # type: ignore[no-untyped-def]
     mvm.ok("tenant", "create", "acme")
-    for content in ("[1, 2]", "not json", '"str"'):
-        f = tmp_path / "s.json"
+    hint = '(secrets must be a JSON object, e.g. {"API_KEY": "..."})'
+    f = tmp_path / "s.json"
+    for content, why in (("[1, 2]", "holds a JSON list, not an object"),
+                         ("not json", "is not valid JSON (JSONDecodeError)"),
+                         ('"str"', "holds a JSON str, not an object")):
         f.write_text(content)
         r = mvm("tenant", "secrets", "set", "acme", "--from-file", str(f))
-        assert r.rc != 0 and len(r.lines) == 1, r.err
+        refused(r, 2, f"{f} {why} {hint}")
     assert not (mvm.home / "tenants/acme/secrets.json").exists()
     f = tmp_path / "good.json"
     f.write_text('{"API_KEY": "hunter2-very-secret"}')
@@ -114,4 +127,5 @@ def test_config_settings(mvm: Mvm) -> None:
     mvm.ok("config", "set", "accel", "tcg")
     assert mvm.ok("config", "get", "accel").out.strip() == "tcg"
     r = mvm("config", "set", "nope", "1")
-    assert r.rc != 0 and len(r.lines) == 1 and "unknown setting" in r.err
+    refused(r, 2, "unknown setting 'nope' (known: nixpkgs, accel, backend)")
+    assert mvm.ok("config", "get", "accel").out.strip() == "tcg"

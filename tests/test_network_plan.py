@@ -38,7 +38,11 @@ def test_tap_name_refuses_invalid_instance_ids(bad: str) -> None:
 def test_macs_are_deterministic_unique_and_locally_administered() -> None:
     macs = {plan.mac_for(n, i) for n in (0, 1, 255, 256, 4095) for i in range(1, 255)}
     assert len(macs) == 5 * 254
-    assert plan.mac_for(300, 7) == plan.mac_for(300, 7)
+    # 02:6d:76 ("mv", locally administered), the 12-bit net-id in two octets, the host index:
+    # the same (net-id, index) gets the same MAC on every host and after every restart.
+    assert plan.mac_for(300, 7) == "02:6d:76:01:2c:07"
+    assert plan.mac_for(0, 1) == "02:6d:76:00:00:01"  # a bridge's MAC
+    assert plan.mac_for(4095, 254) == "02:6d:76:0f:ff:fe"
     for mac in macs:
         first = int(mac.split(":")[0], 16)
         assert first & 0b10 and not first & 0b01  # locally administered, unicast

@@ -10,15 +10,15 @@ from pathlib import Path
 import pytest
 
 from mvm import proc
+from mvm.build import nix as mvm_nix
 from mvm.build import offline_nixpkgs
-from mvm.errors import CommandFailed, InvalidInput
+from mvm.errors import CommandFailed, HostUnsupported, InvalidInput
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 BUILTIN = REPO / "src" / "mvm" / "data" / "builtin-flake" / "flake.nix"
-NIX_ENV = {
-    "NIX_CONFIG": "experimental-features = nix-command flakes\nsubstituters =\nbuild-users-group =",
-}
+# mvm's own Nix settings (sandbox on, build users), with nothing to substitute from
+NIX_ENV = {**mvm_nix.env(), "NIX_CONFIG": "substituters ="}
 SERVICE = """\
 [Unit]
 Description=My Application
@@ -96,6 +96,14 @@ def test_install_is_idempotent_and_records_versions(tmp_path: Path) -> None:
     assert curl["debian"]["curl"] == data["debian"]["curl"]
     assert any(k.startswith("libcurl") for k in curl["debian"])
     assert ["/lib64/ld-linux-x86-64.so.2", "lib64/ld-linux-x86-64.so.2"] in curl["copy"]
+    # the host files are in the store, content-addressed, and kept from garbage collection
+    assert curl["files"]["name"] == f"curl-{curl['version']}-debian-files"
+    assert curl["files"]["sha256"].startswith("sha256-")
+    store = Path(curl["files"]["path"])
+    assert (store / "bin/curl").read_bytes() == Path("/usr/bin/curl").read_bytes()
+    assert (store / "lib64/ld-linux-x86-64.so.2").read_bytes() == Path(
+        "/lib64/ld-linux-x86-64.so.2").read_bytes()
+    assert os.readlink(offline_nixpkgs.GCROOTS / store.name) == str(store)
     assert set(data["packages"]) >= {"bash", "busybox", "coreutils", "curl", "wget", "openssl",
                                      "python3", "pip", "cacert"}
 
@@ -205,6 +213,31 @@ def test_debian_versions_address_the_packages(nixpkgs: Path, tmp_path: Path) -> 
     assert out_path(nixpkgs, "curl") != out_path(changed, "curl")
     assert out_path(nixpkgs, "openssl") != out_path(changed, "openssl")
     assert out_path(nixpkgs, "bash") == out_path(changed, "bash")
+
+
+@pytest.mark.nix
+@needs_nix
+def test_imported_bytes_address_the_packages(nixpkgs: Path, tmp_path: Path) -> None:
+    """Other bytes for the host files of one package give another store path for it and for
+    what holds it, and nothing else; the build itself never reads the host."""
+    changed = tmp_path / "changed"
+    shutil.copytree(nixpkgs, changed)
+    data = json.loads((changed / "versions.json").read_text())
+    data["packages"]["curl"]["files"]["sha256"] = "sha256-" + "A" * 43 + "="
+    (changed / "versions.json").write_text(json.dumps(data))
+
+    def out_path(where: Path, attr: str) -> str:
+        return nix("eval", "--raw", f"path:{where}#legacyPackages.x86_64-linux.{attr}.outPath")
+
+    assert out_path(nixpkgs, "curl") != out_path(changed, "curl")
+    assert out_path(nixpkgs, "bash") == out_path(changed, "bash")
+    # a set whose recorded bytes the host no longer has is refused with a hint, not rebuilt
+    data["packages"]["curl"]["files"]["path"] = "/nix/store/" + "0" * 32 + "-curl-files"
+    (changed / "versions.json").write_text(json.dumps(data))
+    with pytest.raises(HostUnsupported) as err:
+        offline_nixpkgs.ensure_imported(offline_nixpkgs.ref(changed))
+    assert "host files of offline package curl changed" in err.value.message
+    assert "mvm setup" in (err.value.hint or "")
 
 
 @pytest.mark.nix

@@ -8,7 +8,7 @@ import pytest
 
 from mvm.errors import InvalidInput
 from mvm.runtime.base import Disk, NetIf, VmSpec
-from mvm.runtime.qemu import argv, kernel_cmdline, qemu_message
+from mvm.runtime.qemu import QemuRuntime, argv, kernel_cmdline, qemu_message
 
 
 def spec(**changes: object) -> VmSpec:
@@ -127,13 +127,72 @@ def test_refuses_what_qemu_would_refuse_later() -> None:
     many = tuple(Disk(f"d{n}", Path(f"/d{n}"), True) for n in range(7))
     with pytest.raises(InvalidInput, match="virtio-mmio"):
         argv(spec(disks=many), "tcg")
-    assert argv(spec(disks=many[:6]), "tcg")  # 6 disks + agent + net = 8 slots
+    fits = argv(spec(disks=many[:6]), "tcg")  # 6 disks + agent + net = 8 slots
+    assert [d.split(",")[0] for d in values(fits, "-device")] == [
+        *["virtio-blk-device"] * 6, "virtio-serial-device", "virtserialport", "virtio-net-device"]
     with pytest.raises(InvalidInput, match="accelerator"):
         argv(spec(), "hvf")
 
 
-def test_argv_is_pure() -> None:
-    assert argv(spec(), "tcg", tsc_khz=5) == argv(spec(), "tcg", tsc_khz=5)
+#: The whole command line for spec() under TCG: every flag, every value, in order.
+BOOT_TCG = [
+    "qemu-system-x86_64",
+    "-name", "i-1a2b3c4d",
+    "-M", "microvm",
+    "-accel", "tcg,tb-size=64",
+    "-cpu", "qemu64,+arat",
+    "-m", "384M",
+    "-smp", "2",
+    "-nodefaults", "-no-user-config", "-display", "none",
+    "-no-reboot",
+    "-kernel", "/k/vmlinux",
+    "-initrd", "/k/initrd",
+    "-append", "console=ttyS0,115200 quiet panic=-1 reboot=t pci=off cryptomgr.notests "
+               "i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd 8250.nr_uarts=1 "
+               "init_on_alloc=0 random.trust_cpu=on tsc_early_khz=5 "
+               "root=/dev/vda ro mvm.hostname=i-1a2b3c4d",
+    "-drive", "file=/r/rootfs.ext4,if=none,id=disk-rootfs,format=raw,readonly=on,cache=writeback",
+    "-device", "virtio-blk-device,drive=disk-rootfs",
+    "-drive", "file=/i/data.ext4,if=none,id=disk-data,format=raw,readonly=off,cache=writeback",
+    "-device", "virtio-blk-device,drive=disk-data",
+    "-drive", "file=/dev/shm/s.img,if=none,id=disk-secrets,format=raw,readonly=on,cache=writeback",
+    "-device", "virtio-blk-device,drive=disk-secrets",
+    "-device", "virtio-serial-device",
+    "-chardev", "socket,id=agent,path=/i/run/agent.sock,server=on,wait=off",
+    "-device", "virtserialport,chardev=agent,name=mvm.agent",
+    "-netdev", "tap,id=net0,ifname=mvm-t1-3,script=no,downscript=no",
+    "-device", "virtio-net-device,netdev=net0,mac=52:54:00:00:01:03",
+    "-chardev", "file,id=console,path=/i/run/console.log,append=on",
+    "-serial", "chardev:console",
+    "-chardev", "socket,id=qmp,path=/i/run/qmp.sock,server=on,wait=off",
+    "-mon", "chardev=qmp,mode=control",
+    "-D", "/i/run/qemu.log",
+    "-pidfile", "/i/run/qemu.pid",
+    "-daemonize",
+]
+
+
+def test_complete_boot_command_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Nothing but the spec and the arguments shapes it: not the working directory, not the
+    # time, not a random id (a restore must rebuild exactly the same machine).
+    assert argv(spec(), "tcg", tsc_khz=5) == BOOT_TCG
+    monkeypatch.chdir(tmp_path)
+    assert argv(spec(), "tcg", tsc_khz=5) == BOOT_TCG
+
+
+def test_complete_restore_command_line() -> None:
+    # Restore = the boot line unchanged (same kernel, same devices in the same virtio-mmio
+    # slots), then wait for the migration stream with the vCPUs stopped.
+    assert argv(spec(), "tcg", incoming=True, tsc_khz=5) == [*BOOT_TCG, "-incoming", "defer", "-S"]
+
+
+def test_restore_uses_the_snapshots_accelerator() -> None:
+    # QemuRuntime.restore passes the accel recorded in the snapshot, which wins over its own.
+    line = QemuRuntime("kvm").argv(spec(), "tcg", incoming=True)
+    assert (value(line, "-accel"), value(line, "-cpu")) == ("tcg,tb-size=64", "qemu64,+arat")
+    assert line[-3:] == ["-incoming", "defer", "-S"]
+    line = QemuRuntime("tcg").argv(spec())
+    assert value(line, "-accel") == "tcg,tb-size=64" and "-incoming" not in line
 
 
 def test_qemu_message_picks_the_error_line() -> None:

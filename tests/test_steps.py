@@ -2,23 +2,56 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from mvm.errors import RuntimeFailure
 from mvm.runtime.base import Steps
 
 
+class FakeClock:
+    """A monotonic clock that moves only when a step says it took time."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def take(self, seconds: float) -> None:
+        self.now += seconds
+
+
 def test_success_runs_in_order_reports_timings_and_keeps_everything() -> None:
     log: list[str] = []
     reported: list[tuple[str, float]] = []
+    clock = FakeClock()
+
+    def step(name: str, seconds: float, value: object = None) -> object:
+        log.append(name)
+        clock.take(seconds)
+        return value
+
+    with Steps("boot", lambda name, took: reported.append((name, took)), clock=clock) as s:
+        clock.take(0.5)  # between steps: counts in the total, not in any step
+        assert s.run("spawn", lambda: step("spawn", 1.5, 1)) == 1
+        s.on_undo("spawn", lambda: log.append("undo spawn"))
+        s.run("load", lambda: step("load", 0.25))
+    assert log == ["spawn", "load"]  # in order; the undo was dropped on success
+    # Each step's own time, reported as it ends, in the order the steps ran.
+    assert reported == [("spawn", 1.5), ("load", 0.25)]
+    assert s.timings == reported
+    assert s.total() == 2.25
+
+
+def test_default_clock_measures_wall_time() -> None:
+    reported: list[tuple[str, float]] = []
     with Steps("boot", lambda name, took: reported.append((name, took))) as s:
-        assert s.run("a", lambda: log.append("a") or 1) == 1
-        s.on_undo("a", lambda: log.append("undo a"))
-        s.run("b", lambda: log.append("b"))
-    assert log == ["a", "b"]
-    assert [n for n, _ in reported] == ["a", "b"]
-    assert all(t >= 0 for _, t in reported)
-    assert [n for n, _ in s.timings] == ["a", "b"]
+        s.run("nap", lambda: time.sleep(0.05))
+    [(name, took)] = reported
+    assert name == "nap" and 0.05 <= took < 2
+    assert s.total() >= took
 
 
 def test_failure_undoes_in_reverse_once_and_propagates() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -33,9 +34,43 @@ def install_builtin_flake() -> Path:
     return dest
 
 
+BUILD_USERS = 8  # Nix runs each concurrent build as one of them (Nix's installer makes 32)
+NOLOGIN = "/usr/sbin/nologin"
+
+
+def ensure_build_users(count: int = BUILD_USERS) -> list[str]:
+    """Create Nix's build users as Nix's own installer does: a system group `nixbld` whose
+    members nixbld1..N have no home, no login shell and no other group. Idempotent."""
+    import grp
+    import pwd
+
+    from mvm.build import nix
+
+    group = nix.BUILD_GROUP
+    try:
+        grp.getgrnam(group)
+    except KeyError:
+        proc.run(["groupadd", "--system", group])
+    for i in range(1, count + 1):
+        user = f"{group}{i}"
+        try:
+            pwd.getpwnam(user)
+        except KeyError:
+            proc.run(["useradd", "--system", "--no-create-home", "--home-dir", "/var/empty",
+                      "--shell", NOLOGIN, "--gid", group, "--groups", group,
+                      "--comment", f"Nix build user {i}", user])
+        else:
+            if user not in grp.getgrnam(group).gr_mem:
+                proc.run(["usermod", "--append", "--groups", group, user])
+    return nix.build_users()
+
+
 def setup(offline: bool | None, progress: Progress) -> None:
     from mvm.build import kernel, offline_nixpkgs
 
+    progress("nix-build-users", "…")
+    users = ensure_build_users()
+    progress("nix-build-users", f"group nixbld: {len(users)} users")
     progress("kernel", "…")
     info = kernel.install_default_kernel(paths.kernel_dir())
     progress("kernel", f"{paths.kernel_dir()} ({getattr(info, 'version', '')})")
@@ -58,8 +93,72 @@ def setup(offline: bool | None, progress: Progress) -> None:
     progress("accelerator", f"{'kvm' if probe.fast else 'tcg'} ({probe.reason})")
 
 
-def _check(name: str, ok: bool, detail: str, required: bool = True) -> dict[str, Any]:
-    return {"check": name, "ok": ok, "detail": detail, "required": required}
+def _check(name: str, ok: bool, detail: str, required: bool = True, **data: Any) -> dict[str, Any]:
+    return {"check": name, "ok": ok, "detail": detail, "required": required, **data}
+
+
+# Host Nix settings that weaken the isolation of builds, and what mvm's own nix.conf says.
+WEAKENING: dict[str, Callable[[Any], bool]] = {
+    "sandbox": lambda v: v is not True,
+    "sandbox-fallback": lambda v: v is not False,
+    "sandbox-paths": lambda v: bool(v),
+    "extra-sandbox-paths": lambda v: bool(v),
+    "build-users-group": lambda v: not v,
+    "allow-new-privileges": lambda v: v is True,
+}
+
+
+def _nix_checks() -> list[dict[str, Any]]:
+    """The sandbox mvm builds with, its build users, and host settings that would weaken it."""
+    from mvm.build import nix
+
+    out = []
+    conf = nix.CONF_DIR / "nix.conf"
+    try:
+        mine = nix.effective_settings()
+    except CommandFailed as e:
+        return [_check("nix sandbox", False, f"cannot read Nix's settings: {e.message}")]
+    sandbox = {k: mine.get(k) for k in ("sandbox", "sandbox-fallback", "sandbox-paths",
+                                         "build-users-group", "store")}
+    weak = [k for k, bad in WEAKENING.items() if k in mine and bad(mine[k])]
+    out.append(_check(
+        "nix sandbox", not weak,
+        (f"on: sandbox = true, sandbox-fallback = false, no host paths, builds as "
+         f"{nix.BUILD_GROUP} users (settings: {conf})") if not weak
+        else f"weakened in {conf}: {', '.join(weak)}",
+        settings=sandbox, config=str(conf)))
+    users = nix.build_users()
+    out.append(_check(
+        "nix build users", bool(users),
+        f"group {nix.BUILD_GROUP}: {len(users)} users" if users
+        else f"group {nix.BUILD_GROUP} missing or empty: run `mvm setup`",
+        group=nix.BUILD_GROUP, users=users))
+    # What the host's own configuration says (mvm does not read it): other Nix users of this
+    # host build with it, and a reader may wonder whether mvm does.
+    try:
+        host_out = proc.output(["nix", "--extra-experimental-features", "nix-command",
+                                "show-config", "--json"], timeout=60)
+        host = {k: v.get("value") for k, v in json.loads(host_out).items() if isinstance(v, dict)}
+    except (CommandFailed, ValueError):
+        host = {}
+    where = os.environ.get("NIX_CONF_DIR", "/etc/nix") + "/nix.conf"
+    host_weak = {k: host[k] for k, bad in WEAKENING.items() if k in host and bad(host[k])}
+    out.append(_check(
+        "host nix.conf", not host_weak,
+        "does not weaken the sandbox" if not host_weak else
+        f"warning: {where} weakens Nix's sandbox for other users of Nix on this host "
+        f"({', '.join(f'{k} = {_nix_value(v)}' for k, v in host_weak.items())}); "
+        "mvm ignores it and builds with its own settings",
+        required=False, weakening=host_weak, path=where))
+    return out
+
+
+def _nix_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, list):
+        return " ".join(map(str, v))
+    return str(v)
 
 
 def doctor() -> list[dict[str, Any]]:
@@ -82,6 +181,8 @@ def doctor() -> list[dict[str, Any]]:
     nix = shutil.which("nix")
     checks.append(_check("nix", bool(nix), proc.output(["nix", "--version"], timeout=10).strip()
                          if nix else "nix not found: apt-get install nix-bin"))
+    if nix:
+        checks += _nix_checks()
     checks.append(_check("nixpkgs", True, config.get("nixpkgs") or "flakes use their own nixpkgs input"))
     mkfs = shutil.which("mkfs.ext4")
     checks.append(_check("mkfs.ext4", bool(mkfs), mkfs or "apt-get install e2fsprogs"))

@@ -9,21 +9,52 @@ from pathlib import Path
 from typing import Any
 
 from mvm import config, proc
-from mvm.errors import BuildFailed, CommandFailed, InvalidInput
+from mvm.errors import BuildFailed, CommandFailed, HostUnsupported, InvalidInput
 
 SYSTEM = "x86_64-linux"
-NIX_CONFIG = "\n".join(
-    [
-        "experimental-features = nix-command flakes",
-        "substituters =",
-        "build-users-group =",
-        "warn-dirty = false",
-    ]
-)
+CONF_DIR = Path(__file__).resolve().parent.parent / "data" / "nix"
+BUILD_GROUP = "nixbld"
+CACHE = "https://cache.nixos.org/"
 
 
 def env() -> dict[str, str]:
-    return {"NIX_CONFIG": NIX_CONFIG}
+    """The environment of every Nix command mvm runs: mvm's own nix.conf and nothing else.
+
+    The host's /etc/nix/nix.conf (or a NIX_CONF_DIR in mvm's environment) and users' config
+    files are not read, and no daemon is used, so a host setting such as `sandbox = false`
+    cannot weaken a tenant's build. Substituters depend on where nixpkgs comes from: none for
+    the offline package set (nothing to fetch, and no network to wait for).
+    """
+    subst = "" if config.get("nixpkgs") else CACHE
+    return {
+        "NIX_CONF_DIR": str(CONF_DIR),
+        "NIX_USER_CONF_FILES": str(CONF_DIR / "nix.conf"),
+        "NIX_CONFIG": f"substituters = {subst}",
+        "NIX_REMOTE": "local",
+    }
+
+
+def build_users() -> list[str]:
+    """Members of the build users group Nix runs builders as (empty when the group is missing)."""
+    import grp
+
+    try:
+        return list(grp.getgrnam(BUILD_GROUP).gr_mem)
+    except KeyError:
+        return []
+
+
+def require_build_users() -> None:
+    if not build_users():
+        raise HostUnsupported(f"Nix's build users (group {BUILD_GROUP!r} with members) do not exist",
+                              "run `mvm setup` (as root): it creates them")
+
+
+def effective_settings() -> dict[str, Any]:
+    """Nix's settings as mvm's builds see them (`nix show-config` under mvm's environment)."""
+    out = proc.output(["nix", "show-config", "--json"], env=env(), timeout=60)
+    data: dict[str, Any] = json.loads(out)
+    return {k: v.get("value") if isinstance(v, dict) else v for k, v in data.items()}
 
 
 def normalize_ref(ref: str, base: Path | None = None) -> str:
@@ -43,7 +74,12 @@ def normalize_ref(ref: str, base: Path | None = None) -> str:
 
 def _override_args() -> list[str]:
     nixpkgs = config.get("nixpkgs")
-    return ["--override-input", "nixpkgs", nixpkgs] if nixpkgs else []
+    if not nixpkgs:
+        return []
+    from mvm.build import offline_nixpkgs
+
+    offline_nixpkgs.ensure_imported(nixpkgs)
+    return ["--override-input", "nixpkgs", nixpkgs]
 
 
 def _common() -> list[str]:
@@ -85,6 +121,7 @@ class BuildResult:
 
 def build(ref: str, profile: str, log: Path) -> BuildResult:
     """`nix build <ref>#<profile>`; Nix's own messages go to the build log and into the error."""
+    require_build_users()
     common = _common()
     args = ["nix", "build", "--no-link", "--json", "-L", *common, f"{ref}#packages.{SYSTEM}.{profile}"]
     with log.open("ab") as f:

@@ -30,8 +30,10 @@ from dataclasses import dataclass, field
 from importlib import resources
 from importlib.abc import Traversable
 from pathlib import Path
+from typing import Any
 
 from mvm import proc
+from mvm.build import nix
 from mvm.errors import CommandFailed, HostUnsupported, InvalidInput, MvmError
 from mvm.hashing import file_sha256
 
@@ -58,6 +60,7 @@ MULTIARCH = "x86_64-linux-gnu"
 INTERPRETER = "/lib64/ld-linux-x86-64.so.2"
 LIBDIR = f"lib/{MULTIARCH}"
 
+GCROOTS = Path("/nix/var/nix/gcroots/mvm-offline-nixpkgs")
 _FIX = "apt-get install -y " + " ".join(DEBIAN_PACKAGES)
 _MERGED_DIRS = ("bin", "sbin", "lib", "lib64", "lib32", "libx32")
 _NAME_OK = re.compile(r"[^A-Za-z0-9+._?=-]")
@@ -84,26 +87,133 @@ def ref(dest: Path) -> str:
 
 
 def install(dest: Path) -> Path:
-    """(Re)write the offline set at `dest` from the template and this host's Debian packages.
+    """(Re)write the offline set at `dest` from the template and this host's Debian packages,
+    importing the host files each package copies into the Nix store (see `import_host_files`).
 
     Idempotent: when nothing changed on the host, the files are left as they are. Returns `dest`.
     """
     dest = Path(dest)
     _check_dest(dest)
     files = _template_files()
-    files[GENERATED] = (json.dumps(generate(), indent=1, sort_keys=True) + "\n").encode()
+    data = generate()
+    import_host_files(data, previous=_previous(dest))
+    files[GENERATED] = (json.dumps(data, indent=1, sort_keys=True) + "\n").encode()
     _write_tree(dest, files)
     return dest
 
 
-def generate() -> dict[str, object]:
+def import_host_files(data: dict[str, Any], previous: dict[str, Any] | None = None) -> None:
+    """Put each package's host files into the Nix store as a content-addressed path and record
+    it (`files`: name, NAR hash, path) in `data`.
+
+    Nix's build sandbox shows a builder nothing of the host, so the derivations read only these
+    store paths; their fixed-output hashes pin exactly the bytes that were imported. A package
+    whose file list and Debian versions are unchanged since `previous` (the last versions.json)
+    and whose path is still in the store is not imported again. Each path is a GC root under
+    GCROOTS, so garbage collection does not take it away.
+    """
+    packages: dict[str, dict[str, Any]] = data["packages"]
+    old: dict[str, Any] = (previous or {}).get("packages", {})
+    for name, entry in packages.items():
+        prev = old.get(name, {})
+        same = all(prev.get(k) == entry.get(k) for k in ("version", "debian", "copy", "trees", "unowned"))
+        files = prev.get("files") if same else None
+        if not files or _invalid([files["path"]]):
+            with tempfile.TemporaryDirectory(prefix="mvm-offline-") as tmp:
+                staged = _stage(Path(tmp) / f"{name}-{entry['version']}-debian-files", entry)
+                files = _add_fixed(staged)
+        entry["files"] = files
+        _add_root(files["path"])
+
+
+def ensure_imported(ref: str) -> None:
+    """For a flake ref naming an installed offline set: re-import host files that left the store
+    (a new /nix, a path deleted by hand); refuse when the host's files changed since `install`,
+    since the set's hashes would no longer match. Other refs are left alone."""
+    if not ref.startswith("path:"):
+        return
+    data = _previous(Path(ref.removeprefix("path:")))
+    if not data:
+        return
+    entries: dict[str, dict[str, Any]] = data["packages"]
+    if any("files" not in e for e in entries.values()):
+        raise OfflineNixpkgsError(f"the offline nixpkgs set at {ref} predates host file imports",
+                                  "run `mvm setup`")
+    missing = _invalid([e["files"]["path"] for e in entries.values()])
+    for name, entry in entries.items():
+        if entry["files"]["path"] not in missing:
+            continue
+        with tempfile.TemporaryDirectory(prefix="mvm-offline-") as tmp:
+            got = _add_fixed(_stage(Path(tmp) / entry["files"]["name"], entry))
+        if got != entry["files"]:
+            raise OfflineNixpkgsError(
+                f"the host files of offline package {name} changed since the set was installed",
+                "run `mvm setup` to record the host's current Debian packages")
+        _add_root(got["path"])
+
+
+def _previous(dest: Path) -> dict[str, Any] | None:
+    try:
+        prev: dict[str, Any] = json.loads((dest / GENERATED).read_text())
+    except (OSError, ValueError):
+        return None
+    return prev if isinstance(prev.get("packages"), dict) else None
+
+
+def _stage(root: Path, entry: dict[str, Any]) -> Path:
+    """Lay out one package's host files under `root`: single files with symlinks followed,
+    trees minus their excluded names, absolute symlinks (which would point into the guest's
+    empty /usr) replaced by copies of their targets, dangling ones dropped."""
+    root.mkdir()
+    for src, dst in entry["copy"]:
+        target = root / dst
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src, target)  # follows symlinks, keeps the mode bits
+    for src, dst, excl in entry["trees"]:
+        shutil.copytree(src, root / dst, symlinks=True, ignore=shutil.ignore_patterns(*excl),
+                        dirs_exist_ok=True)
+    for link in [p for p in root.rglob("*") if p.is_symlink()]:
+        target = os.readlink(link)
+        if target.startswith("/"):
+            link.unlink()
+            if os.path.isfile(target):
+                shutil.copy(target, link)
+    return root
+
+
+def _add_fixed(staged: Path) -> dict[str, str]:
+    path = proc.output(["nix-store", "--add-fixed", "--recursive", "sha256", staged],
+                       env=nix.env(), timeout=600).strip()
+    nar = proc.output(["nix", "hash", "path", "--type", "sha256", staged],
+                      env=nix.env(), timeout=600).strip()
+    return {"name": staged.name, "sha256": nar, "path": path}
+
+
+def _add_root(path: str) -> None:
+    """A GC root named like the store path (hash and name), so one per content."""
+    GCROOTS.mkdir(parents=True, exist_ok=True)
+    root = GCROOTS / os.path.basename(path)
+    if not root.is_symlink():
+        root.symlink_to(path)
+
+
+def _invalid(paths: list[str]) -> set[str]:
+    """Those of `paths` that are not valid in the Nix store (one call for all)."""
+    if not paths:
+        return set()
+    res = proc.run(["nix-store", "--check-validity", "--print-invalid", *paths],
+                   env=nix.env(), timeout=60)
+    return set(res.stdout.decode().split())
+
+
+def generate() -> dict[str, Any]:
     """The content of versions.json for this host."""
     _require_tools()
     _require_packages(DEBIAN_PACKAGES)
     py = _python_version()
     specs = _specs(py)
     versions: dict[str, str] = {}
-    packages: dict[str, object] = {}
+    packages: dict[str, Any] = {}
     for name, spec in specs.items():
         packages[name] = _resolve(name, spec, versions)
     return {

@@ -84,8 +84,9 @@ def doctor(json_: JsonOpt = False) -> None:
     if json_:
         emit_json(checks)
     else:
-        table(["check", "ok", "detail"], [(c["check"], "yes" if c["ok"] else "NO", c["detail"])
-                                          for c in checks])
+        table(["check", "ok", "detail"],
+              [(c["check"], "yes" if c["ok"] else "NO" if c["required"] else "warn", c["detail"])
+               for c in checks])
     if not all(c["ok"] or not c["required"] for c in checks):
         raise typer.Exit(1)
 

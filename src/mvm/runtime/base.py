@@ -163,17 +163,19 @@ class Steps:
     recorded as a note on the original exception instead of hiding it.
     """
 
-    def __init__(self, what: str, progress: Progress | None = None) -> None:
+    def __init__(self, what: str, progress: Progress | None = None, *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.what = what
         self.progress = progress
         self.timings: list[tuple[str, float]] = []
         self._undos: list[tuple[str, Undo]] = []
-        self._started = time.monotonic()
+        self._clock = clock
+        self._started = clock()
 
     def run(self, name: str, fn: Callable[[], T]) -> T:
-        start = time.monotonic()
+        start = self._clock()
         result = fn()
-        took = time.monotonic() - start
+        took = self._clock() - start
         self.timings.append((name, took))
         if self.progress is not None:
             self.progress(name, took)
@@ -183,7 +185,7 @@ class Steps:
         self._undos.append((name, undo))
 
     def total(self) -> float:
-        return time.monotonic() - self._started
+        return self._clock() - self._started
 
     def rollback(self, error: BaseException | None = None) -> None:
         undos, self._undos = self._undos, []

@@ -6,14 +6,15 @@
 #   $out/bin/curl  $out/lib/x86_64-linux-gnu/libcurl.so.4 ...  $out/lib64/ld-linux-x86-64.so.2
 # A profile made with buildEnv merges those trees, so once the profile is laid out at the
 # guest's `/` (next to its /nix/store closure) the binaries find their standard interpreter
-# path and libraries without any patching. Builders are the host's static /bin/busybox; they
-# read /usr and /lib directly (the Nix sandbox is off).
+# path and libraries without any patching.
 #
 # versions.json is generated at install time (mvm.build.offline_nixpkgs.install): for each
-# package, the host files to copy (libraries resolved with ldd) and the version of every Debian
-# package they come from. Derivations take exactly that as input, so an upgraded Debian package
-# changes the store paths of the packages holding its files, and nothing else; the builder
-# refuses to run if the host no longer has the recorded versions.
+# package, the host files it is made of (libraries resolved with ldd), the version of every
+# Debian package they come from, and the content-addressed store path those files were imported
+# to (`files`: name and NAR hash). Builds run in Nix's sandbox, which shows them nothing of the
+# host: each package is a fixed-output path of host files that `mvm setup` imported, copied by
+# the set's own static busybox. An upgraded Debian package changes the imported bytes, hence the
+# store paths of the packages holding its files, and nothing else.
 {
   description = "mvm offline nixpkgs: buildEnv, trivial builders and packages copied from Debian";
 

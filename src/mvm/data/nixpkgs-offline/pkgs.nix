@@ -4,7 +4,23 @@ let
   lib = import ./lib.nix;
   inherit (lib) concatStringsSep concatMapStringsSep mapAttrsToList elemAt;
 
-  busyboxBin = "/bin/busybox"; # Debian busybox-static: one static binary, applets built in
+  # The host files a package is made of, imported into the store by `mvm setup`
+  # (mvm.build.offline_nixpkgs.import_host_files) as a content-addressed path: a fixed-output
+  # derivation whose hash pins those bytes. Nix finds the path already valid and never runs the
+  # builder, so a build reads nothing from the host; the builder only explains a missing import.
+  hostFiles = entry: derivation {
+    inherit system;
+    inherit (entry.files) name;
+    builder = "/mvm-setup-imports-the-offline-package-sets-host-files--run-mvm-setup";
+    outputHashMode = "recursive";
+    outputHashAlgo = "sha256";
+    outputHash = entry.files.sha256;
+    preferLocalBuild = true;
+    allowSubstitutes = false;
+  };
+
+  # Debian busybox-static: one static binary, applets built in; every builder here runs it.
+  busyboxBin = "${hostFiles versions.packages.busybox}/bin/busybox";
   py = versions.python.version; # e.g. "3.11"
 
   # A derivation whose builder is `busybox sh -c <script>`. Every other argument goes into the
@@ -19,16 +35,18 @@ let
     in
     drv // passthru // { inherit meta; };
 
+  # Run a program of a package copied from Debian inside the build sandbox, which has no
+  # /lib64/ld-linux-x86-64.so.2: through the package's own copy of the ELF interpreter.
+  runIn = pkg: "${pkg}/lib64/ld-linux-x86-64.so.2 --library-path ${pkg}/lib/x86_64-linux-gnu";
+
   # A package copied from the host's Debian packages, as described by versions.json.
   debianPackage = { pname, entry ? versions.packages.${pname}, postInstall ? "", propagate ? [ ]
                   , env ? { }, meta ? { }, passthru ? { } }:
     mkDerivation (env // {
       name = "${pname}-${entry.version}";
+      src = hostFiles entry;
+      # provenance (the bytes are pinned by src's hash): `nix derivation show` names them
       debianVersions = concatStringsSep "\n" (mapAttrsToList (pkg: v: "${pkg} ${v}") entry.debian);
-      copyList = concatMapStringsSep "\n" (c: "${elemAt c 0} ${elemAt c 1}") entry.copy;
-      treeList = concatMapStringsSep "\n"
-        (t: "${elemAt t 0} ${elemAt t 1} ${concatStringsSep "," (elemAt t 2)}") entry.trees;
-      unownedSums = concatStringsSep "\n" (mapAttrsToList (path: sum: "${sum}  ${path}") entry.unowned);
       propagated = toString propagate;
       script = builtins.readFile ./builders/debian.sh + "\n" + postInstall;
       passthru = { pname = pname; version = entry.version; debian = entry.debian; } // passthru;
@@ -87,14 +105,17 @@ let
 
   # runCommand: the script runs under busybox sh (`set -eu`) with all busybox applets, plus the
   # bin/ of buildInputs and nativeBuildInputs on PATH. Other attributes become environment.
+  # The sandbox has no /lib64/ld-linux-x86-64.so.2, so a program copied from Debian is reached
+  # through a wrapper that runs it with its package's own ELF interpreter and libraries.
   runCommand = name: env: script:
     let
       inputs = (env.nativeBuildInputs or [ ]) ++ (env.buildInputs or [ ]);
     in
     mkDerivation (removeAttrs env [ "nativeBuildInputs" "buildInputs" ] // {
       inherit name;
-      PATH = concatStringsSep ":" (map (p: "${p}/bin") inputs ++ [ "/path-not-set" ]);
-      script = script;
+      inputDirs = toString inputs;
+      PATH = "/path-not-set";
+      script = builtins.readFile ./builders/wrap-inputs.sh + "\n" + script;
     });
 
   cacert = debianPackage {
@@ -150,7 +171,7 @@ let
       cd "$out/bin"
       ln -s python${py} python3
       ln -s python${py} python
-      "$out/bin/python${py}" -I -m compileall -q -j "''${NIX_BUILD_CORES:-1}" \
+      ${runIn "$out"} "$out/bin/python${py}" -I -m compileall -q -j "''${NIX_BUILD_CORES:-1}" \
         --invalidation-mode unchecked-hash -x 'bad_coding|badsyntax|lib2to3/tests/data' \
         "$out/lib/python${py}" > "$TMPDIR/compile.log" || { cat "$TMPDIR/compile.log" >&2; exit 1; }
     '';
@@ -174,7 +195,7 @@ let
       env = { python = python3; };
       postInstall = ''
         site="$out/lib/python3/dist-packages"
-        "$python/bin/python${py}" -I -m compileall -q -j "''${NIX_BUILD_CORES:-1}" \
+        ${runIn python3} "$python/bin/python${py}" -I -m compileall -q -j "''${NIX_BUILD_CORES:-1}" \
           --invalidation-mode unchecked-hash "$site" > "$TMPDIR/compile.log" || { cat "$TMPDIR/compile.log" >&2; exit 1; }
         mkdir -p "$out/bin"
         {
