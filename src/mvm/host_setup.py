@@ -165,7 +165,7 @@ def doctor() -> list[dict[str, Any]]:
     from mvm.runtime import accel, select
 
     checks = []
-    qemu = shutil.which("qemu-system-x86_64")
+    qemu = proc.which("qemu-system-x86_64")
     qv = ""
     if qemu:
         try:
@@ -178,26 +178,26 @@ def doctor() -> list[dict[str, Any]]:
                          required=False))
     checks.append(_check("accelerator", True, accel.choose_accel(config.get("accel"),
                                                                  cache=select.kvm_probe_cache())))
-    nix = shutil.which("nix")
+    nix = proc.which("nix")
     checks.append(_check("nix", bool(nix), proc.output(["nix", "--version"], timeout=10).strip()
                          if nix else "nix not found: apt-get install nix-bin"))
     if nix:
         checks += _nix_checks()
     checks.append(_check("nixpkgs", True, config.get("nixpkgs") or "flakes use their own nixpkgs input"))
-    mkfs = shutil.which("mkfs.ext4")
+    mkfs = proc.which("mkfs.ext4")
     checks.append(_check("mkfs.ext4", bool(mkfs), mkfs or "apt-get install e2fsprogs"))
     tun = os.path.exists("/dev/net/tun")
     checks.append(_check("/dev/net/tun", tun, "present" if tun else "missing: modprobe tun"))
     bridge = os.path.isdir("/sys/class/net") and (os.path.exists("/sys/module/bridge")
                                                  or os.geteuid() == 0)
     checks.append(_check("bridge", bridge, "bridges can be created" if bridge else "no bridge support"))
-    nft = shutil.which("nft")
+    nft = proc.which("nft")
     checks.append(_check("nftables", bool(nft), nft or "apt-get install nftables", required=False))
     kdir = paths.kernel_dir()
     have_kernel = (kdir / "vmlinux").is_file() and (kdir / "initrd").is_file()
     checks.append(_check("guest kernel", have_kernel,
                          str(kdir) if have_kernel else f"missing in {kdir}: run `mvm setup`"))
-    fc = shutil.which("firecracker")
+    fc = proc.which("firecracker")
     checks.append(_check("firecracker", bool(fc), fc or "not installed (qemu backend is used)",
                          required=False))
     return checks

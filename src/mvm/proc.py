@@ -1,9 +1,16 @@
-"""The one way mvm runs a subprocess: argv lists, stdin closed, always reaped, a deadline."""
+"""The one way mvm runs a subprocess: argv lists, stdin closed, always reaped, a deadline.
+
+mvm runs as root and needs sbin tools (mkfs.ext4, debugfs, nft, useradd, …), yet cron or a
+minimal service may start it with a PATH such as /usr/bin:/bin. A program that is not on PATH
+is therefore also looked for in the standard system directories; the child's environment,
+PATH included, is left as it was.
+"""
 
 from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -11,6 +18,8 @@ from pathlib import Path
 from mvm.errors import CommandFailed
 
 DEFAULT_TIMEOUT = 600.0
+#: Looked in, in this order, for a program that is not on PATH.
+SYSTEM_DIRS = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
 
 
 def run(
@@ -30,9 +39,13 @@ def run(
     if env is not None:
         full_env = dict(os.environ)
         full_env.update(env)
+    # argv[0] stays as given (what the child sees, and what an error message shows); only the
+    # file executed is resolved when PATH does not have it.
+    executable = _resolve(args[0], (full_env or os.environ).get("PATH")) if args else None
     try:
         proc = subprocess.run(
             args,
+            executable=executable,
             input=input,
             stdin=None if input is not None else subprocess.DEVNULL,
             stdout=stdout if stdout is not None else (subprocess.PIPE if capture else None),
@@ -66,6 +79,12 @@ def output(argv: Sequence[str | os.PathLike[str]], **kw: object) -> str:
 
 
 def which(name: str) -> str | None:
-    from shutil import which as _which
+    """The program's path: on PATH, else in the standard system directories."""
+    return shutil.which(name) or _resolve(name, os.environ.get("PATH"))
 
-    return _which(name)
+
+def _resolve(name: str, path: str | None) -> str | None:
+    """Where to find a program that PATH does not have; None: leave it to the usual lookup."""
+    if not name or "/" in name or shutil.which(name, path=path if path is not None else os.defpath):
+        return None
+    return shutil.which(name, path=os.pathsep.join(SYSTEM_DIRS))

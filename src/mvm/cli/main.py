@@ -9,11 +9,10 @@ from typing import Annotated
 
 import click
 import typer
-from rich.markup import escape
 
 from mvm import __version__
 from mvm.cli import output
-from mvm.cli.output import emit_json, err, table
+from mvm.cli.output import emit_json, table
 from mvm.errors import MvmError
 from mvm.model import PoolRef, Quotas, check_id
 from mvm.store import Store
@@ -336,7 +335,7 @@ def pool_scale(
     from mvm import scale
 
     ref = PoolRef.parse(pool)
-    result = scale.scale(store(), ref, running, warm, sleeping, report=lambda s: err.print(s),
+    result = scale.scale(store(), ref, running, warm, sleeping, report=output.note,
                          progress=output.Steps("scale"))
     if json_:
         emit_json([_instance_json(i) for i in result])
@@ -460,7 +459,7 @@ def instance_exec(
     sys.stderr.buffer.write(r.stderr)
     sys.stderr.buffer.flush()
     if r.timed_out:
-        err.print(f"error: command timed out after {timeout:g}s")
+        output.error(f"command timed out after {timeout:g}s")
     raise typer.Exit(r.exit_code)
 
 
@@ -508,32 +507,30 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         line = e.line()
         line = line[len("error: "):] if line.startswith("error: ") else line  # Nix's own prefix
-        err.print(f"[bold red]error:[/bold red] {escape(line)}", markup=True, highlight=False)
+        output.error(line)
         return e.exit_code
     except click.exceptions.NoArgsIsHelpError as e:
         e.show()
         return 0
     except click.UsageError as e:
         cmd = e.ctx.command_path if e.ctx else "mvm"
-        err.print(f"[bold red]error:[/bold red] {escape(e.format_message())} (see `{cmd} --help`)",
-                  markup=True, highlight=False)
+        output.error(f"{e.format_message()} (see `{cmd} --help`)")
         return 2
     except click.exceptions.Exit as e:
         return e.exit_code
     except click.exceptions.Abort:
-        err.print("aborted")
+        output.note("aborted")
         return 130
     except click.ClickException as e:
-        err.print(f"error: {e.format_message()}")
+        output.error(e.format_message())
         return e.exit_code
     except KeyboardInterrupt:
-        err.print("interrupted")
+        output.note("interrupted")
         return 130
     except Exception as e:  # a bug: still one line, the traceback with --debug
         if debug:
             traceback.print_exc()
-        err.print(f"error: internal error: {e.__class__.__name__}: {escape(str(e))} (rerun with --debug"
-                  " for a traceback)", markup=False)
+        output.error(f"internal error: {e.__class__.__name__}: {e} (rerun with --debug for a traceback)")
         return 70
 
 

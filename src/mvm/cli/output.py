@@ -1,4 +1,9 @@
-"""Presenting results: tables with Rich, `--json` everywhere, step progress on stderr."""
+"""Presenting results: tables with Rich, `--json` everywhere, step progress on stderr.
+
+Everything printed here may hold text from outside (error messages, paths, flake refs, a
+guest's or Nix's output), so both consoles print strings literally: no Rich markup (a `[/x]`
+in a path would crash the print), no `:emoji:` codes. Styling is applied with `Text` only.
+"""
 
 from __future__ import annotations
 
@@ -12,9 +17,10 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
-out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True, highlight=False)
+out = Console(soft_wrap=True, markup=False, emoji=False)
+err = Console(stderr=True, soft_wrap=True, markup=False, emoji=False, highlight=False)
 
 
 def to_jsonable(obj: Any) -> Any:
@@ -38,8 +44,20 @@ def table(columns: Sequence[str], rows: Sequence[Sequence[Any]], title: str | No
     for c in columns:
         t.add_column(c)
     for r in rows:
-        t.add_row(*("" if v is None else str(v) for v in r))
+        # literal text, highlighted as before (numbers, addresses, paths)
+        t.add_row(*(out.render_str("" if v is None else str(v), markup=False, emoji=False)
+                    for v in r))
     out.print(t)
+
+
+def error(message: str) -> None:
+    """The one `error: …` line on stderr; the message is printed as it is."""
+    err.print(Text.assemble(("error:", "bold red"), " ", message))
+
+
+def note(line: str) -> None:
+    """A line of a report on stderr (e.g. what `pool scale` did to each instance)."""
+    err.print(Text(line))
 
 
 class Steps:
@@ -53,10 +71,10 @@ class Steps:
         now = time.monotonic()
         if message == "…":
             self.started[step] = now
-            err.print(f"[dim]{self.what}[/dim] {step} …")
+            err.print(Text.assemble((self.what, "dim"), f" {step} …"))
             return
         if step not in self.started:  # a step that reports its own timing
-            err.print(f"[dim]{self.what}[/dim] {step}: {message}")
+            err.print(Text.assemble((self.what, "dim"), f" {step}: {message}"))
             return
         took = now - self.started.pop(step)
-        err.print(f"[dim]{self.what}[/dim] {step}: {message} [dim]({took:.2f}s)[/dim]")
+        err.print(Text.assemble((self.what, "dim"), f" {step}: {message} ", (f"({took:.2f}s)", "dim")))
