@@ -10,7 +10,12 @@ is never more than one setter in the guest.
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,7 +25,9 @@ import pytest
 
 from mvm.build.kernel import KernelInfo, install_default_kernel
 from mvm.errors import GuestError
+from tests.conftest import Mvm, instances_by_state, needs_assets, sh
 from tests.test_guest_boot import SECRETS, Guest, make_rootfs, make_secrets, mkfs
+from tests.test_instances import setup_pool
 
 pytestmark = [
     pytest.mark.guest,
@@ -33,7 +40,7 @@ PROCS = r"""
 for p in /proc/[0-9]*; do
 	read -r pid _ st ppid _ <"$p/stat" 2>/dev/null || continue
 	w=$(cat "$p/wchan" 2>/dev/null)
-	n=$(ls -l "$p/fd" 2>/dev/null | grep -c "CLOCK_FIFO")
+	n=$(ls -l "$p/fd" 2>/dev/null | grep -cE "CLOCK_FIFO( \(deleted\))?$")
 	a=$(tr '\0\n' '  ' <"$p/cmdline" 2>/dev/null)
 	echo "$pid|$ppid|$st|$w|$n|$a"
 done
@@ -83,11 +90,24 @@ def last_pid(g: Guest) -> int:
     return int(g.agent.exec(["cat", "/proc/loadavg"], timeout=10).stdout.split()[4])
 
 
+def reader(g: Guest) -> int:
+    """The pid of the agent's `cat` on the port: a new one each time its read loop starts."""
+    cats = [p.pid for p in procs(g) if p.cmdline == "cat" and p.wchan == "port_fops_read"]
+    assert len(cats) == 1, cats
+    return cats[0]
+
+
 def reconnect(g: Guest) -> None:
-    """The host goes away (a CLI command ends, or is killed) and a new one connects: the
-    agent's read loop starts over."""
-    g.agent.close()
-    assert g.agent.exec(["true"], timeout=20).ok
+    """The host goes away (a CLI command ends, or is killed) and a new one connects, late
+    enough that the guest saw it go: the agent's read loop starts over. (A quick
+    reconnect can go unnoticed by the guest.)"""
+    before = reader(g)
+    for pause in (0.5, 1, 2, 4, 8):
+        g.agent.close()
+        time.sleep(pause)
+        if reader(g) != before:
+            return
+    pytest.fail("the agent's read loop did not start over after the host went away")
 
 
 def assert_wake_sets_the_clock(g: Guest) -> None:
@@ -199,6 +219,37 @@ def test_a_wake_after_its_setter_died_still_sets_the_clock(guest: Guest) -> None
     assert_wake_sets_the_clock(g)
 
 
+def test_a_restarted_agent_ends_the_setter_of_the_one_before(guest: Guest) -> None:
+    """The agent dies with a setter armed and init starts another: that one ends the
+    orphaned setter (or it could race its own for the time) and works as before."""
+    g = guest
+    g.agent.sleep_prep()
+    ps = procs(g)
+    agents = {p.pid: p for p in ps if p.cmdline == "/mvm/busybox sh /mvm/agent"}
+    main = [p for p in agents.values() if p.ppid not in agents]
+    assert len(main) == 1, main
+    old = main[0].pid
+    setter = [p for p in ps if p.is_clock_setter]
+    assert len(setter) == 1 and setter[0].ppid == old, setter
+    # The agent and its reader (which holds the port) die; the setter is left over.
+    cat = [p for p in ps if p.cmdline == "cat" and p.wchan == "port_fops_read"]
+    awk = [p for p in agents.values() if p.ppid == old and p.wchan == "pipe_read"]
+    assert len(cat) == 1 and len(awk) == 1, (cat, awk)
+    victims = [old, cat[0].ppid, cat[0].pid, awk[0].pid]
+    g.sh(f"setsid sh -c 'sleep 1; kill -KILL {' '.join(map(str, victims))}' "
+         ">/dev/null 2>&1 </dev/null &")
+    time.sleep(4)  # init restarts the agent a second after it died
+    g.agent.close()
+    g.agent.wait_ready(30)
+    assert "agent exited (137), restarting" in g.console()
+    left = setters(g)
+    assert not left, f"the setter of the agent before is still there: {left}"
+    g.agent.sleep_prep()
+    assert len(setters(g)) == 1
+    set_guest_clock(g, -1000)
+    assert_wake_sets_the_clock(g)
+
+
 def test_wake_after_an_aborted_sleep_resume_and_execs(restorable: Guest, tmp_path: Path) -> None:
     """The issue's repro at the protocol level: `instance sleep` killed once the memory
     file is written (sleep-prep done, VM stopped, snapshot taken, host gone), `resume`,
@@ -216,10 +267,59 @@ def test_wake_after_an_aborted_sleep_resume_and_execs(restorable: Guest, tmp_pat
     for cycle in range(3):
         g.agent.sleep_prep()
         armed = setters(g)
-        assert len(armed) <= 1, f"cycle {cycle}: more than one clock setter: {armed}"
         g.snapshot(tmp_path / "vm.state")
         time.sleep(2)
         g.restore(tmp_path / "vm.state")
         assert skew(g) < -1.5, "the guest clock should be behind after a restore"
-        assert_wake_sets_the_clock(g)
+        base = -last_pid(g) + last_pid(g)
+        before = last_pid(g)
+        try:
+            g.agent.wake()
+        except GuestError as e:  # the issue: `date -s @… failed (1)`
+            pytest.fail(f"cycle {cycle}: wake failed: {e}; clock setters before it: {armed}")
+        forks = last_pid(g) - before - base
+        assert abs(skew(g)) <= 2, "the wake did not set the guest clock"
+        assert len(armed) <= 1, f"cycle {cycle}: more than one clock setter: {armed}"
+        assert not setters(g), "a clock setter is left after the wake"
+        assert forks == 0, f"cycle {cycle}: the wake after a restore forked {forks} processes"
         reconnect(g)
+
+
+@pytest.mark.nix
+@needs_assets("kernel", "nixpkgs-offline")
+def test_cli_wake_after_a_killed_sleep(gmvm: Mvm, flake_copy, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The issue's repro through mvm itself: SIGKILL `instance sleep` once
+    snapshot/memory.tmp exists, `resume`, two `exec`s, `sleep`, `wake`."""
+    setup_pool(gmvm, flake_copy("app-flake"), tmp_path)
+    gmvm.ok("pool", "scale", "acme/workers", "--running", "1")
+    inst = instances_by_state(gmvm, "acme/workers")["running"][0]
+    info = json.loads(gmvm.ok("instance", "info", inst, "--json").out)
+    memory_tmp = Path(info["data_disk"]).parent / "snapshot" / "memory.tmp"
+    assert gmvm.ns
+    sleeper = subprocess.Popen(
+        ["ip", "netns", "exec", gmvm.ns, sys.executable, "-m", "mvm.cli.main", "instance",
+         "sleep", inst], env=gmvm.env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not memory_tmp.exists():
+            assert sleeper.poll() is None, "`instance sleep` ended before memory.tmp appeared"
+            assert time.monotonic() < deadline, "no snapshot/memory.tmp"
+            time.sleep(0.005)
+    finally:
+        os.killpg(sleeper.pid, signal.SIGKILL)
+        sleeper.wait()
+    gmvm.ok("instance", "resume", inst)
+    for _ in range(2):
+        time.sleep(1.5)  # the guest sees the host go: its agent's read loop starts over
+        r = sh(gmvm, inst, "echo hi")
+        assert (r.rc, r.out) == (0, "hi\n"), r.err
+    waiting = "grep -l wait_for_partner /proc/[0-9]*/wchan 2>/dev/null | wc -l"
+    assert int(sh(gmvm, inst, waiting).out) <= 1, "more than one clock setter"
+    gmvm.ok("instance", "sleep", inst)
+    time.sleep(2)
+    r = gmvm("instance", "wake", inst)
+    assert r.rc == 0, r.err  # the issue: `guest agent refused wake: date -s @… failed (1)`
+    assert instances_by_state(gmvm, "acme/workers") == {"running": [inst]}
+    assert abs(int(sh(gmvm, inst, "date +%s").out) - time.time()) <= 2
+    assert int(sh(gmvm, inst, waiting).out) == 0, "a clock setter is left after the wake"
