@@ -35,11 +35,11 @@ test-quick: deps
 	$(VENV)/bin/pytest -q -m "not guest and not nix and not net" $(PYTEST_ARGS)
 
 lint: deps
-	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff check src tests tools
 	$(VENV)/bin/mypy
 
 bench: setup
-	$(PY) -m mvm.bench
+	$(PY) tools/bench.py
 
 clean:
 	rm -rf $(VENV) build

@@ -231,3 +231,36 @@ def test_malformed_answers_are_guest_errors(sock: Path) -> None:
         fake.close()
     with pytest.raises(ValueError):
         AgentClient(sock).exec([], timeout=1)
+
+
+def test_a_queued_wake_sends_the_time_it_goes_out_not_when_it_was_asked(agent: FakeAgent, sock: Path) -> None:
+    c = AgentClient(sock)
+    c._lock.acquire()  # another request of this client is in flight
+    done = threading.Event()
+
+    def wake() -> None:
+        c.wake()
+        done.set()
+
+    t = threading.Thread(target=wake)
+    t.start()
+    time.sleep(0.6)
+    released = time.time()
+    c._lock.release()
+    t.join(5)
+    assert done.is_set()
+    sent = float(next(x for x in agent.requests if " wake " in x).split(" ")[2])
+    assert sent >= released  # not the time 0.6 s earlier, when wake() was called
+
+
+def test_a_wait_ends_when_the_hypervisor_exits(tmp_path: Path) -> None:
+    from mvm.guest.channels import VirtioSerialChannel
+
+    alive = {"yes": True}
+    channel = VirtioSerialChannel(tmp_path / "never.sock", alive=lambda: alive["yes"],
+                                  last_words=lambda: "console:\nKernel panic - not syncing")
+    threading.Timer(0.3, lambda: alive.update(yes=False)).start()
+    # (without the watch this would end after the full minute, as "not ready after 60s")
+    with pytest.raises(GuestError, match="the hypervisor exited while waiting for the guest agent") as e:
+        AgentClient(channel).wait_ready(timeout=60)
+    assert "Kernel panic" in e.value.message

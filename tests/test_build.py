@@ -182,3 +182,38 @@ def test_profile_that_ships_a_kernel_uses_it(mvm: Mvm, flake_copy) -> None:  # t
     assert "kernel: profile" in r.err
     manifest = json.loads((rootfs(mvm, "acme/k").parent / "manifest.json").read_text())
     assert manifest["kernel"]["source"] == "profile" and manifest["initrd"] is True
+
+
+def test_a_killed_build_shows_as_interrupted(mvm: Mvm, flake_copy) -> None:  # type: ignore[no-untyped-def]
+    import secrets
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    flake = flake_copy("guide-flake")
+    text = (flake / "flake.nix").read_text()
+    slow = f'      slow = pkgs.runCommand "slow-{secrets.token_hex(4)}" {{ }} "sleep SECONDS; mkdir $out";\n'
+    (flake / "flake.nix").write_text(text.replace("      python = pkgs.buildEnv",
+                                                  slow.replace("SECONDS", "120") + "      python = pkgs.buildEnv"))
+    mvm.ok("tenant", "create", "acme")
+    mvm.ok("pool", "create", "acme/s", "--flake", str(flake), "--profile", "slow")
+    p = subprocess.Popen([sys.executable, "-m", "mvm.cli.main", "pool", "build", "acme/s"], env=mvm.env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def builds() -> list[dict[str, object]]:
+        return list(json.loads(mvm.ok("pool", "info", "acme/s", "--json").out)["builds"])
+
+    deadline = time.monotonic() + 60
+    while not builds() or builds()[-1]["status"] != "running":
+        assert time.monotonic() < deadline, "the build never started"
+        time.sleep(0.2)
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    assert builds()[-1]["status"] == "interrupted"  # shown, not stuck at `running`
+    (flake / "flake.nix").write_text(text.replace("      python = pkgs.buildEnv",
+                                                  slow.replace("SECONDS", "0") + "      python = pkgs.buildEnv"))
+    mvm.ok("pool", "build", "acme/s")
+    last_two = builds()[-2:]
+    assert [b["status"] for b in last_two] == ["interrupted", "ok"]
+    assert last_two[0]["error"] == "the command running it died"

@@ -20,13 +20,13 @@ def fake_pool(mvm: Mvm, profile: str = "minimal", flake: str = "path:/tmp/flake"
               data_disk: int = 0) -> str:
     """A tenant and a pool whose current revision has a rootfs but no kernel, recorded
     directly in the store (no Nix): starting one of its instances fails at the boot check."""
-    from mvm import paths
+    from mvm.config import paths
     from mvm.model import Pool
-    from mvm.store import Store
+    from mvm.store import SqliteStore
 
     mvm.ok("tenant", "create", "acme")
     mvm.ok("config", "set", "accel", "tcg")  # no KVM probe
-    store = Store()
+    store = SqliteStore()
     try:
         store.add_pool(Pool("acme", "web", flake, profile, 1, 256, data_disk, "none"))
         rev = "a" * 12

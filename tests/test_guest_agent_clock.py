@@ -289,12 +289,13 @@ def test_wake_after_an_aborted_sleep_resume_and_execs(restorable: Guest, tmp_pat
 @needs_assets("kernel", "nixpkgs-offline")
 def test_cli_wake_after_a_killed_sleep(gmvm: Mvm, flake_copy, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """The issue's repro through mvm itself: SIGKILL `instance sleep` once
-    snapshot/memory.tmp exists, `resume`, two `exec`s, `sleep`, `wake`."""
+    snapshot/<name>/memory.tmp exists, the next command (which finds the sleep interrupted
+    and lets the VM run on), two `exec`s, `sleep`, `wake`."""
     setup_pool(gmvm, flake_copy("app-flake"), tmp_path)
     gmvm.ok("pool", "scale", "acme/workers", "--running", "1")
     inst = instances_by_state(gmvm, "acme/workers")["running"][0]
     info = json.loads(gmvm.ok("instance", "info", inst, "--json").out)
-    memory_tmp = Path(info["data_disk"]).parent / "snapshot" / "memory.tmp"
+    snapshots = Path(info["data_disk"]).parent / "snapshot"
     assert gmvm.ns
     sleeper = subprocess.Popen(
         ["ip", "netns", "exec", gmvm.ns, sys.executable, "-m", "mvm.cli.main", "instance",
@@ -302,14 +303,15 @@ def test_cli_wake_after_a_killed_sleep(gmvm: Mvm, flake_copy, tmp_path: Path) ->
         stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
-        while not memory_tmp.exists():
+        while not list(snapshots.glob("*/memory.tmp")):
             assert sleeper.poll() is None, "`instance sleep` ended before memory.tmp appeared"
             assert time.monotonic() < deadline, "no snapshot/memory.tmp"
             time.sleep(0.005)
     finally:
         os.killpg(sleeper.pid, signal.SIGKILL)
         sleeper.wait()
-    gmvm.ok("instance", "resume", inst)
+    r = gmvm.ok("instance", "observe", "acme/workers")
+    assert "finished an interrupted sleep (now running)" in r.out
     for _ in range(2):
         time.sleep(1.5)  # the guest sees the host go: its agent's read loop starts over
         r = sh(gmvm, inst, "echo hi")

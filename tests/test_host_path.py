@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from mvm import proc
 from mvm.errors import CommandFailed
+from mvm.util import proc
 from tests.conftest import Mvm
 
 MINIMAL_PATH = "/usr/bin:/bin"
@@ -83,7 +83,8 @@ def test_missing_everywhere_is_one_clear_error() -> None:
 def test_secrets_image_built_without_sbin_on_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                   minimal_path: None) -> None:
     """The step `wake` and `start` failed on: the secrets disk (mkfs.ext4 + debugfs)."""
-    from mvm import paths, secrets_disk
+    from mvm.config import paths
+    from mvm.lifecycle import secrets_disk
 
     monkeypatch.setenv("MVM_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("MVM_RUNTIME_DIR", str(tmp_path / "run"))

@@ -162,6 +162,12 @@ def test_killed_hypervisor_is_failed_and_scale_restores(gmvm: Mvm, flake_copy, t
     victim = instances_by_state(gmvm, "acme/workers")["running"][0]
     os.kill(qemu_pid(gmvm, victim), signal.SIGKILL)
     time.sleep(0.5)
+    # a listing only looks: it shows what the hypervisor says and changes nothing
+    listed = {i["address"]: i for i in json.loads(gmvm.ok("instance", "list", "acme/workers", "--json").out)}
+    assert listed[victim]["state"] == "running" and listed[victim]["observed"] == "hypervisor gone"
+    assert "hypervisor gone" in gmvm.ok("instance", "list", "acme/workers").out
+    r = gmvm.ok("instance", "observe", "acme/workers")  # observing is explicit
+    assert f"{victim.split('/')[-1]}: failed: hypervisor process exited unexpectedly" in r.out
     states = instances_by_state(gmvm, "acme/workers")
     assert victim not in states.get("running", []) and victim in states.get("failed", [])
     gmvm.ok("pool", "scale", "acme/workers", "--running", "2")

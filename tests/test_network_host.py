@@ -26,10 +26,10 @@ from typing import Any, TypeVar
 
 import pytest
 
-from mvm import proc
 from mvm.errors import Conflict, NotFound
 from mvm.network import firewall, host, plan
 from mvm.network.verify import verify
+from mvm.util import proc
 
 pytestmark = [
     pytest.mark.net,

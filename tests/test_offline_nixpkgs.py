@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from mvm import proc
 from mvm.build import nix as mvm_nix
 from mvm.build import offline_nixpkgs
 from mvm.errors import CommandFailed, HostUnsupported, InvalidInput
+from mvm.util import proc
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"

@@ -92,15 +92,16 @@ def test_verify_reports_and_repairs_drift(gmvm: Mvm) -> None:
 
 
 def test_full_subnet_and_bad_networks_change_nothing(mvm: Mvm) -> None:
-    from mvm import instances
+    from mvm.lifecycle import create
     from mvm.model import PoolRef
-    from mvm.store import Store
+    from mvm.services import context
+    from mvm.store import SqliteStore
 
     mvm.ok("tenant", "create", "acme", "--max-instances", "400")
     mvm.ok("pool", "create", "acme/w", "--profile", "minimal")
-    store = Store(mvm.home / "mvm.db")
+    ctx = context.host(SqliteStore(mvm.home / "mvm.db"))
     for _ in range(252):
-        instances.create(store, PoolRef("acme", "w"))
+        create(ctx, PoolRef("acme", "w"))
     before = mvm.ok("instance", "list", "acme/w", "--json").out
     r = mvm("instance", "create", "acme/w")
     assert r.rc != 0 and len(r.lines) == 1 and "full" in r.err

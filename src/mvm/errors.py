@@ -66,3 +66,12 @@ class GuestError(RuntimeFailure):
 
 class HostUnsupported(MvmError):
     exit_code = 10
+
+
+def combined(errors: list[MvmError], what: str) -> MvmError:
+    """One error naming every failure of a batch (the first decides the type and exit code)."""
+    if len(errors) == 1:
+        return errors[0]
+    first = errors[0]
+    return type(first)(f"{len(errors)} failures in {what}: " + "; ".join(e.line() for e in errors),
+                       first.hint)

@@ -188,6 +188,49 @@ def transition(current: State, action: Action, what: str = "instance") -> State:
     return target
 
 
+class Reason(StrEnum):
+    """Why a change happened: every event carries one."""
+
+    USER = "user"  # a person's command
+    SCALE = "scale"  # `pool scale` converging a pool
+    POLICY = "policy"  # an idle or admission policy
+    CRASH = "crash"  # recovery from a crashed command or hypervisor
+    QUOTA = "quota"  # a quota refused or limited a change
+    BUILD = "build"  # a pool build
+    SECRETS = "secrets"  # secrets re-delivery
+
+
+@dataclass(frozen=True)
+class Event:
+    """One typed event, written in the same transaction as the change it describes."""
+
+    kind: str  # e.g. instance.start, instance.recovered
+    message: str
+    reason: Reason = Reason.USER
+    tenant: str | None = None
+    pool: str | None = None
+    instance: str | None = None
+
+
+@dataclass(frozen=True)
+class Op:
+    """A transition in flight, persisted before it acts: the action, the state it leads to,
+    the steps completed so far, step data (e.g. the snapshot's name) and who runs it. A
+    command that dies leaves it behind; the next one to take the pool's lock finds it and
+    resumes or rolls back (lifecycle.recover)."""
+
+    action: Action
+    target: State
+    source: State
+    steps: tuple[str, ...] = ()
+    data: dict[str, str] = field(default_factory=dict)
+    owner: str = ""
+    started: float = 0.0
+
+    def done(self, step: str) -> bool:
+        return step in self.steps
+
+
 @dataclass(frozen=True)
 class Instance:
     id: str
@@ -203,6 +246,8 @@ class Instance:
     created: float = 0.0
     updated: float = 0.0
     error: str | None = None
+    op: Op | None = None  # a transition in flight (or left by a command that died)
+    snapshot: str | None = None  # the committed snapshot a wake may restore, exactly once
 
     @property
     def ref(self) -> InstanceRef:

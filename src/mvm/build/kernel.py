@@ -22,10 +22,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from mvm import proc
 from mvm.errors import BuildFailed, CommandFailed, HostUnsupported
 from mvm.guest.layout import static_busybox
-from mvm.hashing import file_sha256
+from mvm.util import proc
+from mvm.util.hashing import file_sha256
 
 METAPACKAGE = "linux-image-cloud-amd64"
 # Bump when the initrd layout or /init changes, so installed kernels are rebuilt.

@@ -8,8 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mvm import config, proc
+from mvm import config
 from mvm.errors import BuildFailed, CommandFailed, HostUnsupported, InvalidInput
+from mvm.util import proc
 
 SYSTEM = "x86_64-linux"
 CONF_DIR = Path(__file__).resolve().parent.parent / "data" / "nix"

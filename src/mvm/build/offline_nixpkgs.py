@@ -32,10 +32,10 @@ from importlib.abc import Traversable
 from pathlib import Path
 from typing import Any
 
-from mvm import proc
 from mvm.build import nix
 from mvm.errors import CommandFailed, HostUnsupported, InvalidInput, MvmError
-from mvm.hashing import file_sha256
+from mvm.util import proc
+from mvm.util.hashing import file_sha256
 
 # apt packages whose files the set copies (and `libc-bin` for `ldd`, `dpkg` for dpkg-query).
 DEBIAN_PACKAGES: tuple[str, ...] = (

@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mvm import paths
 from mvm.build import nix, rootfs
+from mvm.config import paths
 from mvm.errors import BuildFailed, HostUnsupported, MvmError
 from mvm.guest.layout import static_busybox
-from mvm.hashing import file_sha256
 from mvm.model import Pool, Revision
+from mvm.util.hashing import file_sha256
 
 Progress = Callable[[str, str], None]  # (step, message)
 DATA = Path(__file__).resolve().parent.parent / "data"

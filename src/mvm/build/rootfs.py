@@ -10,7 +10,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from mvm import proc
+from mvm.util import proc
 
 # Bump when the layout of the image changes, so revisions built by an older packer differ.
 PACKER_VERSION = "1"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import traceback
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import click
 import typer
@@ -15,7 +15,10 @@ from mvm.cli import output
 from mvm.cli.output import emit_json, table
 from mvm.errors import MvmError
 from mvm.model import PoolRef, Quotas, check_id
-from mvm.store import Store
+
+if TYPE_CHECKING:
+    from mvm.config.host import Host
+    from mvm.store import Store
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   rich_markup_mode=None, help="Fleets of microVMs for many tenants, built from Nix flakes.")
@@ -30,7 +33,7 @@ app.add_typer(config_app, name="config")
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 STATE: dict[str, object] = {"debug": False}
-_store: Store | None = None
+_host: Host | None = None
 
 
 def show(info: dict[str, object], json_: bool) -> None:
@@ -42,11 +45,19 @@ def show(info: dict[str, object], json_: bool) -> None:
         print(f"{k}: {v}")
 
 
+def ctx() -> Host:
+    """The host context of this command, made once at the edge."""
+    global _host
+    if _host is None:
+        from mvm.services import context
+
+        _host = context.host()
+        _host.locks.waiting = output.note  # a wait for another command is never silent
+    return _host
+
+
 def store() -> Store:
-    global _store
-    if _store is None:
-        _store = Store()
-    return _store
+    return ctx().store
 
 
 @app.callback()
@@ -69,7 +80,7 @@ def setup(
         "(default: only when github.com is unreachable).")] = None,
 ) -> None:
     """Install mvm's host assets: default guest kernel, built-in flake, offline nixpkgs."""
-    from mvm import host_setup
+    from mvm.services import host_setup
 
     host_setup.setup(offline, progress=output.Steps("setup"))
 
@@ -77,7 +88,7 @@ def setup(
 @app.command()
 def doctor(json_: JsonOpt = False) -> None:
     """Check what the host has: QEMU, a usable and fast KVM, Nix, mkfs.ext4, TUN, bridges, kernel."""
-    from mvm import host_setup
+    from mvm.services import host_setup
 
     checks = host_setup.doctor()
     if json_:
@@ -134,7 +145,7 @@ def tenant_create(
     max_instances: Annotated[int, typer.Option("--max-instances", help="per pool")] = Quotas.max_instances,
 ) -> None:
     """Create a tenant."""
-    from mvm import tenants
+    from mvm.services import tenants
 
     t = tenants.create(store(), tenant, net_id, subnet,
                        Quotas(max_vcpus, max_mem, max_running, max_warm, max_pools, max_instances))
@@ -155,7 +166,7 @@ def tenant_list(json_: JsonOpt = False) -> None:
 @tenant_app.command("info")
 def tenant_info(tenant: str, json_: JsonOpt = False) -> None:
     """Show a tenant: network, quotas, usage, secret names (never values)."""
-    from mvm import tenants
+    from mvm.services import tenants
 
     t = store().tenant(check_id("tenant", tenant))
     instances = store().instances(t.id)
@@ -173,7 +184,7 @@ def tenant_info(tenant: str, json_: JsonOpt = False) -> None:
 def tenant_destroy(tenant: str, force: Annotated[bool, typer.Option(
         "--force", help="also destroy the tenant's pools and instances")] = False) -> None:
     """Destroy a tenant (and with --force everything it owns)."""
-    from mvm import tenants
+    from mvm.services import tenants
 
     tenants.destroy(store(), check_id("tenant", tenant), force)
     print(f"tenant {tenant} destroyed")
@@ -182,7 +193,7 @@ def tenant_destroy(tenant: str, force: Annotated[bool, typer.Option(
 @secrets_app.command("set")
 def secrets_set(tenant: str, from_file: Annotated[Path, typer.Option("--from-file")]) -> None:
     """Replace the tenant's secrets with a JSON object read from a file."""
-    from mvm import tenants
+    from mvm.services import tenants
 
     version = tenants.set_secrets(store(), check_id("tenant", tenant), from_file)
     print(f"secrets of {tenant} set (version {version}); running instances keep their copy"
@@ -194,14 +205,14 @@ def secrets_rotate(tenant: str, restart: Annotated[bool, typer.Option(
         "--restart", help="restart running and warm instances that hold old secrets")] = False,
         json_: JsonOpt = False) -> None:
     """Say which instances hold old secrets; with --restart, re-deliver by restarting them."""
-    from mvm import tenants
+    from mvm.services import tenants
 
     stale = tenants.stale_instances(store(), check_id("tenant", tenant))
     restarted: list[str] = []
     if restart and stale:
-        from mvm import instances
+        from mvm.services import instances
 
-        restarted = instances.redeliver_secrets(store(), tenant, progress=output.Steps("rotate"))
+        restarted = instances.redeliver_secrets(ctx(), tenant, progress=output.Steps("rotate"))
     if json_:
         emit_json({"stale": stale, "restarted": restarted})
         return
@@ -224,7 +235,7 @@ def pool_create(
     network: Annotated[str, typer.Option(help="tenant (default) or none")] = "tenant",
 ) -> None:
     """Create a pool from a flake profile."""
-    from mvm import pools
+    from mvm.services import pools
 
     p = pools.create(store(), PoolRef.parse(pool), flake, profile, cpus, mem, data_disk, network)
     print(f"pool {p.ref} created ({p.flake}#{p.profile}, {p.cpus} vCPU, {p.mem} MiB"
@@ -262,7 +273,7 @@ def pool_info(pool: str, json_: JsonOpt = False) -> None:
 def pool_build(pool: str, force: Annotated[bool, typer.Option(
         "--force", help="rebuild even when nothing changed")] = False) -> None:
     """Build the pool's flake profile into a new revision and make it current."""
-    from mvm import pools
+    from mvm.services import pools
 
     ref = PoolRef.parse(pool)
     rev, cached = pools.build(store(), ref, force, progress=output.Steps(f"build {ref}"))
@@ -272,7 +283,7 @@ def pool_build(pool: str, force: Annotated[bool, typer.Option(
 @pool_app.command("revisions")
 def pool_revisions(pool: str, json_: JsonOpt = False) -> None:
     """List a pool's revisions; * marks current."""
-    from mvm import pools
+    from mvm.services import pools
 
     ref = PoolRef.parse(pool)
     current = store().pool(ref.tenant, ref.pool).current
@@ -295,7 +306,7 @@ def pool_revisions(pool: str, json_: JsonOpt = False) -> None:
 def pool_rollback(pool: str, revision: Annotated[str | None, typer.Option(
         help="revision hash (or unique prefix); omitted: the previous one")] = None) -> None:
     """Point `current` at another revision without building."""
-    from mvm import pools
+    from mvm.services import pools
 
     ref = PoolRef.parse(pool)
     target = pools.rollback(store(), ref, revision)
@@ -306,7 +317,7 @@ def pool_rollback(pool: str, revision: Annotated[str | None, typer.Option(
 @pool_app.command("gc")
 def pool_gc(pool: str, keep: Annotated[int, typer.Option(help="newest revisions to keep")] = 3) -> None:
     """Delete old revisions (never current, never one an instance uses)."""
-    from mvm import pools
+    from mvm.services import pools
 
     removed = pools.gc(store(), PoolRef.parse(pool), keep)
     print(f"removed {len(removed)} revision(s)" + (": " + ", ".join(removed) if removed else ""))
@@ -316,7 +327,7 @@ def pool_gc(pool: str, keep: Annotated[int, typer.Option(help="newest revisions 
 def pool_destroy(pool: str, force: Annotated[bool, typer.Option(
         "--force", help="also destroy the pool's instances")] = False) -> None:
     """Destroy a pool, its revisions and (with --force) its instances."""
-    from mvm import pools
+    from mvm.services import pools
 
     ref = PoolRef.parse(pool)
     pools.destroy(store(), ref, force)
@@ -332,10 +343,10 @@ def pool_scale(
     json_: JsonOpt = False,
 ) -> None:
     """Converge the pool to these counts now (reusing instances before creating new ones)."""
-    from mvm import scale
+    from mvm.services import scale
 
     ref = PoolRef.parse(pool)
-    result = scale.scale(store(), ref, running, warm, sleeping, report=output.note,
+    result = scale.scale(ctx(), ref, running, warm, sleeping, report=output.note,
                          progress=output.Steps("scale"))
     if json_:
         emit_json([_instance_json(i) for i in result])
@@ -350,13 +361,18 @@ instance_app = typer.Typer(no_args_is_help=True, help="Instances: one microVM ea
 app.add_typer(instance_app, name="instance")
 
 
-def _instance_json(i: object) -> dict[str, object]:
+def _instance_json(i: object, observed: str | None = None) -> dict[str, object]:
     from mvm.model import Instance
 
     assert isinstance(i, Instance)
-    return {"id": i.id, "pool": f"{i.tenant}/{i.pool}", "tenant": i.tenant, "state": i.state.value,
-            "revision": i.revision, "ip": i.ip, "mac": i.mac, "secrets_version": i.secrets_version,
-            "error": i.error, "address": str(i.ref)}
+    out: dict[str, object] = {
+        "id": i.id, "pool": f"{i.tenant}/{i.pool}", "tenant": i.tenant, "state": i.state.value,
+        "revision": i.revision, "ip": i.ip, "mac": i.mac, "secrets_version": i.secrets_version,
+        "error": i.error, "address": str(i.ref),
+        "transition": i.op.action.value if i.op else None, "snapshot": i.snapshot}
+    if observed is not None:
+        out["observed"] = observed
+    return out
 
 
 def _iref(text: str):  # type: ignore[no-untyped-def]
@@ -368,8 +384,8 @@ def _iref(text: str):  # type: ignore[no-untyped-def]
 @instance_app.command("list")
 def instance_list(where: Annotated[str | None, typer.Argument(help="<tenant> or <tenant>/<pool>")] = None,
                   json_: JsonOpt = False) -> None:
-    """List instances."""
-    from mvm import instances
+    """List instances, with what their hypervisors say (reading only: nothing is changed)."""
+    from mvm.services import instances
 
     tenant = pool = None
     if where:
@@ -381,42 +397,44 @@ def instance_list(where: Annotated[str | None, typer.Argument(help="<tenant> or 
         else:
             tenant = check_id("tenant", where)
             store().tenant(tenant)
-    items = instances.list_instances(store(), tenant, pool)
+    items = instances.views(ctx(), tenant, pool)
     if json_:
-        emit_json([_instance_json(i) for i in items])
+        emit_json([_instance_json(v.instance, v.observed) for v in items])
         return
-    table(["instance", "state", "revision", "ip"],
-          [(str(i.ref), i.state.value, i.revision or "-", i.ip or "-") for i in items])
+    table(["instance", "state", "revision", "ip", "observed"],
+          [(str(v.instance.ref), v.instance.state.value, v.instance.revision or "-",
+            v.instance.ip or "-", v.observed or v.instance.error or "") for v in items])
 
 
 @instance_app.command("info")
 def instance_info(instance: str, json_: JsonOpt = False) -> None:
-    """Show one instance, including the revision it runs."""
-    from mvm import instances
+    """Show one instance, including the revision it runs (reading only)."""
+    from mvm.lifecycle import specs
+    from mvm.services import instances
 
-    i = instances.get(store(), _iref(instance))
-    info = _instance_json(i)
-    info["data_disk"] = str(instances.data_disk_path(i)) if instances.data_disk_path(i).exists() else None
-    current = store().pool(i.tenant, i.pool).current
-    info["pool_current_revision"] = current
+    v = instances.view(ctx(), _iref(instance))
+    i = v.instance
+    info = _instance_json(i, v.observed)
+    info["data_disk"] = str(specs.data_disk_path(i)) if specs.data_disk_path(i).exists() else None
+    info["pool_current_revision"] = store().pool(i.tenant, i.pool).current
     show(info, json_)
 
 
 @instance_app.command("create")
 def instance_create(pool: str) -> None:
     """Create an instance (state created) in a pool."""
-    from mvm import instances
+    from mvm.lifecycle import create
 
-    i = instances.create(store(), PoolRef.parse(pool))
+    i = create(ctx(), PoolRef.parse(pool))
     print(str(i.ref))
 
 
 def _transition_cmd(name: str, doc: str) -> None:
     def cmd(instance: str) -> None:
-        from mvm import instances
+        from mvm.lifecycle import apply
+        from mvm.model import Action
 
-        fn = getattr(instances, name)
-        i = fn(store(), _iref(instance), output.Steps(f"{name} {instance}"))
+        i = apply(ctx(), _iref(instance), Action(name), progress=output.Steps(f"{name} {instance}"))
         print(f"{i.ref}: {i.state.value}")
 
     cmd.__doc__ = doc
@@ -438,10 +456,31 @@ for _name, _doc in (
 def instance_destroy(instance: str, keep_data: Annotated[bool, typer.Option(
         "--keep-data", help="keep the data disk file")] = False) -> None:
     """Stop the instance and remove everything it has (unless --keep-data, its data disk)."""
-    from mvm import instances
+    from mvm.config import paths
+    from mvm.lifecycle import apply
+    from mvm.model import Action
 
-    kept = instances.destroy(store(), _iref(instance), keep_data)
-    print(f"{instance} destroyed" + (f"; data disk kept at {kept}" if kept else ""))
+    ref = _iref(instance)
+    apply(ctx(), ref, Action.DESTROY, keep_data=keep_data)
+    kept = paths.tenant_dir(ref.tenant) / "kept-data" / f"{ref.pool}-{ref.instance}.ext4"
+    print(f"{instance} destroyed" + (f"; data disk kept at {kept}" if keep_data and kept.exists() else ""))
+
+
+@instance_app.command("observe")
+def instance_observe(pool: str) -> None:
+    """Reconcile a pool's instances with their hypervisors: finish transitions that dead
+    commands left, fail instances whose hypervisor exited, end hypervisors nobody records."""
+    from mvm.lifecycle import observe
+    from mvm.lifecycle.apply import pool_locked
+
+    ref = PoolRef.parse(pool)
+    store().pool(ref.tenant, ref.pool)
+    with pool_locked(ctx(), ref, False):
+        done = observe.pool(ctx(), ref)
+    for line in done:
+        print(line)
+    if not done:
+        print(f"{ref}: every instance is as the store says")
 
 
 @instance_app.command("exec")
@@ -451,9 +490,9 @@ def instance_exec(
     timeout: Annotated[float, typer.Option(help="seconds before the command is killed")] = 60.0,
 ) -> None:
     """Run a command in the guest; exits with the command's exit code."""
-    from mvm import instances
+    from mvm.services import instances
 
-    r = instances.exec_(store(), _iref(instance), list(command), timeout)
+    r = instances.exec_(ctx(), _iref(instance), list(command), timeout)
     sys.stdout.buffer.write(r.stdout)
     sys.stdout.buffer.flush()
     sys.stderr.buffer.write(r.stderr)
@@ -466,9 +505,9 @@ def instance_exec(
 @instance_app.command("logs")
 def instance_logs(instance: str) -> None:
     """Print the instance's serial console log."""
-    from mvm import instances
+    from mvm.services import instances
 
-    sys.stdout.buffer.write(instances.console(store(), _iref(instance)))
+    sys.stdout.buffer.write(instances.console(ctx(), _iref(instance)))
 
 
 # -- network -------------------------------------------------------------------
@@ -481,7 +520,7 @@ app.add_typer(net_app, name="net")
 def net_verify(repair: Annotated[bool, typer.Option("--repair", help="put drifted parts back")] = False,
                json_: JsonOpt = False) -> None:
     """Compare bridges, TAPs and firewall rules with the database; --repair puts them back."""
-    from mvm import netops
+    from mvm.lifecycle import netops
 
     report = netops.verify(store(), repair)
     if json_:

@@ -23,11 +23,12 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from mvm.errors import GuestError
+from mvm.guest.channels import AgentChannel, VirtioSerialChannel
 
 AGENT_PORT_NAME = "mvm.agent"  # the virtserialport name the guest agent looks for
 EXEC_GRACE = 10.0  # host waits this much longer than the guest-side exec timeout
@@ -52,11 +53,14 @@ class _Timeout(Exception):
 
 
 class AgentClient:
-    """Talks to one guest's agent. Connects lazily and reconnects after the socket drops
-    (e.g. after a snapshot restore the new QEMU has a new socket)."""
+    """Talks to one guest's agent over a channel. Connects lazily and reconnects after the
+    socket drops (e.g. after a snapshot restore the new QEMU has a new socket). Waits end
+    early when the channel says its hypervisor is gone."""
 
-    def __init__(self, socket_path: Path, *, connect_timeout: float = 5.0) -> None:
-        self.socket_path = Path(socket_path)
+    def __init__(self, channel: AgentChannel | Path, *, connect_timeout: float = 5.0) -> None:
+        self.channel: AgentChannel = (VirtioSerialChannel(channel) if isinstance(channel, Path)
+                                      else channel)
+        self.socket_path = self.channel.path
         self.connect_timeout = connect_timeout
         self._sock: socket.socket | None = None
         self._buf = bytearray()
@@ -76,6 +80,7 @@ class AgentClient:
         last_error = "no answer"
         with self._lock:
             while True:
+                self._check_alive("while waiting for the guest agent")
                 if time.monotonic() >= deadline:
                     raise GuestError(
                         f"guest agent at {self.socket_path} not ready after {timeout:g}s "
@@ -137,8 +142,13 @@ class AgentClient:
     def wake(self, now: float | None = None, timeout: float = 10.0, fresh_secrets: bool = False) -> None:
         """After a restore: set the guest clock (to the second); with `fresh_secrets` the
         guest re-reads the secrets disk, whose content changed while it slept."""
-        t = time.time() if now is None else now
-        self._request("wake", [f"{t:.6f}", *(["fresh"] if fresh_secrets else [])], timeout)
+        # The time is read when the request goes out (after the lock and the connection), not
+        # before: a wake queued behind another request must not send a stale time.
+        def args() -> list[str]:
+            t = time.time() if now is None else now
+            return [f"{t:.6f}", *(["fresh"] if fresh_secrets else [])]
+
+        self._request("wake", args, timeout)
 
     def close(self) -> None:
         with self._lock:
@@ -152,14 +162,15 @@ class AgentClient:
 
     # -------------------------------------------------------------- plumbing
 
-    def _request(self, verb: str, args: list[str], timeout: float) -> list[str]:
+    def _request(self, verb: str, args: list[str] | Callable[[], list[str]], timeout: float) -> list[str]:
+        """One request; `args` may be a function, called right before the line is sent."""
         deadline = time.monotonic() + timeout
         rid = _new_id()
-        line = " ".join([rid, verb, *args])
         with self._lock:
             try:
                 if self._sock is None:
                     self._connect(min(self.connect_timeout, timeout))
+                line = " ".join([rid, verb, *(args() if callable(args) else args)])
                 try:
                     self._send(line, deadline)
                 except (BrokenPipeError, ConnectionResetError, ConnectionRefusedError):
@@ -173,10 +184,12 @@ class AgentClient:
                     if fields and fields[0] == rid:
                         break
             except _Timeout:
+                self._check_alive(f"while waiting for the answer to {verb}")
                 raise GuestError(
                     f"guest agent did not answer {verb} within {timeout:g}s", _HINT) from None
             except OSError as e:
                 self._drop()
+                self._check_alive(f"during {verb}")
                 raise GuestError(
                     f"guest agent at {self.socket_path}: {e.strerror or e}", _HINT) from e
         if len(fields) >= 2 and fields[1] == "ok":
@@ -186,23 +199,14 @@ class AgentClient:
             raise GuestError(f"guest agent refused {verb}: {msg}")
         raise GuestError(f"malformed answer to {verb} from guest agent: {fields[:3]!r}", _HINT)
 
+    def _check_alive(self, when: str) -> None:
+        if not self.channel.alive():
+            words = self.channel.last_words()
+            raise GuestError(f"the hypervisor exited {when}" + (f"\n{words}" if words else ""),
+                             "look at `mvm instance logs` for the guest's console")
+
     def _connect(self, timeout: float) -> None:
-        """Connect, retrying while QEMU is between two clients (it accepts one at a time)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            s.settimeout(max(_left(deadline), 0.001))
-            try:
-                s.connect(os.fspath(self.socket_path))
-                break
-            except (BlockingIOError, ConnectionRefusedError):
-                s.close()
-                if _left(deadline) <= 0:
-                    raise
-                time.sleep(min(0.01, max(_left(deadline), 0)))
-            except OSError:
-                s.close()
-                raise
+        s = self.channel.connect(timeout)
         try:
             # A line that a previous connection left unfinished (its host died or gave
             # up mid-send) must not run glued to our first request: \001 ends it, and the

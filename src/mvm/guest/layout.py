@@ -14,8 +14,8 @@ import struct
 from importlib import resources
 from pathlib import Path
 
-from mvm import proc
 from mvm.errors import HostUnsupported
+from mvm.util import proc
 
 BUSYBOX = Path("/bin/busybox")  # Debian's busybox-static
 GUEST_DIR = "mvm"

@@ -50,9 +50,9 @@ from ipaddress import IPv4Network
 from pathlib import Path
 from typing import Any
 
-from mvm import proc
 from mvm.errors import CommandFailed, Conflict
 from mvm.network import plan
+from mvm.util import proc
 
 FAMILY = "inet"
 TABLE = "mvm"

@@ -18,8 +18,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from mvm.errors import CommandFailed, HostUnsupported, InvalidInput
-from mvm.proc import run
 from mvm.runtime.qemu import BINARY, qemu_message
+from mvm.util.proc import run
 
 KVM_DEVICE = Path("/dev/kvm")
 DEFAULT_TIMEOUT = 4.0

@@ -16,9 +16,12 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from mvm.errors import RuntimeFailure
+
+if TYPE_CHECKING:
+    from mvm.guest.agent_client import AgentClient
 
 T = TypeVar("T")
 
@@ -71,11 +74,20 @@ class VmSpec:
 class VmStatus(StrEnum):
     RUNNING = "running"
     PAUSED = "paused"
+    #: The hypervisor stopped the guest because a disk write failed on the host (e.g. a full
+    #: disk); it lives, but the guest cannot go on.
+    IO_ERROR = "io-error"
+    #: The hypervisor lives but the guest cannot run: it panicked, shut down, or hit an
+    #: internal error of the hypervisor.
+    BROKEN = "broken"
     #: No hypervisor process (never started, stopped, snapshotted, or crashed).
     GONE = "gone"
 
     def is_live(self) -> bool:
         return self is not VmStatus.GONE
+
+    def is_error(self) -> bool:
+        return self in (VmStatus.IO_ERROR, VmStatus.BROKEN)
 
 
 @dataclass(frozen=True)
@@ -112,6 +124,16 @@ class SnapshotInfo:
             os.fsync(f.fileno())
         os.replace(tmp, snap_dir / MANIFEST)
         _fsync_dir(snap_dir)
+
+    @classmethod
+    def committed(cls, snap_dir: Path) -> bool:
+        """Whether snap_dir holds a whole snapshot: a readable manifest and a memory file of
+        the size it records (the manifest is written last, after the memory file's fsync)."""
+        try:
+            info = cls.load(snap_dir)
+            return (snap_dir / info.memory_file).stat().st_size == info.size_bytes
+        except (RuntimeFailure, OSError):
+            return False
 
     @classmethod
     def load(cls, snap_dir: Path) -> SnapshotInfo:
@@ -211,6 +233,9 @@ class Runtime(ABC):
 
     #: Short backend name, recorded in snapshot manifests ("qemu", "firecracker").
     name: str
+    #: Whether a restored VM keeps the snapshot's memory file mapped for its whole life (as
+    #: Firecracker does): its files may then be deleted only once no hypervisor runs.
+    maps_snapshot_while_running: bool = False
 
     @abstractmethod
     def boot(self, spec: VmSpec, progress: Progress | None = None) -> None:
@@ -234,8 +259,10 @@ class Runtime(ABC):
 
     @abstractmethod
     def restore(self, spec: VmSpec, snap_dir: Path, progress: Progress | None = None) -> None:
-        """Start a new process with identical devices, load the snapshot, resume. Disks must be
-        exactly as at snapshot time. On failure nothing is left behind; the snapshot stays."""
+        """Start a new process with identical devices and load the snapshot, leaving the vCPUs
+        paused: the guest runs only at `resume`, so the caller can first record that the
+        snapshot is consumed. Disks must be exactly as at snapshot time. On failure nothing is
+        left behind; the snapshot stays."""
 
     @abstractmethod
     def stop(self, spec: VmSpec, timeout: float) -> None:
@@ -253,6 +280,12 @@ class Runtime(ABC):
     @abstractmethod
     def agent_socket(self, spec: VmSpec) -> Path:
         """The host end of the guest agent channel (a Unix stream socket to connect to)."""
+
+    @abstractmethod
+    def agent(self, spec: VmSpec) -> AgentClient:
+        """A client of the VM's guest agent over this backend's channel (virtio-serial for
+        QEMU, vsock for Firecracker), whose waits end early, with the console's last lines,
+        when the hypervisor exits."""
 
     @abstractmethod
     def console_log(self, spec: VmSpec) -> Path:

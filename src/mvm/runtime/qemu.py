@@ -14,12 +14,13 @@ import itertools
 import os
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from mvm.errors import CommandFailed, InvalidInput, RuntimeFailure
-from mvm.proc import run
-from mvm.retry import until
-from mvm.runtime import pids, qmp
+from mvm.guest.agent_client import AgentClient
+from mvm.guest.channels import VirtioSerialChannel
+from mvm.runtime import qmp
 from mvm.runtime.base import (
     MANIFEST,
     Progress,
@@ -30,6 +31,9 @@ from mvm.runtime.base import (
     VmStatus,
 )
 from mvm.runtime.qmp import Qmp
+from mvm.util import pids
+from mvm.util.proc import run
+from mvm.util.retry import until
 
 BINARY = "qemu-system-x86_64"
 
@@ -222,16 +226,35 @@ def qemu_message(text: str) -> str:
     return "; ".join(errors[-3:])
 
 
+# QEMU's RunState (qapi/run-state.json) as the runtime interface sees it; the rest are paused.
+STATUS = {
+    "running": VmStatus.RUNNING,
+    "io-error": VmStatus.IO_ERROR,
+    "internal-error": VmStatus.BROKEN,
+    "guest-panicked": VmStatus.BROKEN,
+    "shutdown": VmStatus.BROKEN,
+    "watchdog": VmStatus.BROKEN,
+}
+
+
 class QemuRuntime(Runtime):
     name = "qemu"
 
-    def __init__(self, accel: str = "tcg", *, binary: str = BINARY,
+    def __init__(self, accel: str | Callable[[], str] = "tcg", *, binary: str = BINARY,
                  tb_size_mib: int | None = TCG_TB_MIB) -> None:
-        if accel not in ("tcg", "kvm"):
-            raise InvalidInput(f"unknown accelerator {accel!r}", "use tcg or kvm")
-        self.accel = accel
+        """`accel`: tcg or kvm, or a function choosing one (e.g. by a timed KVM probe), called
+        on the first boot or snapshot only: observing and stopping VMs never probe."""
+        if isinstance(accel, str):
+            _check_accel(accel)
+        self._accel = accel
         self.binary = binary
         self.tb_size_mib = tb_size_mib
+
+    @property
+    def accel(self) -> str:
+        if not isinstance(self._accel, str):
+            self._accel = _check_accel(self._accel())
+        return self._accel
 
     # -- files ------------------------------------------------------------------------------
 
@@ -257,7 +280,12 @@ class QemuRuntime(Runtime):
     # -- queries ----------------------------------------------------------------------------
 
     def _pid(self, spec: VmSpec) -> int | None:
-        return pids.owned_pid(self.pid_file(spec))
+        """Our QEMU's pid: by its pid file, or — when the file is gone (the runtime dir was
+        removed under it) — by the `-pidfile <path>` its command line still names."""
+        pid_file = self.pid_file(spec)
+        if pid_file.exists():
+            return pids.owned_pid(pid_file)
+        return pids.find_by_arg("-pidfile", str(pid_file))
 
     def is_alive(self, spec: VmSpec) -> bool:
         return self._pid(spec) is not None
@@ -271,7 +299,7 @@ class QemuRuntime(Runtime):
             if not self.is_alive(spec):
                 return VmStatus.GONE
             raise
-        return VmStatus.RUNNING if state == "running" else VmStatus.PAUSED
+        return STATUS.get(state, VmStatus.PAUSED)
 
     def _require_alive(self, spec: VmSpec) -> int:
         pid = self._pid(spec)
@@ -296,8 +324,22 @@ class QemuRuntime(Runtime):
             s.run("run-dir", lambda: self._prepare_run_dir(spec, s, fresh=False))
             s.run("spawn", lambda: self._spawn(spec, self.argv(spec, accel, incoming=True), s))
             with Qmp(self.qmp_socket(spec)) as q:
+                # Loaded and left paused (-S): the guest runs only at resume().
                 s.run("load", lambda: self._load(spec, q, snap_dir / info.memory_file, info))
-                s.run("resume", lambda: q.execute("cont"))
+
+    def agent(self, spec: VmSpec) -> AgentClient:
+        return AgentClient(VirtioSerialChannel(
+            self.agent_socket(spec), alive=lambda: self.is_alive(spec),
+            last_words=lambda: self._last_words(spec)))
+
+    def _last_words(self, spec: VmSpec) -> str:
+        """What QEMU and the guest said last: for the error when a hypervisor exits early."""
+        parts = []
+        if qlog := qemu_message(_tail(self.qemu_log(spec))):
+            parts.append(f"QEMU: {qlog}")
+        if console := _tail(self.console_log(spec), lines=5):
+            parts.append("console:\n" + console)
+        return "\n".join(parts)
 
     def pause(self, spec: VmSpec) -> None:
         self._require_alive(spec)
@@ -415,12 +457,8 @@ class QemuRuntime(Runtime):
 
     def _with_logs(self, spec: VmSpec, e: RuntimeFailure) -> RuntimeFailure:
         """Attach what QEMU and the guest said, before the undo removes the logs."""
-        parts = [e.message]
-        if qlog := qemu_message(_tail(self.qemu_log(spec))):
-            parts.append(f"QEMU: {qlog}")
-        if console := _tail(self.console_log(spec), lines=5):
-            parts.append("console:\n" + console)
-        return RuntimeFailure("\n".join(parts), e.hint)
+        words = self._last_words(spec)
+        return RuntimeFailure(e.message + (f"\n{words}" if words else ""), e.hint)
 
     def _check_snapshot(self, spec: VmSpec, snap_dir: Path) -> SnapshotInfo:
         info = SnapshotInfo.load(snap_dir)
@@ -539,6 +577,12 @@ class QemuRuntime(Runtime):
         """Remove the files a dead hypervisor leaves; never while it lives."""
         if self._pid(spec) is None:
             _unlink(self.qmp_socket(spec), self.agent_socket(spec), self.pid_file(spec))
+
+
+def _check_accel(accel: str) -> str:
+    if accel not in ("tcg", "kvm"):
+        raise InvalidInput(f"unknown accelerator {accel!r}", "use tcg or kvm")
+    return accel
 
 
 def _running_accel(pid: int) -> str | None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mvm import config, paths
+from mvm import config
+from mvm.config import paths
 from mvm.errors import HostUnsupported, InvalidInput
 from mvm.runtime.accel import choose_accel
 from mvm.runtime.base import Runtime
@@ -21,7 +22,7 @@ def runtime(backend: str | None = None, accel: str | None = None) -> Runtime:
         from mvm.runtime.qemu import QemuRuntime
 
         setting = accel or config.get("accel")
-        return QemuRuntime(choose_accel(setting, cache=kvm_probe_cache()))
+        return QemuRuntime(lambda: choose_accel(setting, cache=kvm_probe_cache()))
     if backend == "firecracker":
         raise HostUnsupported("the firecracker backend is not implemented yet",
                               "run `mvm config set backend qemu`")

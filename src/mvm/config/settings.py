@@ -6,7 +6,7 @@ import json
 import os
 from dataclasses import dataclass
 
-from mvm import paths
+from mvm.config import paths
 from mvm.errors import InvalidInput
 
 

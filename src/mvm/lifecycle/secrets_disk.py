@@ -11,8 +11,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from mvm import paths
 from mvm.build import rootfs
+from mvm.config import paths
 from mvm.errors import InvalidInput
 
 # Fixed, so a snapshot's device geometry matches the image re-delivered at wake.

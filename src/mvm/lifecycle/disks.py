@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from mvm import proc
+from mvm.util import proc
 
 LABEL = "mvm-data"
 

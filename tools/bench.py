@@ -17,7 +17,7 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-from mvm import paths
+from mvm.config import paths
 
 RUNS = 5
 
@@ -108,45 +108,46 @@ def bench_build(h: Home) -> None:
 
 
 def bench_runtime(h: Home) -> dict[str, float]:
-    from mvm import instances, netops
-    from mvm.model import PoolRef
-    from mvm.runtime.select import runtime
-    from mvm.store import Store
+    from mvm.lifecycle import apply, create, netops, specs
+    from mvm.model import Action, PoolRef
+    from mvm.services import context, instances
 
-    print(f"instances ({runtime().name}, accelerator {getattr(runtime(), 'accel', '?')})")
-    store = Store()
+    ctx = context.host()
+    rt = ctx.runtime()
+    print(f"instances ({rt.name}, accelerator {getattr(rt, 'accel', '?')})")
+    store = ctx.store
     h.mvm("tenant", "create", "rt")
     h.mvm("pool", "create", "rt/vm", "--profile", "minimal", "--mem", "256")
     h.mvm("pool", "build", "rt/vm")
     ref = PoolRef("rt", "vm")
     cold, resume, qmp_resume, wake, snap, used = [], [], [], [], [], []
-    rt = runtime()
     for _ in range(RUNS):
-        i = instances.create(store, ref)
-        cold.append(timed(partial(instances.start, store, i.ref)))
+        i = create(ctx, ref)
+        cold.append(timed(partial(apply, ctx, i.ref, Action.START)))
         i = store.instance("rt", "vm", i.id)
-        spec = instances.spec_for(store, i, i.revision or "")
-        meminfo = instances.exec_(store, i.ref, ["cat", "/proc/meminfo"]).stdout.decode()
+        spec = specs.spec_for(store, i, i.revision or "")
+        meminfo = instances.exec_(ctx, i.ref, ["cat", "/proc/meminfo"]).stdout.decode()
         fields = {ln.split(":")[0]: int(ln.split()[1]) for ln in meminfo.splitlines()}
         # touched by the guest: its RAM less what its kernel reports free (kernel image included)
         used.append(256 * 2**20 - fields["MemFree"] * 1024)
-        instances.warm(store, i.ref)
-        resume.append(timed(partial(instances.resume, store, i.ref)))
+        apply(ctx, i.ref, Action.WARM)
+        resume.append(timed(partial(apply, ctx, i.ref, Action.RESUME)))
         rt.pause(spec)
         qmp_resume.append(timed(partial(rt.resume, spec)))
-        instances.sleep(store, i.ref)
-        snap.append(sum(f.stat().st_size for f in instances.snapshot_dir(i).iterdir()))
-        wake.append(timed(partial(instances.wake, store, i.ref)))
+        i = apply(ctx, i.ref, Action.SLEEP)
+        assert i.snapshot
+        snap.append(sum(f.stat().st_size for f in specs.snapshot_dir(i, i.snapshot).iterdir()))
+        wake.append(timed(partial(apply, ctx, i.ref, Action.WAKE)))
 
-        instances.destroy(store, i.ref)
+        apply(ctx, i.ref, Action.DESTROY)
     # network set-up: a tenant's first instance (bridge + rules + TAP), then a further one (TAP)
     first, further = [], []
     for _ in range(RUNS):
-        a, b = instances.create(store, ref), instances.create(store, ref)
+        a, b = create(ctx, ref), create(ctx, ref)
         first.append(timed(partial(netops.instance_up, store, a)))
         further.append(timed(partial(netops.instance_up, store, b)))
-        instances.destroy(store, b.ref)
-        instances.destroy(store, a.ref)  # the tenant's last: its network goes with it
+        apply(ctx, b.ref, Action.DESTROY)
+        apply(ctx, a.ref, Action.DESTROY)  # the tenant's last: its network goes with it
     c, r, q, w = (statistics.median(x) for x in (cold, resume, qmp_resume, wake))
     line("cold boot to agent-ready, median of 5", f"{c:.3f} s")
     line("warm -> running resume (mvm), median of 5", f"{r * 1000:.1f} ms")
@@ -176,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
             env = dict(os.environ, MVM_BENCH_NETNS=ns)
-            return subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-m", "mvm.bench", *wanted],
+            return subprocess.run(["ip", "netns", "exec", ns, sys.executable, __file__, *wanted],
                                   env=env).returncode
         finally:
             subprocess.run(["ip", "netns", "del", ns], check=False)

@@ -6,11 +6,22 @@ import shutil
 import time
 from collections.abc import Callable
 
-from mvm import paths
 from mvm.build import nix, pipeline
+from mvm.config import paths
 from mvm.errors import Conflict, InvalidInput, NotFound, QuotaExceeded
-from mvm.model import MAX_CPUS, MAX_MEM_MIB, MIN_MEM_MIB, Pool, PoolRef, Revision, check_revision
-from mvm.store import Store, pool_lock
+from mvm.model import (
+    MAX_CPUS,
+    MAX_MEM_MIB,
+    MIN_MEM_MIB,
+    Event,
+    Pool,
+    PoolRef,
+    Reason,
+    Revision,
+    check_revision,
+)
+from mvm.store import Store, default_locks, pool_lock
+from mvm.store.locks import pool_lock_name
 
 BUILTIN_PROFILES = ("minimal", "baseline", "python")
 MIN_DATA_DISK_MIB = 8
@@ -61,7 +72,7 @@ def create(store: Store, ref: PoolRef, flake: str | None, profile: str, cpus: in
                 created=time.time())
     store.add_pool(pool)
     paths.artifacts_dir(ref.tenant, ref.pool).mkdir(parents=True, exist_ok=True)
-    store.event("pool.create", f"pool {ref} from {flake_ref}#{profile}", tenant=ref.tenant, pool=ref.pool)
+    store.event(Event("pool.create", f"pool {ref} from {flake_ref}#{profile}", tenant=ref.tenant, pool=ref.pool))
     return pool
 
 
@@ -72,6 +83,7 @@ def build(store: Store, ref: PoolRef, force: bool = False,
         bdir = paths.builds_dir(ref.tenant, ref.pool)
         bdir.mkdir(parents=True, exist_ok=True)
         log = bdir / f"{time.strftime('%Y%m%dT%H%M%S')}-{time.time_ns() % 10**9:09d}.log"
+        store.interrupt_builds(ref.tenant, ref.pool)
         build_id = store.start_build(ref.tenant, ref.pool, str(log))
         try:
             rev, cached = pipeline.run_build(pool, force, log, progress)
@@ -80,11 +92,11 @@ def build(store: Store, ref: PoolRef, force: bool = False,
             store.set_pool_current(ref.tenant, ref.pool, rev.hash)
         except BaseException as e:
             store.finish_build(build_id, "failed", error=str(e).splitlines()[-1] if str(e) else "")
-            store.event("pool.build", f"build failed: {e}", tenant=ref.tenant, pool=ref.pool)
+            store.event(Event("pool.build", f"build failed: {e}", Reason.BUILD, ref.tenant, ref.pool))
             raise
         store.finish_build(build_id, "ok", rev.hash, cached)
-        store.event("pool.build", f"revision {rev.hash}{' (cached)' if cached else ''}",
-                    tenant=ref.tenant, pool=ref.pool)
+        store.event(Event("pool.build", f"revision {rev.hash}{' (cached)' if cached else ''}",
+                          Reason.BUILD, ref.tenant, ref.pool))
         progress("current", rev.hash)
         return rev, cached
 
@@ -117,7 +129,7 @@ def rollback(store: Store, ref: PoolRef, revision: str | None = None) -> str:
                            "rebuild it with `mvm pool build --force`")
         pipeline.switch_current(ref.tenant, ref.pool, target)
         store.set_pool_current(ref.tenant, ref.pool, target)
-        store.event("pool.rollback", f"current -> {target}", tenant=ref.tenant, pool=ref.pool)
+        store.event(Event("pool.rollback", f"current -> {target}", tenant=ref.tenant, pool=ref.pool))
         return target
 
 
@@ -142,7 +154,7 @@ def gc(store: Store, ref: PoolRef, keep: int = 3) -> list[str]:
             store.remove_revision(ref.tenant, ref.pool, r.hash)
             removed.append(r.hash)
         if removed:
-            store.event("pool.gc", f"removed {', '.join(removed)}", tenant=ref.tenant, pool=ref.pool)
+            store.event(Event("pool.gc", f"removed {', '.join(removed)}", tenant=ref.tenant, pool=ref.pool))
         return removed
 
 
@@ -154,10 +166,14 @@ def destroy(store: Store, ref: PoolRef, force: bool = False) -> None:
             raise Conflict(f"pool {ref} still has {len(live)} instance(s)",
                            "scale it to zero first, or pass --force to destroy them too")
         if live:
-            from mvm import instances
+            from mvm.lifecycle import apply
+            from mvm.model import Action
+            from mvm.services import context
 
+            ctx = context.host(store)
             for i in live:
-                instances.destroy(store, i.ref, keep_data=False, locked=True)
+                apply(ctx, i.ref, Action.DESTROY, locked=True)
         store.remove_pool(ref.tenant, ref.pool)
         shutil.rmtree(paths.pool_dir(ref.tenant, ref.pool), ignore_errors=True)
-        store.event("pool.destroy", f"pool {ref} destroyed", tenant=ref.tenant, pool=ref.pool)
+        store.event(Event("pool.destroy", f"pool {ref} destroyed", tenant=ref.tenant, pool=ref.pool))
+        default_locks().remove(pool_lock_name(ref.tenant, ref.pool))  # (we hold it)

@@ -9,11 +9,12 @@ import shutil
 import time
 from pathlib import Path
 
-from mvm import paths
+from mvm.config import paths
 from mvm.errors import Conflict, InvalidInput
-from mvm.model import Quotas, State, Tenant, check_id
+from mvm.model import Event, Quotas, State, Tenant, check_id
 from mvm.network import plan
-from mvm.store import Store, lock
+from mvm.store import Store, default_locks, lock, tenant_lock
+from mvm.store.locks import tenant_lock_name
 
 
 def create(store: Store, tid: str, net_id: int | None = None, subnet: str | None = None,
@@ -40,31 +41,33 @@ def create(store: Store, tid: str, net_id: int | None = None, subnet: str | None
         t = Tenant(tid, net_id, subnet, q, 0, time.time())
         store.add_tenant(t)
         paths.tenant_dir(tid).mkdir(parents=True, exist_ok=True)
-        store.event("tenant.create", f"tenant {tid} net-id {net_id} subnet {subnet}", tenant=tid)
+        store.event(Event("tenant.create", f"tenant {tid} net-id {net_id} subnet {subnet}", tenant=tid))
     return t
 
 
 def destroy(store: Store, tid: str, force: bool = False) -> None:
     store.tenant(tid)
-    pools = store.pools(tid)
-    if pools and not force:
-        raise Conflict(f"tenant {tid} still has {len(pools)} pool(s): "
-                       + ", ".join(p.id for p in pools),
-                       "destroy them first, or pass --force to destroy everything of the tenant")
-    from mvm import pools as pool_svc
+    with tenant_lock(tid):
+        pools = store.pools(tid)
+        if pools and not force:
+            raise Conflict(f"tenant {tid} still has {len(pools)} pool(s): "
+                           + ", ".join(p.id for p in pools),
+                           "destroy them first, or pass --force to destroy everything of the tenant")
+        from mvm.services import pools as pool_svc
 
-    for p in pools:
-        pool_svc.destroy(store, p.ref, force=True)
-    from mvm import netops
+        for p in pools:
+            pool_svc.destroy(store, p.ref, force=True)
+        from mvm.lifecycle import netops
 
-    netops.teardown_tenant(store, store.tenant(tid))
-    store.remove_tenant(tid)
-    shutil.rmtree(paths.tenant_dir(tid), ignore_errors=True)
-    if not store.tenants():  # the last one: this home's runtime dirs go too (when empty)
-        for d in (paths.runtime_dir(), paths.secrets_runtime_dir()):
-            with contextlib.suppress(OSError):
-                d.rmdir()
-    store.event("tenant.destroy", f"tenant {tid} destroyed", tenant=tid)
+        netops.teardown_tenant(store, store.tenant(tid))
+        store.remove_tenant(tid)
+        shutil.rmtree(paths.tenant_dir(tid), ignore_errors=True)
+        if not store.tenants():  # the last one: this home's runtime dirs go too (when empty)
+            for d in (paths.runtime_dir(), paths.secrets_runtime_dir()):
+                with contextlib.suppress(OSError):
+                    d.rmdir()
+        store.event(Event("tenant.destroy", f"tenant {tid} destroyed", tenant=tid))
+        default_locks().remove(tenant_lock_name(tid))  # (we hold it)
 
 
 def set_secrets(store: Store, tid: str, source: Path) -> int:
@@ -92,7 +95,8 @@ def set_secrets(store: Store, tid: str, source: Path) -> int:
         os.close(fd)
     os.replace(tmp, dest)
     version = store.bump_secrets_version(tid)
-    store.event("tenant.secrets", f"secrets set ({len(data)} keys), version {version}", tenant=tid)
+    store.event(Event("tenant.secrets", f"secrets set ({len(data)} keys), version {version}",
+                      tenant=tid))
     return version
 
 

@@ -10,10 +10,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mvm import config, paths, proc
+from mvm import config
+from mvm.config import paths
 from mvm.errors import CommandFailed
+from mvm.util import proc
 
-DATA = Path(__file__).resolve().parent / "data"
+DATA = Path(__file__).resolve().parent.parent / "data"
 Progress = Callable[[str, str], None]
 
 

@@ -1,5 +1,10 @@
 """Tenant quotas (DESIGN §1), checked before anything is touched: by `pool scale` for its
-target counts, and by every single-instance transition that would take more."""
+target counts, and by every single-instance transition that would take more.
+
+Other pools of the tenant count with what they hold or are about to hold: an instance with a
+transition in flight counts in the state it is heading for when that takes more, and a pool
+counts at least its desired counts (a `pool scale` at work boots without the tenant's lock).
+"""
 
 from __future__ import annotations
 
@@ -19,14 +24,13 @@ def check(store: Store, ref: PoolRef, running: int, warm: int, sleeping: int) ->
     for other in store.pools(ref.tenant):
         if other.id == ref.pool:
             continue
-        for i in store.instances(ref.tenant, other.id):
-            if i.state is State.RUNNING:
-                tot["running"] += 1
-                tot["vcpus"] += other.cpus
-            if i.state is State.WARM:
-                tot["warm"] += 1
-            if i.state.is_live():  # warm instances hold their RAM too
-                tot["mem"] += other.mem
+        held = Counter(effective(i) for i in store.instances(ref.tenant, other.id))
+        run = max(held[State.RUNNING], other.desired_running)
+        warm_n = max(held[State.WARM], other.desired_warm)
+        tot["running"] += run
+        tot["vcpus"] += run * other.cpus
+        tot["warm"] += warm_n
+        tot["mem"] += (run + warm_n) * other.mem  # warm instances hold their RAM too
     problems = []
     if tot["running"] > q.max_running:
         problems.append(f"{tot['running']} running > max-running {q.max_running}")
@@ -47,8 +51,15 @@ def check(store: Store, ref: PoolRef, running: int, warm: int, sleeping: int) ->
 
 def check_transition(store: Store, i: Instance, target: State) -> None:
     """The pool's counts as they would be after `i` moves to `target`, checked as a whole."""
-    counts = Counter(x.state for x in store.instances(i.tenant, i.pool))
-    counts[i.state] -= 1
+    counts = Counter(effective(x) for x in store.instances(i.tenant, i.pool))
+    counts[effective(i)] -= 1
     counts[target] += 1
     check(store, PoolRef(i.tenant, i.pool), counts[State.RUNNING], counts[State.WARM],
           counts[State.SLEEPING])
+
+
+def effective(i: Instance) -> State:
+    """The state an instance counts in: where a transition in flight leads, if that takes more."""
+    if i.op is not None and i.op.target.is_live():
+        return i.op.target
+    return i.state

@@ -60,6 +60,22 @@ def owned_pid(pid_file: Path, flag: str = "-pidfile") -> int | None:
     return None
 
 
+def find_by_arg(flag: str, value: str) -> int | None:
+    """A live process whose command line has `flag value` (e.g. QEMU's `-pidfile <path>`):
+    how a hypervisor is still found after its pid file was removed under it."""
+    want = [flag.encode(), value.encode()]
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            args = Path(f"/proc/{entry.name}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(args[k:k + 2] == want for k in range(len(args) - 1)) and is_running(int(entry.name)):
+            return int(entry.name)
+    return None
+
+
 def wait_gone(pid: int, timeout: float, interval: float = 0.01) -> bool:
     """Wait up to timeout for pid to stop running; True if it did."""
     deadline = time.monotonic() + timeout

@@ -1,23 +1,24 @@
-"""Desired and observed state in one embedded SQLite database (WAL).
+"""Desired and observed state in one embedded SQLite database (WAL): the `Store` protocol.
 
-The store is the only module that speaks SQL. Its methods are the interface a
-distributed store (etcd, DESIGN §9) would implement again.
+The only module that speaks SQL. Compare-and-set on an instance's state and transition in
+flight; each event goes in the same transaction as the change it describes. Reading never
+writes (a full disk must not stop `list` or `info`): schema changes happen only when missing.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Iterator
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
-from mvm import paths
-from mvm.errors import Conflict, NotFound
-from mvm.model import Instance, Pool, Quotas, Revision, State, Tenant
+from mvm.config import paths
+from mvm.errors import Conflict, HostUnsupported, NotFound
+from mvm.model import Action, Event, Instance, Op, Pool, Quotas, Revision, State, Tenant
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tenants (
@@ -48,30 +49,78 @@ CREATE TABLE IF NOT EXISTS events (
   id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, tenant TEXT, pool TEXT,
   instance TEXT, kind TEXT NOT NULL, message TEXT NOT NULL);
 """
+# Columns added after the first schema: (table, column, declaration).
+MIGRATIONS = (
+    ("instances", "op", "TEXT"),  # JSON of model.Op: the transition in flight
+    ("instances", "snapshot", "TEXT"),  # the committed snapshot's name
+    ("events", "reason", "TEXT NOT NULL DEFAULT 'user'"),
+    ("builds", "owner", "INTEGER"),  # pid of the command running it
+)
+_INSTANCE_COLS = ("id", "tenant", "pool", "state", "revision", "host_index", "ip", "mac",
+                  "secrets_version", "pid", "created", "updated", "error", "op", "snapshot")
 
 
-class Store:
+class SqliteStore:
     def __init__(self, db: Path | None = None) -> None:
         self.path = db or paths.db_path()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        if not self.path.exists():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.read_only = False
+        try:
+            self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            self.db.execute("PRAGMA busy_timeout=30000")
+            if self.db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                self.db.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.OperationalError:
+            if not self.path.exists():
+                raise
+            # A WAL database needs its -shm file to be opened at all, which a full disk may
+            # refuse: reading must still work (`list`, `info`), so fall back to a read-only,
+            # lock-free view of the last checkpointed state. Writes then fail clearly.
+            self.db = sqlite3.connect(f"file:{self.path}?mode=ro&immutable=1", uri=True,
+                                      isolation_level=None)
+            self.read_only = True
         self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA busy_timeout=30000")
-        self.db.executescript(SCHEMA)
+        if self.read_only:
+            return
+        tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if not {"tenants", "pools", "revisions", "builds", "instances", "events"} <= tables:
+            self.db.executescript(SCHEMA)
+        for table, col, decl in MIGRATIONS:
+            cols = {r[1] for r in self.db.execute(f"PRAGMA table_info({table})")}
+            if col not in cols:
+                self.db.execute(f"ALTER TABLE {table} ADD COLUMN {col} {decl}")
 
     def close(self) -> None:
         self.db.close()
 
     @contextlib.contextmanager
     def tx(self) -> Iterator[sqlite3.Connection]:
-        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as e:
+            raise self._unwritable(e) from e
         try:
             yield self.db
+        except sqlite3.OperationalError as e:
+            self.db.execute("ROLLBACK")
+            raise self._unwritable(e) from e
         except BaseException:
             self.db.execute("ROLLBACK")
             raise
-        self.db.execute("COMMIT")
+        try:
+            self.db.execute("COMMIT")
+        except sqlite3.OperationalError as e:
+            with contextlib.suppress(sqlite3.Error):
+                self.db.execute("ROLLBACK")
+            raise self._unwritable(e) from e
+
+    def _unwritable(self, e: sqlite3.OperationalError) -> Exception:
+        text = str(e)
+        if self.read_only or any(w in text for w in ("full", "readonly", "disk I/O")):
+            return HostUnsupported(f"cannot write mvm's state in {self.path}: {text}",
+                                   "free space on that disk, then retry (nothing was changed)")
+        return e
 
     # -- tenants ---------------------------------------------------------
     def add_tenant(self, t: Tenant) -> None:
@@ -176,8 +225,8 @@ class Store:
 
     def start_build(self, tenant: str, pid: str, log: str) -> int:
         with self.tx() as db:
-            cur = db.execute("INSERT INTO builds (tenant,pool,started,status,log) VALUES (?,?,?,?,?)",
-                             (tenant, pid, time.time(), "running", log))
+            cur = db.execute("INSERT INTO builds (tenant,pool,started,status,log,owner) VALUES (?,?,?,?,?,?)",
+                             (tenant, pid, time.time(), "running", log, os.getpid()))
         return int(cur.lastrowid or 0)
 
     def finish_build(self, build_id: int, status: str, revision: str | None = None,
@@ -187,18 +236,35 @@ class Store:
                        " WHERE id=?", (time.time(), status, revision, int(cache_hit), error, build_id))
 
     def builds(self, tenant: str, pid: str) -> list[dict[str, object]]:
+        """The pool's builds; one still `running` whose command is gone shows as `interrupted`
+        (read-only: the next build of the pool records it)."""
         rows = self.db.execute("SELECT * FROM builds WHERE tenant=? AND pool=? ORDER BY id", (tenant, pid))
-        return [dict(r) for r in rows]
+        out = [dict(r) for r in rows]
+        for b in out:
+            if b["status"] == "running" and not _running(b.get("owner")):
+                b["status"] = "interrupted"
+        return out
+
+    def interrupt_builds(self, tenant: str, pid: str) -> int:
+        """Record builds whose command died as interrupted (the caller holds the pool's lock)."""
+        gone = [b["id"] for b in self.builds(tenant, pid) if b["status"] == "interrupted"]
+        with self.tx() as db:
+            for bid in gone:
+                db.execute("UPDATE builds SET status='interrupted', finished=?,"
+                           " error='the command running it died' WHERE id=?", (time.time(), bid))
+        return len(gone)
 
     # -- instances -------------------------------------------------------
-    def add_instance(self, i: Instance) -> None:
+    def add_instance(self, i: Instance, event: Event | None = None) -> None:
         now = time.time()
         try:
             with self.tx() as db:
                 db.execute(
-                    "INSERT INTO instances VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    f"INSERT INTO instances ({','.join(_INSTANCE_COLS)}) VALUES"
+                    f" ({','.join('?' * len(_INSTANCE_COLS))})",
                     (i.id, i.tenant, i.pool, i.state.value, i.revision, i.host_index, i.ip, i.mac,
-                     i.secrets_version, i.pid, now, now, i.error))
+                     i.secrets_version, i.pid, now, now, i.error, _op_json(i.op), i.snapshot))
+                self._event(db, event)
         except sqlite3.IntegrityError as e:  # the address (or ID) is taken: never two alike
             raise Conflict(f"instance {i.id} of tenant {i.tenant} clashes with another ({e})",
                            "retry the command") from e
@@ -221,30 +287,90 @@ class Store:
             raise NotFound(f"no instance {tenant}/{pool}/{iid}", f"see `mvm instance list {tenant}/{pool}`")
         return self._instance(row)
 
-    def update_instance(self, iid: str, **fields: object) -> None:
-        if "state" in fields and isinstance(fields["state"], State):
-            fields["state"] = fields["state"].value
-        cols = ", ".join(f"{k}=?" for k in fields)
-        with self.tx() as db:
-            db.execute(f"UPDATE instances SET {cols}, updated=? WHERE id=?",
-                       (*fields.values(), time.time(), iid))
+    def _by_id(self, db: sqlite3.Connection, iid: str) -> Instance:
+        row = db.execute("SELECT * FROM instances WHERE id=?", (iid,)).fetchone()
+        if row is None:
+            raise NotFound(f"no instance {iid}")
+        return self._instance(row)
 
-    def remove_instance(self, iid: str) -> None:
+    def update_instance(self, iid: str, *, expect: State | None = None, event: Event | None = None,
+                        **fields: object) -> None:
+        """Set fields; with `expect`, only if the instance is in that state (else Conflict)."""
+        with self.tx() as db:
+            if expect is not None:
+                cur = self._by_id(db, iid)
+                if cur.state is not expect:
+                    raise Conflict(f"instance {iid} is {cur.state.value}, not {expect.value}",
+                                   "another command changed it; retry")
+            self._set(db, iid, fields)
+            self._event(db, event)
+
+    def remove_instance(self, iid: str, event: Event | None = None) -> None:
         with self.tx() as db:
             db.execute("DELETE FROM instances WHERE id=?", (iid,))
+            self._event(db, event)
+
+    # -- transitions in flight ---------------------------------------------
+    def begin_op(self, iid: str, op: Op, event: Event | None = None) -> Instance:
+        """Record a transition before it acts: only from `op.source` and with none in flight."""
+        with self.tx() as db:
+            cur = self._by_id(db, iid)
+            if cur.op is not None:
+                raise Conflict(f"instance {iid} is in the middle of {cur.op.action.value} "
+                               f"({cur.op.owner})", "retry once it has finished")
+            if cur.state is not op.source:
+                raise Conflict(f"instance {iid} is {cur.state.value}, not {op.source.value}",
+                               "another command changed it; retry")
+            op = replace(op, started=op.started or time.time())
+            self._set(db, iid, {"op": _op_json(op)})
+            self._event(db, event)
+            return self._by_id(db, iid)
+
+    def op_step(self, iid: str, step: str, **fields: object) -> Instance:
+        """Record one completed step of the transition in flight, with the fields it changed."""
+        with self.tx() as db:
+            cur = self._by_id(db, iid)
+            if cur.op is None:
+                raise Conflict(f"instance {iid} has no transition in flight")
+            op = replace(cur.op, steps=(*cur.op.steps, step))
+            self._set(db, iid, {**fields, "op": _op_json(op)})
+            return self._by_id(db, iid)
+
+    def end_op(self, iid: str, state: State, event: Event | None = None, **fields: object) -> Instance:
+        """The transition is over (done, rolled back or resumed): its end state, its event."""
+        with self.tx() as db:
+            self._set(db, iid, {**fields, "state": state, "op": None})
+            self._event(db, event)
+            return self._by_id(db, iid)
+
+    @staticmethod
+    def _set(db: sqlite3.Connection, iid: str, fields: dict[str, object]) -> None:
+        if "state" in fields and isinstance(fields["state"], State):
+            fields["state"] = fields["state"].value
+        bad = set(fields) - set(_INSTANCE_COLS)
+        if bad:
+            raise ValueError(f"unknown instance fields {bad}")
+        cols = ", ".join(f"{k}=?" for k in fields)
+        db.execute(f"UPDATE instances SET {cols}{', ' if cols else ''}updated=? WHERE id=?",
+                   (*fields.values(), time.time(), iid))
 
     @staticmethod
     def _instance(r: sqlite3.Row) -> Instance:
         return Instance(r["id"], r["tenant"], r["pool"], State(r["state"]), r["revision"],
                         r["host_index"], r["ip"], r["mac"], r["secrets_version"], r["pid"],
-                        r["created"], r["updated"], r["error"])
+                        r["created"], r["updated"], r["error"], _op(r["op"]), r["snapshot"])
 
     # -- events ----------------------------------------------------------
-    def event(self, kind: str, message: str, tenant: str | None = None, pool: str | None = None,
-              instance: str | None = None) -> None:
+    @staticmethod
+    def _event(db: sqlite3.Connection, e: Event | None) -> None:
+        if e is not None:
+            db.execute("INSERT INTO events (ts,tenant,pool,instance,kind,message,reason)"
+                       " VALUES (?,?,?,?,?,?,?)",
+                       (time.time(), e.tenant, e.pool, e.instance, e.kind, e.message, e.reason.value))
+
+    def event(self, e: Event) -> None:
         with self.tx() as db:
-            db.execute("INSERT INTO events (ts,tenant,pool,instance,kind,message) VALUES (?,?,?,?,?,?)",
-                       (time.time(), tenant, pool, instance, kind, message))
+            self._event(db, e)
 
     def events(self, tenant: str | None = None, limit: int = 100) -> list[dict[str, object]]:
         if tenant:
@@ -254,31 +380,27 @@ class Store:
         return [dict(r) for r in rows]
 
 
-@contextlib.contextmanager
-def lock(name: str, timeout: float = 600.0) -> Iterator[None]:
-    """An exclusive host-wide lock (flock), e.g. one per pool, so two commands don't collide."""
-    d = paths.locks_dir()
-    d.mkdir(parents=True, exist_ok=True)
-    f = open(d / f"{name}.lock", "a+")  # noqa: SIM115 - held for the context's lifetime
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise Conflict(f"{name} is busy: another mvm command holds its lock",
-                                   "wait for it to finish and retry") from None
-                time.sleep(0.05)
-        yield
-    finally:
-        f.close()
+def _running(pid: object) -> bool:
+    if not isinstance(pid, int):
+        return False
+    from mvm.util.pids import is_running
+
+    return is_running(pid)
 
 
-def pool_lock(tenant: str, pool: str, timeout: float = 600.0) -> contextlib.AbstractContextManager[None]:
-    return lock(f"pool-{tenant}--{pool}", timeout)
+def _op_json(op: Op | None) -> str | None:
+    if op is None:
+        return None
+    return json.dumps({"action": op.action.value, "target": op.target.value, "source": op.source.value,
+                       "steps": list(op.steps), "data": op.data, "owner": op.owner,
+                       "started": op.started})
 
 
-def tenant_lock(tenant: str) -> contextlib.AbstractContextManager[None]:
-    return lock(f"tenant-{tenant}")
+def _op(text: str | None) -> Op | None:
+    if not text:
+        return None
+    d = json.loads(text)
+    return Op(Action(d["action"]), State(d["target"]), State(d["source"]), tuple(d["steps"]),
+              dict(d["data"]), d["owner"], d["started"])
+
+

@@ -1,0 +1,119 @@
+"""`apply`: the one entry point that changes an instance's state.
+
+The CLI, `pool scale`, secrets re-delivery (and later the agent and the REST API) call it.
+Its skeleton is written once: take the locks → observe the instance (finishing whatever a
+dead command left) → guard the transition → check quotas → record the intent → run the
+action's steps (each recorded when done) → end in one transaction with its event. A failing
+step runs the same recovery a later command would run after a crash.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import time
+from collections.abc import Iterator
+
+from mvm.config.host import Host
+from mvm.errors import MvmError, NotFound, QuotaExceeded
+from mvm.lifecycle import observe, quota, specs
+from mvm.lifecycle.effects import EFFECTS
+from mvm.lifecycle.run import Progress, Run, noop
+from mvm.model import Action, Event, Instance, InstanceRef, Op, PoolRef, Reason, State, transition
+from mvm.store.locks import pool_lock_name, tenant_lock_name
+
+# Actions that may take more of the tenant's quota: checked under the tenant's lock.
+TAKES_MORE = frozenset({Action.START, Action.WARM, Action.RESUME, Action.WAKE})
+
+
+@contextlib.contextmanager
+def pool_locked(ctx: Host, ref: PoolRef, locked: bool) -> Iterator[None]:
+    if locked:
+        yield
+    else:
+        with ctx.locks.lock(pool_lock_name(ref.tenant, ref.pool)):
+            yield
+
+
+def apply(ctx: Host, ref: InstanceRef, action: Action, *, reason: Reason = Reason.USER,
+          progress: Progress = noop, revision: str | None = None, keep_data: bool = False,
+          locked: bool = False, quota_checked: bool = False) -> Instance:
+    """Take `ref` through `action`.
+
+    `locked`: the caller holds the pool's lock (and, for quota, has checked the end state of
+    all it does: `quota_checked`). Lock order is always tenant, then pool; the tenant's lock is
+    held only while quotas are checked and the intent recorded, never across a boot.
+    """
+    with contextlib.ExitStack() as outer:
+        tenant = outer.enter_context(contextlib.ExitStack())
+        if not (locked or quota_checked or action not in TAKES_MORE):
+            tenant.enter_context(ctx.locks.lock(tenant_lock_name(ref.tenant)))
+        outer.enter_context(pool_locked(ctx, ref.pool_ref, locked))
+        i = observe.instance(ctx, ref)
+        target = transition(i.state, action)
+        op = _intent(ctx, i, action, target, revision, keep_data)
+        if action in TAKES_MORE and not quota_checked:
+            try:
+                quota.check_transition(ctx.store, i, target)
+            except QuotaExceeded as e:
+                ctx.store.event(Event(f"instance.{action.value}-refused", e.message, Reason.QUOTA,
+                                      i.tenant, i.pool, i.id))
+                raise
+        i = ctx.store.begin_op(i.id, op)
+        tenant.close()  # the tenant's lock goes now; the pool's stays for the whole transition
+        return _run(ctx, i, progress, reason)
+
+
+def _run(ctx: Host, i: Instance, progress: Progress, reason: Reason) -> Instance:
+    assert i.op is not None
+    run = Run(ctx, i, progress, reason)
+    effect = EFFECTS[i.op.action]
+    try:
+        return effect.do(run)
+    except BaseException as e:
+        # Ctrl-C too: the same recovery the next command would run after a crash (a kill
+        # leaves the recorded transition for that next command).
+        try:
+            effect.recover(run, e)
+        except BaseException as again:
+            e.add_note(f"recovery failed too: {again}; the next command on it retries")
+        raise
+
+
+def recover(ctx: Host, i: Instance, progress: Progress = noop) -> Instance | None:
+    """Finish a transition a dead command left (the caller holds the pool's lock). Returns the
+    instance as it now is, or None if it was being destroyed and now is."""
+    assert i.op is not None
+    run = Run(ctx, i, progress, Reason.CRASH)
+    out = EFFECTS[i.op.action].recover(run, None)
+    return None if i.op.action is Action.DESTROY else out
+
+
+def _intent(ctx: Host, i: Instance, action: Action, target: State, revision: str | None,
+            keep_data: bool) -> Op:
+    """The transition to record before acting, with what its steps need to know; refuses
+    (changing nothing) what cannot work."""
+    store = ctx.store
+    data: dict[str, str] = {}
+    if action is Action.START:
+        pool = store.pool(i.tenant, i.pool)
+        rev = revision or pool.current
+        if not rev:
+            raise NotFound(f"pool {i.tenant}/{i.pool} has no built revision",
+                           f"run `mvm pool build {i.tenant}/{i.pool}` first")
+        data["revision"] = rev
+        data["secrets_version"] = str(store.tenant(i.tenant).secrets_version)
+        specs.spec_for(store, i, rev)  # its files exist
+    elif action is Action.SLEEP:
+        data["snapshot"] = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime(ctx.clock()))}-{secrets.token_hex(3)}"
+    elif action is Action.WAKE:
+        if not i.snapshot:
+            raise MvmError(f"{i.ref} is sleeping but has no committed snapshot to restore",
+                           f"start it cold: `mvm instance stop {i.ref}` then `mvm instance start {i.ref}`")
+        version = store.tenant(i.tenant).secrets_version
+        data["snapshot"] = i.snapshot
+        data["secrets_version"] = str(version)
+        data["fresh_secrets"] = "1" if i.secrets_version != version else ""
+    elif action is Action.DESTROY and keep_data and specs.data_disk_path(i).exists():
+        data["kept"] = f"kept-data/{i.pool}-{i.id}.ext4"
+    return Op(action, target, i.state, data=data, owner=ctx.locks.owner, started=ctx.clock())

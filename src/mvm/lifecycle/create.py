@@ -1,0 +1,42 @@
+"""A new instance, in state `created`: an ID, an address, and its data disk."""
+
+from __future__ import annotations
+
+import shutil
+
+from mvm.config.host import Host
+from mvm.errors import QuotaExceeded
+from mvm.lifecycle import disks, netops, specs
+from mvm.model import Event, Instance, PoolRef, Reason, State, new_instance_id
+from mvm.store.locks import tenant_lock_name
+
+
+def create(ctx: Host, ref: PoolRef, reason: Reason = Reason.USER, locked: bool = False) -> Instance:
+    """`locked`: the caller holds the tenant's lock (addresses are allocated under it)."""
+    store = ctx.store
+    pool = store.pool(ref.tenant, ref.pool)
+    tenant = store.tenant(ref.tenant)
+    lock = ctx.locks.lock(tenant_lock_name(ref.tenant)) if not locked else None
+    if lock is not None:
+        lock.__enter__()
+    try:
+        if len(store.instances(ref.tenant, ref.pool)) >= tenant.quotas.max_instances:
+            raise QuotaExceeded(f"pool {ref} already has {tenant.quotas.max_instances} instances"
+                                " (tenant quota max-instances)")
+        iid = new_instance_id()
+        host_index, ip, mac = netops.allocate(store, tenant, pool, iid)
+        i = Instance(iid, ref.tenant, ref.pool, State.CREATED, pool.current, host_index, ip, mac)
+        d = specs.instance_dir(i)
+        try:
+            d.mkdir(parents=True, mode=0o700)
+            if pool.data_disk:
+                disks.create_data_disk(specs.data_disk_path(i), pool.data_disk)
+            store.add_instance(i, Event("instance.create", f"created {iid}", reason,
+                                        ref.tenant, ref.pool, iid))
+        except BaseException:
+            shutil.rmtree(d, ignore_errors=True)
+            raise
+        return i
+    finally:
+        if lock is not None:
+            lock.__exit__(None, None, None)

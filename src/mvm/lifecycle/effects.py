@@ -1,0 +1,304 @@
+"""What each action does, step by step, and how a transition left half-done is finished.
+
+Each action has `do(run)`, a list of idempotent steps each recorded when done (`Run.step`),
+and `recover(run, error)`, which brings an instance whose transition did not finish — because
+a step failed (`error`) or because the command died (`error is None`, found by the next
+command) — to a consistent state: forward when the point of no return was passed, else back.
+
+Two rules hold everywhere:
+- A snapshot is consumed exactly once. A wake restores it paused, then records in the store
+  that it is consumed, and only then lets the guest run; a sleep writes a new snapshot under a
+  new name and commits it in the store. Files of a snapshot are deleted only when it is not
+  the committed one and no hypervisor can map them.
+- Nothing is hidden: a transition that does not end in a live state ends every hypervisor,
+  TAP and clear-text secrets image it made.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from mvm.config import paths
+from mvm.errors import MvmError
+from mvm.lifecycle import netops, secrets_disk, specs
+from mvm.lifecycle.run import Run
+from mvm.model import Action, Instance, Reason, State
+from mvm.runtime.base import SnapshotInfo, VmStatus
+
+AGENT_READY_TIMEOUT = 120.0
+STOP_TIMEOUT = 10.0
+RECOVERY_AGENT_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True)
+class Effect:
+    do: Callable[[Run], Instance]
+    recover: Callable[[Run, BaseException | None], Instance]
+
+
+def _why(error: BaseException | None) -> str:
+    if error is None:
+        return "the command that ran it died"
+    return error.line() if isinstance(error, MvmError) else type(error).__name__
+
+
+def _recovered(run: Run, state: State, how: str, exc: BaseException | None,
+               **fields: object) -> Instance:
+    """End a transition that did not finish, with an event saying why and what was done."""
+    kind = "instance.recovered" if exc is None else f"instance.{run.op.action.value}-failed"
+    reason = Reason.CRASH if exc is None else None
+    return run.end(state, kind, f"{run.op.action.value} {how} ({_why(exc)})", reason, **fields)
+
+
+# -- shared pieces ------------------------------------------------------------------------------
+
+def halt(run: Run, graceful: bool) -> None:
+    """No hypervisor afterwards. Graceful: the guest syncs its disks, then the power button."""
+    spec = run.control
+    if not run.rt.is_alive(spec):
+        run.rt.stop(spec, 0)  # stale sockets and pid file
+        return
+    if graceful:
+        try:
+            if run.rt.status(spec) is VmStatus.PAUSED:
+                run.rt.resume(spec)
+            # Flush the guest's page cache to the data disk first, so a stop (or a destroy
+            # --keep-data) never loses what the guest wrote.
+            run.rt.agent(spec).sleep_prep()
+        except MvmError:
+            graceful = False
+    run.rt.stop(spec, STOP_TIMEOUT if graceful else 0)
+
+
+def release_guest(run: Run, keep_tap: bool = False) -> None:
+    """What a VM that no longer runs leaves: its secrets image, and (unless kept) its TAP."""
+    secrets_disk.remove(run.i.id)
+    if not keep_tap:
+        netops.instance_down(run.store, run.i)
+
+
+def sweep_snapshots(run: Run, hypervisor_alive: bool) -> None:
+    """Delete every snapshot but the committed one — never under a hypervisor that maps it."""
+    if hypervisor_alive and run.rt.maps_snapshot_while_running:
+        return
+    root = specs.snapshots_dir(run.i)
+    if not root.is_dir():
+        return
+    keep = run.i.snapshot
+    for d in root.iterdir():
+        if d.name != keep:
+            if d.is_dir():
+                shutil.rmtree(d, ignore_errors=True)
+            else:
+                d.unlink(missing_ok=True)
+
+
+# -- start ----------------------------------------------------------------------------------------
+
+def start_do(run: Run) -> Instance:
+    spec = run.spec
+    run.step("network", lambda: netops.instance_up(run.store, run.i))
+    run.step("secrets", lambda: secrets_disk.build(run.i.tenant, run.i.id))
+    run.step("boot", lambda: run.rt.boot(spec))
+    run.step("agent", lambda: run.rt.agent(spec).wait_ready(AGENT_READY_TIMEOUT))
+    secrets_disk.remove(run.i.id)  # the hypervisor holds it open; nothing stays in clear
+    rev = run.op.data["revision"]
+    i = run.end(State.RUNNING, "instance.start", f"running revision {rev}", revision=rev,
+                secrets_version=int(run.op.data["secrets_version"]), snapshot=None, error=None)
+    sweep_snapshots(run, True)
+    return i
+
+
+def start_recover(run: Run, error: BaseException | None) -> Instance:
+    if error is None and run.op.done("agent") and run.alive():
+        secrets_disk.remove(run.i.id)
+        rev = run.op.data["revision"]
+        return _recovered(run, State.RUNNING, "finished: the guest was up", error, revision=rev,
+                          secrets_version=int(run.op.data["secrets_version"]), snapshot=None,
+                          error=None)
+    halt(run, graceful=False)
+    release_guest(run)
+    return _recovered(run, run.op.source, "rolled back: nothing of it runs", error)
+
+
+# -- warm, resume ----------------------------------------------------------------------------------
+
+def vcpus_do(run: Run) -> Instance:
+    spec = run.spec
+    if run.op.action is Action.WARM:
+        run.step("vcpus", lambda: run.rt.pause(spec))
+        return run.end(State.WARM, "instance.warm", "vCPUs paused")
+    run.step("vcpus", lambda: run.rt.resume(spec))
+    return run.end(State.RUNNING, "instance.resume", "vCPUs running")
+
+
+def vcpus_recover(run: Run, error: BaseException | None) -> Instance:
+    """Whatever the hypervisor now says is the truth."""
+    try:
+        status = run.rt.status(run.control)
+    except MvmError:
+        return _recovered(run, run.op.source, "left as it was: the hypervisor does not answer", error)
+    if status is VmStatus.RUNNING:
+        return _recovered(run, State.RUNNING, "ended with the vCPUs running", error)
+    if status is VmStatus.PAUSED:
+        return _recovered(run, State.WARM, "ended with the vCPUs paused", error)
+    return gone(run, error)
+
+
+def gone(run: Run, error: BaseException | None, cause: str = "its hypervisor is gone") -> Instance:
+    halt(run, graceful=False)
+    release_guest(run)
+    sweep_snapshots(run, False)
+    return _recovered(run, State.FAILED, f"failed: {cause}", error, pid=None,
+                      error=f"{cause} ({_why(error)})")
+
+
+# -- sleep ------------------------------------------------------------------------------------------
+
+def sleep_do(run: Run) -> Instance:
+    spec = run.spec
+    name = run.op.data["snapshot"]
+    if run.op.source is State.WARM:
+        run.step("resume", lambda: run.rt.resume(spec))  # the guest must run to sync its disks
+    run.step("prep", lambda: run.rt.agent(spec).sleep_prep())
+    # Commits the snapshot's manifest, then ends the hypervisor: the VM never runs again.
+    run.step("snapshot", lambda: run.rt.snapshot(spec, specs.snapshot_dir(run.i, name)))
+    secrets_disk.remove(run.i.id)  # the TAP stays (it holds no RAM): a wake plugs straight back in
+    i = run.end(State.SLEEPING, "instance.sleep", f"snapshotted to disk as {name}", snapshot=name,
+                pid=None)
+    sweep_snapshots(run, False)
+    return i
+
+
+def sleep_recover(run: Run, error: BaseException | None) -> Instance:
+    name = run.op.data["snapshot"]
+    if SnapshotInfo.committed(specs.snapshot_dir(run.i, name)):
+        # Past the point of no return: the disks belong to the snapshot now.
+        halt(run, graceful=False)
+        secrets_disk.remove(run.i.id)
+        i = _recovered(run, State.SLEEPING, f"finished: snapshot {name} was committed", error,
+                       snapshot=name, pid=None)
+        sweep_snapshots(run, False)
+        return i
+    shutil.rmtree(specs.snapshot_dir(run.i, name), ignore_errors=True)
+    if not run.alive():
+        return gone(run, error)
+    # The VM runs on: back to where it was, the guest's clock untouched (no time was lost).
+    try:
+        if run.op.source is State.WARM:
+            run.rt.pause(run.control)
+        else:
+            run.rt.resume(run.control)
+    except MvmError:
+        return gone(run, error, "its hypervisor does not answer")
+    return _recovered(run, run.op.source, "rolled back: the VM runs on, no snapshot kept", error)
+
+
+# -- wake -------------------------------------------------------------------------------------------
+
+def wake_do(run: Run) -> Instance:
+    spec = run.spec
+    name = run.op.data["snapshot"]
+    fresh = run.op.data.get("fresh_secrets") == "1"
+    run.step("network", lambda: netops.instance_up(run.store, run.i))  # the TAP kept at sleep
+    run.step("secrets", lambda: secrets_disk.build(run.i.tenant, run.i.id))
+    run.step("restore", lambda: run.rt.restore(spec, specs.snapshot_dir(run.i, name)))  # paused
+    # The point of no return, before the guest runs: the snapshot can never be restored again.
+    run.step("consume", lambda: None, snapshot=None)
+    run.step("resume", lambda: run.rt.resume(spec))
+    run.step("agent", lambda: run.rt.agent(spec).wake(fresh_secrets=fresh))
+    return _woken(run, "instance.wake", "restored from snapshot")
+
+
+def _woken(run: Run, kind: str, message: str, exc: BaseException | None = None) -> Instance:
+    secrets_disk.remove(run.i.id)
+    fields: dict[str, object] = {"secrets_version": int(run.op.data["secrets_version"]),
+                                 "error": None}
+    if kind == "instance.wake":
+        i = run.end(State.RUNNING, kind, message, None, **fields)
+    else:
+        i = _recovered(run, State.RUNNING, message, exc, **fields)
+    sweep_snapshots(run, True)
+    return i
+
+
+def wake_recover(run: Run, error: BaseException | None) -> Instance:
+    name = run.op.data["snapshot"]
+    if not run.op.done("consume"):
+        # The restored guest never ran: end its hypervisor, keep the snapshot for the next wake.
+        halt(run, graceful=False)
+        secrets_disk.remove(run.i.id)
+        return _recovered(run, State.SLEEPING, f"rolled back: snapshot {name} kept", error,
+                          snapshot=name)
+    if not run.alive():
+        return gone(run, error, "its hypervisor is gone after the snapshot was consumed")
+    try:
+        spec = run.control
+        run.rt.resume(spec)
+        if not run.op.done("agent"):
+            fresh = run.op.data.get("fresh_secrets") == "1"
+            run.rt.agent(spec).wake(fresh_secrets=fresh, timeout=RECOVERY_AGENT_TIMEOUT)
+    except MvmError as e:
+        return gone(run, error, f"the woken guest does not answer ({e.line()})")
+    return _woken(run, "instance.recovered", "finished: the woken guest runs", error)
+
+
+# -- stop, destroy ------------------------------------------------------------------------------------
+
+def stop_do(run: Run) -> Instance:
+    graceful = run.op.source in (State.RUNNING, State.WARM)
+    run.step("halt", lambda: halt(run, graceful))
+    run.step("release", lambda: release_guest(run))
+    i = run.end(State.STOPPED, "instance.stop", "stopped", pid=None, snapshot=None)
+    sweep_snapshots(run, False)
+    return i
+
+
+def stop_recover(run: Run, error: BaseException | None) -> Instance:
+    halt(run, graceful=False)
+    release_guest(run)
+    i = _recovered(run, State.STOPPED, "finished", error, pid=None, snapshot=None)
+    sweep_snapshots(run, False)
+    return i
+
+
+def destroy_do(run: Run) -> Instance:
+    graceful = run.op.source in (State.RUNNING, State.WARM)
+    run.step("halt", lambda: halt(run, graceful))
+    return _destroy_rest(run)
+
+
+def _destroy_rest(run: Run) -> Instance:
+    i = run.i
+    netops.release(run.store, i)
+    secrets_disk.remove(i.id)
+    kept = run.op.data.get("kept", "")
+    data = specs.data_disk_path(i)
+    if kept and data.exists():
+        # outside the pool: a later `pool destroy` must not take what the user kept
+        dest = paths.tenant_dir(i.tenant) / kept
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        data.rename(dest)
+    shutil.rmtree(specs.instance_dir(i), ignore_errors=True)
+    shutil.rmtree(paths.runtime_dir() / i.id, ignore_errors=True)
+    note = f" (data kept at {paths.tenant_dir(i.tenant) / kept})" if kept else ""
+    run.store.remove_instance(i.id, run.event("instance.destroy", f"destroyed{note}"))
+    return i
+
+
+def destroy_recover(run: Run, error: BaseException | None) -> Instance:
+    halt(run, graceful=False)
+    return _destroy_rest(run)
+
+
+EFFECTS: dict[Action, Effect] = {
+    Action.START: Effect(start_do, start_recover),
+    Action.WARM: Effect(vcpus_do, vcpus_recover),
+    Action.RESUME: Effect(vcpus_do, vcpus_recover),
+    Action.SLEEP: Effect(sleep_do, sleep_recover),
+    Action.WAKE: Effect(wake_do, wake_recover),
+    Action.STOP: Effect(stop_do, stop_recover),
+    Action.DESTROY: Effect(destroy_do, destroy_recover),
+}

@@ -1,0 +1,156 @@
+"""Observing the hypervisors: explicitly, under the pool's lock — and, for views, read-only.
+
+`instance()` / `pool()` (callers hold the pool's lock) finish what dead commands left (their
+recorded transitions), then reconcile the store with the hypervisors: a live instance whose
+hypervisor exited is failed; one the hypervisor stopped (a failed disk write, a panic) is
+failed with that cause; a hypervisor of an instance the store says is not live — a command
+died between boot and recording it — is ended; TAPs and secrets images of instances that do
+not run are removed. Each correction is an event, in the transaction that makes it.
+
+`probe()` only looks: `list` and `info` never write, so they work on a full disk and never
+correct state under a command at work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+from mvm.config.host import Host
+from mvm.errors import Conflict, MvmError, NotFound
+from mvm.lifecycle import netops, secrets_disk, specs
+from mvm.model import Event, Instance, InstanceRef, PoolRef, Reason, State
+from mvm.network import plan
+from mvm.runtime.base import VmStatus
+from mvm.util import pids
+
+CAUSES = {
+    VmStatus.IO_ERROR: "the hypervisor stopped the guest after a disk write failed on the host "
+                       "(is the disk full?)",
+    VmStatus.BROKEN: "the guest cannot run (it panicked, powered off or hit a hypervisor error)",
+}
+
+
+def instance(ctx: Host, ref: InstanceRef) -> Instance:
+    """The instance, observed and repaired (the caller holds the pool's lock)."""
+    i = ctx.store.instance(ref.tenant, ref.pool, ref.instance)
+    fixed = _observe(ctx, i, [])
+    if fixed is None:
+        raise NotFound(f"no instance {ref}", f"it was being destroyed; see `mvm instance list {ref.pool_ref}`")
+    return fixed
+
+
+def pool(ctx: Host, ref: PoolRef) -> list[str]:
+    """Observe every instance of a pool (the caller holds its lock); returns what was done."""
+    done: list[str] = []
+    for i in ctx.store.instances(ref.tenant, ref.pool):
+        _observe(ctx, i, done)
+    return done
+
+
+def _observe(ctx: Host, i: Instance, done: list[str]) -> Instance | None:
+    if i.op is not None:
+        from mvm.lifecycle.apply import recover
+
+        action = i.op.action.value
+        recovered = recover(ctx, i)
+        done.append(f"{i.id}: finished an interrupted {action}"
+                    + (f" (now {recovered.state.value})" if recovered else " (destroyed)"))
+        if recovered is None:
+            return None
+        i = recovered
+    return _reconcile(ctx, i, done)
+
+
+def _event(i: Instance, kind: str, message: str) -> Event:
+    return Event(kind, message, Reason.CRASH, i.tenant, i.pool, i.id)
+
+
+def _reconcile(ctx: Host, i: Instance, done: list[str]) -> Instance:
+    rt = ctx.runtime()
+    spec = specs.control_spec(i)
+    alive = rt.is_alive(spec)
+    if i.state.is_live():
+        if not alive:
+            return _fail(ctx, i, "hypervisor process exited unexpectedly", done)
+        try:
+            status = rt.status(spec)
+        except MvmError:
+            return i  # alive but not answering (busy, or its sockets were removed): keep what we know
+        if status.is_error():
+            rt.stop(spec, 0)
+            return _fail(ctx, i, CAUSES[status], done)
+        seen = {VmStatus.RUNNING: State.RUNNING, VmStatus.PAUSED: State.WARM}.get(status)
+        if seen is not None and seen is not i.state:
+            return _set(ctx, i, seen, f"the hypervisor reports the vCPUs {status.value}", done)
+        return i
+    if alive:
+        rt.stop(spec, 0)
+        _note(ctx, i, "instance.orphan", "ended a hypervisor the store did not know of "
+              "(a command died between boot and recording it)", done)
+    # (a sleeping instance keeps its TAP for a quick wake)
+    tap = Path(f"/sys/class/net/{plan.tap_name(i.id)}")
+    if i.state is not State.SLEEPING and i.host_index is not None and tap.exists():
+        netops.instance_down(ctx.store, i)
+        _note(ctx, i, "instance.orphan", "removed a TAP of an instance that does not run", done)
+    if secrets_disk.image_path(i.id).exists():
+        secrets_disk.remove(i.id)
+        _note(ctx, i, "instance.orphan", "removed a clear-text secrets image", done)
+    return i
+
+
+def _note(ctx: Host, i: Instance, kind: str, message: str, done: list[str]) -> None:
+    ctx.store.event(_event(i, kind, message))
+    done.append(f"{i.id}: {message}")
+
+
+def _set(ctx: Host, i: Instance, state: State, why: str, done: list[str]) -> Instance:
+    with contextlib.suppress(Conflict):
+        ctx.store.update_instance(i.id, expect=i.state, state=state,
+                                  event=_event(i, "instance.observed", f"now {state.value}: {why}"))
+    done.append(f"{i.id}: {i.state.value} -> {state.value} ({why})")
+    return ctx.store.instance(i.tenant, i.pool, i.id)
+
+
+def _fail(ctx: Host, i: Instance, cause: str, done: list[str]) -> Instance:
+    netops.instance_down(ctx.store, i)
+    secrets_disk.remove(i.id)
+    with contextlib.suppress(Conflict):
+        ctx.store.update_instance(i.id, expect=i.state, state=State.FAILED, pid=None, error=cause,
+                                  event=_event(i, "instance.failed", cause))
+    done.append(f"{i.id}: failed: {cause}")
+    return ctx.store.instance(i.tenant, i.pool, i.id)
+
+
+def probe(ctx: Host, i: Instance) -> str:
+    """What the hypervisor says, for views: '' when it agrees with the store. Never writes."""
+    if i.op is not None:
+        pid = _owner_pid(i.op.owner)
+        if pid is not None and pids.is_running(pid):
+            return f"{i.op.action.value} in progress ({i.op.owner})"
+        return f"{i.op.action.value} interrupted: the next command on it finishes it"
+    rt = ctx.runtime()
+    spec = specs.control_spec(i)
+    alive = rt.is_alive(spec)
+    if i.state.is_live():
+        if not alive:
+            return "hypervisor gone"
+        try:
+            status = rt.status(spec)
+        except MvmError as e:
+            return f"hypervisor not answering ({e.message})"
+        if status.is_error():
+            return f"{status.value}: {CAUSES[status]}"
+        if (status is VmStatus.PAUSED) != (i.state is State.WARM):
+            return f"vCPUs {status.value}"
+        return ""
+    if alive:
+        return "a hypervisor runs that the store does not know of"
+    return ""
+
+
+def _owner_pid(owner: str) -> int | None:
+    parts = owner.split()
+    if len(parts) >= 2 and parts[0] == "pid" and parts[1].isdigit():
+        return int(parts[1])
+    return None

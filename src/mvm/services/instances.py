@@ -1,0 +1,85 @@
+"""Instances as users see them: views (read-only), exec, console, and secrets re-delivery.
+
+State changes go through `lifecycle.apply`; nothing here writes the store on a read path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mvm.config.host import Host
+from mvm.errors import IllegalTransition, MvmError, combined
+from mvm.guest.agent_client import ExecResult
+from mvm.lifecycle import apply, observe, specs
+from mvm.lifecycle.run import Progress, noop
+from mvm.model import Action, Instance, InstanceRef, Reason, State
+
+MAX_EXEC_TIMEOUT = 24 * 3600.0
+
+
+@dataclass(frozen=True)
+class View:
+    """An instance with what its hypervisor says (`observed`: empty when it agrees)."""
+
+    instance: Instance
+    observed: str
+
+
+def views(ctx: Host, tenant: str | None = None, pool: str | None = None) -> list[View]:
+    return [View(i, observe.probe(ctx, i)) for i in ctx.store.instances(tenant, pool)]
+
+
+def view(ctx: Host, ref: InstanceRef) -> View:
+    i = ctx.store.instance(ref.tenant, ref.pool, ref.instance)
+    return View(i, observe.probe(ctx, i))
+
+
+def exec_(ctx: Host, ref: InstanceRef, argv: list[str], timeout: float = 60.0) -> ExecResult:
+    if not (0 < timeout <= MAX_EXEC_TIMEOUT):  # (nan fails both comparisons)
+        raise MvmError(f"--timeout must be between 0 and {MAX_EXEC_TIMEOUT:g} seconds (got {timeout:g})",
+                       "give the seconds the command may run")
+    i = ctx.store.instance(ref.tenant, ref.pool, ref.instance)
+    if i.state is not State.RUNNING:
+        hint = {State.WARM: f"resume it first: `mvm instance resume {ref}`",
+                State.SLEEPING: f"wake it first: `mvm instance wake {ref}`"}.get(
+                    i.state, f"start it first: `mvm instance start {ref}`")
+        raise IllegalTransition(f"cannot exec in {ref}: it is {i.state.value}", hint)
+    assert i.revision
+    rt = ctx.runtime()
+    with rt.agent(specs.control_spec(i)) as ag:
+        return ag.exec(argv, timeout=timeout)
+
+
+def console(ctx: Host, ref: InstanceRef) -> bytes:
+    i = ctx.store.instance(ref.tenant, ref.pool, ref.instance)
+    log = ctx.runtime().console_log(specs.control_spec(i))
+    try:
+        return log.read_bytes()
+    except FileNotFoundError:
+        return b""
+
+
+def redeliver_secrets(ctx: Host, tenant: str, progress: Progress = noop) -> list[str]:
+    """Restart running/warm instances holding old secrets, each on the revision it runs;
+    sleeping ones get the new secrets at wake. Returns what was restarted. A failure of one is
+    reported and the others still go; all failures are in the error."""
+    t = ctx.store.tenant(tenant)
+    done: list[str] = []
+    failed: list[MvmError] = []
+    for i in ctx.store.instances(tenant):
+        if i.state not in (State.RUNNING, State.WARM) or i.secrets_version >= t.secrets_version:
+            continue
+        was_warm = i.state is State.WARM
+        try:
+            apply(ctx, i.ref, Action.STOP, reason=Reason.SECRETS, progress=progress)
+            apply(ctx, i.ref, Action.START, reason=Reason.SECRETS, progress=progress,
+                  revision=i.revision)
+            if was_warm:
+                apply(ctx, i.ref, Action.WARM, reason=Reason.SECRETS, progress=progress)
+            done.append(str(i.ref))
+        except MvmError as e:
+            progress(str(i.ref), f"failed: {e.line()}")
+            failed.append(e)
+    if failed:
+        raise combined(failed, "secrets re-delivery")
+    return done

@@ -1,0 +1,123 @@
+"""Leases as flock()ed files, one per name, each recording who holds it.
+
+A lease ends when its holder closes the file, exits or is killed: a crashed command never
+leaves a lock held. A waiter that does not get the lease at once is told who holds it (a
+silent wait of minutes looks like a hang). The lock of something destroyed is removed by its
+holder; a waiter that then gets the old, unlinked file notices and locks the new one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from mvm.errors import Conflict
+from mvm.store.base import Waiting
+
+TELL_AFTER = 1.0  # seconds of waiting before the waiter is told who holds the lock
+
+
+def _me() -> str:
+    words = [a for a in sys.argv[1:] if not a.startswith("-")][:2]
+    return f"pid {os.getpid()} (mvm {' '.join(words)})".replace(" )", ")")
+
+
+class FileLocks:
+    def __init__(self, directory: Path, owner: str | None = None) -> None:
+        self.dir = directory
+        self.owner = owner or _me()
+        self.waiting: Waiting | None = None  # default for lock(): e.g. the CLI prints it
+
+    def _path(self, name: str) -> Path:
+        return self.dir / f"{name}.lock"
+
+    def holder(self, name: str) -> str:
+        try:
+            return self._path(name).read_text().strip() or "another command"
+        except OSError:
+            return "another command"
+
+    @contextlib.contextmanager
+    def lock(self, name: str, timeout: float = 600.0, waiting: Waiting | None = None) -> Iterator[None]:
+        waiting = waiting or self.waiting
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path = self._path(name)
+        start = time.monotonic()
+        told = False
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                waited = time.monotonic() - start
+                if waited >= timeout:
+                    raise Conflict(f"{name} is busy: {self.holder(name)} holds its lock",
+                                   "wait for it to finish and retry") from None
+                if waiting is not None and not told and waited >= min(TELL_AFTER, timeout):
+                    waiting(f"waiting for {name}: {self.holder(name)} holds it")
+                    told = True
+                time.sleep(0.05)
+                continue
+            try:
+                same = os.fstat(fd).st_ino == os.stat(path).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:  # removed (its owner was destroyed) while we waited: lock the new one
+                os.close(fd)
+                continue
+            break
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{self.owner}\n".encode(), 0)
+            yield
+        finally:
+            os.close(fd)
+
+    def remove(self, name: str) -> None:
+        self._path(name).unlink(missing_ok=True)
+
+
+def _default() -> FileLocks:
+    from mvm.config import paths
+
+    d = paths.locks_dir()
+    if _DEFAULT.get("locks") is None or _DEFAULT["locks"].dir != d:
+        old = _DEFAULT.get("locks")
+        _DEFAULT["locks"] = FileLocks(d)
+        if old is not None:
+            _DEFAULT["locks"].waiting = old.waiting
+    return _DEFAULT["locks"]
+
+
+_DEFAULT: dict[str, FileLocks] = {}
+
+
+def default_locks() -> FileLocks:
+    """The locks of this process's state home (MVM_HOME)."""
+    return _default()
+
+
+def lock(name: str, timeout: float = 600.0) -> contextlib.AbstractContextManager[None]:
+    return _default().lock(name, timeout)
+
+
+def pool_lock_name(tenant: str, pool: str) -> str:
+    return f"pool-{tenant}--{pool}"
+
+
+def tenant_lock_name(tenant: str) -> str:
+    return f"tenant-{tenant}"
+
+
+def pool_lock(tenant: str, pool: str, timeout: float = 600.0) -> contextlib.AbstractContextManager[None]:
+    return lock(pool_lock_name(tenant, pool), timeout)
+
+
+def tenant_lock(tenant: str, timeout: float = 600.0) -> contextlib.AbstractContextManager[None]:
+    return lock(tenant_lock_name(tenant), timeout)

@@ -1,0 +1,221 @@
+"""DOUBLES (not the real thing): a fake hypervisor runtime and a fake guest agent.
+
+They stand in for QEMU and the guest so that the quick suite can take every transition, every
+undo and every crash point in milliseconds. They are strict where the lifecycle depends on it:
+a VM is a real process (found by pid file and /proc, killed by SIGKILL, so a crash of the
+command leaves it running as a real hypervisor would); pause, resume, snapshot and exec need
+a live one; a restore refuses an uncommitted snapshot; a snapshot refuses a VM that is not
+running or paused; the guest's memory lives only in its process's state and its snapshots.
+
+The fake guest: `write X` appends X to its page cache (memory); `sync` (and sleep-prep, and a
+graceful stop) moves the cache to its data disk (a file beside the data image); `read` prints
+disk then cache. Every restored guest that then runs appends its snapshot to a ledger, so a
+test can show that no snapshot was restored twice (a restore whose guest never ran does not
+count: it consumed nothing).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from mvm.errors import GuestError, RuntimeFailure
+from mvm.guest.agent_client import ExecResult
+from mvm.runtime.base import Progress, Runtime, SnapshotInfo, VmSpec, VmStatus
+from mvm.util import pids
+
+MEMORY = "memory.json"
+
+
+class FakeRuntime(Runtime):
+    name = "fake"
+
+    def __init__(self, ledger: Path) -> None:
+        self.ledger = ledger  # one line per restored guest that ran: its snapshot directory
+
+    # -- files
+    def pid_file(self, spec: VmSpec) -> Path:
+        return spec.run_dir / "fake.pid"
+
+    def _state_file(self, spec: VmSpec) -> Path:
+        return spec.run_dir / "fake-vm.json"
+
+    def agent_socket(self, spec: VmSpec) -> Path:
+        return spec.run_dir / "agent.sock"
+
+    def console_log(self, spec: VmSpec) -> Path:
+        return spec.run_dir / "console.log"
+
+    def _vm(self, spec: VmSpec) -> dict[str, object]:
+        data: dict[str, object] = json.loads(self._state_file(spec).read_text())
+        return data
+
+    def _save_vm(self, spec: VmSpec, vm: dict[str, object]) -> None:
+        tmp = self._state_file(spec).with_suffix(".tmp")
+        tmp.write_text(json.dumps(vm))
+        os.replace(tmp, self._state_file(spec))
+
+    # -- processes
+    def _pid(self, spec: VmSpec) -> int | None:
+        return pids.owned_pid(self.pid_file(spec))
+
+    def is_alive(self, spec: VmSpec) -> bool:
+        return self._pid(spec) is not None
+
+    def _spawn(self, spec: VmSpec, vm: dict[str, object]) -> None:
+        if self.is_alive(spec):
+            raise RuntimeFailure(f"{spec.name} already runs (fake pid {self._pid(spec)})")
+        spec.run_dir.mkdir(parents=True, exist_ok=True)
+        self._save_vm(spec, vm)
+        proc = subprocess.Popen(
+            [sys.executable, "-S", "-c", "import time\nwhile True: time.sleep(3600)",
+             "-pidfile", str(self.pid_file(spec))],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True)
+        self.pid_file(spec).write_text(f"{proc.pid}\n")
+        _DETACHED.append(proc)
+
+    def _need(self, spec: VmSpec) -> int:
+        pid = self._pid(spec)
+        if pid is None:
+            raise RuntimeFailure(f"{spec.name} has no running hypervisor (fake)")
+        return pid
+
+    def _kill(self, spec: VmSpec) -> None:
+        pid = self._pid(spec)
+        if pid is not None:
+            os.kill(pid, signal.SIGKILL)
+            pids.wait_gone(pid, 5)
+        self.pid_file(spec).unlink(missing_ok=True)
+
+    # -- the interface
+    def boot(self, spec: VmSpec, progress: Progress | None = None) -> None:
+        for d in spec.disks:
+            if not d.path.is_file():
+                raise RuntimeFailure(f"{spec.name}: disk {d.id!r} {d.path} does not exist")
+        self._spawn(spec, {"status": "running", "cache": [], "disk": _disk_file(spec)})
+
+    def pause(self, spec: VmSpec) -> None:
+        self._need(spec)
+        vm = self._vm(spec)
+        vm["status"] = "paused"
+        self._save_vm(spec, vm)
+
+    def resume(self, spec: VmSpec) -> None:
+        self._need(spec)
+        vm = self._vm(spec)
+        if vm["status"] not in ("running", "paused"):
+            raise RuntimeFailure(f"{spec.name}: cannot resume a VM that is {vm['status']}")
+        if vm.get("restored_from"):
+            with self.ledger.open("a") as f:
+                f.write(f"{vm['restored_from']}\n")
+            vm["restored_from"] = ""
+        vm["status"] = "running"
+        self._save_vm(spec, vm)
+
+    def status(self, spec: VmSpec) -> VmStatus:
+        if not self.is_alive(spec):
+            return VmStatus.GONE
+        return VmStatus(self._vm(spec)["status"])
+
+    def snapshot(self, spec: VmSpec, snap_dir: Path, progress: Progress | None = None) -> SnapshotInfo:
+        self._need(spec)
+        vm = self._vm(spec)
+        if vm["status"] not in ("running", "paused"):
+            raise RuntimeFailure(f"cannot snapshot {spec.name} while it is {vm['status']}")
+        snap_dir.mkdir(parents=True, exist_ok=True)
+        mem = snap_dir / MEMORY
+        mem.write_text(json.dumps({"cache": vm["cache"]}))
+        info = SnapshotInfo(backend=self.name, memory_file=MEMORY, mem_mib=spec.mem_mib,
+                            vcpus=spec.vcpus, devices=spec.devices(), size_bytes=mem.stat().st_size,
+                            created=time.time())
+        info.write(snap_dir)  # committed: the VM must never run again
+        self._kill(spec)
+        return info
+
+    def restore(self, spec: VmSpec, snap_dir: Path, progress: Progress | None = None) -> None:
+        if not SnapshotInfo.committed(snap_dir):
+            raise RuntimeFailure(f"no committed snapshot in {snap_dir}")
+        SnapshotInfo.load(snap_dir).check_matches(spec, self.name)
+        cache = json.loads((snap_dir / MEMORY).read_text())["cache"]
+        self._spawn(spec, {"status": "paused", "cache": cache, "disk": _disk_file(spec),
+                           "restored_from": str(snap_dir)})
+
+    def stop(self, spec: VmSpec, timeout: float) -> None:
+        if self.is_alive(spec) and timeout > 0 and self._vm(spec)["status"] == "running":
+            _sync(self._vm(spec))  # the guest heard the power button
+        self._kill(spec)
+        self._state_file(spec).unlink(missing_ok=True)
+
+    def agent(self, spec: VmSpec) -> FakeAgent:  # type: ignore[override]
+        return FakeAgent(self, spec)
+
+
+_DETACHED: list[subprocess.Popen[bytes]] = []
+
+
+def _disk_file(spec: VmSpec) -> str:
+    data = [d for d in spec.disks if d.id == "data"]
+    return str(data[0].path) + ".fake-content" if data else ""
+
+
+def _sync(vm: dict[str, object]) -> None:
+    cache = list(vm["cache"])  # type: ignore[call-overload]
+    if vm["disk"] and cache:
+        with open(str(vm["disk"]), "a") as f:
+            f.writelines(f"{line}\n" for line in cache)
+    vm["cache"] = []
+
+
+class FakeAgent:
+    """The guest agent of a fake VM: answers only while the VM runs (not when paused)."""
+
+    def __init__(self, rt: FakeRuntime, spec: VmSpec) -> None:
+        self.rt = rt
+        self.spec = spec
+
+    def __enter__(self) -> FakeAgent:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def _running(self, verb: str) -> dict[str, object]:
+        if not self.rt.is_alive(self.spec):
+            raise GuestError(f"the hypervisor exited during {verb}")
+        vm = self.rt._vm(self.spec)
+        if vm["status"] != "running":
+            raise GuestError(f"guest agent did not answer {verb}: the VM is {vm['status']}")
+        return vm
+
+    def wait_ready(self, timeout: float) -> None:
+        self._running("wait_ready")
+
+    def sleep_prep(self, timeout: float = 30.0) -> None:
+        vm = self._running("sleep-prep")
+        _sync(vm)
+        self.rt._save_vm(self.spec, vm)
+
+    def wake(self, now: float | None = None, timeout: float = 10.0, fresh_secrets: bool = False) -> None:
+        self._running("wake")
+
+    def exec(self, argv: list[str], timeout: float = 60.0) -> ExecResult:
+        vm = self._running("exec")
+        verb, *rest = argv
+        out = b""
+        if verb == "write":
+            vm["cache"] = [*vm["cache"], *rest]  # type: ignore[misc]
+        elif verb == "sync":
+            _sync(vm)
+        elif verb == "read":
+            disk = Path(str(vm["disk"])).read_text() if vm["disk"] and Path(str(vm["disk"])).exists() else ""
+            out = (disk + "".join(f"{x}\n" for x in vm["cache"])).encode()  # type: ignore[attr-defined]
+        else:
+            return ExecResult(127, b"", f"fake guest: no {verb}\n".encode())
+        self.rt._save_vm(self.spec, vm)
+        return ExecResult(0, out, b"")

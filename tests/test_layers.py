@@ -1,0 +1,64 @@
+"""The package layout shows the architecture: dependencies point one way (docs/ARCHITECTURE.md).
+
+model ← config/util ← store/build/network/guest/runtime ← lifecycle ← services ← cli.
+Imports only for type hints (under `if TYPE_CHECKING:`) do not count.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parent.parent / "src" / "mvm"
+LAYER = {
+    "errors": 0, "model": 0,
+    "config": 1, "util": 1,
+    "store": 2, "build": 2, "network": 2, "guest": 2, "runtime": 2,
+    "lifecycle": 3,
+    "services": 4,
+    "cli": 5,
+}
+# Within layer 2, what may use what (guest channels are how a runtime reaches its guest).
+SIDEWAYS = {("runtime", "guest"), ("network", "runtime"), ("build", "guest")}
+
+
+def _imports(tree: ast.Module) -> list[str]:
+    skip: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            skip.update(id(n) for n in ast.walk(node))
+    out = []
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("mvm"):
+            parts = node.module.split(".")
+            if len(parts) == 1:
+                out += [a.name for a in node.names]
+            else:
+                out.append(parts[1])
+        elif isinstance(node, ast.Import):
+            out += [a.name.split(".")[1] for a in node.names if a.name.startswith("mvm.")]
+    return out
+
+
+def test_dependencies_point_one_way() -> None:
+    wrong = []
+    for f in sorted(SRC.rglob("*.py")):
+        rel = f.relative_to(SRC)
+        me = rel.parts[0].removesuffix(".py")
+        if me == "__init__":
+            continue
+        for dep in _imports(ast.parse(f.read_text())):
+            if dep not in LAYER or dep == me:
+                continue
+            if LAYER[dep] > LAYER[me] or (LAYER[dep] == LAYER[me] and LAYER[me] == 2
+                                          and (me, dep) not in SIDEWAYS):
+                wrong.append(f"{rel} imports mvm.{dep}")
+    assert wrong == []
+
+
+def test_every_module_belongs_to_a_layer() -> None:
+    top = {p.name.removesuffix(".py") for p in SRC.iterdir()
+           if (p.suffix == ".py" or (p.is_dir() and (p / "__init__.py").exists())) and p.name != "__init__.py"}
+    assert top <= set(LAYER), f"not placed in a layer: {sorted(top - set(LAYER))}"
