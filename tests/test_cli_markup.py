@@ -20,17 +20,18 @@ def fake_pool(mvm: Mvm, profile: str = "minimal", flake: str = "path:/tmp/flake"
               data_disk: int = 0) -> str:
     """A tenant and a pool whose current revision has a rootfs but no kernel, recorded
     directly in the store (no Nix): starting one of its instances fails at the boot check."""
-    from mvm.config import paths
+    from mvm.config.paths import Layout
     from mvm.model import Pool
     from mvm.store import SqliteStore
 
     mvm.ok("tenant", "create", "acme")
     mvm.ok("config", "set", "accel", "tcg")  # no KVM probe
-    store = SqliteStore()
+    layout = Layout(mvm.home)
+    store = SqliteStore(layout.db_path())
     try:
         store.add_pool(Pool("acme", "web", flake, profile, 1, 256, data_disk, "none"))
         rev = "a" * 12
-        rdir = paths.revision_dir("acme", "web", rev)
+        rdir = layout.revision_dir("acme", "web", rev)
         rdir.mkdir(parents=True)
         (rdir / "rootfs.ext4").write_bytes(b"")
         store.set_pool_current("acme", "web", rev)
@@ -121,12 +122,12 @@ def test_pool_scale_reports_markup_error_literally(tmp_path: Path,
 
 def test_internal_error_is_literal(monkeypatch: pytest.MonkeyPatch,
                                    capsys: pytest.CaptureFixture[str]) -> None:
-    from mvm import config
+    from mvm.config import settings
 
-    def boom() -> dict[str, str]:
+    def boom(layout: object) -> dict[str, str]:
         raise RuntimeError(f"boom {MARKUP}")
 
-    monkeypatch.setattr(config, "load", boom)
+    monkeypatch.setattr(settings, "raw", boom)
     assert cli.main(["config", "list"]) == 70
     cap = capsys.readouterr()
     assert cap.out == ""

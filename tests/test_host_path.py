@@ -83,19 +83,18 @@ def test_missing_everywhere_is_one_clear_error() -> None:
 def test_secrets_image_built_without_sbin_on_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                   minimal_path: None) -> None:
     """The step `wake` and `start` failed on: the secrets disk (mkfs.ext4 + debugfs)."""
-    from mvm.config import paths
+    from mvm.config.paths import Layout
     from mvm.lifecycle import secrets_disk
 
-    monkeypatch.setenv("MVM_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("MVM_RUNTIME_DIR", str(tmp_path / "run"))
-    paths.secrets_file("acme").parent.mkdir(parents=True)
-    paths.secrets_file("acme").write_text('{"API_KEY": "k"}\n')
-    image = secrets_disk.build("acme", "i-1a2b3c4d")
+    layout = Layout(tmp_path / "home", tmp_path / "run")
+    layout.secrets_file("acme").parent.mkdir(parents=True)
+    layout.secrets_file("acme").write_text('{"API_KEY": "k"}\n')
+    image = secrets_disk.build(layout, "acme", "i-1a2b3c4d")
     data = image.read_bytes()
     assert len(data) == secrets_disk.SIZE_MIB * 2**20
     assert data[1024 + 56:1024 + 58] == b"\x53\xef"  # ext4 superblock magic
     assert data[1024 + 120:1024 + 136].rstrip(b"\0") == secrets_disk.LABEL.encode()
-    again = secrets_disk.build("acme", "i-1a2b3c4d").read_bytes()
+    again = secrets_disk.build(layout, "acme", "i-1a2b3c4d").read_bytes()
     assert again == data  # still reproducible (debugfs pinned the times)
 
 

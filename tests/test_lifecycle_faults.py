@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from mvm.config import paths
 from mvm.config.host import Host
+from mvm.config.paths import Layout
+from mvm.config.settings import Settings
 from mvm.errors import MvmError, NotFound, QuotaExceeded
 from mvm.lifecycle import apply, create, observe, secrets_disk, specs
 from mvm.lifecycle.apply import pool_locked
@@ -41,7 +42,8 @@ class World:
 
     def host(self, **kw: object) -> Host:
         home = self.root / "home"
-        return Host(home=home, store=SqliteStore(home / "mvm.db"), locks=FileLocks(home / "locks"),
+        return Host(layout=Layout(home, self.root / "run"), settings=Settings(),
+                    store=SqliteStore(home / "mvm.db"), locks=FileLocks(home / "locks"),
                     runtime_factory=lambda: FakeRuntime(self.ledger),
                     store_factory=lambda: SqliteStore(home / "mvm.db"), **kw)  # type: ignore[arg-type]
 
@@ -89,19 +91,19 @@ class World:
         """The invariants a user relies on."""
         i = self.instance(ref)
         rt = self.ctx.runtime()
-        spec = specs.control_spec(i)
+        spec = specs.control_spec(self.ctx.layout, i)
         assert i.op is None, f"transition left in flight: {i.op}"
         assert rt.is_alive(spec) == i.state.is_live(), f"{i.state}: hypervisor alive={rt.is_alive(spec)}"
         if i.state is State.RUNNING:
             assert rt.status(spec) is VmStatus.RUNNING
         if i.state is State.WARM:
             assert rt.status(spec) is VmStatus.PAUSED
-        assert not secrets_disk.image_path(i.id).exists(), "clear-text secrets image left"
+        assert not secrets_disk.image_path(self.ctx.layout, i.id).exists(), "clear-text secrets image left"
         if i.state is State.SLEEPING:
-            assert i.snapshot and SnapshotInfo.committed(specs.snapshot_dir(i, i.snapshot))
+            assert i.snapshot and SnapshotInfo.committed(specs.snapshot_dir(self.ctx.layout, i, i.snapshot))
         else:
             assert i.snapshot is None
-        root = specs.snapshots_dir(i)
+        root = specs.snapshots_dir(self.ctx.layout, i)
         on_disk = {d.name for d in root.iterdir()} if root.is_dir() else set()
         assert on_disk <= ({i.snapshot} if i.snapshot else set()), f"stale snapshots {on_disk}"
         restored = self.ledger.read_text().split()
@@ -119,10 +121,11 @@ class World:
 
 @pytest.fixture
 def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[World]:
-    monkeypatch.setenv("MVM_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("MVM_RUNTIME_DIR", str(tmp_path / "run"))
+    # (nothing reads MVM_HOME or MVM_RUNTIME_DIR below the edge: the layout is passed in)
+    monkeypatch.delenv("MVM_HOME", raising=False)
+    monkeypatch.setenv("MVM_RUNTIME_DIR", "/nonexistent-mvm-runtime-dir")
     w = World(tmp_path)
-    tenants.create(w.ctx.store, "acme")
+    tenants.create(w.ctx, "acme")
     w.ctx.store.add_pool(Pool("acme", "w", "path:/nonexistent", "p", 1, 128, data_disk=8, network="none"))
     w.ctx.store.set_pool_current("acme", "w", REV)
     rdir = tmp_path / "home/tenants/acme/pools/w/artifacts/revisions" / REV
@@ -131,7 +134,7 @@ def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[World]:
         (rdir / f).write_bytes(b"fake")
     yield w
     for i in w.ctx.store.instances():
-        FakeRuntime(w.ledger).stop(specs.control_spec(i), 0)
+        FakeRuntime(w.ledger).stop(specs.control_spec(w.ctx.layout, i), 0)
     for proc in __import__("tests.doubles.fake_runtime", fromlist=["_DETACHED"])._DETACHED:
         if proc.poll() is None:
             proc.kill()
@@ -192,7 +195,7 @@ def test_a_crash_after_any_step_is_finished_by_the_next_command(
     after = world.next_command(ref)
     want = AFTER_CRASH[(action, source, step)]
     if want is None:
-        assert after is None and not paths.instance_dir(ref.tenant, ref.pool, ref.instance).exists()
+        assert after is None and not world.ctx.layout.instance_dir(ref.tenant, ref.pool, ref.instance).exists()
         return
     assert after is not None and after.state is want, f"{after and after.state} != {want}"
     world.check(ref)
@@ -257,21 +260,21 @@ def test_a_hidden_hypervisor_is_ended_and_scale_sees_it(world: World) -> None:
 
     ref = world.new(State.RUNNING)
     world.ctx.store.update_instance(ref.instance, state=State.STOPPED)  # a store that lost track
-    assert world.ctx.runtime().is_alive(specs.control_spec(world.instance(ref)))
+    assert world.ctx.runtime().is_alive(specs.control_spec(world.ctx.layout, world.instance(ref)))
     lines: list[str] = []
     scale.scale(world.ctx, REF, 0, 0, 0, report=lines.append)
     assert any("ended a hypervisor the store did not know of" in ln for ln in lines)
-    assert not world.ctx.runtime().is_alive(specs.control_spec(world.instance(ref)))
+    assert not world.ctx.runtime().is_alive(specs.control_spec(world.ctx.layout, world.instance(ref)))
     world.check(ref)
 
 
 def test_a_dead_hypervisor_or_a_disk_error_is_failed_with_its_cause(world: World) -> None:
     rt = world.ctx.runtime()
     gone = world.new(State.RUNNING)
-    os.kill(int(Path(rt.pid_file(specs.control_spec(world.instance(gone)))).read_text()),  # type: ignore[attr-defined]
+    os.kill(int(Path(rt.pid_file(specs.control_spec(world.ctx.layout, world.instance(gone)))).read_text()),  # type: ignore[attr-defined]
             signal.SIGKILL)
     stuck = world.new(State.RUNNING)
-    spec = specs.control_spec(world.instance(stuck))
+    spec = specs.control_spec(world.ctx.layout, world.instance(stuck))
     vm = rt._vm(spec)  # type: ignore[attr-defined]
     vm["status"] = "io-error"
     rt._save_vm(spec, vm)  # type: ignore[attr-defined]

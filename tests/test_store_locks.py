@@ -100,11 +100,11 @@ def test_destroyed_tenants_and_pools_leave_no_lock_files(mvm: Mvm) -> None:
 
 def test_compare_and_set_and_events_in_one_transaction(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from mvm.model import Pool
-    from mvm.services import tenants
+    from mvm.services import context, tenants
 
     monkeypatch.setenv("MVM_HOME", str(tmp_path))
     store = SqliteStore(tmp_path / "mvm.db")
-    tenants.create(store, "acme")
+    tenants.create(context.host(store), "acme")
 
     store.add_pool(Pool("acme", "w", "x", "p", 1, 128))
     store.add_instance(Instance("i-00000001", "acme", "w", State.CREATED, None))

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-from mvm.config import paths
+from mvm.config.paths import Layout
 
 RUNS = 5
 
@@ -36,7 +36,7 @@ class Home:
     """A scratch MVM_HOME with the host's assets linked in; the real CLI runs against it."""
 
     def __init__(self) -> None:
-        self.assets = paths.home()
+        self.assets = Layout.from_env().home
         self.dir = Path(tempfile.mkdtemp(prefix="mvm-bench-"))
         for name in ("kernel", "builtin-flake", "nixpkgs-offline", "kvm-probe.json", "config.json"):
             src = self.assets / name
@@ -78,7 +78,7 @@ def bench_build(h: Home) -> None:
     line("no-change rebuild (cache hit), median of 5", f"{nochange:.2f} s")
     line("no-change / first build", f"{nochange / cold:.3f}")
 
-    manifest = json.loads((paths.current_link("bench", "py") / "manifest.json").read_text())
+    manifest = json.loads((Layout.from_env().current_link("bench", "py") / "manifest.json").read_text())
     out = manifest["out_path"]
     closure = nix.closure(out)
     work = Path(tempfile.mkdtemp(prefix="mvm-bench-pack-", dir=h.dir))
@@ -125,7 +125,7 @@ def bench_runtime(h: Home) -> dict[str, float]:
         i = create(ctx, ref)
         cold.append(timed(partial(apply, ctx, i.ref, Action.START)))
         i = store.instance("rt", "vm", i.id)
-        spec = specs.spec_for(store, i, i.revision or "")
+        spec = specs.spec_for(ctx, i, i.revision or "")
         meminfo = instances.exec_(ctx, i.ref, ["cat", "/proc/meminfo"]).stdout.decode()
         fields = {ln.split(":")[0]: int(ln.split()[1]) for ln in meminfo.splitlines()}
         # touched by the guest: its RAM less what its kernel reports free (kernel image included)
@@ -136,7 +136,7 @@ def bench_runtime(h: Home) -> dict[str, float]:
         qmp_resume.append(timed(partial(rt.resume, spec)))
         i = apply(ctx, i.ref, Action.SLEEP)
         assert i.snapshot
-        snap.append(sum(f.stat().st_size for f in specs.snapshot_dir(i, i.snapshot).iterdir()))
+        snap.append(sum(f.stat().st_size for f in specs.snapshot_dir(ctx.layout, i, i.snapshot).iterdir()))
         wake.append(timed(partial(apply, ctx, i.ref, Action.WAKE)))
 
         apply(ctx, i.ref, Action.DESTROY)
@@ -144,8 +144,8 @@ def bench_runtime(h: Home) -> dict[str, float]:
     first, further = [], []
     for _ in range(RUNS):
         a, b = create(ctx, ref), create(ctx, ref)
-        first.append(timed(partial(netops.instance_up, store, a)))
-        further.append(timed(partial(netops.instance_up, store, b)))
+        first.append(timed(partial(netops.instance_up, ctx, a)))
+        further.append(timed(partial(netops.instance_up, ctx, b)))
         apply(ctx, b.ref, Action.DESTROY)
         apply(ctx, a.ref, Action.DESTROY)  # the tenant's last: its network goes with it
     c, r, q, w = (statistics.median(x) for x in (cold, resume, qmp_resume, wake))

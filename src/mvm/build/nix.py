@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mvm import config
 from mvm.errors import BuildFailed, CommandFailed, HostUnsupported, InvalidInput
 from mvm.util import proc
 
@@ -18,7 +17,7 @@ BUILD_GROUP = "nixbld"
 CACHE = "https://cache.nixos.org/"
 
 
-def env() -> dict[str, str]:
+def env(nixpkgs: str = "") -> dict[str, str]:
     """The environment of every Nix command mvm runs: mvm's own nix.conf and nothing else.
 
     The host's /etc/nix/nix.conf (or a NIX_CONF_DIR in mvm's environment) and users' config
@@ -26,7 +25,7 @@ def env() -> dict[str, str]:
     cannot weaken a tenant's build. Substituters depend on where nixpkgs comes from: none for
     the offline package set (nothing to fetch, and no network to wait for).
     """
-    subst = "" if config.get("nixpkgs") else CACHE
+    subst = "" if nixpkgs else CACHE
     return {
         "NIX_CONF_DIR": str(CONF_DIR),
         "NIX_USER_CONF_FILES": str(CONF_DIR / "nix.conf"),
@@ -51,9 +50,9 @@ def require_build_users() -> None:
                               "run `mvm setup` (as root): it creates them")
 
 
-def effective_settings() -> dict[str, Any]:
+def effective_settings(nixpkgs: str) -> dict[str, Any]:
     """Nix's settings as mvm's builds see them (`nix show-config` under mvm's environment)."""
-    out = proc.output(["nix", "show-config", "--json"], env=env(), timeout=60)
+    out = proc.output(["nix", "show-config", "--json"], env=env(nixpkgs), timeout=60)
     data: dict[str, Any] = json.loads(out)
     return {k: v.get("value") if isinstance(v, dict) else v for k, v in data.items()}
 
@@ -73,8 +72,7 @@ def normalize_ref(ref: str, base: Path | None = None) -> str:
     return ref
 
 
-def _override_args() -> list[str]:
-    nixpkgs = config.get("nixpkgs")
+def _override_args(nixpkgs: str) -> list[str]:
     if not nixpkgs:
         return []
     from mvm.build import offline_nixpkgs
@@ -83,29 +81,29 @@ def _override_args() -> list[str]:
     return ["--override-input", "nixpkgs", nixpkgs]
 
 
-def _common() -> list[str]:
-    return ["--no-write-lock-file", *_override_args()]
+def _common(nixpkgs: str) -> list[str]:
+    return ["--no-write-lock-file", *_override_args(nixpkgs)]
 
 
-def metadata(ref: str, override: bool = True) -> dict[str, Any]:
+def metadata(ref: str, nixpkgs: str, override: bool = True) -> dict[str, Any]:
     args = ["nix", "flake", "metadata", "--json", "--no-write-lock-file"]
     if override:
-        args += _override_args()
+        args += _override_args(nixpkgs)
     try:
-        out = proc.run([*args, ref], env=env(), timeout=300).stdout
+        out = proc.run([*args, ref], env=env(nixpkgs), timeout=300).stdout
     except CommandFailed as e:
         raise BuildFailed(_nix_error(e), "check the flake reference and that it evaluates") from e
     result: dict[str, Any] = json.loads(out)
     return result
 
 
-def profiles(ref: str) -> list[str]:
+def profiles(ref: str, nixpkgs: str) -> list[str]:
     """Names under packages.<system> of the flake."""
     try:
         out = proc.run(
-            ["nix", "eval", "--json", *_common(), f"{ref}#packages.{SYSTEM}",
+            ["nix", "eval", "--json", *_common(nixpkgs), f"{ref}#packages.{SYSTEM}",
              "--apply", "builtins.attrNames"],
-            env=env(), timeout=300).stdout
+            env=env(nixpkgs), timeout=300).stdout
     except CommandFailed as e:
         raise BuildFailed(_nix_error(e), "the flake must evaluate and have packages."
                           f"{SYSTEM}.<profile> outputs") from e
@@ -120,15 +118,15 @@ class BuildResult:
     locked: dict[str, Any]
 
 
-def build(ref: str, profile: str, log: Path) -> BuildResult:
+def build(ref: str, profile: str, log: Path, nixpkgs: str) -> BuildResult:
     """`nix build <ref>#<profile>`; Nix's own messages go to the build log and into the error."""
     require_build_users()
-    common = _common()
+    common = _common(nixpkgs)
     args = ["nix", "build", "--no-link", "--json", "-L", *common, f"{ref}#packages.{SYSTEM}.{profile}"]
     with log.open("ab") as f:
         f.write(("$ " + " ".join(args) + "\n").encode())
     try:
-        res = proc.run(args, env=env(), timeout=3600)
+        res = proc.run(args, env=env(nixpkgs), timeout=3600)
     except CommandFailed as e:
         with log.open("ab") as f:
             f.write(e.stderr.encode() + b"\n")
@@ -136,7 +134,7 @@ def build(ref: str, profile: str, log: Path) -> BuildResult:
     with log.open("ab") as f:
         f.write(res.stderr)
     data = json.loads(res.stdout)
-    meta = metadata(ref)
+    meta = metadata(ref, nixpkgs)
     return BuildResult(data[0]["outputs"]["out"], data[0]["drvPath"], meta.get("locks", {}))
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from mvm.build import nix, rootfs
-from mvm.config import paths
+from mvm.config.paths import Layout
 from mvm.errors import BuildFailed, HostUnsupported, MvmError
 from mvm.guest.layout import static_busybox
 from mvm.model import Pool, Revision
@@ -29,6 +29,8 @@ DATA = Path(__file__).resolve().parent.parent / "data"
 
 @dataclass
 class BuildContext:
+    layout: Layout
+    nixpkgs: str  # the `nixpkgs` setting: where flakes' nixpkgs input points
     pool: Pool
     force: bool
     log: Path
@@ -56,7 +58,7 @@ def guest_files_hash() -> str:
 # -- steps -------------------------------------------------------------------
 
 def step_nix_build(ctx: BuildContext) -> None:
-    ctx.result = nix.build(ctx.pool.flake, ctx.pool.profile, ctx.log)
+    ctx.result = nix.build(ctx.pool.flake, ctx.pool.profile, ctx.log, ctx.nixpkgs)
     ctx.progress("nix-build", ctx.result.out_path)
 
 
@@ -78,7 +80,7 @@ def step_kernel(ctx: BuildContext) -> None:
             ctx.kernel_source = "profile"
             break
     else:
-        kdir = paths.kernel_dir()
+        kdir = ctx.layout.kernel_dir()
         if not (kdir / "vmlinux").is_file():
             raise HostUnsupported(f"the default guest kernel is missing ({kdir}/vmlinux)",
                                   "run `mvm setup` (or `make demo`) to install it")
@@ -102,7 +104,7 @@ def step_revision(ctx: BuildContext) -> None:
     ):
         h.update(part.encode() + b"\0")
     ctx.revision = h.hexdigest()[:16]
-    rdir = paths.revision_dir(ctx.pool.tenant, ctx.pool.id, ctx.revision)
+    rdir = ctx.layout.revision_dir(ctx.pool.tenant, ctx.pool.id, ctx.revision)
     ctx.cache_hit = (rdir / "manifest.json").is_file() and not ctx.force
     ctx.progress("revision", ctx.revision + (" (cached, nothing to build)" if ctx.cache_hit else ""))
 
@@ -113,7 +115,7 @@ def step_pack(ctx: BuildContext) -> None:
     assert ctx.result and ctx.kernel
     from mvm.guest.layout import install_guest_files
 
-    revs = paths.revisions_dir(ctx.pool.tenant, ctx.pool.id)
+    revs = ctx.layout.revisions_dir(ctx.pool.tenant, ctx.pool.id)
     revs.mkdir(parents=True, exist_ok=True)
     # We hold the pool's lock: half-written revisions of a build that crashed are garbage.
     for stale in [*revs.glob(".tmp-*"), *revs.glob(".old-*")]:
@@ -152,7 +154,7 @@ def step_pack(ctx: BuildContext) -> None:
             "build_seconds": None,
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        final = paths.revision_dir(ctx.pool.tenant, ctx.pool.id, ctx.revision)
+        final = ctx.layout.revision_dir(ctx.pool.tenant, ctx.pool.id, ctx.revision)
         if final.exists():  # --force over an existing revision: replace it whole
             old = revs / f".old-{ctx.revision}-{os.getpid()}"
             os.rename(final, old)
@@ -176,9 +178,9 @@ RECIPE: list[tuple[str, Callable[[BuildContext], None]]] = [
 ]
 
 
-def switch_current(tenant: str, pool: str, rev: str) -> None:
+def switch_current(layout: Layout, tenant: str, pool: str, rev: str) -> None:
     """Point artifacts/current at a revision atomically (symlink + rename)."""
-    link = paths.current_link(tenant, pool)
+    link = layout.current_link(tenant, pool)
     tmp = link.with_name(f".current-{os.getpid()}")
     if tmp.is_symlink() or tmp.exists():
         tmp.unlink()
@@ -186,15 +188,16 @@ def switch_current(tenant: str, pool: str, rev: str) -> None:
     os.replace(tmp, link)
 
 
-def read_manifest(tenant: str, pool: str, rev: str) -> dict[str, Any]:
+def read_manifest(layout: Layout, tenant: str, pool: str, rev: str) -> dict[str, Any]:
     data: dict[str, Any] = json.loads(
-        (paths.revision_dir(tenant, pool, rev) / "manifest.json").read_text())
+        (layout.revision_dir(tenant, pool, rev) / "manifest.json").read_text())
     return data
 
 
-def run_build(pool: Pool, force: bool, log: Path, progress: Progress) -> tuple[Revision, bool]:
+def run_build(layout: Layout, nixpkgs: str, pool: Pool, force: bool, log: Path,
+              progress: Progress) -> tuple[Revision, bool]:
     """Run the recipe. `current` is not touched here: the caller switches it on success."""
-    ctx = BuildContext(pool, force, log, progress)
+    ctx = BuildContext(layout, nixpkgs, pool, force, log, progress)
     started = time.monotonic()
     for name, step in RECIPE:
         t0 = time.monotonic()
@@ -206,10 +209,10 @@ def run_build(pool: Pool, force: bool, log: Path, progress: Progress) -> tuple[R
         except Exception as e:  # a bug or an OS error: still one clear line, log kept
             raise BuildFailed(f"build step {name} failed: {e}", f"full log: {log}") from e
         ctx.timings[name] = time.monotonic() - t0
-    manifest = read_manifest(pool.tenant, pool.id, ctx.revision)
+    manifest = read_manifest(layout, pool.tenant, pool.id, ctx.revision)
     if not ctx.cache_hit:
         manifest["build_seconds"] = round(time.monotonic() - started, 3)
-        mpath = paths.revision_dir(pool.tenant, pool.id, ctx.revision) / "manifest.json"
+        mpath = layout.revision_dir(pool.tenant, pool.id, ctx.revision) / "manifest.json"
         mpath.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     assert ctx.result
     rev = Revision(pool.tenant, pool.id, ctx.revision, ctx.result.out_path, manifest,

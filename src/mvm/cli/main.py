@@ -18,6 +18,7 @@ from mvm.model import PoolRef, Quotas, check_id
 
 if TYPE_CHECKING:
     from mvm.config.host import Host
+    from mvm.config.paths import Layout
     from mvm.store import Store
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -60,6 +61,13 @@ def store() -> Store:
     return ctx().store
 
 
+def _layout() -> Layout:
+    """The state layout, without opening the store (set-up and doctor run before there is one)."""
+    from mvm.config.paths import Layout
+
+    return _host.layout if _host is not None else Layout.from_env()
+
+
 @app.callback()
 def _root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False) -> None:
     STATE["debug"] = debug
@@ -82,7 +90,7 @@ def setup(
     """Install mvm's host assets: default guest kernel, built-in flake, offline nixpkgs."""
     from mvm.services import host_setup
 
-    host_setup.setup(offline, progress=output.Steps("setup"))
+    host_setup.setup(_layout(), offline, progress=output.Steps("setup"))
 
 
 @app.command()
@@ -90,7 +98,7 @@ def doctor(json_: JsonOpt = False) -> None:
     """Check what the host has: QEMU, a usable and fast KVM, Nix, mkfs.ext4, TUN, bridges, kernel."""
     from mvm.services import host_setup
 
-    checks = host_setup.doctor()
+    checks = host_setup.doctor(_layout())
     if json_:
         emit_json(checks)
     else:
@@ -104,30 +112,30 @@ def doctor(json_: JsonOpt = False) -> None:
 @config_app.command("list")
 def config_list(json_: JsonOpt = False) -> None:
     """Show every setting."""
-    from mvm import config
+    from mvm.config import settings
 
-    values = config.load()
+    values = settings.raw(_layout())
     if json_:
         emit_json(values)
     else:
         table(["setting", "value", "meaning"],
-              [(k, values[k], s.help) for k, s in config.SETTINGS.items()])
+              [(k, values[k], s.help) for k, s in settings.SETTINGS.items()])
 
 
 @config_app.command("get")
 def config_get(key: str) -> None:
     """Print one setting."""
-    from mvm import config
+    from mvm.config import settings
 
-    print(config.get(key))
+    print(settings.get(_layout(), key))
 
 
 @config_app.command("set")
 def config_set(key: str, value: str) -> None:
     """Change one setting (an empty string restores the default)."""
-    from mvm import config
+    from mvm.config import settings
 
-    config.set_value(key, value)
+    settings.set_value(_layout(), key, value)
 
 
 # -- tenants -------------------------------------------------------------------
@@ -147,7 +155,7 @@ def tenant_create(
     """Create a tenant."""
     from mvm.services import tenants
 
-    t = tenants.create(store(), tenant, net_id, subnet,
+    t = tenants.create(ctx(), tenant, net_id, subnet,
                        Quotas(max_vcpus, max_mem, max_running, max_warm, max_pools, max_instances))
     print(f"tenant {t.id} created (net-id {t.net_id}, subnet {t.subnet})")
 
@@ -175,7 +183,7 @@ def tenant_info(tenant: str, json_: JsonOpt = False) -> None:
         "pools": [p.id for p in store().pools(t.id)],
         "instances": {s: sum(1 for i in instances if i.state.value == s)
                       for s in sorted({i.state.value for i in instances})},
-        "secret_keys": tenants.secret_keys(t.id), "secrets_version": t.secrets_version,
+        "secret_keys": tenants.secret_keys(ctx(), t.id), "secrets_version": t.secrets_version,
     }
     show(info, json_)
 
@@ -186,7 +194,7 @@ def tenant_destroy(tenant: str, force: Annotated[bool, typer.Option(
     """Destroy a tenant (and with --force everything it owns)."""
     from mvm.services import tenants
 
-    tenants.destroy(store(), check_id("tenant", tenant), force)
+    tenants.destroy(ctx(), check_id("tenant", tenant), force)
     print(f"tenant {tenant} destroyed")
 
 
@@ -195,7 +203,7 @@ def secrets_set(tenant: str, from_file: Annotated[Path, typer.Option("--from-fil
     """Replace the tenant's secrets with a JSON object read from a file."""
     from mvm.services import tenants
 
-    version = tenants.set_secrets(store(), check_id("tenant", tenant), from_file)
+    version = tenants.set_secrets(ctx(), check_id("tenant", tenant), from_file)
     print(f"secrets of {tenant} set (version {version}); running instances keep their copy"
           " until restarted or woken")
 
@@ -237,7 +245,7 @@ def pool_create(
     """Create a pool from a flake profile."""
     from mvm.services import pools
 
-    p = pools.create(store(), PoolRef.parse(pool), flake, profile, cpus, mem, data_disk, network)
+    p = pools.create(ctx(), PoolRef.parse(pool), flake, profile, cpus, mem, data_disk, network)
     print(f"pool {p.ref} created ({p.flake}#{p.profile}, {p.cpus} vCPU, {p.mem} MiB"
           f"{f', data disk {p.data_disk} MiB' if p.data_disk else ''})")
 
@@ -276,7 +284,7 @@ def pool_build(pool: str, force: Annotated[bool, typer.Option(
     from mvm.services import pools
 
     ref = PoolRef.parse(pool)
-    rev, cached = pools.build(store(), ref, force, progress=output.Steps(f"build {ref}"))
+    rev, cached = pools.build(ctx(), ref, force, progress=output.Steps(f"build {ref}"))
     print(f"{ref}: revision {rev.hash} is current" + (" (no change, cache hit)" if cached else ""))
 
 
@@ -287,8 +295,8 @@ def pool_revisions(pool: str, json_: JsonOpt = False) -> None:
 
     ref = PoolRef.parse(pool)
     current = store().pool(ref.tenant, ref.pool).current
-    revs = pools.revisions(store(), ref)
-    in_use = pools.revisions_in_use(store(), ref)
+    revs = pools.revisions(ctx(), ref)
+    in_use = pools.revisions_in_use(ctx(), ref)
     if json_:
         emit_json([{"revision": r.hash, "current": r.hash == current, "in_use": r.hash in in_use,
                     "out_path": r.out_path, "created": r.created, "manifest": r.manifest} for r in revs])
@@ -309,7 +317,7 @@ def pool_rollback(pool: str, revision: Annotated[str | None, typer.Option(
     from mvm.services import pools
 
     ref = PoolRef.parse(pool)
-    target = pools.rollback(store(), ref, revision)
+    target = pools.rollback(ctx(), ref, revision)
     print(f"{ref}: current is now {target}; new instances boot it, running ones keep theirs"
           " until restarted")
 
@@ -319,7 +327,7 @@ def pool_gc(pool: str, keep: Annotated[int, typer.Option(help="newest revisions 
     """Delete old revisions (never current, never one an instance uses)."""
     from mvm.services import pools
 
-    removed = pools.gc(store(), PoolRef.parse(pool), keep)
+    removed = pools.gc(ctx(), PoolRef.parse(pool), keep)
     print(f"removed {len(removed)} revision(s)" + (": " + ", ".join(removed) if removed else ""))
 
 
@@ -330,7 +338,7 @@ def pool_destroy(pool: str, force: Annotated[bool, typer.Option(
     from mvm.services import pools
 
     ref = PoolRef.parse(pool)
-    pools.destroy(store(), ref, force)
+    pools.destroy(ctx(), ref, force)
     print(f"pool {ref} destroyed")
 
 
@@ -415,7 +423,8 @@ def instance_info(instance: str, json_: JsonOpt = False) -> None:
     v = instances.view(ctx(), _iref(instance))
     i = v.instance
     info = _instance_json(i, v.observed)
-    info["data_disk"] = str(specs.data_disk_path(i)) if specs.data_disk_path(i).exists() else None
+    disk = specs.data_disk_path(ctx().layout, i)
+    info["data_disk"] = str(disk) if disk.exists() else None
     info["pool_current_revision"] = store().pool(i.tenant, i.pool).current
     show(info, json_)
 
@@ -456,13 +465,12 @@ for _name, _doc in (
 def instance_destroy(instance: str, keep_data: Annotated[bool, typer.Option(
         "--keep-data", help="keep the data disk file")] = False) -> None:
     """Stop the instance and remove everything it has (unless --keep-data, its data disk)."""
-    from mvm.config import paths
     from mvm.lifecycle import apply
     from mvm.model import Action
 
     ref = _iref(instance)
     apply(ctx(), ref, Action.DESTROY, keep_data=keep_data)
-    kept = paths.tenant_dir(ref.tenant) / "kept-data" / f"{ref.pool}-{ref.instance}.ext4"
+    kept = ctx().layout.tenant_dir(ref.tenant) / "kept-data" / f"{ref.pool}-{ref.instance}.ext4"
     print(f"{instance} destroyed" + (f"; data disk kept at {kept}" if keep_data and kept.exists() else ""))
 
 
@@ -522,7 +530,7 @@ def net_verify(repair: Annotated[bool, typer.Option("--repair", help="put drifte
     """Compare bridges, TAPs and firewall rules with the database; --repair puts them back."""
     from mvm.lifecycle import netops
 
-    report = netops.verify(store(), repair)
+    report = netops.verify(ctx(), repair)
     if json_:
         emit_json(report)
     else:

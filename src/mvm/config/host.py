@@ -1,10 +1,11 @@
 """The host context every operation runs in: passed in, never read from globals on the way.
 
-It holds the state home, the store, the locks, a factory for the hypervisor runtime (made once,
-on first use), the clock, and two test seams, each `<action>:<step>`: MVM_TEST_CRASH_AFTER
-kills the process with SIGKILL right after that step of a transition is recorded — the way a
-real crash would, with no cleanup — and MVM_TEST_FAIL_BEFORE makes that step fail, so tests
-can show that the next command (or the failing one) leaves a consistent state.
+It holds the state layout, the typed settings, the store, the locks, a factory for the
+hypervisor runtime (made once, on first use), the clock, and two test seams, each
+`<action>:<step>`: MVM_TEST_CRASH_AFTER kills the process with SIGKILL right after that step
+of a transition is recorded (the way a real crash would: no cleanup runs), and
+MVM_TEST_FAIL_BEFORE makes that step fail, so tests can show that the next command (or the
+failing one) leaves a consistent state.
 
 It is composed at the edge (`services.context.host()` for the CLI, the agent, the tests).
 """
@@ -19,6 +20,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mvm.config.paths import Layout
+from mvm.config.settings import Settings
 from mvm.errors import RuntimeFailure
 
 if TYPE_CHECKING:
@@ -28,7 +31,8 @@ if TYPE_CHECKING:
 
 @dataclass
 class Host:
-    home: Path
+    layout: Layout
+    settings: Settings
     store: Store
     locks: FileLocks
     runtime_factory: Callable[[], Runtime]
@@ -38,6 +42,10 @@ class Host:
     #: A store connection for another thread (SQLite connections are per thread).
     store_factory: Callable[[], Store] | None = None
     _runtime: Runtime | None = field(default=None, repr=False)
+
+    @property
+    def home(self) -> Path:
+        return self.layout.home
 
     def runtime(self) -> Runtime:
         if self._runtime is None:

@@ -1,12 +1,16 @@
-"""The state tree under MVM_HOME (DESIGN §8). Every function takes validated IDs only."""
+"""The state tree (DESIGN §8) as a value: a `Layout` is made once, at the edge, from MVM_HOME
+(and MVM_RUNTIME_DIR), and passed in; nothing below reads the environment for it. Every
+method takes validated IDs only."""
 
 from __future__ import annotations
 
+import hashlib
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 
-def home() -> Path:
+def default_home() -> Path:
     env = os.environ.get("MVM_HOME")
     if env:
         return Path(env)
@@ -15,78 +19,75 @@ def home() -> Path:
     return Path.home() / ".local" / "share" / "mvm"
 
 
-def db_path() -> Path:
-    return home() / "mvm.db"
+@dataclass(frozen=True)
+class Layout:
+    home: Path
+    #: Where the short runtime paths (sockets, pid files) and, when set, the clear-text
+    #: secrets images go: /run/mvm and /dev/shm unless MVM_RUNTIME_DIR says otherwise.
+    runtime_root: Path | None = None
 
+    @classmethod
+    def from_env(cls) -> Layout:
+        root = os.environ.get("MVM_RUNTIME_DIR")
+        return cls(default_home(), Path(root) if root else None)
 
-def config_path() -> Path:
-    return home() / "config.json"
+    def db_path(self) -> Path:
+        return self.home / "mvm.db"
 
+    def config_path(self) -> Path:
+        return self.home / "config.json"
 
-def kernel_dir() -> Path:
-    """mvm's default guest kernel: vmlinux, initrd, and a manifest."""
-    return home() / "kernel"
+    def kernel_dir(self) -> Path:
+        """mvm's default guest kernel: vmlinux, initrd, and a manifest."""
+        return self.home / "kernel"
 
+    def offline_nixpkgs_dir(self) -> Path:
+        return self.home / "nixpkgs-offline"
 
-def offline_nixpkgs_dir() -> Path:
-    return home() / "nixpkgs-offline"
+    def builtin_flake_dir(self) -> Path:
+        return self.home / "builtin-flake"
 
+    def locks_dir(self) -> Path:
+        return self.home / "locks"
 
-def builtin_flake_dir() -> Path:
-    return home() / "builtin-flake"
+    def kvm_probe_cache(self) -> Path:
+        """Where the KVM speed verdict is kept (re-probed after each host reboot)."""
+        return self.home / "kvm-probe.json"
 
+    def secrets_runtime_dir(self) -> Path:
+        """Memory-backed storage for clear-text secrets images (never on disk)."""
+        return (self.runtime_root or Path("/dev/shm")) / f"mvm-{self._tag()}"
 
-def locks_dir() -> Path:
-    return home() / "locks"
+    def runtime_dir(self) -> Path:
+        """Short paths for sockets and pid files (a Unix socket path must fit in 108 bytes)."""
+        return (self.runtime_root or Path("/run/mvm")) / self._tag()
 
+    def _tag(self) -> str:
+        return hashlib.sha256(str(self.home.resolve()).encode()).hexdigest()[:10]
 
-def secrets_runtime_dir() -> Path:
-    """Memory-backed storage for clear-text secrets images (never on disk)."""
-    return Path(os.environ.get("MVM_RUNTIME_DIR", "/dev/shm")) / f"mvm-{_home_tag()}"
+    def tenant_dir(self, tenant: str) -> Path:
+        return self.home / "tenants" / tenant
 
+    def secrets_file(self, tenant: str) -> Path:
+        return self.tenant_dir(tenant) / "secrets.json"
 
-def runtime_dir() -> Path:
-    """Short paths for sockets and pid files (a Unix socket path must fit in 108 bytes)."""
-    return Path(os.environ.get("MVM_RUNTIME_DIR", "/run/mvm")) / _home_tag()
+    def pool_dir(self, tenant: str, pool: str) -> Path:
+        return self.tenant_dir(tenant) / "pools" / pool
 
+    def artifacts_dir(self, tenant: str, pool: str) -> Path:
+        return self.pool_dir(tenant, pool) / "artifacts"
 
-def _home_tag() -> str:
-    import hashlib
+    def revisions_dir(self, tenant: str, pool: str) -> Path:
+        return self.artifacts_dir(tenant, pool) / "revisions"
 
-    return hashlib.sha256(str(home().resolve()).encode()).hexdigest()[:10]
+    def revision_dir(self, tenant: str, pool: str, rev: str) -> Path:
+        return self.revisions_dir(tenant, pool) / rev
 
+    def current_link(self, tenant: str, pool: str) -> Path:
+        return self.artifacts_dir(tenant, pool) / "current"
 
-def tenant_dir(tenant: str) -> Path:
-    return home() / "tenants" / tenant
+    def builds_dir(self, tenant: str, pool: str) -> Path:
+        return self.pool_dir(tenant, pool) / "builds"
 
-
-def secrets_file(tenant: str) -> Path:
-    return tenant_dir(tenant) / "secrets.json"
-
-
-def pool_dir(tenant: str, pool: str) -> Path:
-    return tenant_dir(tenant) / "pools" / pool
-
-
-def artifacts_dir(tenant: str, pool: str) -> Path:
-    return pool_dir(tenant, pool) / "artifacts"
-
-
-def revisions_dir(tenant: str, pool: str) -> Path:
-    return artifacts_dir(tenant, pool) / "revisions"
-
-
-def revision_dir(tenant: str, pool: str, rev: str) -> Path:
-    return revisions_dir(tenant, pool) / rev
-
-
-def current_link(tenant: str, pool: str) -> Path:
-    return artifacts_dir(tenant, pool) / "current"
-
-
-def builds_dir(tenant: str, pool: str) -> Path:
-    return pool_dir(tenant, pool) / "builds"
-
-
-def instance_dir(tenant: str, pool: str, instance: str) -> Path:
-    return pool_dir(tenant, pool) / "instances" / instance
+    def instance_dir(self, tenant: str, pool: str, instance: str) -> Path:
+        return self.pool_dir(tenant, pool) / "instances" / instance

@@ -1,13 +1,36 @@
-"""Host settings: one table feeds `mvm config`, the JSON file, and the code that reads them."""
+"""Host settings: one table feeds `mvm config`, the JSON file, and the typed `Settings` the code
+reads (loaded once, at the edge, into the host context)."""
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from enum import StrEnum
 
-from mvm.config import paths
+from mvm.config.paths import Layout
 from mvm.errors import InvalidInput
+
+
+class Accel(StrEnum):
+    AUTO = "auto"  # probe KVM's speed; TCG when it is slow
+    KVM = "kvm"
+    TCG = "tcg"
+
+
+class Backend(StrEnum):
+    QEMU = "qemu"
+    FIRECRACKER = "firecracker"
+
+
+def _choice(enum: type[StrEnum]) -> Callable[[str], StrEnum]:
+    def parse(value: str) -> StrEnum:
+        try:
+            return enum(value)
+        except ValueError:
+            raise InvalidInput(f"{value!r} is not one of {', '.join(e.value for e in enum)}") from None
+    return parse
 
 
 @dataclass(frozen=True)
@@ -15,48 +38,71 @@ class Setting:
     key: str
     default: str
     help: str
+    parse: Callable[[str], object] = str
 
 
 SETTINGS: dict[str, Setting] = {
     s.key: s
     for s in (
-        Setting(
-            "nixpkgs",
-            "",
-            "flake ref that a flake's `nixpkgs` input is pointed at (empty: use the flake's own)",
-        ),
-        Setting("accel", "auto", "QEMU accelerator: auto (probe KVM speed), kvm or tcg"),
-        Setting("backend", "qemu", "runtime backend: qemu or firecracker"),
+        Setting("nixpkgs", "",
+                "flake ref that a flake's `nixpkgs` input is pointed at (empty: use the flake's own)"),
+        Setting("accel", "auto", "QEMU accelerator: auto (probe KVM speed), kvm or tcg", _choice(Accel)),
+        Setting("backend", "qemu", "runtime backend: qemu or firecracker", _choice(Backend)),
     )
 }
 
 
-def load() -> dict[str, str]:
+@dataclass(frozen=True)
+class Settings:
+    nixpkgs: str = ""
+    accel: Accel = Accel.AUTO
+    backend: Backend = Backend.QEMU
+
+    @classmethod
+    def load(cls, layout: Layout) -> Settings:
+        values = raw(layout)
+        return cls(**{f.name: SETTINGS[f.name].parse(values[f.name]) for f in fields(cls)})  # type: ignore[arg-type]
+
+
+def raw(layout: Layout) -> dict[str, str]:
+    """Every setting as text (defaults for those never set); unknown keys in the file ignored."""
     values = {k: s.default for k, s in SETTINGS.items()}
     try:
-        stored = json.loads(paths.config_path().read_text())
+        stored = json.loads(layout.config_path().read_text())
     except FileNotFoundError:
         stored = {}
     values.update({k: str(v) for k, v in stored.items() if k in SETTINGS})
     return values
 
 
-def get(key: str) -> str:
+def _known(key: str) -> Setting:
     if key not in SETTINGS:
         raise InvalidInput(f"unknown setting {key!r}", f"known: {', '.join(SETTINGS)}")
-    return load()[key]
+    return SETTINGS[key]
 
 
-def set_value(key: str, value: str) -> None:
-    if key not in SETTINGS:
-        raise InvalidInput(f"unknown setting {key!r}", f"known: {', '.join(SETTINGS)}")
-    path = paths.config_path()
+def get(layout: Layout, key: str) -> str:
+    _known(key)
+    return raw(layout)[key]
+
+
+def set_value(layout: Layout, key: str, value: str) -> None:
+    """Validated, then written atomically; an empty value restores the default."""
+    setting = _known(key)
+    try:
+        setting.parse(value or setting.default)
+    except InvalidInput as e:
+        raise InvalidInput(f"setting {key}: {e.message}", setting.help) from None
+    path = layout.config_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         stored = json.loads(path.read_text())
     except FileNotFoundError:
         stored = {}
-    stored[key] = value
+    if value:
+        stored[key] = value
+    else:
+        stored.pop(key, None)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(stored, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)

@@ -103,7 +103,7 @@ def _intent(ctx: Host, i: Instance, action: Action, target: State, revision: str
                            f"run `mvm pool build {i.tenant}/{i.pool}` first")
         data["revision"] = rev
         data["secrets_version"] = str(store.tenant(i.tenant).secrets_version)
-        specs.spec_for(store, i, rev)  # its files exist
+        specs.spec_for(ctx, i, rev)  # its files exist
     elif action is Action.SLEEP:
         data["snapshot"] = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime(ctx.clock()))}-{secrets.token_hex(3)}"
     elif action is Action.WAKE:
@@ -114,6 +114,6 @@ def _intent(ctx: Host, i: Instance, action: Action, target: State, revision: str
         data["snapshot"] = i.snapshot
         data["secrets_version"] = str(version)
         data["fresh_secrets"] = "1" if i.secrets_version != version else ""
-    elif action is Action.DESTROY and keep_data and specs.data_disk_path(i).exists():
+    elif action is Action.DESTROY and keep_data and specs.data_disk_path(ctx.layout, i).exists():
         data["kept"] = f"kept-data/{i.pool}-{i.id}.ext4"
     return Op(action, target, i.state, data=data, owner=ctx.locks.owner, started=ctx.clock())

@@ -26,11 +26,11 @@ def create(ctx: Host, ref: PoolRef, reason: Reason = Reason.USER, locked: bool =
         iid = new_instance_id()
         host_index, ip, mac = netops.allocate(store, tenant, pool, iid)
         i = Instance(iid, ref.tenant, ref.pool, State.CREATED, pool.current, host_index, ip, mac)
-        d = specs.instance_dir(i)
+        d = specs.instance_dir(ctx.layout, i)
         try:
             d.mkdir(parents=True, mode=0o700)
             if pool.data_disk:
-                disks.create_data_disk(specs.data_disk_path(i), pool.data_disk)
+                disks.create_data_disk(specs.data_disk_path(ctx.layout, i), pool.data_disk)
             store.add_instance(i, Event("instance.create", f"created {iid}", reason,
                                         ref.tenant, ref.pool, iid))
         except BaseException:

@@ -20,7 +20,6 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from mvm.config import paths
 from mvm.errors import MvmError
 from mvm.lifecycle import netops, secrets_disk, specs
 from mvm.lifecycle.run import Run
@@ -74,16 +73,16 @@ def halt(run: Run, graceful: bool) -> None:
 
 def release_guest(run: Run, keep_tap: bool = False) -> None:
     """What a VM that no longer runs leaves: its secrets image, and (unless kept) its TAP."""
-    secrets_disk.remove(run.i.id)
+    secrets_disk.remove(run.ctx.layout, run.i.id)
     if not keep_tap:
-        netops.instance_down(run.store, run.i)
+        netops.instance_down(run.ctx, run.i)
 
 
 def sweep_snapshots(run: Run, hypervisor_alive: bool) -> None:
     """Delete every snapshot but the committed one — never under a hypervisor that maps it."""
     if hypervisor_alive and run.rt.maps_snapshot_while_running:
         return
-    root = specs.snapshots_dir(run.i)
+    root = specs.snapshots_dir(run.ctx.layout, run.i)
     if not root.is_dir():
         return
     keep = run.i.snapshot
@@ -99,11 +98,11 @@ def sweep_snapshots(run: Run, hypervisor_alive: bool) -> None:
 
 def start_do(run: Run) -> Instance:
     spec = run.spec
-    run.step("network", lambda: netops.instance_up(run.store, run.i))
-    run.step("secrets", lambda: secrets_disk.build(run.i.tenant, run.i.id))
+    run.step("network", lambda: netops.instance_up(run.ctx, run.i))
+    run.step("secrets", lambda: secrets_disk.build(run.ctx.layout, run.i.tenant, run.i.id))
     run.step("boot", lambda: run.rt.boot(spec))
     run.step("agent", lambda: run.rt.agent(spec).wait_ready(AGENT_READY_TIMEOUT))
-    secrets_disk.remove(run.i.id)  # the hypervisor holds it open; nothing stays in clear
+    secrets_disk.remove(run.ctx.layout, run.i.id)  # the hypervisor holds it open; nothing stays in clear
     rev = run.op.data["revision"]
     i = run.end(State.RUNNING, "instance.start", f"running revision {rev}", revision=rev,
                 secrets_version=int(run.op.data["secrets_version"]), snapshot=None, error=None)
@@ -113,7 +112,7 @@ def start_do(run: Run) -> Instance:
 
 def start_recover(run: Run, error: BaseException | None) -> Instance:
     if error is None and run.op.done("agent") and run.alive():
-        secrets_disk.remove(run.i.id)
+        secrets_disk.remove(run.ctx.layout, run.i.id)
         rev = run.op.data["revision"]
         return _recovered(run, State.RUNNING, "finished: the guest was up", error, revision=rev,
                           secrets_version=int(run.op.data["secrets_version"]), snapshot=None,
@@ -164,8 +163,8 @@ def sleep_do(run: Run) -> Instance:
         run.step("resume", lambda: run.rt.resume(spec))  # the guest must run to sync its disks
     run.step("prep", lambda: run.rt.agent(spec).sleep_prep())
     # Commits the snapshot's manifest, then ends the hypervisor: the VM never runs again.
-    run.step("snapshot", lambda: run.rt.snapshot(spec, specs.snapshot_dir(run.i, name)))
-    secrets_disk.remove(run.i.id)  # the TAP stays (it holds no RAM): a wake plugs straight back in
+    run.step("snapshot", lambda: run.rt.snapshot(spec, specs.snapshot_dir(run.ctx.layout, run.i, name)))
+    secrets_disk.remove(run.ctx.layout, run.i.id)  # the TAP stays (it holds no RAM): a wake plugs straight back in
     i = run.end(State.SLEEPING, "instance.sleep", f"snapshotted to disk as {name}", snapshot=name,
                 pid=None)
     sweep_snapshots(run, False)
@@ -174,15 +173,15 @@ def sleep_do(run: Run) -> Instance:
 
 def sleep_recover(run: Run, error: BaseException | None) -> Instance:
     name = run.op.data["snapshot"]
-    if SnapshotInfo.committed(specs.snapshot_dir(run.i, name)):
+    if SnapshotInfo.committed(specs.snapshot_dir(run.ctx.layout, run.i, name)):
         # Past the point of no return: the disks belong to the snapshot now.
         halt(run, graceful=False)
-        secrets_disk.remove(run.i.id)
+        secrets_disk.remove(run.ctx.layout, run.i.id)
         i = _recovered(run, State.SLEEPING, f"finished: snapshot {name} was committed", error,
                        snapshot=name, pid=None)
         sweep_snapshots(run, False)
         return i
-    shutil.rmtree(specs.snapshot_dir(run.i, name), ignore_errors=True)
+    shutil.rmtree(specs.snapshot_dir(run.ctx.layout, run.i, name), ignore_errors=True)
     if not run.alive():
         return gone(run, error)
     # The VM runs on: back to where it was, the guest's clock untouched (no time was lost).
@@ -202,9 +201,9 @@ def wake_do(run: Run) -> Instance:
     spec = run.spec
     name = run.op.data["snapshot"]
     fresh = run.op.data.get("fresh_secrets") == "1"
-    run.step("network", lambda: netops.instance_up(run.store, run.i))  # the TAP kept at sleep
-    run.step("secrets", lambda: secrets_disk.build(run.i.tenant, run.i.id))
-    run.step("restore", lambda: run.rt.restore(spec, specs.snapshot_dir(run.i, name)))  # paused
+    run.step("network", lambda: netops.instance_up(run.ctx, run.i))  # the TAP kept at sleep
+    run.step("secrets", lambda: secrets_disk.build(run.ctx.layout, run.i.tenant, run.i.id))
+    run.step("restore", lambda: run.rt.restore(spec, specs.snapshot_dir(run.ctx.layout, run.i, name)))  # paused
     # The point of no return, before the guest runs: the snapshot can never be restored again.
     run.step("consume", lambda: None, snapshot=None)
     run.step("resume", lambda: run.rt.resume(spec))
@@ -213,7 +212,7 @@ def wake_do(run: Run) -> Instance:
 
 
 def _woken(run: Run, kind: str, message: str, exc: BaseException | None = None) -> Instance:
-    secrets_disk.remove(run.i.id)
+    secrets_disk.remove(run.ctx.layout, run.i.id)
     fields: dict[str, object] = {"secrets_version": int(run.op.data["secrets_version"]),
                                  "error": None}
     if kind == "instance.wake":
@@ -229,7 +228,7 @@ def wake_recover(run: Run, error: BaseException | None) -> Instance:
     if not run.op.done("consume"):
         # The restored guest never ran: end its hypervisor, keep the snapshot for the next wake.
         halt(run, graceful=False)
-        secrets_disk.remove(run.i.id)
+        secrets_disk.remove(run.ctx.layout, run.i.id)
         return _recovered(run, State.SLEEPING, f"rolled back: snapshot {name} kept", error,
                           snapshot=name)
     if not run.alive():
@@ -272,18 +271,18 @@ def destroy_do(run: Run) -> Instance:
 
 def _destroy_rest(run: Run) -> Instance:
     i = run.i
-    netops.release(run.store, i)
-    secrets_disk.remove(i.id)
+    netops.release(run.ctx, i)
+    secrets_disk.remove(run.ctx.layout, i.id)
     kept = run.op.data.get("kept", "")
-    data = specs.data_disk_path(i)
+    data = specs.data_disk_path(run.ctx.layout, i)
     if kept and data.exists():
         # outside the pool: a later `pool destroy` must not take what the user kept
-        dest = paths.tenant_dir(i.tenant) / kept
+        dest = run.ctx.layout.tenant_dir(i.tenant) / kept
         dest.parent.mkdir(parents=True, exist_ok=True)
         data.rename(dest)
-    shutil.rmtree(specs.instance_dir(i), ignore_errors=True)
-    shutil.rmtree(paths.runtime_dir() / i.id, ignore_errors=True)
-    note = f" (data kept at {paths.tenant_dir(i.tenant) / kept})" if kept else ""
+    shutil.rmtree(specs.instance_dir(run.ctx.layout, i), ignore_errors=True)
+    shutil.rmtree(run.ctx.layout.runtime_dir() / i.id, ignore_errors=True)
+    note = f" (data kept at {run.ctx.layout.tenant_dir(i.tenant) / kept})" if kept else ""
     run.store.remove_instance(i.id, run.event("instance.destroy", f"destroyed{note}"))
     return i
 

@@ -8,10 +8,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from mvm.config.host import Host
 from mvm.model import Instance, Pool, State, Tenant
 from mvm.network import plan
 from mvm.runtime.base import NetIf
-from mvm.store import Store, lock
+from mvm.store import Store
 
 
 def _wants_net(pool: Pool) -> bool:
@@ -45,19 +46,19 @@ def kernel_ip_arg(store: Store, i: Instance) -> str | None:
     return net.kernel_arg(i.id) if net else None
 
 
-def tenant_up(t: Tenant) -> str:
+def tenant_up(ctx: Host, t: Tenant) -> str:
     """The tenant's bridge, gateway address, isolation and NAT (idempotent)."""
     from mvm.network import firewall, host
 
-    with lock("network"):
+    with ctx.locks.lock("network"):
         bridge = host.ensure_bridge(t.net_id, t.subnet)
         host.enable_forwarding()
         firewall.ensure_tenant(t.net_id, t.subnet, bridge)
     return bridge
 
 
-def instance_up(store: Store, i: Instance) -> None:
-    net = _instance_net(store, i)
+def instance_up(ctx: Host, i: Instance) -> None:
+    net = _instance_net(ctx.store, i)
     if net is None:
         return
     master = Path("/sys/class/net") / net.tap / "master"
@@ -66,12 +67,12 @@ def instance_up(store: Store, i: Instance) -> None:
     from mvm.network import host
 
     if net.bridge not in host.links():
-        tenant_up(store.tenant(i.tenant))  # first instance: bridge, isolation and NAT
+        tenant_up(ctx, ctx.store.tenant(i.tenant))  # first instance: bridge, isolation and NAT
     # (otherwise the tenant's network is left alone; `mvm net verify --repair` mends drift)
     host.ensure_tap(net.tap, net.bridge)
 
 
-def instance_down(store: Store, i: Instance) -> None:
+def instance_down(ctx: Host, i: Instance) -> None:
     if i.host_index is None:
         return
     from mvm.network import host
@@ -79,13 +80,13 @@ def instance_down(store: Store, i: Instance) -> None:
     host.remove_tap(plan.tap_name(i.id))
 
 
-def release(store: Store, i: Instance) -> None:
+def release(ctx: Host, i: Instance) -> None:
     """The instance is gone: its TAP too, and the tenant's network with its last instance."""
-    instance_down(store, i)
+    instance_down(ctx, i)
     if i.host_index is None:
         return
-    if not any(o.host_index is not None for o in store.instances(i.tenant) if o.id != i.id):
-        teardown_tenant(store, store.tenant(i.tenant))
+    if not any(o.host_index is not None for o in ctx.store.instances(i.tenant) if o.id != i.id):
+        teardown_tenant(ctx, ctx.store.tenant(i.tenant))
 
 
 def _expected(store: Store) -> tuple[list[tuple[int, str]], list[tuple[str, str]]]:
@@ -101,23 +102,23 @@ def _expected(store: Store) -> tuple[list[tuple[int, str]], list[tuple[str, str]
     return sorted(tenants.items()), taps
 
 
-def verify(store: Store, repair: bool) -> dict[str, object]:
+def verify(ctx: Host, repair: bool) -> dict[str, object]:
     from mvm.network import verify as net_verify
 
-    tenants, taps = _expected(store)
-    with lock("network"):
+    tenants, taps = _expected(ctx.store)
+    with ctx.locks.lock("network"):
         report = net_verify.verify(tenants, taps, repair)
     return {"ok": report.ok, "problems": report.lines(), "repaired": report.repaired,
             "tenants": len(tenants), "taps": len(taps)}
 
 
-def teardown_tenant(store: Store, t: Tenant) -> None:
+def teardown_tenant(ctx: Host, t: Tenant) -> None:
     """Remove exactly what the tenant's network created; drop mvm's table when it was the last."""
     from mvm.network import firewall, host
 
-    with lock("network"):
+    with ctx.locks.lock("network"):
         for name in host.list_taps():
-            if any(name == plan.tap_name(i.id) for i in store.instances(t.id)):
+            if any(name == plan.tap_name(i.id) for i in ctx.store.instances(t.id)):
                 host.remove_tap(name)
         host.remove_bridge(t.net_id)
         firewall.remove_tenant(t.net_id)

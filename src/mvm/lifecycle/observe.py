@@ -68,7 +68,7 @@ def _event(i: Instance, kind: str, message: str) -> Event:
 
 def _reconcile(ctx: Host, i: Instance, done: list[str]) -> Instance:
     rt = ctx.runtime()
-    spec = specs.control_spec(i)
+    spec = specs.control_spec(ctx.layout, i)
     alive = rt.is_alive(spec)
     if i.state.is_live():
         if not alive:
@@ -91,10 +91,10 @@ def _reconcile(ctx: Host, i: Instance, done: list[str]) -> Instance:
     # (a sleeping instance keeps its TAP for a quick wake)
     tap = Path(f"/sys/class/net/{plan.tap_name(i.id)}")
     if i.state is not State.SLEEPING and i.host_index is not None and tap.exists():
-        netops.instance_down(ctx.store, i)
+        netops.instance_down(ctx, i)
         _note(ctx, i, "instance.orphan", "removed a TAP of an instance that does not run", done)
-    if secrets_disk.image_path(i.id).exists():
-        secrets_disk.remove(i.id)
+    if secrets_disk.image_path(ctx.layout, i.id).exists():
+        secrets_disk.remove(ctx.layout, i.id)
         _note(ctx, i, "instance.orphan", "removed a clear-text secrets image", done)
     return i
 
@@ -113,8 +113,8 @@ def _set(ctx: Host, i: Instance, state: State, why: str, done: list[str]) -> Ins
 
 
 def _fail(ctx: Host, i: Instance, cause: str, done: list[str]) -> Instance:
-    netops.instance_down(ctx.store, i)
-    secrets_disk.remove(i.id)
+    netops.instance_down(ctx, i)
+    secrets_disk.remove(ctx.layout, i.id)
     with contextlib.suppress(Conflict):
         ctx.store.update_instance(i.id, expect=i.state, state=State.FAILED, pid=None, error=cause,
                                   event=_event(i, "instance.failed", cause))
@@ -130,7 +130,7 @@ def probe(ctx: Host, i: Instance) -> str:
             return f"{i.op.action.value} in progress ({i.op.owner})"
         return f"{i.op.action.value} interrupted: the next command on it finishes it"
     rt = ctx.runtime()
-    spec = specs.control_spec(i)
+    spec = specs.control_spec(ctx.layout, i)
     alive = rt.is_alive(spec)
     if i.state.is_live():
         if not alive:

@@ -50,7 +50,7 @@ class Run:
             rev = self.op.data.get("revision") or self.i.revision
             if not rev:
                 raise NotFound(f"{self.i.ref} has no revision yet", "start it first")
-            self._spec = specs.spec_for(self.ctx.store, self.i, rev)
+            self._spec = specs.spec_for(self.ctx, self.i, rev)
         return self._spec
 
     @property
@@ -59,7 +59,7 @@ class Run:
         try:
             return self.spec
         except MvmError:
-            return specs.control_spec(self.i)
+            return specs.control_spec(self.ctx.layout, self.i)
 
     def alive(self) -> bool:
         return self.rt.is_alive(self.control)

@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 from mvm.build import rootfs
-from mvm.config import paths
+from mvm.config.paths import Layout
 from mvm.errors import InvalidInput
 
 # Fixed, so a snapshot's device geometry matches the image re-delivered at wake.
@@ -20,19 +20,19 @@ SIZE_MIB = 4
 LABEL = "mvm-secrets"
 
 
-def image_path(instance_id: str) -> Path:
-    return paths.secrets_runtime_dir() / f"{instance_id}.img"
+def image_path(layout: Layout, instance_id: str) -> Path:
+    return layout.secrets_runtime_dir() / f"{instance_id}.img"
 
 
-def build(tenant: str, instance_id: str) -> Path:
-    src = paths.secrets_file(tenant)
+def build(layout: Layout, tenant: str, instance_id: str) -> Path:
+    src = layout.secrets_file(tenant)
     data = src.read_bytes() if src.exists() else b"{}\n"
     if len(data) > (SIZE_MIB - 1) * 2**20:
         raise InvalidInput(f"tenant {tenant}'s secrets are {len(data)} bytes; at most "
                            f"{SIZE_MIB - 1} MiB fit the secrets disk")
-    rt = paths.secrets_runtime_dir()
+    rt = layout.secrets_runtime_dir()
     rt.mkdir(mode=0o700, parents=True, exist_ok=True)
-    image = image_path(instance_id)
+    image = image_path(layout, instance_id)
     staging = Path(tempfile.mkdtemp(prefix="stage-", dir=rt))
     try:
         staging.chmod(0o755)
@@ -49,12 +49,12 @@ def build(tenant: str, instance_id: str) -> Path:
         rootfs.mkfs(staging, image, LABEL, f"secrets:{tenant}", size_mib=SIZE_MIB)
         image.chmod(0o600)
     except BaseException:
-        remove(instance_id)
+        remove(layout, instance_id)
         raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return image
 
 
-def remove(instance_id: str) -> None:
-    image_path(instance_id).unlink(missing_ok=True)
+def remove(layout: Layout, instance_id: str) -> None:
+    image_path(layout, instance_id).unlink(missing_ok=True)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from mvm.config import paths
+from mvm.config.host import Host
+from mvm.config.paths import Layout
 from mvm.errors import NotFound
 from mvm.lifecycle import netops, secrets_disk
 from mvm.model import Instance
@@ -13,20 +14,20 @@ from mvm.runtime.base import Disk, VmSpec
 from mvm.store import Store
 
 
-def instance_dir(i: Instance) -> Path:
-    return paths.instance_dir(i.tenant, i.pool, i.id)
+def instance_dir(layout: Layout, i: Instance) -> Path:
+    return layout.instance_dir(i.tenant, i.pool, i.id)
 
 
-def data_disk_path(i: Instance) -> Path:
-    return instance_dir(i) / "data.ext4"
+def data_disk_path(layout: Layout, i: Instance) -> Path:
+    return instance_dir(layout, i) / "data.ext4"
 
 
-def run_dir(i: Instance) -> Path:
+def run_dir(layout: Layout, i: Instance) -> Path:
     """Sockets, pid file and console log. They live under a short runtime path (socket paths
     are limited to 108 bytes); `instances/<i>/run` links there."""
-    real = paths.runtime_dir() / i.id
-    link = instance_dir(i) / "run"
-    if not link.is_symlink() and instance_dir(i).is_dir():
+    real = layout.runtime_dir() / i.id
+    link = instance_dir(layout, i) / "run"
+    if not link.is_symlink() and instance_dir(layout, i).is_dir():
         real.mkdir(parents=True, exist_ok=True)
         if link.is_dir():  # a run dir of an older layout
             shutil.rmtree(link)
@@ -34,41 +35,42 @@ def run_dir(i: Instance) -> Path:
     return real
 
 
-def snapshots_dir(i: Instance) -> Path:
+def snapshots_dir(layout: Layout, i: Instance) -> Path:
     """Every snapshot of an instance has a name of its own under here; the store names the one
     committed (`Instance.snapshot`), which a wake may restore exactly once."""
-    return instance_dir(i) / "snapshot"
+    return instance_dir(layout, i) / "snapshot"
 
 
-def snapshot_dir(i: Instance, name: str) -> Path:
-    return snapshots_dir(i) / name
+def snapshot_dir(layout: Layout, i: Instance, name: str) -> Path:
+    return snapshots_dir(layout, i) / name
 
 
-def spec_for(store: Store, i: Instance, revision: str) -> VmSpec:
+def spec_for(ctx: Host, i: Instance, revision: str) -> VmSpec:
     """The VM for an instance at a revision. Device order is fixed: rootfs, data, secrets."""
+    store, layout = ctx.store, ctx.layout
     pool = store.pool(i.tenant, i.pool)
-    rdir = paths.revision_dir(i.tenant, i.pool, revision)
+    rdir = layout.revision_dir(i.tenant, i.pool, revision)
     if not (rdir / "rootfs.ext4").is_file():
         raise NotFound(f"revision {revision} of {i.tenant}/{i.pool} has no artifacts",
                        f"build the pool: `mvm pool build {i.tenant}/{i.pool}`")
     devs = [Disk("rootfs", rdir / "rootfs.ext4", True)]
     if pool.data_disk:
-        devs.append(Disk("data", data_disk_path(i), False))
-    devs.append(Disk("secrets", secrets_disk.image_path(i.id), True))
+        devs.append(Disk("data", data_disk_path(layout, i), False))
+    devs.append(Disk("secrets", secrets_disk.image_path(layout, i.id), True))
     initrd = rdir / "initrd"
     return VmSpec(
         name=i.id, vcpus=pool.cpus, mem_mib=pool.mem, kernel=rdir / "vmlinux",
         initrd=initrd if initrd.is_file() else None,
         cmdline=" ".join(_cmdline(store, i)), disks=tuple(devs),
-        net=netops.netif(store, i), run_dir=run_dir(i),
+        net=netops.netif(store, i), run_dir=run_dir(layout, i),
     )
 
 
-def control_spec(i: Instance) -> VmSpec:
+def control_spec(layout: Layout, i: Instance) -> VmSpec:
     """Enough of a VM to find, ask and end its hypervisor — even when its revision's files are
     gone: sockets, pid file and console live in the run dir."""
     return VmSpec(name=i.id, vcpus=1, mem_mib=0, kernel=Path("/nonexistent"), initrd=None,
-                  cmdline="", disks=(), net=None, run_dir=paths.runtime_dir() / i.id)
+                  cmdline="", disks=(), net=None, run_dir=layout.runtime_dir() / i.id)
 
 
 def _cmdline(store: Store, i: Instance) -> list[str]:

@@ -1,24 +1,30 @@
-"""Composing the host context from this process's environment: the state home (MVM_HOME),
-its SQLite store and flock leases, the runtime the settings choose, the test seams."""
+"""Composing the host context from this process's environment — once, at the edge: the state
+layout (MVM_HOME, MVM_RUNTIME_DIR), the settings, the SQLite store and flock leases, the runtime
+the settings choose, and the test seams."""
 
 from __future__ import annotations
 
 import os
 
-from mvm.config import paths
 from mvm.config.host import Host
-from mvm.store import SqliteStore, Store, default_locks
+from mvm.config.paths import Layout
+from mvm.config.settings import Settings
+from mvm.runtime.base import Runtime
+from mvm.store import FileLocks, SqliteStore, Store
 
 
-def _runtime():  # type: ignore[no-untyped-def]
-    from mvm.runtime import select
+def host(store: Store | None = None, layout: Layout | None = None) -> Host:
+    layout = layout or Layout.from_env()
+    settings = Settings.load(layout)
+    db = layout.db_path()
 
-    return select.runtime()
+    def runtime() -> Runtime:
+        from mvm.runtime import select
 
+        return select.runtime(settings, layout)
 
-def host(store: Store | None = None) -> Host:
-    db = paths.db_path()
-    return Host(home=paths.home(), store=store or SqliteStore(db), locks=default_locks(),
-                runtime_factory=_runtime, store_factory=lambda: SqliteStore(db),
+    return Host(layout=layout, settings=settings, store=store or SqliteStore(db),
+                locks=FileLocks(layout.locks_dir()), runtime_factory=runtime,
+                store_factory=lambda: SqliteStore(db),
                 crash_after=os.environ.get("MVM_TEST_CRASH_AFTER") or None,
                 fail_before=os.environ.get("MVM_TEST_FAIL_BEFORE") or None)

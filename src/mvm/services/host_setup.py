@@ -10,8 +10,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mvm import config
-from mvm.config import paths
+from mvm.config import settings
+from mvm.config.paths import Layout
+from mvm.config.settings import Settings
 from mvm.errors import CommandFailed
 from mvm.util import proc
 
@@ -27,8 +28,8 @@ def internet_reachable(host: str = "github.com", timeout: float = 3.0) -> bool:
         return False
 
 
-def install_builtin_flake() -> Path:
-    dest = paths.builtin_flake_dir()
+def install_builtin_flake(layout: Layout) -> Path:
+    dest = layout.builtin_flake_dir()
     dest.mkdir(parents=True, exist_ok=True)
     src = DATA / "builtin-flake" / "flake.nix"
     if not (dest / "flake.nix").is_file() or (dest / "flake.nix").read_bytes() != src.read_bytes():
@@ -67,31 +68,31 @@ def ensure_build_users(count: int = BUILD_USERS) -> list[str]:
     return nix.build_users()
 
 
-def setup(offline: bool | None, progress: Progress) -> None:
+def setup(layout: Layout, offline: bool | None, progress: Progress) -> None:
     from mvm.build import kernel, offline_nixpkgs
 
     progress("nix-build-users", "…")
     users = ensure_build_users()
     progress("nix-build-users", f"group nixbld: {len(users)} users")
     progress("kernel", "…")
-    info = kernel.install_default_kernel(paths.kernel_dir())
-    progress("kernel", f"{paths.kernel_dir()} ({getattr(info, 'version', '')})")
+    info = kernel.install_default_kernel(layout.kernel_dir())
+    progress("kernel", f"{layout.kernel_dir()} ({getattr(info, 'version', '')})")
     progress("builtin-flake", "…")
-    progress("builtin-flake", str(install_builtin_flake()))
+    progress("builtin-flake", str(install_builtin_flake(layout)))
     progress("nixpkgs", "…")
-    d = offline_nixpkgs.install(paths.offline_nixpkgs_dir())
+    d = offline_nixpkgs.install(layout.offline_nixpkgs_dir())
     if offline is None:
         offline = not internet_reachable()
-    current = config.get("nixpkgs")
+    current = settings.get(layout, "nixpkgs")
     if offline and not current:
-        config.set_value("nixpkgs", offline_nixpkgs.ref(d))
+        settings.set_value(layout, "nixpkgs", offline_nixpkgs.ref(d))
     elif offline is False and current == offline_nixpkgs.ref(d):
-        config.set_value("nixpkgs", "")
-    progress("nixpkgs", f"flakes' nixpkgs input -> {config.get('nixpkgs') or 'their own (online)'}")
-    from mvm.runtime import accel, select
+        settings.set_value(layout, "nixpkgs", "")
+    progress("nixpkgs", f"flakes' nixpkgs input -> {settings.get(layout, 'nixpkgs') or 'their own (online)'}")
+    from mvm.runtime import accel
 
     progress("accelerator", "…")
-    probe = accel.probe_kvm(cache=select.kvm_probe_cache())
+    probe = accel.probe_kvm(cache=layout.kvm_probe_cache())
     progress("accelerator", f"{'kvm' if probe.fast else 'tcg'} ({probe.reason})")
 
 
@@ -110,14 +111,14 @@ WEAKENING: dict[str, Callable[[Any], bool]] = {
 }
 
 
-def _nix_checks() -> list[dict[str, Any]]:
+def _nix_checks(nixpkgs: str) -> list[dict[str, Any]]:
     """The sandbox mvm builds with, its build users, and host settings that would weaken it."""
     from mvm.build import nix
 
     out = []
     conf = nix.CONF_DIR / "nix.conf"
     try:
-        mine = nix.effective_settings()
+        mine = nix.effective_settings(nixpkgs)
     except CommandFailed as e:
         return [_check("nix sandbox", False, f"cannot read Nix's settings: {e.message}")]
     sandbox = {k: mine.get(k) for k in ("sandbox", "sandbox-fallback", "sandbox-paths",
@@ -163,8 +164,8 @@ def _nix_value(v: Any) -> str:
     return str(v)
 
 
-def doctor() -> list[dict[str, Any]]:
-    from mvm.runtime import accel, select
+def doctor(layout: Layout) -> list[dict[str, Any]]:
+    from mvm.runtime import accel
 
     checks = []
     qemu = proc.which("qemu-system-x86_64")
@@ -175,17 +176,18 @@ def doctor() -> list[dict[str, Any]]:
         except CommandFailed as e:
             qv = e.message
     checks.append(_check("qemu", bool(qemu), qv or "qemu-system-x86_64 not found: apt-get install qemu-system-x86"))
-    probe = accel.probe_kvm(cache=select.kvm_probe_cache())
+    probe = accel.probe_kvm(cache=layout.kvm_probe_cache())
     checks.append(_check("kvm", True, f"{'usable and fast' if probe.fast else 'not used'}: {probe.reason}",
                          required=False))
-    checks.append(_check("accelerator", True, accel.choose_accel(config.get("accel"),
-                                                                 cache=select.kvm_probe_cache())))
+    settings_ = Settings.load(layout)
+    checks.append(_check("accelerator", True, accel.choose_accel(settings_.accel.value,
+                                                                 cache=layout.kvm_probe_cache())))
     nix = proc.which("nix")
     checks.append(_check("nix", bool(nix), proc.output(["nix", "--version"], timeout=10).strip()
                          if nix else "nix not found: apt-get install nix-bin"))
     if nix:
-        checks += _nix_checks()
-    checks.append(_check("nixpkgs", True, config.get("nixpkgs") or "flakes use their own nixpkgs input"))
+        checks += _nix_checks(settings_.nixpkgs)
+    checks.append(_check("nixpkgs", True, settings_.nixpkgs or "flakes use their own nixpkgs input"))
     mkfs = proc.which("mkfs.ext4")
     checks.append(_check("mkfs.ext4", bool(mkfs), mkfs or "apt-get install e2fsprogs"))
     tun = os.path.exists("/dev/net/tun")
@@ -195,7 +197,7 @@ def doctor() -> list[dict[str, Any]]:
     checks.append(_check("bridge", bridge, "bridges can be created" if bridge else "no bridge support"))
     nft = proc.which("nft")
     checks.append(_check("nftables", bool(nft), nft or "apt-get install nftables", required=False))
-    kdir = paths.kernel_dir()
+    kdir = layout.kernel_dir()
     have_kernel = (kdir / "vmlinux").is_file() and (kdir / "initrd").is_file()
     checks.append(_check("guest kernel", have_kernel,
                          str(kdir) if have_kernel else f"missing in {kdir}: run `mvm setup`"))

@@ -46,13 +46,13 @@ def exec_(ctx: Host, ref: InstanceRef, argv: list[str], timeout: float = 60.0) -
         raise IllegalTransition(f"cannot exec in {ref}: it is {i.state.value}", hint)
     assert i.revision
     rt = ctx.runtime()
-    with rt.agent(specs.control_spec(i)) as ag:
+    with rt.agent(specs.control_spec(ctx.layout, i)) as ag:
         return ag.exec(argv, timeout=timeout)
 
 
 def console(ctx: Host, ref: InstanceRef) -> bytes:
     i = ctx.store.instance(ref.tenant, ref.pool, ref.instance)
-    log = ctx.runtime().console_log(specs.control_spec(i))
+    log = ctx.runtime().console_log(specs.control_spec(ctx.layout, i))
     try:
         return log.read_bytes()
     except FileNotFoundError:

@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 
 from mvm.build import nix, pipeline
-from mvm.config import paths
+from mvm.config.host import Host
 from mvm.errors import Conflict, InvalidInput, NotFound, QuotaExceeded
 from mvm.model import (
     MAX_CPUS,
@@ -20,24 +20,24 @@ from mvm.model import (
     Revision,
     check_revision,
 )
-from mvm.store import Store, default_locks, pool_lock
-from mvm.store.locks import pool_lock_name
+from mvm.store import pool_lock_name
 
 BUILTIN_PROFILES = ("minimal", "baseline", "python")
 MIN_DATA_DISK_MIB = 8
 NETWORK_MODES = ("tenant", "none")
 
 
-def builtin_flake() -> str:
-    d = paths.builtin_flake_dir()
+def builtin_flake(ctx: Host) -> str:
+    d = ctx.layout.builtin_flake_dir()
     if not (d / "flake.nix").is_file():
         raise NotFound("mvm's built-in flake is not installed",
                        "run `mvm setup` (or `make demo`), or pass --flake")
     return str(d.resolve())
 
 
-def create(store: Store, ref: PoolRef, flake: str | None, profile: str, cpus: int, mem: int,
+def create(ctx: Host, ref: PoolRef, flake: str | None, profile: str, cpus: int, mem: int,
            data_disk: int = 0, network: str = "tenant") -> Pool:
+    store = ctx.store
     tenant = store.tenant(ref.tenant)
     if cpus < 1 or cpus > MAX_CPUS:
         raise InvalidInput(f"--cpus must be between 1 and {MAX_CPUS} (got {cpus})")
@@ -60,35 +60,36 @@ def create(store: Store, ref: PoolRef, flake: str | None, profile: str, cpus: in
         raise Conflict(f"pool {ref} already exists", "choose another name or `mvm pool destroy` it first")
     if len(existing) >= q.max_pools:
         raise QuotaExceeded(f"tenant {tenant.id} already has {len(existing)} pools (quota {q.max_pools})")
-    flake_ref = nix.normalize_ref(flake) if flake else builtin_flake()
+    flake_ref = nix.normalize_ref(flake) if flake else builtin_flake(ctx)
     if flake is None and profile not in BUILTIN_PROFILES:
         raise InvalidInput(f"no built-in profile {profile!r}",
                            f"built-in profiles: {', '.join(BUILTIN_PROFILES)}; or pass --flake")
-    available = nix.profiles(flake_ref)
+    available = nix.profiles(flake_ref, ctx.settings.nixpkgs)
     if profile not in available:
         raise NotFound(f"flake {flake_ref} has no profile {profile!r}",
                        f"it has: {', '.join(available) or 'none'}")
     pool = Pool(ref.tenant, ref.pool, flake_ref, profile, cpus, mem, data_disk, network,
                 created=time.time())
     store.add_pool(pool)
-    paths.artifacts_dir(ref.tenant, ref.pool).mkdir(parents=True, exist_ok=True)
+    ctx.layout.artifacts_dir(ref.tenant, ref.pool).mkdir(parents=True, exist_ok=True)
     store.event(Event("pool.create", f"pool {ref} from {flake_ref}#{profile}", tenant=ref.tenant, pool=ref.pool))
     return pool
 
 
-def build(store: Store, ref: PoolRef, force: bool = False,
+def build(ctx: Host, ref: PoolRef, force: bool = False,
           progress: Callable[[str, str], None] = lambda s, m: None) -> tuple[Revision, bool]:
+    store = ctx.store
     pool = store.pool(ref.tenant, ref.pool)
-    with pool_lock(ref.tenant, ref.pool):
-        bdir = paths.builds_dir(ref.tenant, ref.pool)
+    with ctx.locks.lock(pool_lock_name(ref.tenant, ref.pool)):
+        bdir = ctx.layout.builds_dir(ref.tenant, ref.pool)
         bdir.mkdir(parents=True, exist_ok=True)
         log = bdir / f"{time.strftime('%Y%m%dT%H%M%S')}-{time.time_ns() % 10**9:09d}.log"
         store.interrupt_builds(ref.tenant, ref.pool)
         build_id = store.start_build(ref.tenant, ref.pool, str(log))
         try:
-            rev, cached = pipeline.run_build(pool, force, log, progress)
+            rev, cached = pipeline.run_build(ctx.layout, ctx.settings.nixpkgs, pool, force, log, progress)
             store.add_revision(rev)
-            pipeline.switch_current(ref.tenant, ref.pool, rev.hash)
+            pipeline.switch_current(ctx.layout, ref.tenant, ref.pool, rev.hash)
             store.set_pool_current(ref.tenant, ref.pool, rev.hash)
         except BaseException as e:
             store.finish_build(build_id, "failed", error=str(e).splitlines()[-1] if str(e) else "")
@@ -101,14 +102,16 @@ def build(store: Store, ref: PoolRef, force: bool = False,
         return rev, cached
 
 
-def revisions(store: Store, ref: PoolRef) -> list[Revision]:
+def revisions(ctx: Host, ref: PoolRef) -> list[Revision]:
+    store = ctx.store
     store.pool(ref.tenant, ref.pool)
     return store.revisions(ref.tenant, ref.pool)
 
 
-def rollback(store: Store, ref: PoolRef, revision: str | None = None) -> str:
+def rollback(ctx: Host, ref: PoolRef, revision: str | None = None) -> str:
+    store = ctx.store
     pool = store.pool(ref.tenant, ref.pool)
-    with pool_lock(ref.tenant, ref.pool):
+    with ctx.locks.lock(pool_lock_name(ref.tenant, ref.pool)):
         revs = store.revisions(ref.tenant, ref.pool)
         hashes = [r.hash for r in revs]
         if revision is None:
@@ -124,33 +127,35 @@ def rollback(store: Store, ref: PoolRef, revision: str | None = None) -> str:
             if len(matches) > 1:
                 raise InvalidInput(f"revision prefix {revision} is ambiguous", "give more characters")
             target = matches[0]
-        if not (paths.revision_dir(ref.tenant, ref.pool, target) / "manifest.json").is_file():
+        if not (ctx.layout.revision_dir(ref.tenant, ref.pool, target) / "manifest.json").is_file():
             raise NotFound(f"revision {target} of {ref} has no artifacts on disk",
                            "rebuild it with `mvm pool build --force`")
-        pipeline.switch_current(ref.tenant, ref.pool, target)
+        pipeline.switch_current(ctx.layout, ref.tenant, ref.pool, target)
         store.set_pool_current(ref.tenant, ref.pool, target)
         store.event(Event("pool.rollback", f"current -> {target}", tenant=ref.tenant, pool=ref.pool))
         return target
 
 
-def revisions_in_use(store: Store, ref: PoolRef) -> set[str]:
+def revisions_in_use(ctx: Host, ref: PoolRef) -> set[str]:
+    store = ctx.store
     return {i.revision for i in store.instances(ref.tenant, ref.pool) if i.revision}
 
 
-def gc(store: Store, ref: PoolRef, keep: int = 3) -> list[str]:
+def gc(ctx: Host, ref: PoolRef, keep: int = 3) -> list[str]:
     """Delete old revisions; never `current`, never one an instance uses. Returns what went."""
+    store = ctx.store
     if keep < 0:
         raise InvalidInput(f"--keep must not be negative (got {keep})")
     pool = store.pool(ref.tenant, ref.pool)
-    with pool_lock(ref.tenant, ref.pool):
+    with ctx.locks.lock(pool_lock_name(ref.tenant, ref.pool)):
         revs = store.revisions(ref.tenant, ref.pool)
-        protected = revisions_in_use(store, ref) | {pool.current}
+        protected = revisions_in_use(ctx, ref) | {pool.current}
         newest = {r.hash for r in revs[-keep:]} if keep else set()
         removed = []
         for r in revs:
             if r.hash in protected or r.hash in newest:
                 continue
-            shutil.rmtree(paths.revision_dir(ref.tenant, ref.pool, r.hash), ignore_errors=True)
+            shutil.rmtree(ctx.layout.revision_dir(ref.tenant, ref.pool, r.hash), ignore_errors=True)
             store.remove_revision(ref.tenant, ref.pool, r.hash)
             removed.append(r.hash)
         if removed:
@@ -158,9 +163,10 @@ def gc(store: Store, ref: PoolRef, keep: int = 3) -> list[str]:
         return removed
 
 
-def destroy(store: Store, ref: PoolRef, force: bool = False) -> None:
+def destroy(ctx: Host, ref: PoolRef, force: bool = False) -> None:
+    store = ctx.store
     store.pool(ref.tenant, ref.pool)
-    with pool_lock(ref.tenant, ref.pool):
+    with ctx.locks.lock(pool_lock_name(ref.tenant, ref.pool)):
         live = store.instances(ref.tenant, ref.pool)
         if live and not force:
             raise Conflict(f"pool {ref} still has {len(live)} instance(s)",
@@ -168,12 +174,10 @@ def destroy(store: Store, ref: PoolRef, force: bool = False) -> None:
         if live:
             from mvm.lifecycle import apply
             from mvm.model import Action
-            from mvm.services import context
 
-            ctx = context.host(store)
             for i in live:
                 apply(ctx, i.ref, Action.DESTROY, locked=True)
         store.remove_pool(ref.tenant, ref.pool)
-        shutil.rmtree(paths.pool_dir(ref.tenant, ref.pool), ignore_errors=True)
+        shutil.rmtree(ctx.layout.pool_dir(ref.tenant, ref.pool), ignore_errors=True)
         store.event(Event("pool.destroy", f"pool {ref} destroyed", tenant=ref.tenant, pool=ref.pool))
-        default_locks().remove(pool_lock_name(ref.tenant, ref.pool))  # (we hold it)
+        ctx.locks.remove(pool_lock_name(ref.tenant, ref.pool))  # (we hold it)

@@ -9,22 +9,22 @@ import shutil
 import time
 from pathlib import Path
 
-from mvm.config import paths
+from mvm.config.host import Host
 from mvm.errors import Conflict, InvalidInput
 from mvm.model import Event, Quotas, State, Tenant, check_id
 from mvm.network import plan
-from mvm.store import Store, default_locks, lock, tenant_lock
-from mvm.store.locks import tenant_lock_name
+from mvm.store import Store, tenant_lock_name
 
 
-def create(store: Store, tid: str, net_id: int | None = None, subnet: str | None = None,
+def create(ctx: Host, tid: str, net_id: int | None = None, subnet: str | None = None,
            quotas: Quotas | None = None) -> Tenant:
     check_id("tenant", tid)
     q = quotas or Quotas()
     for name, value in vars(q).items():
         if value < 0:
             raise InvalidInput(f"--{name.replace('_', '-')} must not be negative (got {value})")
-    with lock("tenants"):
+    store = ctx.store
+    with ctx.locks.lock("tenants"):
         existing = store.tenants()
         if any(t.id == tid for t in existing):
             raise Conflict(f"tenant {tid!r} already exists", "see `mvm tenant info " + tid + "`")
@@ -40,14 +40,15 @@ def create(store: Store, tid: str, net_id: int | None = None, subnet: str | None
             subnet = str(plan.validate_subnet(subnet, others))
         t = Tenant(tid, net_id, subnet, q, 0, time.time())
         store.add_tenant(t)
-        paths.tenant_dir(tid).mkdir(parents=True, exist_ok=True)
+        ctx.layout.tenant_dir(tid).mkdir(parents=True, exist_ok=True, mode=0o700)
         store.event(Event("tenant.create", f"tenant {tid} net-id {net_id} subnet {subnet}", tenant=tid))
     return t
 
 
-def destroy(store: Store, tid: str, force: bool = False) -> None:
+def destroy(ctx: Host, tid: str, force: bool = False) -> None:
+    store = ctx.store
     store.tenant(tid)
-    with tenant_lock(tid):
+    with ctx.locks.lock(tenant_lock_name(tid)):
         pools = store.pools(tid)
         if pools and not force:
             raise Conflict(f"tenant {tid} still has {len(pools)} pool(s): "
@@ -56,22 +57,23 @@ def destroy(store: Store, tid: str, force: bool = False) -> None:
         from mvm.services import pools as pool_svc
 
         for p in pools:
-            pool_svc.destroy(store, p.ref, force=True)
+            pool_svc.destroy(ctx, p.ref, force=True)
         from mvm.lifecycle import netops
 
-        netops.teardown_tenant(store, store.tenant(tid))
+        netops.teardown_tenant(ctx, store.tenant(tid))
         store.remove_tenant(tid)
-        shutil.rmtree(paths.tenant_dir(tid), ignore_errors=True)
+        shutil.rmtree(ctx.layout.tenant_dir(tid), ignore_errors=True)
         if not store.tenants():  # the last one: this home's runtime dirs go too (when empty)
-            for d in (paths.runtime_dir(), paths.secrets_runtime_dir()):
+            for d in (ctx.layout.runtime_dir(), ctx.layout.secrets_runtime_dir()):
                 with contextlib.suppress(OSError):
                     d.rmdir()
         store.event(Event("tenant.destroy", f"tenant {tid} destroyed", tenant=tid))
-        default_locks().remove(tenant_lock_name(tid))  # (we hold it)
+        ctx.locks.remove(tenant_lock_name(tid))  # (we hold it)
 
 
-def set_secrets(store: Store, tid: str, source: Path) -> int:
+def set_secrets(ctx: Host, tid: str, source: Path) -> int:
     """Store the tenant's secrets (a JSON object) 0600; returns the new secrets version."""
+    store = ctx.store
     store.tenant(tid)
     try:
         raw = source.read_bytes()
@@ -85,7 +87,7 @@ def set_secrets(store: Store, tid: str, source: Path) -> int:
     if not isinstance(data, dict):
         raise InvalidInput(f"{source} holds a JSON {type(data).__name__}, not an object",
                            "secrets must be a JSON object, e.g. {\"API_KEY\": \"...\"}")
-    dest = paths.secrets_file(tid)
+    dest = ctx.layout.secrets_file(tid)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".secrets-{os.getpid()}.json")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -100,9 +102,9 @@ def set_secrets(store: Store, tid: str, source: Path) -> int:
     return version
 
 
-def secret_keys(tid: str) -> list[str]:
+def secret_keys(ctx: Host, tid: str) -> list[str]:
     try:
-        return sorted(json.loads(paths.secrets_file(tid).read_text()))
+        return sorted(json.loads(ctx.layout.secrets_file(tid).read_text()))
     except FileNotFoundError:
         return []
 

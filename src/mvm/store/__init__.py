@@ -2,8 +2,7 @@
 implementations (SQLite, flock)."""
 
 from mvm.store.base import Locks, Store
-from mvm.store.locks import FileLocks, default_locks, lock, pool_lock, tenant_lock
+from mvm.store.locks import FileLocks, pool_lock_name, tenant_lock_name
 from mvm.store.sqlite import SqliteStore
 
-__all__ = ["FileLocks", "Locks", "SqliteStore", "Store", "default_locks", "lock", "pool_lock",
-           "tenant_lock"]
+__all__ = ["FileLocks", "Locks", "SqliteStore", "Store", "pool_lock_name", "tenant_lock_name"]

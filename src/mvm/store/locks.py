@@ -83,41 +83,9 @@ class FileLocks:
         self._path(name).unlink(missing_ok=True)
 
 
-def _default() -> FileLocks:
-    from mvm.config import paths
-
-    d = paths.locks_dir()
-    if _DEFAULT.get("locks") is None or _DEFAULT["locks"].dir != d:
-        old = _DEFAULT.get("locks")
-        _DEFAULT["locks"] = FileLocks(d)
-        if old is not None:
-            _DEFAULT["locks"].waiting = old.waiting
-    return _DEFAULT["locks"]
-
-
-_DEFAULT: dict[str, FileLocks] = {}
-
-
-def default_locks() -> FileLocks:
-    """The locks of this process's state home (MVM_HOME)."""
-    return _default()
-
-
-def lock(name: str, timeout: float = 600.0) -> contextlib.AbstractContextManager[None]:
-    return _default().lock(name, timeout)
-
-
 def pool_lock_name(tenant: str, pool: str) -> str:
     return f"pool-{tenant}--{pool}"
 
 
 def tenant_lock_name(tenant: str) -> str:
     return f"tenant-{tenant}"
-
-
-def pool_lock(tenant: str, pool: str, timeout: float = 600.0) -> contextlib.AbstractContextManager[None]:
-    return lock(pool_lock_name(tenant, pool), timeout)
-
-
-def tenant_lock(tenant: str, timeout: float = 600.0) -> contextlib.AbstractContextManager[None]:
-    return lock(tenant_lock_name(tenant), timeout)

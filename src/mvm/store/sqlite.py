@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from mvm.config import paths
 from mvm.errors import Conflict, HostUnsupported, NotFound
 from mvm.model import Action, Event, Instance, Op, Pool, Quotas, Revision, State, Tenant
 
@@ -61,8 +60,8 @@ _INSTANCE_COLS = ("id", "tenant", "pool", "state", "revision", "host_index", "ip
 
 
 class SqliteStore:
-    def __init__(self, db: Path | None = None) -> None:
-        self.path = db or paths.db_path()
+    def __init__(self, db: Path) -> None:
+        self.path = db
         if not self.path.exists():
             self.path.parent.mkdir(parents=True, exist_ok=True)
         self.read_only = False
