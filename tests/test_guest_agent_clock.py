@@ -10,6 +10,8 @@ is never more than one setter in the guest.
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import json
 import os
 import shutil
@@ -26,7 +28,7 @@ import pytest
 from mvm.build.kernel import KernelInfo, install_default_kernel
 from mvm.errors import GuestError
 from tests.conftest import Mvm, instances_by_state, needs_assets, sh
-from tests.test_guest_boot import SECRETS, Guest, make_rootfs, make_secrets, mkfs
+from tests.test_guest_boot import SECRETS, Guest, make_rootfs, make_secrets, mkfs, wait_for
 from tests.test_instances import setup_pool
 
 pytestmark = [
@@ -110,6 +112,43 @@ def reconnect(g: Guest) -> None:
     pytest.fail("the agent's read loop did not start over after the host went away")
 
 
+def alone(g: Guest, verb: str, *args: str) -> tuple[bool, list[str]]:
+    """One request on a connection of its own, as each mvm command makes one, a second after
+    the last one ended (so that the guest saw the host go). Returns whether the agent said
+    `* hello` first (it does when its read loop starts over) and the answer's fields. A wake
+    without arguments gets the time it goes out."""
+    g.agent.close()
+    time.sleep(1)
+    with contextlib.closing(g.agent.channel.connect(10)) as s:
+        s.settimeout(30)
+        if verb == "wake" and not args:
+            args = (f"{time.time():.6f}",)
+        s.sendall(b"\x01\n" + " ".join(["r1", verb, *args]).encode() + b"\n")
+        buf, hello = b"", False
+        while True:
+            line, nl, rest = buf.partition(b"\n")
+            if not nl:
+                chunk = s.recv(1 << 16)
+                assert chunk, f"the agent hung up on {verb}"
+                buf += chunk
+                continue
+            buf = rest
+            fields = line.decode().split(" ")
+            if fields[:2] == ["*", "hello"]:
+                hello = True
+            elif fields[0] == "r1":
+                return hello, fields[1:]
+
+
+def last_pid_alone(g: Guest) -> int:
+    """last_pid, asked on a connection of its own that the agent saw as new."""
+    b64 = [base64.b64encode(a).decode() for a in (b"cat", b"/proc/loadavg")]
+    hello, answer = alone(g, "exec", "10", *b64)
+    assert hello, "the agent did not see the host go"
+    assert answer[:2] == ["ok", "0"], answer
+    return int(base64.b64decode(answer[2]).split()[4])
+
+
 def assert_wake_sets_the_clock(g: Guest) -> None:
     try:
         g.agent.wake()
@@ -180,6 +219,30 @@ def test_wake_with_an_armed_setter_forks_nothing(guest: Guest) -> None:
     forks = last_pid(g) - before - base
     assert forks == 0, f"the wake forked {forks} processes"
     assert abs(skew(g)) <= 2
+
+
+def test_connections_without_an_exec_fork_nothing(guest: Guest) -> None:
+    """Every mvm command connects anew, and a wake always does (the restored VM's QEMU is
+    new): the agent serves ping, sleep-prep and wake on a new connection without a fork,
+    because right after a restore every fork is slow under TCG (the reader pipeline the
+    agent started for each connection cost a wake ~0.1 s). Only an exec starts it."""
+    g = guest
+    wait_for(lambda: "flaky.service exited (0)" in g.console(), 30, "the services to settle")
+    g.agent.wake()  # no setter armed: the sleep-prep below forks one
+    set_guest_clock(g, -100)
+    a = last_pid_alone(g)
+    per_exec = last_pid_alone(g) - a  # forks of an exec on a connection of its own
+    before = last_pid_alone(g)
+    for verb, args in (("ping", ["n0nce"]), ("sleep-prep", []), ("wake", []),
+                       ("ping", ["n0nce"])):
+        hello, answer = alone(g, verb, *args)
+        assert hello, f"{verb}: the agent did not see the host go"
+        assert answer == ["ok", *args], (verb, answer)
+    # less sleep-prep's `sync` and clock setter (before a snapshot: no hurry there)
+    forks = last_pid_alone(g) - before - per_exec - 2
+    assert forks == 0, f"four connections without an exec forked {forks} processes"
+    assert abs(skew(g)) <= 2
+    assert not setters(g)
 
 
 def test_a_late_wake_never_steps_the_clock_back(guest: Guest) -> None:
