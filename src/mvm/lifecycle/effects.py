@@ -43,12 +43,28 @@ def _why(error: BaseException | None) -> str:
     return error.line() if isinstance(error, MvmError) else type(error).__name__
 
 
+def _recovery(run: Run, how: str, exc: BaseException | None) -> tuple[str, str, Reason | None]:
+    """The event of a transition that did not finish: kind, what was done and why, reason."""
+    kind = "instance.recovered" if exc is None else f"instance.{run.op.action.value}-failed"
+    reason = Reason.CRASH if exc is None else None
+    return kind, f"{run.op.action.value} {how} ({_why(exc)})", reason
+
+
 def _recovered(run: Run, state: State, how: str, exc: BaseException | None,
                **fields: object) -> Instance:
     """End a transition that did not finish, with an event saying why and what was done."""
-    kind = "instance.recovered" if exc is None else f"instance.{run.op.action.value}-failed"
-    reason = Reason.CRASH if exc is None else None
-    return run.end(state, kind, f"{run.op.action.value} {how} ({_why(exc)})", reason, **fields)
+    kind, message, reason = _recovery(run, how, exc)
+    return run.end(state, kind, message, reason, **fields)
+
+
+def _running(run: Run, kind: str, message: str, reason: Reason | None, **fields: object) -> Instance:
+    """End a start or a wake with the guest up: no clear-text secrets image left (the hypervisor
+    holds it open), the secrets version it got recorded, older snapshots swept."""
+    secrets_disk.remove(run.ctx.layout, run.i.id)
+    i = run.end(State.RUNNING, kind, message, reason, error=None,
+                secrets_version=int(run.op.data["secrets_version"]), **fields)
+    sweep_snapshots(run, True)
+    return i
 
 
 # -- shared pieces ------------------------------------------------------------------------------
@@ -71,11 +87,10 @@ def halt(run: Run, graceful: bool) -> None:
     run.rt.stop(spec, STOP_TIMEOUT if graceful else 0)
 
 
-def release_guest(run: Run, keep_tap: bool = False) -> None:
-    """What a VM that no longer runs leaves: its secrets image, and (unless kept) its TAP."""
+def release_guest(run: Run) -> None:
+    """What a VM that no longer runs leaves: its secrets image and its TAP."""
     secrets_disk.remove(run.ctx.layout, run.i.id)
-    if not keep_tap:
-        netops.instance_down(run.ctx, run.i)
+    netops.instance_down(run.ctx, run.i)
 
 
 def sweep_snapshots(run: Run, hypervisor_alive: bool) -> None:
@@ -102,21 +117,14 @@ def start_do(run: Run) -> Instance:
     run.step("secrets", lambda: secrets_disk.build(run.ctx.layout, run.i.tenant, run.i.id))
     run.step("boot", lambda: run.rt.boot(spec))
     run.step("agent", lambda: run.rt.agent(spec).wait_ready(AGENT_READY_TIMEOUT))
-    secrets_disk.remove(run.ctx.layout, run.i.id)  # the hypervisor holds it open; nothing stays in clear
     rev = run.op.data["revision"]
-    i = run.end(State.RUNNING, "instance.start", f"running revision {rev}", revision=rev,
-                secrets_version=int(run.op.data["secrets_version"]), snapshot=None, error=None)
-    sweep_snapshots(run, True)
-    return i
+    return _running(run, "instance.start", f"running revision {rev}", None, revision=rev, snapshot=None)
 
 
 def start_recover(run: Run, error: BaseException | None) -> Instance:
     if error is None and run.op.done("agent") and run.alive():
-        secrets_disk.remove(run.ctx.layout, run.i.id)
-        rev = run.op.data["revision"]
-        return _recovered(run, State.RUNNING, "finished: the guest was up", error, revision=rev,
-                          secrets_version=int(run.op.data["secrets_version"]), snapshot=None,
-                          error=None)
+        return _running(run, *_recovery(run, "finished: the guest was up", error),
+                        revision=run.op.data["revision"], snapshot=None)
     halt(run, graceful=False)
     release_guest(run)
     return _recovered(run, run.op.source, "rolled back: nothing of it runs", error)
@@ -208,19 +216,7 @@ def wake_do(run: Run) -> Instance:
     run.step("consume", lambda: None, snapshot=None)
     run.step("resume", lambda: run.rt.resume(spec))
     run.step("agent", lambda: run.rt.agent(spec).wake(fresh_secrets=fresh))
-    return _woken(run, "instance.wake", "restored from snapshot")
-
-
-def _woken(run: Run, kind: str, message: str, exc: BaseException | None = None) -> Instance:
-    secrets_disk.remove(run.ctx.layout, run.i.id)
-    fields: dict[str, object] = {"secrets_version": int(run.op.data["secrets_version"]),
-                                 "error": None}
-    if kind == "instance.wake":
-        i = run.end(State.RUNNING, kind, message, None, **fields)
-    else:
-        i = _recovered(run, State.RUNNING, message, exc, **fields)
-    sweep_snapshots(run, True)
-    return i
+    return _running(run, "instance.wake", "restored from snapshot", None)
 
 
 def wake_recover(run: Run, error: BaseException | None) -> Instance:
@@ -241,7 +237,7 @@ def wake_recover(run: Run, error: BaseException | None) -> Instance:
             run.rt.agent(spec).wake(fresh_secrets=fresh, timeout=RECOVERY_AGENT_TIMEOUT)
     except MvmError as e:
         return gone(run, error, f"the woken guest does not answer ({e.line()})")
-    return _woken(run, "instance.recovered", "finished: the woken guest runs", error)
+    return _running(run, *_recovery(run, "finished: the woken guest runs", error))
 
 
 # -- stop, destroy ------------------------------------------------------------------------------------
