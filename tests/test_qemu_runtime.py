@@ -30,7 +30,9 @@ from mvm.guest.agent_client import AgentClient
 from mvm.guest.layout import install_guest_files
 from mvm.runtime.base import MANIFEST, Disk, NetIf, SnapshotInfo, VmSpec, VmStatus
 from mvm.runtime.qemu import QemuRuntime
+from mvm.runtime.qmp import Qmp
 from mvm.util import pids
+from mvm.util.retry import until
 
 pytestmark = [
     pytest.mark.guest,
@@ -263,6 +265,33 @@ def test_failed_snapshot_of_a_running_vm_resumes_it(vms: Vms,
     assert sorted(p.name for p in snap.iterdir()) == []
     with vms.agent(spec) as a:
         a.wait_ready(10)
+
+
+def test_resume_cancels_a_snapshot_left_being_written(vms: Vms) -> None:
+    """A `sleep` killed after handing QEMU the memory file leaves QEMU writing it; the
+    recovery resumes the VM. Were the snapshot left to finish, QEMU would stop the vCPUs
+    at its end (`postmigrate`) and the guest the store says runs would freeze."""
+    spec = vms.spec()
+    boot_ready(vms, spec)
+    vms.rt.pause(spec)
+    fd = os.open(spec.run_dir.parent / "memory.tmp", os.O_WRONLY | os.O_CREAT, 0o600)
+    with Qmp(vms.rt.qmp_socket(spec)) as q:
+        q.execute("migrate-set-parameters", {"max-bandwidth": 8 * 1024**2})  # seconds long
+        q.send_fd(fd, "killed-sleep")
+        q.execute("migrate", {"uri": "fd:killed-sleep"})
+        assert q.execute("query-migrate")["status"] in ("setup", "active")
+    os.close(fd)
+    vms.rt.resume(spec)
+    with Qmp(vms.rt.qmp_socket(spec)) as q:
+        def ended() -> str | None:
+            status: str = q.execute("query-migrate")["status"]
+            return status if status in ("completed", "cancelled", "failed") else None
+
+        final = until(ended, 60, what="the snapshot's end")
+    assert final == "cancelled"
+    time.sleep(0.5)
+    assert vms.rt.status(spec) is VmStatus.RUNNING
+    assert vms.sh(spec, "echo hi") == "hi\n"
 
 
 def test_failed_boots_leave_nothing_behind(vms: Vms, tmp_path: Path) -> None:

@@ -347,7 +347,8 @@ class QemuRuntime(Runtime):
 
     def resume(self, spec: VmSpec) -> None:
         self._require_alive(spec)
-        qmp.call(self.qmp_socket(spec), "cont")
+        with Qmp(self.qmp_socket(spec)) as q:
+            _run_vcpus(q)
 
     def snapshot(self, spec: VmSpec, snap_dir: Path,
                  progress: Progress | None = None) -> SnapshotInfo:
@@ -359,7 +360,7 @@ class QemuRuntime(Runtime):
                 state = s.run("status", lambda: q.execute("query-status")["status"])
                 if state == "running":
                     s.run("pause", lambda: q.execute("stop"))
-                    s.on_undo("pause", lambda: q.execute("cont"))
+                    s.on_undo("pause", lambda: _run_vcpus(q))
                 elif state != "paused":
                     raise RuntimeFailure(f"cannot snapshot {spec.name} while QEMU is {state}")
                 s.run("prepare", lambda: self._prepare_snap_dir(snap_dir, s))
@@ -379,8 +380,8 @@ class QemuRuntime(Runtime):
             try:
                 if timeout > 0:
                     with Qmp(self.qmp_socket(spec), connect_timeout=2.0) as q:
-                        if q.execute("query-status")["status"] == "paused":
-                            q.execute("cont")  # a paused guest cannot see the power button
+                        if q.execute("query-status")["status"] != "running":
+                            _run_vcpus(q)  # a paused guest cannot see the power button
                         q.execute("system_powerdown")
                     # Waiting without holding QMP: QEMU serves one client at a time.
                     if pids.wait_gone(pid, timeout):
@@ -577,6 +578,29 @@ class QemuRuntime(Runtime):
         """Remove the files a dead hypervisor leaves; never while it lives."""
         if self._pid(spec) is None:
             _unlink(self.qmp_socket(spec), self.agent_socket(spec), self.pid_file(spec))
+
+
+#: Outgoing migration states in which QEMU still writes the stream (and stops the vCPUs
+#: at its end). `query-migrate` without a status: no migration ever started.
+_MIGRATING = ("setup", "active", "pre-switchover", "device", "wait-unplug", "cancelling",
+              "postcopy-active", "postcopy-paused", "postcopy-recover")
+
+
+def _run_vcpus(q: Qmp) -> None:
+    """Let the vCPUs run, and stay running: a snapshot still being written (its command was
+    killed after handing QEMU the file) is cancelled first, since when it ends QEMU stops
+    the vCPUs again (`postmigrate`), leaving a guest the store says runs frozen."""
+    status = q.execute("query-migrate").get("status")
+    if status in _MIGRATING:
+        with contextlib.suppress(RuntimeFailure):
+            q.execute("migrate_cancel")  # (refused when it just ended: fine, see below)
+        try:
+            until(lambda: q.execute("query-migrate").get("status") not in _MIGRATING,
+                  QUIT_TIMEOUT, interval=0.005, what="cancel the snapshot being written")
+        except TimeoutError as e:
+            raise RuntimeFailure(f"QEMU did not cancel a snapshot being written: {e}",
+                                 "stop the instance and start it again") from None
+    q.execute("cont")
 
 
 def _check_accel(accel: str) -> str:
