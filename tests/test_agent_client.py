@@ -264,3 +264,226 @@ def test_a_wait_ends_when_the_hypervisor_exits(tmp_path: Path) -> None:
     with pytest.raises(GuestError, match="the hypervisor exited while waiting for the guest agent") as e:
         AgentClient(channel).wait_ready(timeout=60)
     assert "Kernel panic" in e.value.message
+
+
+# ---------------------------------------------------------------- a hostile guest on the channel
+# The guest is root in its VM and may replace the agent: whatever it sends, the host's memory
+# stays bounded, a request ends with one clear error, and the next connection starts clean.
+
+
+class RawPeer:
+    """QEMU's chardev socket with a guest that writes what `script(conn, request_line)` says."""
+
+    def __init__(self, path: Path, script: Callable[[socket.socket, str], None]) -> None:
+        self.script = script
+        self.connections = 0
+        self.sent = 0
+        self._srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._srv.bind(str(path))
+        self._srv.listen(1)
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self._srv.accept()
+            except OSError:
+                return
+            self.connections += 1
+            with conn:
+                buf = b""
+                try:
+                    while True:
+                        chunk = conn.recv(65536)
+                        if not chunk:
+                            break
+                        buf += chunk
+                        while b"\n" in buf:
+                            line, buf = buf.split(b"\n", 1)
+                            if b"\x01" not in line:
+                                self.script(conn, line.decode())
+                except OSError:
+                    pass  # the client dropped the connection
+
+    def send(self, conn: socket.socket, data: bytes) -> None:
+        conn.sendall(data)
+        self.sent += len(data)
+
+    def close(self) -> None:
+        self._srv.close()
+
+
+@pytest.fixture
+def peer(sock: Path) -> Iterator[Callable[[Callable[[socket.socket, str], None]], RawPeer]]:
+    made: list[RawPeer] = []
+
+    def make(script: Callable[[socket.socket, str], None]) -> RawPeer:
+        made.append(RawPeer(sock, script))
+        return made[-1]
+
+    yield make
+    for p in made:
+        p.close()
+
+
+def peak_memory(fn: Callable[[], object]) -> tuple[object, int]:
+    """fn's result (or the exception it raised) and the most memory Python held meanwhile."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        try:
+            result: object = fn()
+        except Exception as e:
+            result = e
+        return result, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_a_flood_without_newlines_ends_the_request_at_once(peer, sock: Path) -> None:  # type: ignore[no-untyped-def]
+    """`cat /dev/zero > /dev/vport…`: no line ever ends. (Before: the buffer grew until the
+    deadline, rescanned for a newline on every recv.)"""
+    zeros = b"\0" * 65536  # (made here: the peer allocates nothing while measured)
+
+    def flood(conn: socket.socket, line: str) -> None:
+        for _ in range(2000):  # 128 MiB, far more than the request may read
+            p.send(conn, zeros)
+
+    p = peer(flood)
+    c = AgentClient(sock)
+    err, peak = peak_memory(lambda: c.ping(timeout=60))
+    assert isinstance(err, GuestError)
+    assert "no protocol lines" in err.message and "connection was reset" in err.message
+    assert peak < 4 << 20
+    assert c._sock is None  # dropped: the next request starts on a new connection
+
+
+def test_an_answer_over_the_limit_is_an_error_and_the_next_request_works(peer, sock: Path) -> None:  # type: ignore[no-untyped-def]
+    state = {"n": 0}
+    long = b"A" * (5 << 20) + b"\n"  # (made here: the peer allocates nothing while measured)
+
+    def answers(conn: socket.socket, line: str) -> None:
+        rid, _verb, *args = line.split(" ")
+        state["n"] += 1
+        if state["n"] == 1:  # our own id, then more than any answer to a ping may hold
+            p.send(conn, f"{rid} ok ".encode())
+            p.send(conn, long)
+        else:
+            p.send(conn, f"{rid} ok {args[0]}\n".encode())
+
+    p = peer(answers)
+    c = AgentClient(sock)
+    err, peak = peak_memory(lambda: c.ping(timeout=60))
+    assert isinstance(err, GuestError) and "longer than 65536 bytes" in err.message
+    assert peak < 4 << 20
+    assert c.ping(timeout=10) < 10  # resynchronised: a new connection, and a clean one
+    assert p.connections == 2
+
+
+def test_stale_answers_are_skipped_without_being_kept(peer, sock: Path) -> None:  # type: ignore[no-untyped-def]
+    """An answer to an exec the host gave up on may be long: skipped as it arrives."""
+    stale = b"deadbeef ok 0 " + b"QUFB" * (2 << 20) + b" -\n"  # 8 MiB, not ours
+
+    def answers(conn: socket.socket, line: str) -> None:
+        rid, _verb, *args = line.split(" ")
+        p.send(conn, stale)
+        p.send(conn, b"* hello mvm-agent 1\n")
+        p.send(conn, f"{rid} ok {args[0]}\n".encode())
+
+    p = peer(answers)
+    result, peak = peak_memory(lambda: AgentClient(sock).ping(timeout=60))
+    assert isinstance(result, float)
+    assert peak < 4 << 20
+
+
+def test_endless_stale_lines_end_the_request(peer, sock: Path) -> None:  # type: ignore[no-untyped-def]
+    """Well-formed lines for others, without end: bounded too (the stale budget)."""
+    line64k = b"deadbeef ok " + b"A" * 65524 + b"\n"
+
+    def answers(conn: socket.socket, line: str) -> None:
+        for _ in range(4000):  # 4000 x 64 KiB = 250 MiB offered
+            p.send(conn, line64k)
+
+    p = peer(answers)
+    err, peak = peak_memory(lambda: AgentClient(sock).ping(timeout=120))
+    assert isinstance(err, GuestError) and "answers to other requests" in err.message
+    assert peak < 4 << 20
+
+
+def exec_answer(rid: str, out: bytes, err: bytes, *flags: str) -> bytes:
+    return " ".join([rid, "ok", "0", b64(out), b64(err), *flags]).encode() + b"\n"
+
+
+def test_exec_output_cut_by_the_agent_is_flagged(peer, sock: Path) -> None:  # type: ignore[no-untyped-def]
+    """A current agent takes the limit (`output-limit`) and says what it cut."""
+    seen: list[str] = []
+
+    def agent(conn: socket.socket, line: str) -> None:
+        rid, verb, *args = line.split(" ")
+        seen.append(verb)
+        if verb == "output-limit":
+            p.send(conn, f"{rid} ok {args[0]}\n".encode())
+        else:
+            p.send(conn, exec_answer(rid, b"x" * 1000, b"e", "stdout-truncated=5000"))
+
+    p = peer(agent)
+    r = AgentClient(sock).exec(["yes"], timeout=5, output_limit=1000)
+    assert seen == ["output-limit", "exec"]
+    assert (r.stdout, r.stderr, r.truncated, r.exit_code) == (b"x" * 1000, b"e", {"stdout": 5000}, 0)
+
+
+def test_exec_output_of_an_agent_without_limits_is_cut_here(peer, sock: Path) -> None:  # type: ignore[no-untyped-def]
+    """An agent from before output limits refuses `output-limit` and sends it all."""
+    def old_agent(conn: socket.socket, line: str) -> None:
+        rid, verb, *_args = line.split(" ")
+        if verb != "exec":
+            p.send(conn, f"{rid} err {b64(f'unknown verb: {verb}'.encode())}\n".encode())
+        else:
+            p.send(conn, exec_answer(rid, b"o" * 3000, b"e" * 10, "timeout"))
+
+    p = peer(old_agent)
+    r = AgentClient(sock).exec(["yes"], timeout=5, output_limit=1000)
+    assert (r.stdout, r.stderr, r.truncated, r.timed_out) == (b"o" * 1000, b"e" * 10, {"stdout": 3000}, True)
+
+
+def test_exec_answer_beyond_its_limit_is_an_error_with_bounded_memory(peer, sock: Path) -> None:  # type: ignore[no-untyped-def]
+    """A guest that ignores the limit: the default (16 MiB per stream) bounds what is read."""
+    from mvm.guest.agent_client import EXEC_OUTPUT_LIMIT, exec_frame
+
+    block = b"A" * 65536
+
+    def liar(conn: socket.socket, line: str) -> None:
+        rid = line.split(" ")[0]
+        p.send(conn, f"{rid} ok 0 ".encode())
+        for _ in range(exec_frame(EXEC_OUTPUT_LIMIT) // 65536 + 64):
+            p.send(conn, block)
+
+    p = peer(liar)
+    err, peak = peak_memory(lambda: AgentClient(sock).exec(["yes"], timeout=60))
+    assert isinstance(err, GuestError) and "longer than" in err.message
+    assert "--max-output" in (err.hint or "")
+    assert peak < exec_frame(EXEC_OUTPUT_LIMIT) * 1.3
+
+
+@pytest.mark.parametrize("bad", ["zz", "7 - - frob", "0 !!!! -", "0 - -" + " timeout" * 10])
+def test_malformed_exec_answers_are_one_line_errors(peer, sock: Path, bad: str) -> None:  # type: ignore[no-untyped-def]
+    p = peer(lambda conn, line: p.send(conn, f"{line.split(' ')[0]} ok {bad}\n".encode()))
+    with pytest.raises(GuestError):
+        AgentClient(sock).exec(["x"], timeout=5)
+
+
+@pytest.mark.parametrize("timeout", [-1.0, 0.0, float("nan"), float("inf"), 1e300, 86401.0])
+def test_exec_timeout_out_of_range_is_refused_before_anything_is_sent(sock: Path, timeout: float) -> None:
+    from mvm.errors import InvalidInput
+
+    with pytest.raises(InvalidInput, match=r"--timeout must be more than 0 and at most 86400 seconds"):
+        AgentClient(sock).exec(["true"], timeout=timeout)  # (no socket there: nothing was tried)
+
+
+def test_a_refusal_from_the_guest_is_shown_escaped(peer, sock: Path) -> None:  # type: ignore[no-untyped-def]
+    evil = "\x1b]0;owned\x07\x1b[2J"
+    p = peer(lambda conn, line: p.send(conn, f"{line.split(' ')[0]} err {b64(evil.encode())}\n".encode()))
+    with pytest.raises(GuestError) as e:
+        AgentClient(sock).ping(timeout=5)
+    assert "\x1b" not in e.value.message and "\\x1b]0;owned\\x07" in e.value.message

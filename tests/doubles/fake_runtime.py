@@ -204,7 +204,7 @@ class FakeAgent:
     def wake(self, now: float | None = None, timeout: float = 10.0, fresh_secrets: bool = False) -> None:
         self._running("wake")
 
-    def exec(self, argv: list[str], timeout: float = 60.0) -> ExecResult:
+    def exec(self, argv: list[str], timeout: float = 60.0, output_limit: int = 16 << 20) -> ExecResult:
         vm = self._running("exec")
         verb, *rest = argv
         out = b""

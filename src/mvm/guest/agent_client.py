@@ -12,28 +12,75 @@ Lines whose id is not the one we wait for — answers to requests we gave up on,
 agent's own `* hello` lines, data from before a snapshot — are skipped, so the
 connection needs no resynchronisation. QEMU serves one client at a time: use one
 AgentClient per instance and do not share it between processes.
+
+The guest is root in its VM and may replace the agent, so every byte on the channel is
+hostile until parsed, and what it can cost the host is bounded:
+- a line we wait for holds at most `MAX_LINE` bytes (an exec's answer: its output limit in
+  base64), or the request fails and the connection is dropped (the next one starts clean);
+- lines we do not wait for are skipped as they arrive, never kept: per request at most
+  `STALE_LIMIT` bytes of well-formed lines (answers to requests given up on, which may be a
+  whole exec's output) and `NOISE_LIMIT` bytes of anything else;
+- reading is linear in the data: each byte is looked at for a newline once;
+- exec output is cut at a limit per stream (`EXEC_OUTPUT_LIMIT` unless asked otherwise),
+  by the agent (`output-limit` request; an old agent that does not know it is cut here),
+  and the result says which streams were cut and how long they were.
 """
 
 from __future__ import annotations
 
-import base64
 import binascii
+import contextlib
+import math
 import os
+import re
 import secrets
 import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from mvm.errors import GuestError
+from mvm.errors import GuestError, InvalidInput
 from mvm.guest.channels import AgentChannel, VirtioSerialChannel
+from mvm.util.text import printable
 
 AGENT_PORT_NAME = "mvm.agent"  # the virtserialport name the guest agent looks for
 EXEC_GRACE = 10.0  # host waits this much longer than the guest-side exec timeout
+MAX_EXEC_TIMEOUT = 24 * 3600.0
+#: Bytes of stdout, and of stderr, an exec returns by default (the agent's default too).
+EXEC_OUTPUT_LIMIT = 16 << 20
+#: The most an exec may be asked to return per stream (it is held in memory, twice).
+MAX_EXEC_OUTPUT_LIMIT = 256 << 20
+#: An answer other than exec's (ping, wake, sleep-prep, a refusal) is a short line.
+MAX_LINE = 64 << 10
+#: Bytes of lines that are not protocol lines, skipped per request before giving up.
+NOISE_LIMIT = 64 << 10
 DISCARD_LINE = b"\x01\n"  # sent first on every connection; see _connect
 _HINT = "look at the instance's console log; the guest may still be booting or hung"
+_ID = re.compile(rb"[A-Za-z0-9._:*-]{1,64}")
+_ID_MAX = 64
+_EXEC_FLAGS = ("timeout", "stdout-truncated", "stderr-truncated")
+
+
+def exec_frame(output_limit: int) -> int:
+    """The longest exec answer an agent sends with this output limit per stream."""
+    return 2 * 4 * math.ceil(output_limit / 3) + 256
+
+
+#: Bytes of well-formed lines for others skipped per request (a stale exec answer fits).
+STALE_LIMIT = exec_frame(EXEC_OUTPUT_LIMIT)
+
+
+def check_exec_limits(timeout: float, output_limit: int) -> None:
+    """Refuse a timeout or output limit out of range (nan and inf included), with one line."""
+    if not 0 < timeout <= MAX_EXEC_TIMEOUT:  # (nan fails both comparisons)
+        raise InvalidInput(f"--timeout must be more than 0 and at most {MAX_EXEC_TIMEOUT:g} "
+                           f"seconds (got {timeout:g})", "give the seconds the command may run")
+    if not 0 <= output_limit <= MAX_EXEC_OUTPUT_LIMIT:
+        raise InvalidInput(f"--max-output must be between 0 and {MAX_EXEC_OUTPUT_LIMIT} bytes "
+                           f"(got {output_limit})",
+                           "give the bytes of stdout (and of stderr) to keep, e.g. 16M")
 
 
 @dataclass(frozen=True)
@@ -42,6 +89,8 @@ class ExecResult:
     stdout: bytes
     stderr: bytes
     timed_out: bool = False
+    #: Streams cut at the output limit ("stdout", "stderr") → bytes the command wrote to it.
+    truncated: dict[str, int] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -50,6 +99,10 @@ class ExecResult:
 
 class _Timeout(Exception):
     pass
+
+
+class _Refused(GuestError):
+    """The agent answered `err`: it read the request and said no."""
 
 
 class AgentClient:
@@ -63,7 +116,10 @@ class AgentClient:
         self.socket_path = self.channel.path
         self.connect_timeout = connect_timeout
         self._sock: socket.socket | None = None
+        # What was received and not yet consumed; a line always starts at its index 0.
         self._buf = bytearray()
+        self._scanned = 0  # bytes of the line at the front already searched for its newline
+        self._skipping: str | None = None  # "noise" or "stale": dropping a line's rest
         self._lock = threading.Lock()
 
     # -------------------------------------------------------------- public verbs
@@ -71,11 +127,12 @@ class AgentClient:
     def wait_ready(self, timeout: float) -> None:
         """Block until the agent answers a ping: the boot (or restore) handshake.
 
-        Pings with a fresh nonce each try; an answer to any of them counts, since the
+        Pings with a fresh id and nonce each try; an answer to any of them counts, since the
         guest may read pings queued before its agent opened the port.
         """
         deadline = time.monotonic() + timeout
         nonces: set[str] = set()
+        ids: set[bytes] = set()
         per_try = 0.25
         last_error = "no answer"
         with self._lock:
@@ -92,18 +149,24 @@ class AgentClient:
                         last_error = f"cannot connect: {e.strerror or e}"
                         time.sleep(min(0.02, max(_left(deadline), 0)))  # socket not there yet
                         continue
-                nonce = secrets.token_hex(8)
+                nonce, rid = secrets.token_hex(8), _new_id()
                 nonces.add(nonce)
+                ids.add(rid.encode())
                 try:
-                    self._send(f"{_new_id()} ping {nonce}")
+                    self._send(f"{rid} ping {nonce}")
                     try_deadline = min(deadline, time.monotonic() + per_try)
+                    spent: dict[str, int] = {}
                     while True:
-                        fields = self._read_fields(try_deadline)
+                        fields = _fields(self._read_line(try_deadline, MAX_LINE, ids.__contains__,
+                                                         spent))
                         if len(fields) == 3 and fields[1] == "ok" and fields[2] in nonces:
                             return
                 except _Timeout:
                     last_error = "no answer to ping"
                     per_try = min(per_try * 1.5, 1.0)
+                except _Overrun as e:
+                    raise GuestError(f"guest agent, answering ping: {e}; the connection was reset",
+                                     e.hint) from None
                 except OSError as e:
                     last_error = f"connection lost: {e}"
                     self._drop()
@@ -118,22 +181,21 @@ class AgentClient:
             raise GuestError(f"guest agent answered ping with {fields!r}", _HINT)
         return time.monotonic() - start
 
-    def exec(self, argv: Sequence[str | bytes], timeout: float = 60.0) -> ExecResult:
-        """Run argv in the guest (no shell; stdin /dev/null); the guest kills it at timeout."""
+    def exec(self, argv: Sequence[str | bytes], timeout: float = 60.0,
+             output_limit: int = EXEC_OUTPUT_LIMIT) -> ExecResult:
+        """Run argv in the guest (no shell; stdin /dev/null); the guest kills it at timeout.
+        Keeps at most `output_limit` bytes of stdout and of stderr (see `ExecResult.truncated`)."""
         if not argv:
             raise ValueError("exec needs a command")
-        if timeout <= 0:
-            raise ValueError("timeout must be positive")
+        check_exec_limits(timeout, output_limit)
+        if output_limit != EXEC_OUTPUT_LIMIT:
+            # (an agent from before output limits refuses it: the output is then cut here)
+            with contextlib.suppress(_Refused):
+                self._request("output-limit", [str(output_limit)], min(timeout, 10.0))
         args = [_b64(a if isinstance(a, bytes) else os.fsencode(a)) for a in argv]
-        fields = self._request("exec", [f"{timeout:.3f}", *args], timeout + EXEC_GRACE)
-        if len(fields) not in (3, 4) or (len(fields) == 4 and fields[3] != "timeout"):
-            raise GuestError(f"malformed exec answer from guest agent: {fields[:4]!r}", _HINT)
-        try:
-            code = int(fields[0])
-        except ValueError as e:
-            raise GuestError(f"malformed exit code from guest agent: {fields[0]!r}") from e
-        return ExecResult(exit_code=code, stdout=_unb64(fields[1]), stderr=_unb64(fields[2]),
-                          timed_out=len(fields) == 4)
+        line = self._request_line("exec", [f"{timeout:.3f}", *args], timeout + EXEC_GRACE,
+                                  exec_frame(max(output_limit, EXEC_OUTPUT_LIMIT)))
+        return _exec_result(line, output_limit)
 
     def sleep_prep(self, timeout: float = 30.0) -> None:
         """Before a snapshot: the guest syncs its disks and drops its clean caches."""
@@ -163,7 +225,16 @@ class AgentClient:
     # -------------------------------------------------------------- plumbing
 
     def _request(self, verb: str, args: list[str] | Callable[[], list[str]], timeout: float) -> list[str]:
-        """One request; `args` may be a function, called right before the line is sent."""
+        """One request with a short answer; returns the fields after `ok`."""
+        fields = _fields(self._request_line(verb, args, timeout, MAX_LINE))
+        if len(fields) >= 2 and fields[1] == "ok":
+            return fields[2:]
+        raise GuestError(f"malformed answer to {verb} from guest agent: {fields[:3]!r}", _HINT)
+
+    def _request_line(self, verb: str, args: list[str] | Callable[[], list[str]], timeout: float,
+                      limit: int) -> bytearray:
+        """One request; returns its answer line (at most `limit` bytes), refusals raised.
+        `args` may be a function, called right before the line is sent."""
         deadline = time.monotonic() + timeout
         rid = _new_id()
         with self._lock:
@@ -179,25 +250,25 @@ class AgentClient:
                     self._drop()
                     self._connect(min(self.connect_timeout, max(_left(deadline), 0.001)))
                     self._send(line, deadline)
-                while True:
-                    fields = self._read_fields(deadline)
-                    if fields and fields[0] == rid:
-                        break
+                answer = self._read_line(deadline, limit, rid.encode().__eq__, {})
             except _Timeout:
                 self._check_alive(f"while waiting for the answer to {verb}")
                 raise GuestError(
                     f"guest agent did not answer {verb} within {timeout:g}s", _HINT) from None
+            except _Overrun as e:
+                raise GuestError(f"guest agent, answering {verb}: {e}; the connection was reset",
+                                 e.hint) from None
             except OSError as e:
                 self._drop()
                 self._check_alive(f"during {verb}")
                 raise GuestError(
                     f"guest agent at {self.socket_path}: {e.strerror or e}", _HINT) from e
-        if len(fields) >= 2 and fields[1] == "ok":
-            return fields[2:]
-        if len(fields) >= 3 and fields[1] == "err":
-            msg = _unb64(fields[2]).decode(errors="replace")
-            raise GuestError(f"guest agent refused {verb}: {msg}")
-        raise GuestError(f"malformed answer to {verb} from guest agent: {fields[:3]!r}", _HINT)
+        head = bytes(answer[:len(rid) + 5]).split(b" ")
+        if len(head) > 1 and head[1] == b"err":
+            fields = _fields(answer[:MAX_LINE])
+            msg = _unb64(fields[2]).decode(errors="replace") if len(fields) >= 3 else "?"
+            raise _Refused(f"guest agent refused {verb}: {printable(msg)}")
+        return answer
 
     def _check_alive(self, when: str) -> None:
         if not self.channel.alive():
@@ -216,13 +287,18 @@ class AgentClient:
             s.close()
             raise
         self._sock = s
-        self._buf.clear()
+        self._reset_buffer()
 
     def _drop(self) -> None:
         if self._sock is not None:
             self._sock.close()
         self._sock = None
-        self._buf.clear()
+        self._reset_buffer()
+
+    def _reset_buffer(self) -> None:
+        self._buf = bytearray()
+        self._scanned = 0
+        self._skipping = None
 
     def _send(self, line: str, deadline: float | None = None) -> None:
         assert self._sock is not None
@@ -238,26 +314,152 @@ class AgentClient:
             self._drop()
             raise _Timeout from None
 
-    def _read_fields(self, deadline: float) -> list[str]:
-        """The next line from the guest, split on single spaces."""
-        assert self._sock is not None
+    def _read_line(self, deadline: float, limit: int, wanted: Callable[[bytes], bool],
+                   spent: dict[str, int]) -> bytearray:
+        """The next line whose id `wanted` accepts, without its newline. Lines for others are
+        dropped as they arrive, counted in `spent` against their limits. A wanted line longer
+        than `limit`, or too much skipped, drops the connection and raises _Overrun."""
         while True:
-            nl = self._buf.find(b"\n")
-            if nl >= 0:
-                raw = bytes(self._buf[:nl])
-                del self._buf[: nl + 1]
-                return raw.decode("ascii", errors="replace").rstrip("\r").split(" ")
-            left = _left(deadline)
-            if left <= 0:
-                raise _Timeout
-            self._sock.settimeout(left)
-            try:
-                chunk = self._sock.recv(1 << 16)
-            except TimeoutError:
-                raise _Timeout from None
-            if not chunk:
-                raise ConnectionResetError(0, "QEMU closed the agent socket (VM gone?)")
-            self._buf += chunk
+            line = self._take_line(limit, wanted, spent)
+            if line is not None:
+                return line
+            self._recv(deadline)
+
+    def _take_line(self, limit: int, wanted: Callable[[bytes], bool],
+                   spent: dict[str, int]) -> bytearray | None:
+        buf = self._buf
+        while buf:
+            if self._skipping is not None:
+                nl = buf.find(b"\n")
+                n = len(buf) if nl < 0 else nl + 1
+                del buf[:n]
+                self._spend(spent, self._skipping, n)
+                if nl >= 0:
+                    self._skipping = None
+                continue
+            head = bytes(buf[:_ID_MAX + 1])
+            sp, nl = head.find(b" "), head.find(b"\n")
+            if nl >= 0 and (sp < 0 or nl < sp):  # not `<id> <status>…`: noise
+                del buf[:nl + 1]
+                self._spend(spent, "noise", nl + 1)
+                continue
+            if sp < 0:
+                if len(buf) <= _ID_MAX:
+                    return None  # the id may go on
+                self._skipping = "noise"
+                continue
+            rid = head[:sp]
+            if not _ID.fullmatch(rid):
+                self._skipping = "noise"
+                continue
+            if not wanted(rid):
+                self._skipping = "stale"
+                continue
+            nl = buf.find(b"\n", self._scanned)
+            if nl < 0:
+                if len(buf) > limit:
+                    raise self._overrun(f"a line longer than {limit} bytes", _limit_hint(limit))
+                self._scanned = len(buf)
+                return None
+            if nl > limit:
+                raise self._overrun(f"a line longer than {limit} bytes", _limit_hint(limit))
+            self._buf = buf[nl + 1:]
+            self._scanned = 0
+            del buf[nl:]
+            return buf
+        return None
+
+    def _spend(self, spent: dict[str, int], kind: str, n: int) -> None:
+        spent[kind] = spent.get(kind, 0) + n
+        limit = NOISE_LIMIT if kind == "noise" else STALE_LIMIT
+        if spent[kind] > limit:
+            what = ("bytes that are no protocol lines" if kind == "noise"
+                    else "bytes of answers to other requests")
+            raise self._overrun(f"more than {limit} {what}",
+                                "the guest's agent is not mvm's, or it is broken: "
+                                "restart the instance")
+
+    def _overrun(self, what: str, hint: str) -> _Overrun:
+        self._drop()
+        return _Overrun(what, hint)
+
+    def _recv(self, deadline: float) -> None:
+        assert self._sock is not None
+        left = _left(deadline)
+        if left <= 0:
+            raise _Timeout
+        self._sock.settimeout(left)
+        try:
+            chunk = self._sock.recv(1 << 16)
+        except TimeoutError:
+            raise _Timeout from None
+        if not chunk:
+            raise ConnectionResetError(0, "QEMU closed the agent socket (VM gone?)")
+        self._buf += chunk
+
+
+class _Overrun(Exception):
+    def __init__(self, what: str, hint: str) -> None:
+        super().__init__(what)
+        self.hint = hint
+
+
+def _limit_hint(limit: int) -> str:
+    if limit > MAX_LINE:
+        return ("the guest's agent did not keep to the output limit: rebuild the pool for "
+                "the current agent, or give a larger --max-output")
+    return "the guest's agent is not mvm's, or it is broken: restart the instance"
+
+
+def _fields(line: bytes | bytearray) -> list[str]:
+    """A short line split on single spaces."""
+    return line.decode("ascii", errors="replace").rstrip("\r").split(" ")
+
+
+def _exec_result(line: bytearray, output_limit: int) -> ExecResult:
+    """`<id> ok <exit> <b64 stdout> <b64 stderr> [timeout] [stdout-truncated=N] [stderr-truncated=N]`,
+    parsed without copying the (long) line."""
+    spans: list[tuple[int, int]] = []
+    start = 0
+    while len(spans) < 5 + len(_EXEC_FLAGS):
+        end = line.find(b" ", start)
+        spans.append((start, len(line) if end < 0 else end))
+        if end < 0:
+            break
+        start = end + 1
+    else:
+        raise GuestError("malformed exec answer from guest agent: too many fields", _HINT)
+    if len(spans) < 5:
+        raise GuestError(f"malformed exec answer from guest agent: {_fields(line[:200])[:5]!r}",
+                         _HINT)
+    view = memoryview(line)
+    try:
+        code_field = bytes(view[spans[2][0]:spans[2][1]])
+        try:
+            code = int(code_field)
+        except ValueError:
+            raise GuestError(f"malformed exit code from guest agent: {code_field[:20]!r}") from None
+        timed_out = False
+        truncated: dict[str, int] = {}
+        for a, b in spans[5:]:
+            flag = bytes(view[a:b]).decode("ascii", errors="replace")
+            name, _, value = flag.partition("=")
+            if flag == "timeout":
+                timed_out = True
+            elif name in ("stdout-truncated", "stderr-truncated") and value.isdigit():
+                truncated[name.split("-")[0]] = int(value)
+            else:
+                raise GuestError(f"malformed exec answer from guest agent: flag {flag[:40]!r}",
+                                 _HINT)
+        streams = [_unb64(view[a:b]) for a, b in spans[3:5]]
+    finally:
+        view.release()
+    for n, name in enumerate(("stdout", "stderr")):
+        if len(streams[n]) > output_limit:  # an agent that does not know the limit
+            truncated[name] = len(streams[n])
+            streams[n] = streams[n][:output_limit]
+    return ExecResult(exit_code=code, stdout=streams[0], stderr=streams[1], timed_out=timed_out,
+                      truncated=truncated)
 
 
 def _left(deadline: float) -> float:
@@ -269,13 +471,15 @@ def _new_id() -> str:
 
 
 def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode() if data else "-"
+    return binascii.b2a_base64(data, newline=False).decode() if data else "-"
 
 
-def _unb64(field: str) -> bytes:
-    if field in ("", "-"):
+def _unb64(field: str | bytes | memoryview) -> bytes:
+    if isinstance(field, str):
+        field = field.encode("ascii", errors="replace")
+    if len(field) == 0 or field == b"-":
         return b""
     try:
-        return base64.b64decode(field, validate=True)
+        return binascii.a2b_base64(field, strict_mode=True)
     except (binascii.Error, ValueError) as e:
         raise GuestError(f"guest agent sent invalid base64 ({len(field)} chars)") from e

@@ -20,7 +20,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from mvm.errors import MvmError
+from mvm.errors import GuestError, MvmError
 from mvm.lifecycle import netops, secrets_disk, specs
 from mvm.lifecycle.run import Run
 from mvm.model import Action, Instance, Reason, State
@@ -169,14 +169,29 @@ def sleep_do(run: Run) -> Instance:
     name = run.op.data["snapshot"]
     if run.op.source is State.WARM:
         run.step("resume", lambda: run.rt.resume(spec))  # the guest must run to sync its disks
-    run.step("prep", lambda: run.rt.agent(spec).sleep_prep())
+    unprepared = run.step("prep", lambda: _sleep_prep(run))
     # Commits the snapshot's manifest, then ends the hypervisor: the VM never runs again.
     run.step("snapshot", lambda: run.rt.snapshot(spec, specs.snapshot_dir(run.ctx.layout, run.i, name)))
     secrets_disk.remove(run.ctx.layout, run.i.id)  # the TAP stays (it holds no RAM): a wake plugs straight back in
-    i = run.end(State.SLEEPING, "instance.sleep", f"snapshotted to disk as {name}", snapshot=name,
-                pid=None)
+    i = run.end(State.SLEEPING, "instance.sleep", f"snapshotted to disk as {name}{unprepared or ''}",
+                snapshot=name, pid=None)
     sweep_snapshots(run, False)
     return i
+
+
+def _sleep_prep(run: Run) -> str:
+    """The guest syncs its disks and drops its clean caches. A guest whose agent does not answer
+    as it should (hung, broken, or replaced by its tenant, who is root in it) is snapshotted
+    all the same, so that it cannot keep host memory by refusing to sleep: the snapshot is still
+    consistent (QEMU flushes the disks when it stops the VM to save it), only larger, and its wake
+    sets the clock without the setter the prep arms. Returns what the event should say."""
+    try:
+        run.rt.agent(run.spec).sleep_prep()
+    except GuestError as e:
+        if not run.alive():
+            raise
+        return f" (the guest did not prepare: {e.message.splitlines()[0]})"
+    return ""
 
 
 def sleep_recover(run: Run, error: BaseException | None) -> Instance:
