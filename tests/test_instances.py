@@ -191,7 +191,8 @@ def test_killed_hypervisor_is_failed_and_scale_restores(gmvm: Mvm, flake_copy, t
 def leftovers(m: Mvm, inst: str) -> list[str]:
     t, p, i = inst.split("/")
     run = m.home / f"tenants/{t}/pools/{p}/instances/{i}/run"
-    found = [str(f) for f in run.glob("*") if f.name not in ("console.log", "qemu.log")] if run.exists() else []
+    kept = ("console.log", "console.log.1", "qemu.log")
+    found = [str(f) for f in run.glob("*") if f.name not in kept] if run.exists() else []
     for pid in os.listdir("/proc"):
         if pid.isdigit():
             try:

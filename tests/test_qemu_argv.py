@@ -90,7 +90,7 @@ def test_sockets_console_pidfile_in_run_dir() -> None:
     chardevs = values(a, "-chardev")
     assert "socket,id=agent,path=/i/run/agent.sock,server=on,wait=off" in chardevs
     assert "socket,id=qmp,path=/i/run/qmp.sock,server=on,wait=off" in chardevs
-    assert "file,id=console,path=/i/run/console.log,append=on" in chardevs
+    assert "file,id=console,path=/i/run/console.pipe,append=on" in chardevs
     assert value(a, "-serial") == "chardev:console"
     assert value(a, "-mon") == "chardev=qmp,mode=control"
     assert value(a, "-pidfile") == "/i/run/qemu.pid"
@@ -162,7 +162,7 @@ BOOT_TCG = [
     "-device", "virtserialport,chardev=agent,name=mvm.agent",
     "-netdev", "tap,id=net0,ifname=mvm-t1-3,script=no,downscript=no",
     "-device", "virtio-net-device,netdev=net0,mac=52:54:00:00:01:03",
-    "-chardev", "file,id=console,path=/i/run/console.log,append=on",
+    "-chardev", "file,id=console,path=/i/run/console.pipe,append=on",
     "-serial", "chardev:console",
     "-chardev", "socket,id=qmp,path=/i/run/qmp.sock,server=on,wait=off",
     "-mon", "chardev=qmp,mode=control",

@@ -491,31 +491,58 @@ def instance_observe(pool: str) -> None:
         print(f"{ref}: every instance is as the store says")
 
 
+def _size(value: str) -> int:
+    """Bytes, with an optional binary suffix: 4096, 64K, 16M, 1G."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    text = value.strip().upper().removesuffix("IB").removesuffix("B")
+    digits, unit = (text[:-1], text[-1]) if text[-1:] in units else (text, "")
+    if not digits.isdigit():
+        raise typer.BadParameter(f"{value!r} is not a size: give bytes, or a number with K, M or G")
+    return int(digits) * units[unit]
+
+
 @instance_app.command("exec")
 def instance_exec(
     instance: str,
     command: Annotated[list[str], typer.Argument(help="command and arguments (after --)")],
-    timeout: Annotated[float, typer.Option(help="seconds before the command is killed")] = 60.0,
+    timeout: Annotated[float, typer.Option(help="seconds before the command is killed (at most 86400)")] = 60.0,
+    max_output: Annotated[str, typer.Option(
+        "--max-output", help="bytes of stdout, and of stderr, to keep (e.g. 64K, 16M; at most 256M); "
+        "the rest is cut, with a warning")] = "16M",
+    json_: Annotated[bool, typer.Option("--json", help="Print exit code, output (as UTF-8 text, "
+                                        "invalid bytes replaced) and what was cut, as JSON.")] = False,
 ) -> None:
     """Run a command in the guest; exits with the command's exit code."""
     from mvm.services import instances
 
-    r = instances.exec_(ctx(), _iref(instance), list(command), timeout)
-    sys.stdout.buffer.write(r.stdout)
-    sys.stdout.buffer.flush()
-    sys.stderr.buffer.write(r.stderr)
-    sys.stderr.buffer.flush()
+    r = instances.exec_(ctx(), _iref(instance), list(command), timeout, _size(max_output))
+    if json_:
+        emit_json({"exit_code": r.exit_code, "timed_out": r.timed_out,
+                   "stdout": r.stdout.decode(errors="replace"),
+                   "stderr": r.stderr.decode(errors="replace"), "truncated": r.truncated})
+    else:
+        sys.stdout.buffer.write(r.stdout)
+        sys.stdout.buffer.flush()
+        sys.stderr.buffer.write(r.stderr)
+        sys.stderr.buffer.flush()
+    for stream, written in r.truncated.items():
+        output.note(f"warning: {stream} cut at {len(getattr(r, stream))} bytes of the {written} "
+                    "the command wrote (--max-output keeps more)")
     if r.timed_out:
         output.error(f"command timed out after {timeout:g}s")
     raise typer.Exit(r.exit_code)
 
 
 @instance_app.command("logs")
-def instance_logs(instance: str) -> None:
-    """Print the instance's serial console log."""
+def instance_logs(instance: str, raw: Annotated[bool, typer.Option(
+        "--raw", help="the bytes as the guest wrote them, control characters included")] = False) -> None:
+    """Print the instance's serial console log (the last 1-2 MiB); control characters are
+    shown escaped (\\x1b), unless --raw."""
     from mvm.services import instances
+    from mvm.util.text import printable
 
-    sys.stdout.buffer.write(instances.console(ctx(), _iref(instance)))
+    data = instances.console(ctx(), _iref(instance))
+    sys.stdout.buffer.write(data if raw else printable(data).encode())
 
 
 # -- network -------------------------------------------------------------------

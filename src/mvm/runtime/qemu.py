@@ -20,7 +20,7 @@ from pathlib import Path
 from mvm.errors import CommandFailed, InvalidInput, RuntimeFailure
 from mvm.guest.agent_client import AgentClient
 from mvm.guest.channels import VirtioSerialChannel
-from mvm.runtime import qmp
+from mvm.runtime import console, qmp
 from mvm.runtime.base import (
     MANIFEST,
     Progress,
@@ -34,6 +34,7 @@ from mvm.runtime.qmp import Qmp
 from mvm.util import pids
 from mvm.util.proc import run
 from mvm.util.retry import until
+from mvm.util.text import printable
 
 BINARY = "qemu-system-x86_64"
 
@@ -165,7 +166,7 @@ def argv(spec: VmSpec, accel: str, incoming: bool = False, *, tsc_khz: int | Non
             "-device", f"virtio-net-device,netdev=net0,mac={spec.net.mac}",
         ]
     args += [
-        "-chardev", f"file,id=console,path={_opt(run_dir / CONSOLE_LOG)},append=on",
+        *console_args(run_dir),
         "-serial", "chardev:console",
         "-chardev", f"socket,id=qmp,path={_opt(run_dir / QMP_SOCK)},server=on,wait=off",
         "-mon", "chardev=qmp,mode=control",
@@ -176,6 +177,11 @@ def argv(spec: VmSpec, accel: str, incoming: bool = False, *, tsc_khz: int | Non
     if incoming:
         args += ["-incoming", "defer", "-S"]
     return args
+
+
+def console_args(run_dir: Path) -> list[str]:
+    """The serial console goes into a FIFO that mvm's logger keeps within a cap (runtime/console.py)."""
+    return ["-chardev", f"file,id=console,path={_opt(run_dir / console.PIPE)},append=on"]
 
 
 @functools.cache
@@ -337,9 +343,18 @@ class QemuRuntime(Runtime):
         parts = []
         if qlog := qemu_message(_tail(self.qemu_log(spec))):
             parts.append(f"QEMU: {qlog}")
-        if console := _tail(self.console_log(spec), lines=5):
-            parts.append("console:\n" + console)
+        if tail := self._console_tail(spec):
+            parts.append("console:\n" + tail)
         return "\n".join(parts)
+
+    def _console_tail(self, spec: VmSpec, lines: int = 5) -> str:
+        """The console's last lines, escaped (the guest wrote them). Once the hypervisor is gone,
+        after its logger wrote the rest."""
+        log = self.console_log(spec)
+        if not self.is_alive(spec):
+            console.settle(log)
+        text = printable(console.tail(log)).strip()
+        return "\n".join(text.splitlines()[-lines:])
 
     def pause(self, spec: VmSpec) -> None:
         self._require_alive(spec)
@@ -422,7 +437,7 @@ class QemuRuntime(Runtime):
             self._cleanup(spec)
             _unlink(self.qemu_log(spec))
             if not console_existed:
-                _unlink(self.console_log(spec))
+                console.remove(self.console_log(spec))
             if created:
                 with contextlib.suppress(OSError):
                     spec.run_dir.rmdir()
@@ -430,17 +445,21 @@ class QemuRuntime(Runtime):
         steps.on_undo("run-dir", undo)
         self._cleanup(spec)  # leftovers of a crashed hypervisor
         if fresh:
-            _unlink(self.console_log(spec))
+            console.remove(self.console_log(spec))
 
     def _spawn(self, spec: VmSpec, args: list[str], steps: Steps) -> int:
         # Registered first: if QEMU daemonized but we time out, the undo still finds it.
         steps.on_undo("spawn", lambda: self._kill(spec))
+        # QEMU opens the console FIFO for writing: it finds this read end there, then the logger.
+        reader = console.open_pipe(self.console_log(spec))
         try:
             run(args, timeout=SPAWN_TIMEOUT)
         except CommandFailed as e:
+            os.close(reader)
             why = qemu_message(_tail(self.qemu_log(spec)) or e.stderr) or e.message
             raise RuntimeFailure(f"QEMU could not start {spec.name}: {why}",
                                  f"full command: {e.message.split(' failed (')[0]}") from e
+        console.start_logger(reader, self.console_log(spec))  # (and closes the reader here)
         pid = self._pid(spec)
         if pid is None:
             raise RuntimeFailure(f"QEMU for {spec.name} exited right after starting: "
@@ -578,6 +597,8 @@ class QemuRuntime(Runtime):
         """Remove the files a dead hypervisor leaves; never while it lives."""
         if self._pid(spec) is None:
             _unlink(self.qmp_socket(spec), self.agent_socket(spec), self.pid_file(spec))
+            console.settle(self.console_log(spec))  # its logger writes the last lines and ends
+            console.remove_pipe(self.console_log(spec))
 
 
 #: Outgoing migration states in which QEMU still writes the stream (and stops the vCPUs

@@ -9,12 +9,11 @@ from dataclasses import dataclass
 
 from mvm.config.host import Host
 from mvm.errors import IllegalTransition, MvmError, combined
-from mvm.guest.agent_client import ExecResult
+from mvm.guest.agent_client import EXEC_OUTPUT_LIMIT, ExecResult, check_exec_limits
 from mvm.lifecycle import apply, observe, specs
 from mvm.lifecycle.run import Progress, noop
 from mvm.model import Action, Instance, InstanceRef, Reason, State
-
-MAX_EXEC_TIMEOUT = 24 * 3600.0
+from mvm.runtime import console as console_log
 
 
 @dataclass(frozen=True)
@@ -34,10 +33,9 @@ def view(ctx: Host, ref: InstanceRef) -> View:
     return View(i, observe.probe(ctx, i))
 
 
-def exec_(ctx: Host, ref: InstanceRef, argv: list[str], timeout: float = 60.0) -> ExecResult:
-    if not (0 < timeout <= MAX_EXEC_TIMEOUT):  # (nan fails both comparisons)
-        raise MvmError(f"--timeout must be between 0 and {MAX_EXEC_TIMEOUT:g} seconds (got {timeout:g})",
-                       "give the seconds the command may run")
+def exec_(ctx: Host, ref: InstanceRef, argv: list[str], timeout: float = 60.0,
+          output_limit: int = EXEC_OUTPUT_LIMIT) -> ExecResult:
+    check_exec_limits(timeout, output_limit)
     i = ctx.store.instance(ref.tenant, ref.pool, ref.instance)
     if i.state is not State.RUNNING:
         hint = {State.WARM: f"resume it first: `mvm instance resume {ref}`",
@@ -47,16 +45,14 @@ def exec_(ctx: Host, ref: InstanceRef, argv: list[str], timeout: float = 60.0) -
     assert i.revision
     rt = ctx.runtime()
     with rt.agent(specs.control_spec(ctx.layout, i)) as ag:
-        return ag.exec(argv, timeout=timeout)
+        return ag.exec(argv, timeout=timeout, output_limit=output_limit)
 
 
 def console(ctx: Host, ref: InstanceRef) -> bytes:
+    """The console kept (at most twice the cap: the log and the one before it), as the guest
+    wrote it: escape it before it goes to a terminal (`util.text.printable`)."""
     i = ctx.store.instance(ref.tenant, ref.pool, ref.instance)
-    log = ctx.runtime().console_log(specs.control_spec(ctx.layout, i))
-    try:
-        return log.read_bytes()
-    except FileNotFoundError:
-        return b""
+    return console_log.read(ctx.runtime().console_log(specs.control_spec(ctx.layout, i)))
 
 
 def redeliver_secrets(ctx: Host, tenant: str, progress: Progress = noop) -> list[str]:

@@ -88,3 +88,24 @@ def _resolve(name: str, path: str | None) -> str | None:
     if not name or "/" in name or shutil.which(name, path=path if path is not None else os.defpath):
         return None
     return shutil.which(name, path=os.pathsep.join(SYSTEM_DIRS))
+
+
+def spawn_detached(argv: Sequence[str | os.PathLike[str]], *, stdin: int,
+                   keep_fds: Sequence[int] = (), timeout: float = 10.0) -> None:
+    """Start a long-lived helper that outlives this process: in a session of its own (no
+    terminal's signals), reparented at once (`setsid --fork`: nothing for us to reap), stdin
+    from `stdin`, stdout and stderr to /dev/null, `keep_fds` inherited as they are."""
+    args = ["setsid", "--fork", *(os.fspath(a) for a in argv)]
+    try:
+        proc = subprocess.run(args, executable=_resolve("setsid", os.environ.get("PATH")),
+                              # (no pipe: the helper would hold it open, and us waiting)
+                              stdin=stdin, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              pass_fds=tuple(keep_fds), timeout=timeout, check=False)
+    except FileNotFoundError as e:
+        raise CommandFailed("setsid: not found", "run `mvm doctor` to see what the host is missing",
+                            returncode=127) from e
+    except subprocess.TimeoutExpired as e:
+        raise CommandFailed(f"timed out after {timeout:g}s: {shlex.join(args)}", returncode=124) from e
+    if proc.returncode != 0:
+        raise CommandFailed(f"{shlex.join(args)} failed (exit {proc.returncode})",
+                            returncode=proc.returncode)
