@@ -381,6 +381,17 @@ def test_exec_arguments_and_output_bytes_survive(guest: Guest) -> None:
     assert r.stdout == b"|".join([*short, long]) + b"|"
 
 
+def test_exec_output_is_cut_at_the_limit_and_says_so(guest: Guest) -> None:
+    script = "head -c 3000 /dev/zero | tr '\\0' o; head -c 5 /dev/zero | tr '\\0' e >&2"
+    r = guest.agent.exec(["sh", "-c", script], timeout=20, output_limit=1000)
+    assert (r.stdout, r.stderr, r.truncated, r.exit_code) == (b"o" * 1000, b"e" * 5, {"stdout": 3000}, 0)
+    r = guest.agent.exec(["sh", "-c", script], timeout=20, output_limit=0)
+    assert (r.stdout, r.stderr, r.truncated) == (b"", b"", {"stdout": 3000, "stderr": 5})
+    # a limit is for one exec: the next one gets the default
+    r = guest.agent.exec(["sh", "-c", script], timeout=20)
+    assert (len(r.stdout), r.truncated) == (3000, {})
+
+
 def test_exec_timeout_kills_the_whole_tree(guest: Guest) -> None:
     started = time.monotonic()
     r = guest.agent.exec(["sh", "-c", "sleep 300 & echo started; sleep 301"], timeout=1.5)

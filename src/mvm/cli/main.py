@@ -497,7 +497,8 @@ def _size(value: str) -> int:
     text = value.strip().upper().removesuffix("IB").removesuffix("B")
     digits, unit = (text[:-1], text[-1]) if text[-1:] in units else (text, "")
     if not digits.isdigit():
-        raise typer.BadParameter(f"{value!r} is not a size: give bytes, or a number with K, M or G")
+        raise typer.BadParameter(f"{value!r} is not a size: give bytes, or a number with K, M or G",
+                                 param_hint="'--max-output'")
     return int(digits) * units[unit]
 
 
