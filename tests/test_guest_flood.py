@@ -28,27 +28,8 @@ pytestmark = [pytest.mark.guest, pytest.mark.nix, needs_assets("kernel", "nixpkg
 #: unbounded reads of before reached 200-250 MiB on this flood).
 MAX_RSS_KIB = 100 << 10
 
-# Run in the guest through the agent, which it then kills (with its supervisor, so that init
-# does not restart it) before flooding the agent port and the serial console.
-FLOOD = r"""
-port=
-for d in /sys/class/virtio-ports/*; do read -r n <"$d/name"; [ "$n" = mvm.agent ] && port=/dev/${d##*/}; done
-setsid sh -c '
-port=$1
-sleep 1
-for p in /proc/[0-9]*; do
-	a=$(tr "\0" " " <"$p/cmdline" 2>/dev/null)
-	case $a in "/mvm/busybox sh /mvm/agent"*) read -r _ _ _ pp _ <"$p/stat"; kill -TERM "$pp" ;; esac
-done
-for p in /proc/[0-9]*; do
-	[ "${p#/proc/}" = $$ ] && continue
-	ls -l "$p/fd" 2>/dev/null | grep -q "$port" && kill -KILL "${p#/proc/}"
-done
-cat /dev/urandom >/dev/ttyS0 &
-exec cat /dev/zero >"$port"
-' flood "$port" </dev/null >/dev/null 2>&1 &
-echo "flooding $port"
-"""
+# Run in the guest (tools/flood-guest.sh says what it does).
+FLOOD = (Path(__file__).resolve().parent.parent / "tools" / "flood-guest.sh").read_text()
 
 
 def measured(m: Mvm, *args: str) -> tuple[Result, int]:

@@ -165,7 +165,61 @@ def bench_runtime(h: Home) -> dict[str, float]:
     return {"cold": c}
 
 
-SECTIONS: dict[str, Callable[[Home], object]] = {"build": bench_build, "runtime": bench_runtime}
+def bench_flood(h: Home) -> None:
+    """Stop and sleep beside a guest flooding its agent channel and console, and of that guest
+    itself, each against the same with a quiet guest, in one run."""
+    from mvm.lifecycle import apply, create, specs
+    from mvm.model import Action, Instance, PoolRef
+    from mvm.runtime import console
+    from mvm.services import context, instances
+
+    ctx = context.host()
+    print("a hostile guest: agent killed, /dev/zero into its port, /dev/urandom into its console")
+    h.mvm("tenant", "create", "fl")
+    h.mvm("pool", "create", "fl/vm", "--profile", "minimal", "--mem", "256")
+    h.mvm("pool", "build", "fl/vm")
+    ref = PoolRef("fl", "vm")
+    script = (Path(__file__).resolve().parent / "flood-guest.sh").read_text()
+
+    def flood(i: Instance) -> None:
+        instances.exec_(ctx, i.ref, ["sh", "-c", script])
+        time.sleep(2)  # (it starts 1 s after the exec returns)
+
+    def stop_and_sleep(i: Instance, flooding: bool) -> tuple[float, float]:
+        apply(ctx, i.ref, Action.START)
+        if flooding:
+            flood(i)
+        stop = timed(partial(apply, ctx, i.ref, Action.STOP))
+        apply(ctx, i.ref, Action.START)
+        if flooding:
+            flood(i)
+        sleep = timed(partial(apply, ctx, i.ref, Action.SLEEP))
+        apply(ctx, i.ref, Action.STOP)  # (drops the snapshot)
+        return stop, sleep
+
+    def medians(pairs: list[tuple[float, float]]) -> tuple[float, float]:
+        return statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
+
+    neighbour, x = create(ctx, ref), create(ctx, ref)
+    apply(ctx, neighbour.ref, Action.START)
+    quiet = medians([stop_and_sleep(x, False) for _ in range(RUNS)])
+    flood(neighbour)
+    beside = medians([stop_and_sleep(x, False) for _ in range(RUNS)])
+    log = ctx.runtime().console_log(specs.control_spec(ctx.layout, neighbour))
+    kept = sum(f.stat().st_size for f in (log, console.old_log(log)) if f.exists())
+    apply(ctx, neighbour.ref, Action.STOP)
+    itself = medians([stop_and_sleep(x, True) for _ in range(3)])
+    for n, what in enumerate(("stop", "sleep")):
+        line(f"{what} beside a quiet guest, median of 5", f"{quiet[n]:.3f} s")
+        line(f"{what} beside a flooding guest, median of 5", f"{beside[n]:.3f} s")
+        line(f"{what} of the flooding guest, median of 3", f"{itself[n]:.3f} s")
+        line(f"{what}: beside a flooding / a quiet guest", f"{beside[n] / quiet[n]:.2f}")
+        line(f"{what}: of a flooding / a quiet guest", f"{itself[n] / quiet[n]:.2f}")
+    line("console kept of the flooding guest", f"{kept / 2**20:.2f} MiB (cap 2 x 1 MiB)")
+
+
+SECTIONS: dict[str, Callable[[Home], object]] = {"build": bench_build, "runtime": bench_runtime,
+                                                 "flood": bench_flood}
 
 
 def main(argv: list[str] | None = None) -> int:
