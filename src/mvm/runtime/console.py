@@ -53,13 +53,16 @@ def old_log(log: Path) -> Path:
     return log.with_name(log.name + ".1")
 
 
-def open_pipe(log: Path) -> int:
+def open_pipe(log: Path, owner: tuple[int, int] | None = None) -> int:
     """Make the console FIFO next to `log` (afresh) and open its read end, non-blocking.
-    Returns the descriptor to give to `start_logger` once the hypervisor has opened the FIFO."""
+    Returns the descriptor to give to `start_logger` once the hypervisor has opened the FIFO.
+    `owner` (uid, gid): a hypervisor that runs as another user, which must open it to write."""
     fifo = pipe_path(log)
     with contextlib.suppress(FileNotFoundError):
         fifo.unlink()
     os.mkfifo(fifo, 0o600)
+    if owner is not None:
+        os.chown(fifo, *owner)
     fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     with contextlib.suppress(OSError):
         fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
