@@ -165,8 +165,8 @@ class AgentClient:
                     last_error = "no answer to ping"
                     per_try = min(per_try * 1.5, 1.0)
                 except _Overrun as e:
-                    raise GuestError(f"guest agent, answering ping: {e}; the connection was reset",
-                                     e.hint) from None
+                    raise GuestError(f"guest agent sent {e} while mvm waited for its answer to "
+                                     "ping; the connection was reset", e.hint) from None
                 except OSError as e:
                     last_error = f"connection lost: {e}"
                     self._drop()
@@ -256,8 +256,8 @@ class AgentClient:
                 raise GuestError(
                     f"guest agent did not answer {verb} within {timeout:g}s", _HINT) from None
             except _Overrun as e:
-                raise GuestError(f"guest agent, answering {verb}: {e}; the connection was reset",
-                                 e.hint) from None
+                raise GuestError(f"guest agent sent {e} while mvm waited for its answer to {verb}; "
+                                 "the connection was reset", e.hint) from None
             except OSError as e:
                 self._drop()
                 self._check_alive(f"during {verb}")
@@ -358,11 +358,11 @@ class AgentClient:
             nl = buf.find(b"\n", self._scanned)
             if nl < 0:
                 if len(buf) > limit:
-                    raise self._overrun(f"a line longer than {limit} bytes", _limit_hint(limit))
+                    raise self._overrun(f"an answer longer than {limit} bytes", _limit_hint(limit))
                 self._scanned = len(buf)
                 return None
             if nl > limit:
-                raise self._overrun(f"a line longer than {limit} bytes", _limit_hint(limit))
+                raise self._overrun(f"an answer longer than {limit} bytes", _limit_hint(limit))
             self._buf = buf[nl + 1:]
             self._scanned = 0
             del buf[nl:]
@@ -373,7 +373,7 @@ class AgentClient:
         spent[kind] = spent.get(kind, 0) + n
         limit = NOISE_LIMIT if kind == "noise" else STALE_LIMIT
         if spent[kind] > limit:
-            what = ("bytes that are no protocol lines" if kind == "noise"
+            what = ("bytes that are not protocol lines" if kind == "noise"
                     else "bytes of answers to other requests")
             raise self._overrun(f"more than {limit} {what}",
                                 "the guest's agent is not mvm's, or it is broken: "
