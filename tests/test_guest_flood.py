@@ -107,6 +107,13 @@ def test_a_guest_flooding_its_channels_cannot_stall_or_bloat_the_host(gmvm: Mvm,
         else:
             assert r.rc == 0, (args, r.err)
     assert "unaffected" in measured(gmvm, "instance", "exec", quiet, "--", "echo", "unaffected")[0].out
+    # exec output beyond the limit is cut, and the user is told
+    r = gmvm.ok("instance", "exec", quiet, "--max-output", "1K", "--json", "--",
+                "sh", "-c", "head -c 5000 /dev/zero | tr '\\0' x")
+    assert json.loads(r.out) == {"exit_code": 0, "timed_out": False, "stdout": "x" * 1024, "stderr": "",
+                                 "truncated": {"stdout": 5000}}
+    assert r.lines == ["warning: stdout cut at 1024 bytes of the 5000 the command wrote "
+                       "(--max-output keeps more)"]
     assert instances_by_state(gmvm, "acme/workers") == {"running": [quiet], "stopped": [bad]}
 
     # Again from a fresh boot, for a sleep: it completes (snapshotted unprepared) and frees the RAM.
