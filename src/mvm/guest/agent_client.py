@@ -18,8 +18,9 @@ hostile until parsed, and what it can cost the host is bounded:
 - a line we wait for holds at most `MAX_LINE` bytes (an exec's answer: its output limit in
   base64), or the request fails and the connection is dropped (the next one starts clean);
 - lines we do not wait for are skipped as they arrive, never kept: per request at most
-  `STALE_LIMIT` bytes of well-formed lines (answers to requests given up on, which may be a
-  whole exec's output) and `NOISE_LIMIT` bytes of anything else;
+  `STALE_LIMIT` bytes of protocol text (answers to requests given up on, or the rest of one
+  torn when a host went away: either may be a whole exec's output) and `NOISE_LIMIT` bytes
+  of anything else (binary, control bytes);
 - reading is linear in the data: each byte is looked at for a newline once;
 - exec output is cut at a limit per stream (`EXEC_OUTPUT_LIMIT` unless asked otherwise),
   by the agent (`output-limit` request; an old agent that does not know it is cut here),
@@ -59,6 +60,7 @@ NOISE_LIMIT = 64 << 10
 DISCARD_LINE = b"\x01\n"  # sent first on every connection; see _connect
 _HINT = "look at the instance's console log; the guest may still be booting or hung"
 _ID = re.compile(rb"[A-Za-z0-9._:*-]{1,64}")
+_PROTOCOL_TEXT = re.compile(rb"[A-Za-z0-9+/=._:* -]*")  # ids, verbs, numbers, base64, flags
 _ID_MAX = 64
 _EXEC_FLAGS = ("timeout", "stdout-truncated", "stderr-truncated")
 
@@ -337,36 +339,34 @@ class AgentClient:
                 if nl >= 0:
                     self._skipping = None
                 continue
+            # A line is told by its first bytes (at most an id and a space), never by more.
             head = bytes(buf[:_ID_MAX + 1])
-            sp, nl = head.find(b" "), head.find(b"\n")
-            if nl >= 0 and (sp < 0 or nl < sp):  # not `<id> <status>…`: noise
-                del buf[:nl + 1]
-                self._spend(spent, "noise", nl + 1)
-                continue
-            if sp < 0:
-                if len(buf) <= _ID_MAX:
-                    return None  # the id may go on
-                self._skipping = "noise"
-                continue
-            rid = head[:sp]
-            if not _ID.fullmatch(rid):
-                self._skipping = "noise"
-                continue
-            if not wanted(rid):
-                self._skipping = "stale"
-                continue
-            nl = buf.find(b"\n", self._scanned)
-            if nl < 0:
-                if len(buf) > limit:
+            nl = head.find(b"\n")
+            sp = head.find(b" ", 0, nl if nl >= 0 else len(head))
+            if sp >= 0 and _ID.fullmatch(head[:sp]) and wanted(head[:sp]):
+                nl = buf.find(b"\n", self._scanned)
+                if nl < 0:
+                    if len(buf) > limit:
+                        raise self._overrun(f"an answer longer than {limit} bytes", _limit_hint(limit))
+                    self._scanned = len(buf)
+                    return None
+                if nl > limit:
                     raise self._overrun(f"an answer longer than {limit} bytes", _limit_hint(limit))
-                self._scanned = len(buf)
-                return None
-            if nl > limit:
-                raise self._overrun(f"an answer longer than {limit} bytes", _limit_hint(limit))
-            self._buf = buf[nl + 1:]
-            self._scanned = 0
-            del buf[nl:]
-            return buf
+                self._buf = buf[nl + 1:]
+                self._scanned = 0
+                del buf[nl:]
+                return buf
+            if sp < 0 and nl < 0 and len(buf) <= _ID_MAX:
+                return None  # the id may go on
+            # Not for us. Protocol text (a line for another request, or the rest of one torn
+            # when an earlier host went away, which may be a whole exec's output) counts as
+            # stale; anything else (binary, control bytes) as noise.
+            kind = "stale" if _PROTOCOL_TEXT.fullmatch(head[:nl] if nl >= 0 else head) else "noise"
+            if nl >= 0:
+                del buf[:nl + 1]
+                self._spend(spent, kind, nl + 1)
+            else:
+                self._skipping = kind
         return None
 
     def _spend(self, spent: dict[str, int], kind: str, n: int) -> None:
