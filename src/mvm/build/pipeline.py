@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mvm.build import nix, rootfs
+from mvm.build import nix, outputs, rootfs
 from mvm.config.paths import Layout
 from mvm.errors import BuildFailed, HostUnsupported, MvmError
 from mvm.guest.layout import static_busybox
@@ -65,18 +65,27 @@ def step_nix_build(ctx: BuildContext) -> None:
 def step_closure(ctx: BuildContext) -> None:
     assert ctx.result
     ctx.closure = nix.closure(ctx.result.out_path)
+    outputs.resolve(ctx.result.out_path, ctx.closure)  # an output that is a link out: refused
     ctx.progress("closure", f"{len(ctx.closure)} store paths")
 
 
 def step_kernel(ctx: BuildContext) -> None:
-    """The profile's own kernel when it ships one, else mvm's default guest kernel."""
+    """The profile's own kernel when it ships one, else mvm's default guest kernel.
+
+    A profile's kernel and initrd must be regular files inside the build's closure: a link
+    out of it (to another tenant's secrets, to /etc) is refused, never copied.
+    """
     assert ctx.result
-    out = Path(ctx.result.out_path)
+    out = ctx.result.out_path
     for name in ("vmlinux", "boot/vmlinux"):
-        if (out / name).is_file():
-            ctx.kernel = (out / name).resolve()
-            init = out / name.replace("vmlinux", "initrd")
-            ctx.initrd = init.resolve() if init.is_file() else None
+        kernel = outputs.regular_file(f"{out}/{name}", ctx.closure, "kernel")
+        if kernel is not None:
+            outputs.check_kernel(kernel)
+            ctx.kernel = kernel
+            ctx.initrd = outputs.regular_file(f"{out}/{name.replace('vmlinux', 'initrd')}",
+                                              ctx.closure, "initrd")
+            if ctx.initrd is not None:
+                outputs.check_initrd(ctx.initrd)
             ctx.kernel_source = "profile"
             break
     else:
