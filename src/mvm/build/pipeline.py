@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mvm.build import nix, outputs, rootfs
+from mvm.build import nix, outputs, rootfs, source
 from mvm.config.paths import Layout
 from mvm.errors import BuildFailed, HostUnsupported, MvmError
 from mvm.guest.layout import static_busybox
@@ -35,7 +35,9 @@ class BuildContext:
     force: bool
     log: Path
     progress: Progress
+    workdir: Path | None = None  # the build's scratch directory (removed when it ends)
     result: nix.BuildResult | None = None
+    source_dir: Path | None = None  # the staged copy of the flake's directory
     closure: list[str] = field(default_factory=list)
     kernel: Path | None = None
     initrd: Path | None = None
@@ -57,8 +59,27 @@ def guest_files_hash() -> str:
 
 # -- steps -------------------------------------------------------------------
 
+def mvm_flakes(layout: Layout, nixpkgs: str) -> list[str]:
+    """mvm's own local flakes a tenant's inputs may name: the offline nixpkgs set."""
+    own = [nixpkgs, str(layout.offline_nixpkgs_dir())]
+    return [*own, *(str(Path(p.removeprefix("path:").split("?")[0]).resolve())
+                    for p in own if p.startswith(("path:", "/")))]
+
+
+def step_source(ctx: BuildContext) -> None:
+    """Copy the flake's source into a directory of mvm's own and refuse inputs that name host
+    paths, all before Nix reads or fetches anything (build.source)."""
+    assert ctx.workdir
+    ctx.source_dir = source.stage(ctx.pool.flake, ctx.workdir / "source", ctx.layout,
+                                  fetch=nix.prefetch)
+    source.check_inputs(ctx.source_dir, mvm_flakes(ctx.layout, ctx.nixpkgs))
+    ctx.progress("source", f"{ctx.pool.flake} checked and copied")
+
+
 def step_nix_build(ctx: BuildContext) -> None:
-    ctx.result = nix.build(ctx.pool.flake, ctx.pool.profile, ctx.log, ctx.nixpkgs)
+    assert ctx.source_dir
+    ctx.result = nix.build(f"path:{ctx.source_dir}", ctx.pool.profile, ctx.log, ctx.nixpkgs,
+                           cwd=ctx.source_dir)
     ctx.progress("nix-build", ctx.result.out_path)
 
 
@@ -179,6 +200,7 @@ def step_pack(ctx: BuildContext) -> None:
 
 
 RECIPE: list[tuple[str, Callable[[BuildContext], None]]] = [
+    ("source", step_source),
     ("nix-build", step_nix_build),
     ("closure", step_closure),
     ("kernel", step_kernel),
@@ -208,16 +230,24 @@ def run_build(layout: Layout, nixpkgs: str, pool: Pool, force: bool, log: Path,
     """Run the recipe. `current` is not touched here: the caller switches it on success."""
     ctx = BuildContext(layout, nixpkgs, pool, force, log, progress)
     started = time.monotonic()
-    for name, step in RECIPE:
-        t0 = time.monotonic()
-        progress(name, "…")
-        try:
-            step(ctx)
-        except MvmError:
-            raise
-        except Exception as e:  # a bug or an OS error: still one clear line, log kept
-            raise BuildFailed(f"build step {name} failed: {e}", f"full log: {log}") from e
-        ctx.timings[name] = time.monotonic() - t0
+    # We hold the pool's lock: scratch directories of a build that crashed are garbage.
+    for stale in log.parent.glob(".work-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    ctx.workdir = log.parent / f".work-{os.getpid()}"
+    os.mkdir(ctx.workdir, 0o700)
+    try:
+        for name, step in RECIPE:
+            t0 = time.monotonic()
+            progress(name, "…")
+            try:
+                step(ctx)
+            except MvmError:
+                raise
+            except Exception as e:  # a bug or an OS error: still one clear line, log kept
+                raise BuildFailed(f"build step {name} failed: {e}", f"full log: {log}") from e
+            ctx.timings[name] = time.monotonic() - t0
+    finally:
+        shutil.rmtree(ctx.workdir, ignore_errors=True)
     manifest = read_manifest(layout, pool.tenant, pool.id, ctx.revision)
     if not ctx.cache_hit:
         manifest["build_seconds"] = round(time.monotonic() - started, 3)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import time
 from collections.abc import Callable
 
-from mvm.build import nix, pipeline
+from mvm.build import pipeline, source
 from mvm.config.host import Host
 from mvm.errors import Conflict, InvalidInput, NotFound, QuotaExceeded
 from mvm.model import (
@@ -25,6 +26,7 @@ from mvm.store import pool_lock_name
 BUILTIN_PROFILES = ("minimal", "baseline", "python")
 MIN_DATA_DISK_MIB = 8
 NETWORK_MODES = ("tenant", "none")
+PROFILE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_'-]*")
 
 
 def builtin_flake(ctx: Host) -> str:
@@ -60,14 +62,15 @@ def create(ctx: Host, ref: PoolRef, flake: str | None, profile: str, cpus: int, 
         raise Conflict(f"pool {ref} already exists", "choose another name or `mvm pool destroy` it first")
     if len(existing) >= q.max_pools:
         raise QuotaExceeded(f"tenant {tenant.id} already has {len(existing)} pools (quota {q.max_pools})")
-    flake_ref = nix.normalize_ref(flake) if flake else builtin_flake(ctx)
+    # The host never evaluates a tenant's flake: only the reference's form and the directory
+    # are checked here; a profile the flake lacks is reported by the first build.
+    if not PROFILE_NAME.fullmatch(profile):
+        raise InvalidInput(f"profile {profile!r} is not a name",
+                           "a profile is an attribute name under packages.<system>, e.g. baseline")
+    flake_ref = source.check_ref(flake, ctx.layout) if flake else builtin_flake(ctx)
     if flake is None and profile not in BUILTIN_PROFILES:
         raise InvalidInput(f"no built-in profile {profile!r}",
                            f"built-in profiles: {', '.join(BUILTIN_PROFILES)}; or pass --flake")
-    available = nix.profiles(flake_ref, ctx.settings.nixpkgs)
-    if profile not in available:
-        raise NotFound(f"flake {flake_ref} has no profile {profile!r}",
-                       f"it has: {', '.join(available) or 'none'}")
     pool = Pool(ref.tenant, ref.pool, flake_ref, profile, cpus, mem, data_disk, network,
                 created=time.time())
     store.add_pool(pool)
