@@ -164,7 +164,7 @@ def test_flake_directories_in_mvm_state_are_refused(tmp_path: Path, layout: Layo
     victim = flake(layout.tenant_dir("victim"))  # even with a flake.nix planted there
     (tmp_path / "innocent").symlink_to(victim)
     for ref in (str(victim), f"path:{victim}", str(tmp_path / "innocent"), str(layout.home)):
-        with pytest.raises(source.SourceRefused, match="inside mvm's state|no flake"):
+        with pytest.raises(source.SourceRefused, match=r"inside mvm's state|no flake"):
             source.check_ref(ref, layout)
     builtin = flake(layout.builtin_flake_dir())
     assert source.check_ref(str(builtin), layout) == str(builtin.resolve())  # mvm's own
