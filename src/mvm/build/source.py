@@ -138,7 +138,7 @@ def stage(ref: str, dest: Path, layout: Layout, fetch: Any = None) -> Path:
     ref = check_ref(ref, layout)
     scheme = _scheme(ref)
     if scheme is None:
-        copy_tree(Path(ref), dest)
+        copy_tree(Path(ref), dest, layout=layout)
         return dest
     if scheme == "git+file":
         repo, params = _git_ref(ref)
@@ -151,59 +151,81 @@ def stage(ref: str, dest: Path, layout: Layout, fetch: Any = None) -> Path:
     return flake_dir
 
 
-def copy_tree(src: Path, dest: Path, exclude_top: Iterable[str] = EXCLUDED_TOP) -> None:
+def copy_tree(src: Path, dest: Path, exclude_top: Iterable[str] = EXCLUDED_TOP,
+              layout: Layout | None = None) -> None:
     """Copy `src`'s own tree: files (bytes and the executable bit), directories, and links
-    that resolve inside `src`; a link leaving it, or a device, socket or FIFO, is refused.
-    Top-level `exclude_top` names and `nix build` result links are left out."""
-    src = Path(src)
-    root_st = os.lstat(src)
-    if not stat.S_ISDIR(root_st.st_mode):
-        raise SourceRefused(f"flake source {src} is not a directory")
-    os.mkdir(dest, 0o700)
-    skip = set(exclude_top)
-    for rel, st in _walk(src, skip):
-        if len(rel.parts) == 1 and RESULT_LINK.match(rel.name) and stat.S_ISLNK(st.st_mode):
+    that resolve inside it; a link leaving it, or a device, socket or FIFO, is refused.
+    Top-level `exclude_top` names and `nix build` result links are left out.
+
+    The source may be changed while it is read (it is the tenant's): every directory and file
+    is opened relative to its parent's descriptor without following links, so a directory
+    swapped for a link is never entered; links are checked on the copy, which is mvm's alone.
+    With `layout`, the directory actually opened is checked again to be outside mvm's state."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        root = os.open(src, flags | os.O_DIRECTORY)
+    except OSError as e:
+        raise SourceRefused(f"flake source {src} is not a directory ({e.strerror})") from e
+    try:
+        if layout is not None:
+            _check_allowed_place(Path(os.readlink(f"/proc/self/fd/{root}")), layout)
+        os.mkdir(dest, 0o700)
+        _copy_dir(root, Path(src), dest, set(exclude_top), top=True)
+    finally:
+        os.close(root)
+    for rel, target in _links(dest):
+        _check_link(dest, rel, target, shown=Path(src) / rel)
+
+
+def _copy_dir(fd: int, src: Path, dest: Path, skip: set[str], top: bool = False) -> None:
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+    for name in sorted(os.listdir(fd)):
+        if top and name in skip:
             continue
-        s, d = src / rel, dest / rel
+        st = os.lstat(name, dir_fd=fd)
         if stat.S_ISLNK(st.st_mode):
-            target = os.readlink(s)
-            _check_link(src, rel, target)
-            os.symlink(target, d)
+            if top and RESULT_LINK.match(name):
+                continue
+            os.symlink(os.readlink(name, dir_fd=fd), dest / name)
         elif stat.S_ISDIR(st.st_mode):
-            os.mkdir(d, 0o755)
+            try:
+                sub = os.open(name, flags | os.O_DIRECTORY, dir_fd=fd)
+            except OSError as e:
+                raise SourceRefused(f"flake source {src / name} changed while copied ({e.strerror})") from e
+            try:
+                os.mkdir(dest / name, 0o755)
+                _copy_dir(sub, src / name, dest / name, skip)
+            finally:
+                os.close(sub)
         elif stat.S_ISREG(st.st_mode):
-            _copy_file(s, d, st)
+            try:
+                f = os.open(name, flags, dir_fd=fd)
+            except OSError as e:
+                raise SourceRefused(f"flake source {src / name} changed while copied ({e.strerror})") from e
+            with os.fdopen(f, "rb") as r:
+                fst = os.fstat(r.fileno())
+                if not stat.S_ISREG(fst.st_mode):
+                    raise SourceRefused(f"flake source {src / name} changed while copied")
+                with open(dest / name, "xb") as w:
+                    shutil.copyfileobj(r, w)
+            os.chmod(dest / name, 0o755 if fst.st_mode & 0o111 else 0o644)
         else:
-            raise SourceRefused(f"flake source holds {s}, which is not a file, directory or link",
+            raise SourceRefused(f"flake source holds {src / name}, which is not a file, directory or link",
                                 "remove it from the flake's directory")
 
 
-def _walk(root: Path, skip: set[str], rel: Path = Path()) -> Iterator[tuple[Path, os.stat_result]]:
-    """Entries under root but the top-level `skip`, parents before children, never following
-    a link."""
-    with os.scandir(root / rel) as it:
-        entries = sorted(it, key=lambda e: e.name)
-    for e in entries:
-        if rel == Path() and e.name in skip:
-            continue
-        st = e.stat(follow_symlinks=False)
-        r = rel / e.name
-        yield r, st
-        if stat.S_ISDIR(st.st_mode):
-            yield from _walk(root, skip, r)
+def _links(root: Path) -> Iterator[tuple[Path, str]]:
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in [*dirnames, *filenames]:
+            p = Path(dirpath) / name
+            if p.is_symlink():
+                yield p.relative_to(root), os.readlink(p)
 
 
-def _copy_file(src: Path, dest: Path, st: os.stat_result) -> None:
-    fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW)
-    with os.fdopen(fd, "rb") as f, open(dest, "xb") as g:
-        shutil.copyfileobj(f, g)
-    os.chmod(dest, 0o755 if st.st_mode & 0o111 else 0o644)
-
-
-def _check_link(root: Path, rel: Path, target: str) -> None:
+def _check_link(root: Path, rel: Path, target: str, shown: Path) -> None:
     """A link inside the flake's tree must resolve inside it, following every link on the way
     (inside the tree) as the kernel would; `..` above the tree or an absolute target is out."""
-    where = f"{root / rel} -> {target}"
+    where = f"{shown} -> {target}"
     if os.path.isabs(target):
         raise _link_out(where)
     todo = [*rel.parent.parts, *Path(target).parts]
