@@ -20,7 +20,7 @@ import shutil
 import stat
 import subprocess
 import urllib.parse
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -131,7 +131,7 @@ def _git_ref(ref: str) -> tuple[Path, dict[str, str]]:
 
 # -- build: copy the source into a directory of mvm's own ---------------------
 
-def stage(ref: str, dest: Path, layout: Layout, fetch: Any = None) -> Path:
+def stage(ref: str, dest: Path, layout: Layout, fetch: Callable[[str], str] | None = None) -> Path:
     """Copy the flake's source tree to `dest` (which must not exist) and return the directory
     holding its flake.nix. `fetch(ref) -> store path` fetches a URL ref (the host builder
     uses Nix); the checks are the same whatever the source."""
