@@ -97,6 +97,10 @@ class Tenant:
     quotas: Quotas = field(default_factory=Quotas)
     secrets_version: int = 0
     created: float = 0.0
+    #: Egress lists (IPv4 CIDRs): with an allow list a guest reaches only those outside
+    #: networks; the deny list is refused even where allowed.
+    egress_allow: tuple[str, ...] = ()
+    egress_deny: tuple[str, ...] = ()
 
 
 MIN_MEM_MIB = 128

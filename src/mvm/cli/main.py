@@ -151,13 +151,41 @@ def tenant_create(
     max_warm: Annotated[int, typer.Option("--max-warm")] = Quotas.max_warm,
     max_pools: Annotated[int, typer.Option("--max-pools")] = Quotas.max_pools,
     max_instances: Annotated[int, typer.Option("--max-instances", help="per pool")] = Quotas.max_instances,
+    egress_allow: Annotated[list[str] | None, typer.Option(
+        "--egress-allow", help="IPv4 CIDR guests may reach outside (repeat; default: anywhere)")] = None,
+    egress_deny: Annotated[list[str] | None, typer.Option(
+        "--egress-deny", help="IPv4 CIDR guests may not reach (repeat)")] = None,
 ) -> None:
     """Create a tenant."""
     from mvm.services import tenants
 
     t = tenants.create(ctx(), tenant, net_id, subnet,
-                       Quotas(max_vcpus, max_mem, max_running, max_warm, max_pools, max_instances))
+                       Quotas(max_vcpus, max_mem, max_running, max_warm, max_pools, max_instances),
+                       egress_allow or (), egress_deny or ())
     print(f"tenant {t.id} created (net-id {t.net_id}, subnet {t.subnet})")
+
+
+@tenant_app.command("egress")
+def tenant_egress(
+    tenant: str,
+    allow: Annotated[list[str] | None, typer.Option(
+        "--allow", help="IPv4 CIDR guests may reach outside (repeat; replaces the allow list)")] = None,
+    deny: Annotated[list[str] | None, typer.Option(
+        "--deny", help="IPv4 CIDR guests may not reach (repeat; replaces the deny list)")] = None,
+    clear: Annotated[bool, typer.Option("--clear", help="empty both lists first")] = False,
+    json_: JsonOpt = False,
+) -> None:
+    """Show or change where a tenant's guests may go outside (the host and other tenants
+    are closed to them whatever the lists say)."""
+    from mvm.services import tenants
+
+    tid = check_id("tenant", tenant)
+    if allow is None and deny is None and not clear:
+        t = store().tenant(tid)
+    else:
+        t = tenants.set_egress(ctx(), tid, allow if allow is not None else ([] if clear else None),
+                               deny if deny is not None else ([] if clear else None))
+    show({"allow": list(t.egress_allow), "deny": list(t.egress_deny)}, json_)
 
 
 @tenant_app.command("list")
@@ -179,7 +207,9 @@ def tenant_info(tenant: str, json_: JsonOpt = False) -> None:
     t = store().tenant(check_id("tenant", tenant))
     instances = store().instances(t.id)
     info = {
-        "id": t.id, "net_id": t.net_id, "subnet": t.subnet, "quotas": t.quotas,
+        "id": t.id, "net_id": t.net_id, "subnet": t.subnet,
+        "egress": {"allow": list(t.egress_allow), "deny": list(t.egress_deny)},
+        "quotas": t.quotas,
         "pools": [p.id for p in store().pools(t.id)],
         "instances": {s: sum(1 for i in instances if i.state.value == s)
                       for s in sorted({i.state.value for i in instances})},

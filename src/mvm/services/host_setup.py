@@ -197,6 +197,10 @@ def doctor(layout: Layout) -> list[dict[str, Any]]:
     checks.append(_check("bridge", bridge, "bridges can be created" if bridge else "no bridge support"))
     nft = proc.which("nft")
     checks.append(_check("nftables", bool(nft), nft or "apt-get install nftables", required=False))
+    if nft:
+        from mvm.lifecycle import netops
+
+        checks.append(_check("firewall", True, netops.firewall_state(layout), required=False))
     kdir = layout.kernel_dir()
     have_kernel = (kdir / "vmlinux").is_file() and (kdir / "initrd").is_file()
     checks.append(_check("guest kernel", have_kernel,

@@ -7,6 +7,8 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Iterable
+from ipaddress import IPv4Network
 from pathlib import Path
 
 from mvm.config.host import Host
@@ -17,8 +19,13 @@ from mvm.store import Store, tenant_lock_name
 
 
 def create(ctx: Host, tid: str, net_id: int | None = None, subnet: str | None = None,
-           quotas: Quotas | None = None) -> Tenant:
+           quotas: Quotas | None = None, egress_allow: Iterable[str] = (),
+           egress_deny: Iterable[str] = ()) -> Tenant:
     check_id("tenant", tid)
+    from mvm.network import firewall
+
+    allow = tuple(str(n) for n in firewall.parse_egress(egress_allow, "allow"))
+    deny = tuple(str(n) for n in firewall.parse_egress(egress_deny, "deny"))
     q = quotas or Quotas()
     for name, value in vars(q).items():
         if value < 0:
@@ -34,14 +41,49 @@ def create(ctx: Host, tid: str, net_id: int | None = None, subnet: str | None = 
         else:
             plan.validate_net_id(net_id, used_ids)
         others = [t.subnet for t in existing]
+        routes = _host_routes()
         if subnet is None:
-            subnet = str(plan.allocate_subnet(others, net_id))
+            subnet = str(plan.allocate_subnet([*others, *routes], net_id))
         else:
-            subnet = str(plan.validate_subnet(subnet, others))
-        t = Tenant(tid, net_id, subnet, q, 0, time.time())
+            net = plan.validate_subnet(subnet, others)
+            for route in routes:
+                if route.overlaps(net):
+                    raise Conflict(f"subnet {net} overlaps the host route {route}",
+                                   "pick another /24, or omit --subnet to have one allocated")
+            subnet = str(net)
+        t = Tenant(tid, net_id, subnet, q, 0, time.time(), egress_allow=allow, egress_deny=deny)
         store.add_tenant(t)
         ctx.layout.tenant_dir(tid).mkdir(parents=True, exist_ok=True, mode=0o700)
         store.event(Event("tenant.create", f"tenant {tid} net-id {net_id} subnet {subnet}", tenant=tid))
+    return t
+
+
+def _host_routes() -> list[IPv4Network]:
+    """The host's routes other than the default route and mvm's bridges' (a tenant subnet on
+    one of them would shadow it)."""
+    from mvm.network import host
+
+    return host.host_networks()
+
+
+def set_egress(ctx: Host, tid: str, allow: Iterable[str] | None = None,
+               deny: Iterable[str] | None = None) -> Tenant:
+    """Replace the tenant's egress allow and/or deny list (None keeps a list as it is) and
+    apply it at once to a network that is up."""
+    from mvm.lifecycle import netops
+    from mvm.network import firewall
+
+    store = ctx.store
+    t = store.tenant(tid)
+    new_allow = t.egress_allow if allow is None else \
+        tuple(str(n) for n in firewall.parse_egress(allow, "allow"))
+    new_deny = t.egress_deny if deny is None else \
+        tuple(str(n) for n in firewall.parse_egress(deny, "deny"))
+    with ctx.locks.lock(tenant_lock_name(tid)):
+        t = store.set_tenant_egress(tid, new_allow, new_deny)
+        netops.refresh_tenant(ctx, t)
+        store.event(Event("tenant.egress", f"egress allow {list(new_allow) or 'any'}, "
+                          f"deny {list(new_deny) or 'none'}", tenant=tid))
     return t
 
 

@@ -54,9 +54,14 @@ MIGRATIONS = (
     ("instances", "snapshot", "TEXT"),  # the committed snapshot's name
     ("events", "reason", "TEXT NOT NULL DEFAULT 'user'"),
     ("builds", "owner", "INTEGER"),  # pid of the command running it
+    ("tenants", "egress", "TEXT"),  # JSON {"allow": [cidr…], "deny": [cidr…]}
 )
 _INSTANCE_COLS = ("id", "tenant", "pool", "state", "revision", "host_index", "ip", "mac",
                   "secrets_version", "pid", "created", "updated", "error", "op", "snapshot")
+
+
+def _egress_json(allow: tuple[str, ...], deny: tuple[str, ...]) -> str | None:
+    return json.dumps({"allow": list(allow), "deny": list(deny)}) if allow or deny else None
 
 
 class SqliteStore:
@@ -126,9 +131,10 @@ class SqliteStore:
         try:
             with self.tx() as db:
                 db.execute(
-                    "INSERT INTO tenants VALUES (?,?,?,?,?,?)",
+                    "INSERT INTO tenants (id, net_id, subnet, quotas, secrets_version, created,"
+                    " egress) VALUES (?,?,?,?,?,?,?)",
                     (t.id, t.net_id, t.subnet, json.dumps(asdict(t.quotas)), t.secrets_version,
-                     t.created or time.time()),
+                     t.created or time.time(), _egress_json(t.egress_allow, t.egress_deny)),
                 )
         except sqlite3.IntegrityError as e:
             raise Conflict(f"tenant {t.id!r} conflicts with an existing tenant ({e})") from e
@@ -151,10 +157,19 @@ class SqliteStore:
         with self.tx() as db:
             db.execute("DELETE FROM tenants WHERE id=?", (tid,))
 
+    def set_tenant_egress(self, tid: str, allow: tuple[str, ...], deny: tuple[str, ...]) -> Tenant:
+        with self.tx() as db:
+            db.execute("UPDATE tenants SET egress=? WHERE id=?", (_egress_json(allow, deny), tid))
+        return self.tenant(tid)
+
     @staticmethod
     def _tenant(r: sqlite3.Row) -> Tenant:
+        cols = r.keys()  # (a Row's `in` looks at values, not column names)
+        egress = json.loads(r["egress"]) if "egress" in cols and r["egress"] else {}
         return Tenant(r["id"], r["net_id"], r["subnet"], Quotas(**json.loads(r["quotas"])),
-                      r["secrets_version"], r["created"])
+                      r["secrets_version"], r["created"],
+                      egress_allow=tuple(egress.get("allow", ())),
+                      egress_deny=tuple(egress.get("deny", ())))
 
     # -- pools -----------------------------------------------------------
     def add_pool(self, p: Pool) -> None:
