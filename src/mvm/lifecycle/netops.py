@@ -66,10 +66,10 @@ def claim_netns(ctx: Host) -> None:
     live there; a stale claim is taken over with what its home left behind)."""
     from mvm.network import claim, host
 
-    claim.claim(_home(ctx), firewall_of(ctx).name, host.live_taps, _take_over)
+    claim.claim(_home(ctx), firewall_of(ctx).name, host.live_taps, take_over)
 
 
-def _take_over(old: claim.Marker) -> None:
+def take_over(old: claim.Marker) -> None:
     """Remove what a home whose processes are gone left here: its tables, bridges and TAPs."""
     from mvm.network import host
 
@@ -120,15 +120,21 @@ def instance_up(ctx: Host, i: Instance) -> None:
     master = Path("/sys/class/net") / net.tap / "master"
     if master.is_symlink() and Path(os.readlink(master)).name == net.bridge:
         return  # plugged in already (a woken instance keeps its TAP): no netlink round trips
+    from mvm.errors import Conflict
     from mvm.network import host
 
     fw = firewall_of(ctx)
-    if net.bridge not in host.links() or not fw.exists():
+    port = firewall.Port.of(net.tap, net.mac, net.ip, net.net_id)
+    if net.bridge not in host.links():
         tenant_up(ctx, ctx.store.tenant(i.tenant))  # first instance: bridge, isolation and NAT
     else:  # (the tenant's network is left alone; `mvm net verify --repair` mends drift)
         with ctx.locks.lock("network"):
             claim_netns(ctx)
-    fw.ensure_port(firewall.Port.of(net.tap, net.mac, net.ip, net.net_id))  # before it exists
+    try:
+        fw.ensure_port(port)  # before the TAP exists: it sends nothing else, ever
+    except Conflict:  # the home's tables are gone: put the tenant's network back first
+        tenant_up(ctx, ctx.store.tenant(i.tenant))
+        fw.ensure_port(port)
     host.ensure_tap(net.tap, net.bridge)
 
 
