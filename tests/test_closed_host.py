@@ -293,6 +293,11 @@ def test_a_port_sends_only_its_own_mac_and_ip(spaces: Namespaces) -> None:
     forged = {f for f in seen if SPOOF_IP in f or SPOOF_MAC in f or ("arp", s_mac, gw) == f}
     assert forged == set(), "spoofed frames reached the other guest"
     assert ping(victim, gw, True), "the victim still reaches its gateway"
+    # a port mvm forgot (its instance stopped) sends nothing at all
+    assert in_netns(h, FW.remove_port, "mvt0000a004") is True
+    assert not ping(victim, gw, False)
+    in_netns(h, FW.ensure_port, firewall.Port.of("mvt0000a004", v_mac, v_ip, 0))
+    assert ping(victim, gw, True)
 
     # control: without the bridge table the same forgeries arrive
     in_netns(spoofer, lambda: _ip("addr", "del", f"{SPOOF_IP}/32", "dev", "eth0"))

@@ -181,6 +181,13 @@ def test_guests_find_the_host_closed_and_cannot_spoof(gmvm: Mvm, tmp_path: Path)
             assert "Connection refused" in seen[refused], seen  # refused at once, no timeout
         assert seen["203.0.113.5"] == "hello", seen  # the outside, through NAT
         assert "Connection refused" in sh(gmvm, blue, f"nc -w 8 {red_gw} 8000 </dev/null 2>&1").out
+        # an egress deny list, changed on a live network
+        outside = "nc -w 8 203.0.113.5 8000 </dev/null 2>&1"
+        gmvm.ok("tenant", "egress", "red", "--deny", "203.0.113.0/24")
+        assert "Connection refused" in sh(gmvm, red, outside).out
+        assert sh(gmvm, blue, outside).out.strip() == "hello"
+        gmvm.ok("tenant", "egress", "red", "--clear")
+        assert sh(gmvm, red, outside).out.strip() == "hello"
         before = _in_echos(ns)
         assert sh(gmvm, red, f"ping -c 2 -W 3 {red_gw}").rc == 0  # its own gateway answers
         honest = _in_echos(ns) - before
@@ -194,6 +201,10 @@ def test_guests_find_the_host_closed_and_cannot_spoof(gmvm: Mvm, tmp_path: Path)
                       "ip link set eth0 address 02:00:00:00:00:99; ip link set eth0 up; "
                       f"ping -c 3 -W 1 {red_gw}")
         assert _in_echos(ns) - before == 0
+
+        checks = {c["check"]: c for c in json.loads(gmvm.ok("doctor", "--json").out)}
+        assert "held by this home" in checks["firewall"]["detail"]
+        assert "2 tenant(s), 2 TAP(s) filtered, 1 host network(s) closed" in checks["firewall"]["detail"]
 
         # a second state home in this namespace is refused, and destroying its tenant (net-id
         # 0, as red's) leaves red's bridge alone

@@ -128,8 +128,7 @@ def instance_up(ctx: Host, i: Instance) -> None:
     if net.bridge not in host.links():
         tenant_up(ctx, ctx.store.tenant(i.tenant))  # first instance: bridge, isolation and NAT
     else:  # (the tenant's network is left alone; `mvm net verify --repair` mends drift)
-        with ctx.locks.lock("network"):
-            claim_netns(ctx)
+        claim_netns(ctx)
     try:
         fw.ensure_port(port)  # before the TAP exists: it sends nothing else, ever
     except Conflict:  # the home's tables are gone: put the tenant's network back first
@@ -143,16 +142,16 @@ def instance_down(ctx: Host, i: Instance) -> None:
         return
     from mvm.network import host
 
-    tap = plan.tap_name(i.id)
-    host.remove_tap(tap)
-    firewall_of(ctx).remove_port(tap)
+    host.remove_tap(plan.tap_name(i.id))  # (its port stays allowed: same TAP, MAC and IP next start)
 
 
 def release(ctx: Host, i: Instance) -> None:
-    """The instance is gone: its TAP too, and the tenant's network with its last instance."""
+    """The instance is gone: its TAP and port too, and the tenant's network with its last
+    instance."""
     instance_down(ctx, i)
     if i.host_index is None:
         return
+    firewall_of(ctx).remove_port(plan.tap_name(i.id))
     if not any(o.host_index is not None for o in ctx.store.instances(i.tenant) if o.id != i.id):
         teardown_tenant(ctx, ctx.store.tenant(i.tenant))
 
@@ -167,10 +166,10 @@ def _expected(store: Store) -> tuple[list[firewall.TenantNet], list[tuple[str, s
             if i.host_index is None or i.state is State.CREATED:
                 continue  # (a tenant's network comes up with its first start)
             tenants[t.net_id] = tenant_net(t)
+            net = plan.instance_net(t.net_id, t.subnet, i.id, i.host_index)
+            ports.append(firewall.Port.of(net.tap, net.mac, net.ip, net.net_id))  # until destroyed
             if i.state in (State.RUNNING, State.WARM, State.SLEEPING):
-                net = plan.instance_net(t.net_id, t.subnet, i.id, i.host_index)
                 taps.append((net.tap, net.bridge))
-                ports.append(firewall.Port.of(net.tap, net.mac, net.ip, net.net_id))
     return sorted(tenants.values(), key=lambda t: t.net_id), taps, ports
 
 

@@ -667,11 +667,21 @@ class Firewall:
     def remove_port(self, name: str) -> bool:
         """Forget what `name` may send (its frames are then all dropped); True if it was known."""
         with self._locked():
-            state = self.read()
-            if state is None:
-                return False
-            doc = [{"delete": _obj("element", BRIDGE_FAMILY, self.name, name=PORTS,
-                                   elem=[_port_val(p)])} for p in state.ports if p.name == name]
+            try:
+                text = proc.output(["nft", "-j", "list", "set", BRIDGE_FAMILY, self.name, PORTS],
+                                   timeout=NFT_TIMEOUT)
+            except CommandFailed as e:
+                if "No such file or directory" in e.stderr or e.returncode == 127:
+                    return False  # no table: nothing to forget
+                raise
+            doc = []
+            for obj in json.loads(text)["nftables"]:
+                for item in obj.get("set", {}).get("elem", []):
+                    val, _ = _elem(item)
+                    parts = val.get("concat") if isinstance(val, dict) else None
+                    if parts and parts[0] == name:
+                        doc.append({"delete": _obj("element", BRIDGE_FAMILY, self.name,
+                                                   name=PORTS, elem=[val])})
             if doc:
                 _nft(doc)
             return bool(doc)
