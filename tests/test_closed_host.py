@@ -406,6 +406,9 @@ def test_subnet_on_a_host_route_is_refused_and_allocation_avoids_routes(
     # the default route is not a host network; 10.192.0.0/24 is taken by a route
     assert "subnet 10.192.1.0/24" in m.ok("tenant", "create", "b").out
     m.ok("tenant", "create", "c", "--subnet", "10.51.0.0/24")
+    proc.run(["ip", "-n", h, "route", "add", "10.192.0.0/12", "dev", "lan0"])
+    r = m("tenant", "create", "d")
+    assert r.rc == 5 and len(r.lines) == 1 and "host routes 10.50.0.0/16, 10.192.0.0/12" in r.err
 
 
 def test_egress_lists_are_set_shown_and_validated(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ from ipaddress import IPv4Network
 from pathlib import Path
 
 from mvm.config.host import Host
-from mvm.errors import Conflict, InvalidInput
+from mvm.errors import Conflict, InvalidInput, QuotaExceeded
 from mvm.model import Event, Quotas, State, Tenant, check_id
 from mvm.network import plan
 from mvm.store import Store, tenant_lock_name
@@ -43,7 +43,15 @@ def create(ctx: Host, tid: str, net_id: int | None = None, subnet: str | None = 
         others = [t.subnet for t in existing]
         routes = _host_routes()
         if subnet is None:
-            subnet = str(plan.allocate_subnet([*others, *routes], net_id))
+            try:
+                subnet = str(plan.allocate_subnet([*others, *routes], net_id))
+            except QuotaExceeded:
+                if not routes:
+                    raise
+                raise QuotaExceeded(
+                    f"no /24 of {plan.SUBNET_POOL} is free of other tenants and of the host "
+                    f"routes {', '.join(str(r) for r in routes)}",
+                    "give the tenant a subnet of its own with --subnet") from None
         else:
             net = plan.validate_subnet(subnet, others)
             for route in routes:
