@@ -64,7 +64,7 @@ def _home(ctx: Host | Layout) -> str:
 def claim_netns(ctx: Host) -> None:
     """Claim this network namespace for the home (refused while another home's processes
     live there; a stale claim is taken over with what its home left behind)."""
-    from mvm.network import claim, host
+    from mvm.network import host
 
     claim.claim(_home(ctx), firewall_of(ctx).name, host.live_taps, take_over)
 
@@ -104,7 +104,7 @@ def tenant_up(ctx: Host, t: Tenant) -> str:
 
 def refresh_tenant(ctx: Host, t: Tenant) -> bool:
     """Re-install the tenant's rules (its egress lists changed) if its network is up here."""
-    from mvm.network import claim, host
+    from mvm.network import host
 
     marker = claim.holder()
     if marker is None or marker.home != _home(ctx) or plan.bridge_name(t.net_id) not in host.links():
@@ -209,8 +209,6 @@ def firewall_state(layout: Layout) -> str:
 
 
 def _release_if_empty(ctx: Host) -> None:
-    from mvm.network import claim
-
     if not firewall_of(ctx).exists():
         claim.release(_home(ctx))
 
@@ -232,8 +230,7 @@ def teardown_tenant(ctx: Host, t: Tenant) -> None:
         for name in host.list_taps():
             if any(name == plan.tap_name(i.id) for i in ctx.store.instances(t.id)):
                 host.remove_tap(name)
-                fw.remove_port(name)
         host.remove_bridge(t.net_id)
-        fw.remove_tenant(t.net_id)
+        fw.remove_tenant(t.net_id)  # (its chains, map and set elements, and its ports)
         if fw.remove_all_if_empty() or not fw.exists():
             _release_if_empty(ctx)

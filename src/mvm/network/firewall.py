@@ -67,7 +67,8 @@ needs no reading first (chains are flushed and refilled; element adds are idempo
 and removed by name and tag without touching any other tenant. Rule order between
 tenants never matters because dispatch is by map lookup, not by rule position.
 Host-to-guest traffic is output, not forward, so it is not filtered here; its replies
-are let in by `ct state`. A port (a TAP, or in tests a veth) not in `ports` sends nothing.
+are let in by `ct state`. A TAP (`mvt*`) not in `ports` sends nothing; an instance's port
+stays in it from its first start until it is destroyed (same TAP, MAC and IP each start).
 
 Every rule carries a comment (`mvm:base …`, `mvm:t:<net-id> …`) and nft echoes our
 JSON expressions back unchanged, so `check()` compares rules exactly, not by name.
@@ -193,17 +194,17 @@ def parse_egress(values: Iterable[str], what: str) -> tuple[IPv4Network, ...]:
             try:
                 loose = ipaddress.ip_network(text, strict=False)
             except ValueError:
-                raise InvalidInput(f"--egress-{what} {text!r} is not an IPv4 CIDR",
+                raise InvalidInput(f"egress {what} list: {text!r} is not an IPv4 CIDR",
                                    "write e.g. 203.0.113.0/24 or 198.51.100.7") from None
             if loose.version == 6:
-                raise InvalidInput(f"--egress-{what} {text}: tenant networks are IPv4 only",
+                raise InvalidInput(f"egress {what} list: {text}: tenant networks are IPv4 only",
                                    "give an IPv4 CIDR") from None
-            raise InvalidInput(f"--egress-{what} {text} has host bits set",
+            raise InvalidInput(f"egress {what} list: {text} has host bits set",
                                f"did you mean {loose}?") from None
         if net not in out:
             out.append(net)
     if len(out) > MAX_EGRESS_RULES:
-        raise InvalidInput(f"--egress-{what}: {len(out)} CIDRs, at most {MAX_EGRESS_RULES}",
+        raise InvalidInput(f"egress {what} list: {len(out)} CIDRs, at most {MAX_EGRESS_RULES}",
                            "merge them into wider CIDRs")
     return tuple(out)
 
