@@ -10,7 +10,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from mvm.util import proc
+from mvm.util import private, proc
 
 # Bump when the layout of the image changes, so revisions built by an older packer differ.
 PACKER_VERSION = "1"
@@ -118,7 +118,7 @@ def mkfs(staging: Path, image: Path, label: str, seed: str, size_mib: int | None
     fs_uuid = str(uuid.uuid5(uuid.NAMESPACE_URL, f"mvm:{seed}"))
     if image.exists():
         image.unlink()
-    with image.open("wb") as f:
+    with os.fdopen(private.create(image, exclusive=True), "wb") as f:  # 0600 from the start
         f.truncate(mib * 2**20)
     proc.run(
         ["mkfs.ext4", "-q", "-F", "-L", label, "-U", fs_uuid,

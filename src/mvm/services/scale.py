@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -24,10 +25,11 @@ from functools import cache
 
 from mvm.config.host import Host
 from mvm.errors import InvalidInput, MvmError, NotFound, QuotaExceeded, combined
-from mvm.lifecycle import apply, create, observe, quota
+from mvm.lifecycle import apply, create, disks, observe, quota
+from mvm.lifecycle.apply import TAKES_MORE
 from mvm.lifecycle.run import Progress, noop
 from mvm.model import TRANSITIONS, Action, Event, Instance, PoolRef, Reason, State
-from mvm.store.locks import pool_lock_name, tenant_lock_name
+from mvm.store.locks import pool_lock_name, quota_lock_name, tenant_lock_name
 
 Report = Callable[[str], None]
 # Boots and wakes run side by side, one per core (under TCG a boot keeps one core busy).
@@ -117,12 +119,14 @@ def scale(ctx: Host, ref: PoolRef, running: int, warm: int, sleeping: int,
         outer.enter_context(ctx.locks.lock(pool_lock_name(ref.tenant, ref.pool)))
         for line in observe.pool(ctx, ref):  # what dead commands and hypervisors left
             report(line)
-        try:
-            quota.check(store, ref, running, warm, sleeping)
-        except QuotaExceeded as e:
-            store.event(Event("pool.scale-refused", e.message, Reason.QUOTA, ref.tenant, ref.pool))
-            raise
-        store.set_pool_desired(ref.tenant, ref.pool, running, warm, sleeping)
+        with ctx.locks.lock(quota_lock_name(ref.tenant)):
+            try:
+                quota.check(store, ref, running, warm, sleeping)
+                _check_room(ctx, ref, running + warm + sleeping)
+            except QuotaExceeded as e:
+                store.event(Event("pool.scale-refused", e.message, Reason.QUOTA, ref.tenant, ref.pool))
+                raise
+            store.set_pool_desired(ref.tenant, ref.pool, running, warm, sleeping)
         p = plan(store.instances(ref.tenant, ref.pool), running, warm, sleeping)
         if not p.actions():
             report(f"{ref}: already at running={running} warm={warm} sleeping={sleeping}")
@@ -135,37 +139,145 @@ def scale(ctx: Host, ref: PoolRef, running: int, warm: int, sleeping: int,
                 moves.append((inst, target))
         tenant.close()  # the desired counts now reserve the quota; boots need only the pool's lock
         getattr(ctx.runtime(), "accel", None)  # once: a KVM probe, if due, runs here, not per worker
-        # What frees resources goes first, one by one; boots and wakes then run side by side.
+        # What frees resources goes first, one by one; boots and wakes then run side by side,
+        # each admitted by the quota when it has room (see `Room`): instances headed for sleep
+        # first (they need a hypervisor only for a while), then warm, then running.
         freeing = [m for m in moves if path(m[0].state, m[1])[0] in FREEING]
         errors = [_converge(ctx, inst, target, report, progress) for inst, target in freeing]
-        rest = [m for m in moves if m not in freeing]
+        rest = sorted((m for m in moves if m not in freeing), key=lambda m: HOLDS[m[1]])
+        room = Room()
         with ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="scale") as workers:
-            errors += workers.map(lambda m: _in_thread(ctx, m[0], m[1], report, progress), rest)
+            errors += workers.map(lambda n: _in_thread(ctx, rest[n][0], rest[n][1], report,
+                                                       progress, room, n), range(len(rest)))
         failed = [e for e in errors if e is not None]
         if failed:
             raise combined(failed, f"scaling {ref}")
         return store.instances(ref.tenant, ref.pool)
 
 
-def _converge(ctx: Host, inst: Instance, target: State, report: Report,
-              progress: Progress) -> MvmError | None:
-    """Take one instance to its target state (the caller holds the pool's lock)."""
+# The order boots go in: what holds least at the end first.
+HOLDS = {State.SLEEPING: 0, State.STOPPED: 0, State.WARM: 1, State.RUNNING: 2}
+
+
+def _check_room(ctx: Host, ref: PoolRef, total: int) -> None:
+    """The host has room for the data disks the scale will make (before it makes any)."""
+    pool = ctx.store.pool(ref.tenant, ref.pool)
+    new = max(0, total - len(ctx.store.instances(ref.tenant, ref.pool)))
+    if new and pool.data_disk:
+        disks.check_room(ctx.layout.pool_dir(ref.tenant, ref.pool), new * pool.data_disk)
+
+
+class Room:
+    """A scale's hypervisors are admitted by the tenant's quota one by one, in plan order.
+
+    Every action that takes more is checked against the quota, and recorded, under the quota
+    lock (`apply`), counting what is in flight: so never more hypervisors, vCPUs or memory run
+    than the quota allows, even for a moment (an instance headed for sleep is booted first).
+    A move the quota refuses waits for one of this scale's own moves to end an action, which
+    may free room, and tries again; later moves wait behind it. When none of the scale's moves
+    is at work, nothing will free room: it gives up with the quota's refusal.
+    """
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.turn = 0  # the move whose first action may be admitted next
+        self.busy = 0  # moves admitted and at work (not waiting for room)
+        self.ended = 0  # actions ended so far (each may have freed room)
+
+    def wait_turn(self, n: int) -> None:
+        with self.cond:
+            self.cond.wait_for(lambda: self.turn >= n)
+
+    def pass_turn(self, n: int) -> None:
+        with self.cond:
+            if self.turn == n:
+                self.turn = n + 1
+                self.cond.notify_all()
+
+    def work(self, delta: int) -> None:
+        with self.cond:
+            self.busy += delta
+            self.cond.notify_all()
+
+    def action_ended(self) -> None:
+        with self.cond:
+            self.ended += 1
+            self.cond.notify_all()
+
+
+class _Admission:
+    """One action's way through the quota, for `apply`: `first` is a move's first action (the
+    move is not at work until it is admitted)."""
+
+    def __init__(self, room: Room, n: int, first: bool) -> None:
+        self.room, self.n, self.first = room, n, first
+        self.admitted_ = False
+        with room.cond:
+            self.seen = room.ended  # taken before the check, so no end after it is missed
+
+    def refused(self, e: QuotaExceeded) -> bool:
+        room = self.room
+        with room.cond:
+            at_work = 0 if self.first else 1
+            room.busy -= at_work  # (waiting, a move frees nothing)
+            try:
+                room.cond.wait_for(lambda: room.ended != self.seen or room.busy == 0)
+                if room.ended == self.seen:
+                    return False
+                self.seen = room.ended
+                return True
+            finally:
+                room.busy += at_work
+
+    def admitted(self) -> None:
+        self.admitted_ = True
+        if self.first:
+            self.room.work(+1)
+            self.room.pass_turn(self.n)
+
+
+def _converge(ctx: Host, inst: Instance, target: State, report: Report, progress: Progress,
+              room: Room | None = None, n: int = 0) -> MvmError | None:
+    """Take one instance to its target state (the caller holds the pool's lock); with `room`,
+    as move `n` of a scale whose actions that take more are admitted in order."""
+    working = False  # counted in room.busy
     try:
         for action in path(inst.state, target):
-            i = apply(ctx, inst.ref, action, reason=Reason.SCALE, locked=True, quota_checked=True,
-                      progress=lambda step, msg: progress(f"{inst.id} {step}", msg))
+            admission = None
+            if room is not None and action in TAKES_MORE:
+                if not working:
+                    room.wait_turn(n)
+                admission = _Admission(room, n, first=not working)
+            elif room is not None and not working:  # nothing to admit: at work at once
+                room.work(+1)
+                room.pass_turn(n)
+                working = True
+            try:
+                i = apply(ctx, inst.ref, action, reason=Reason.SCALE, locked=True,
+                          admission=admission,
+                          progress=lambda step, msg: progress(f"{inst.id} {step}", msg))
+            finally:
+                if room is not None:
+                    working = working or (admission is not None and admission.admitted_)
+                    room.pass_turn(n)  # (refused, or failed before its check)
+                    room.action_ended()
             report(f"{inst.id}: {action.value} (now {i.state.value})")
         return None
     except MvmError as e:
         report(f"{inst.id}: failed: {e.line()}")
         return e
+    finally:
+        if room is not None:
+            room.pass_turn(n)
+            if working:
+                room.work(-1)
 
 
 def _in_thread(ctx: Host, inst: Instance, target: State, report: Report,
-               progress: Progress) -> MvmError | None:
+               progress: Progress, room: Room, n: int) -> MvmError | None:
     """The same, on a store connection of the worker thread's own."""
     mine = ctx.for_thread()
     try:
-        return _converge(mine, inst, target, report, progress)
+        return _converge(mine, inst, target, report, progress, room, n)
     finally:
         mine.store.close()
