@@ -27,7 +27,7 @@ from pathlib import Path
 from mvm.errors import GuestError, RuntimeFailure
 from mvm.guest.agent_client import ExecResult
 from mvm.runtime.base import Progress, Runtime, SnapshotInfo, VmSpec, VmStatus
-from mvm.util import pids
+from mvm.util import pids, private
 
 MEMORY = "memory.json"
 
@@ -76,7 +76,7 @@ class FakeRuntime(Runtime):
     def _spawn(self, spec: VmSpec, vm: dict[str, object]) -> None:
         if self.is_alive(spec):
             raise RuntimeFailure(f"{spec.name} already runs (fake pid {self._pid(spec)})")
-        spec.run_dir.mkdir(parents=True, exist_ok=True)
+        private.mkdirs(spec.run_dir)
         self._save_vm(spec, vm)
         proc = subprocess.Popen(
             [sys.executable, "-S", "-c", "import time\nwhile True: time.sleep(3600)",
@@ -153,7 +153,7 @@ class FakeRuntime(Runtime):
         vm = self._vm(spec)
         if vm["status"] not in ("running", "paused"):
             raise RuntimeFailure(f"cannot snapshot {spec.name} while it is {vm['status']}")
-        snap_dir.mkdir(parents=True, exist_ok=True)
+        private.mkdirs(snap_dir)  # as a real runtime: 0700
         mem = snap_dir / MEMORY
         mem.write_text(json.dumps({"cache": vm["cache"]}))
         info = SnapshotInfo(backend=self.name, memory_file=MEMORY, mem_mib=spec.mem_mib,

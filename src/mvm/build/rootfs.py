@@ -22,7 +22,8 @@ def stage(out_path: str, closure: list[str], staging: Path,
           guest_files: Callable[[Path], None]) -> None:
     """Lay out the profile at /, its /nix/store closure, /usr/* links and mvm's guest files."""
     store = staging / "nix" / "store"
-    store.mkdir(parents=True)
+    for d in (staging, staging / "nix", store):
+        _own_dir(d)
     for p in closure:
         _copy_tree(Path(p), store / Path(p).name)
     out = Path(out_path)
@@ -33,16 +34,24 @@ def stage(out_path: str, closure: list[str], staging: Path,
                 continue
             _copy_tree(entry, dest, link=False)
     usr = staging / "usr"
-    usr.mkdir(exist_ok=True)
+    _own_dir(usr)
     for sub in ("bin", "sbin", "lib", "lib64"):
         target = staging / sub
         if (target.exists() or target.is_symlink()) and not (usr / sub).exists():
             (usr / sub).symlink_to(f"../{sub}")
     for d in ("bin", "etc", "proc", "sys", "dev", "run", "tmp", "data", "root", "var"):
-        (staging / d).mkdir(exist_ok=True)
+        _own_dir(staging / d)
     (staging / "tmp").chmod(0o1777)
     guest_files(staging)
     _normalize(staging)
+
+
+def _own_dir(path: Path) -> None:
+    """A directory the image has whatever the profile holds: 0755 whatever the umask (mvm runs
+    with 077, and the image's bytes must not depend on it)."""
+    if not path.exists() and not path.is_symlink():
+        path.mkdir()
+        path.chmod(0o755)
 
 
 def _copy_tree(src: Path, dest: Path, link: bool = True) -> None:

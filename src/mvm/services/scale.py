@@ -9,7 +9,7 @@ first. `mvm instance destroy` removes one for good.
 Every move is a path of actions through the one transition table (`model.TRANSITIONS`),
 each taken by `lifecycle.apply`. The tenant's lock is held only while quotas are checked,
 the desired counts recorded and new instances given addresses; boots and wakes run under the
-pool's lock alone, side by side.
+pool's lock alone, side by side, each admitted by the tenant's quota when it has room (`Room`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -119,15 +119,16 @@ def scale(ctx: Host, ref: PoolRef, running: int, warm: int, sleeping: int,
         outer.enter_context(ctx.locks.lock(pool_lock_name(ref.tenant, ref.pool)))
         for line in observe.pool(ctx, ref):  # what dead commands and hypervisors left
             report(line)
+        p = plan(store.instances(ref.tenant, ref.pool), running, warm, sleeping)
         with ctx.locks.lock(quota_lock_name(ref.tenant)):
             try:
                 quota.check(store, ref, running, warm, sleeping)
+                _check_boot_room(ctx, ref, p)
                 _check_room(ctx, ref, running + warm + sleeping)
             except QuotaExceeded as e:
                 store.event(Event("pool.scale-refused", e.message, Reason.QUOTA, ref.tenant, ref.pool))
                 raise
             store.set_pool_desired(ref.tenant, ref.pool, running, warm, sleeping)
-        p = plan(store.instances(ref.tenant, ref.pool), running, warm, sleeping)
         if not p.actions():
             report(f"{ref}: already at running={running} warm={warm} sleeping={sleeping}")
         moves = []
@@ -157,6 +158,24 @@ def scale(ctx: Host, ref: PoolRef, running: int, warm: int, sleeping: int,
 
 # The order boots go in: what holds least at the end first.
 HOLDS = {State.SLEEPING: 0, State.STOPPED: 0, State.WARM: 1, State.RUNNING: 2}
+
+
+def _check_boot_room(ctx: Host, ref: PoolRef, p: Plan) -> None:
+    """An instance headed for sleep or warm runs on its way there (a boot or a wake): the quota
+    must have room for one such beside what stays live, or the scale could never finish."""
+    def boots(source: State, target: State) -> bool:
+        return target is not State.RUNNING and bool(
+            {Action.START, Action.WAKE, Action.RESUME} & set(path(source, target)))
+
+    if not any(boots(i.state if i else State.CREATED, t) for i, t in p.moves):
+        return
+    kept = Counter(t for i, t in p.moves if i is not None and i.state is t and t.is_live())
+    try:
+        quota.check(ctx.store, ref, kept[State.RUNNING] + 1, kept[State.WARM], 0)
+    except QuotaExceeded as e:
+        raise QuotaExceeded(f"scaling {ref} boots instances on their way to sleeping or warm, and"
+                            f" tenant {ref.tenant}'s quota has no room for one: "
+                            + e.message.split("quota: ", 1)[-1], e.hint) from None
 
 
 def _check_room(ctx: Host, ref: PoolRef, total: int) -> None:
