@@ -22,8 +22,8 @@ def stage(out_path: str, closure: list[str], staging: Path,
           guest_files: Callable[[Path], None]) -> None:
     """Lay out the profile at /, its /nix/store closure, /usr/* links and mvm's guest files."""
     store = staging / "nix" / "store"
-    for d in (staging, staging / "nix", store):
-        _own_dir(d)
+    for top in (staging, staging / "nix", store):
+        _own_dir(top)
     for p in closure:
         _copy_tree(Path(p), store / Path(p).name)
     out = Path(out_path)
