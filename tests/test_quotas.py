@@ -93,6 +93,35 @@ def test_a_scale_never_runs_more_hypervisors_than_the_quota(
     assert peaks(w)[0] <= quotas.max_running + quotas.max_warm
 
 
+def test_scales_of_two_pools_in_two_processes_share_the_quota(
+        tmp_path: Path, worlds: list[World], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(FakeRuntime, "boot_seconds", 0.2)
+    w = make_world(tmp_path, Quotas(max_running=1, max_mem=256))
+    worlds.append(w)
+    w.ctx.store.add_pool(Pool("acme", "v", "path:/nonexistent", "p", 1, 256, network="none"))
+    w.ctx.store.set_pool_current("acme", "v", REV)
+    rdir = w.ctx.layout.revision_dir("acme", "v", REV)
+    rdir.mkdir(parents=True)
+    for f in ("rootfs.ext4", "vmlinux"):
+        (rdir / f).write_bytes(b"fake")
+    children = []
+    for pool in ("w", "v"):
+        pid = os.fork()
+        if pid == 0:  # a command of its own
+            code = 0
+            try:
+                scale.scale(w.host(), PoolRef("acme", pool), 0, 0, 3)
+            except QuotaExceeded:
+                code = 5
+            except BaseException:
+                code = 1
+            os._exit(code)
+        children.append(pid)
+    codes = sorted(os.WEXITSTATUS(os.waitpid(pid, 0)[1]) for pid in children)
+    assert codes in ([0, 0], [0, 5]), codes  # one may find no room: refused, never over
+    assert peaks(w)[0] == 1 and peaks(w)[2] <= 256
+
+
 def test_a_scale_with_no_room_to_boot_on_the_way_is_refused_before_anything(
         tmp_path: Path, worlds: list[World]) -> None:
     w = make_world(tmp_path, Quotas(max_running=1, max_mem=256))
