@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import threading
+import time
 from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +32,7 @@ from mvm.lifecycle.apply import TAKES_MORE
 from mvm.lifecycle.run import Progress, noop
 from mvm.model import TRANSITIONS, Action, Event, Instance, PoolRef, Reason, State
 from mvm.store.locks import pool_lock_name, quota_lock_name, tenant_lock_name
+from mvm.util import pids
 
 Report = Callable[[str], None]
 # Boots and wakes run side by side, one per core (under TCG a boot keeps one core busy).
@@ -173,6 +176,8 @@ def _check_boot_room(ctx: Host, ref: PoolRef, p: Plan) -> None:
     try:
         quota.check(ctx.store, ref, kept[State.RUNNING] + 1, kept[State.WARM], 0)
     except QuotaExceeded as e:
+        if _in_flight(ctx, ref.tenant):
+            return  # another command's boot may hold the room for a while: its boots wait
         raise QuotaExceeded(f"scaling {ref} boots instances on their way to sleeping or warm, and"
                             f" tenant {ref.tenant}'s quota has no room for one: "
                             + e.message.split("quota: ", 1)[-1], e.hint) from None
@@ -226,11 +231,16 @@ class Room:
 
 class _Admission:
     """One action's way through the quota, for `apply`: `first` is a move's first action (the
-    move is not at work until it is admitted)."""
+    move is not at work until it is admitted). With none of the scale's own moves at work, room
+    can come only from another command's transition in flight: it is waited for (up to
+    `ELSEWHERE_WAIT`), and given up on once nothing has been in flight for `ELSEWHERE_GRACE`
+    (a command between two actions of a move has none in flight for a moment)."""
 
-    def __init__(self, room: Room, n: int, first: bool) -> None:
-        self.room, self.n, self.first = room, n, first
+    def __init__(self, room: Room, n: int, first: bool, elsewhere: Callable[[], bool]) -> None:
+        self.room, self.n, self.first, self.elsewhere = room, n, first, elsewhere
         self.admitted_ = False
+        self.deadline = 0.0
+        self.quiet_since: float | None = None
         with room.cond:
             self.seen = room.ended  # taken before the check, so no end after it is missed
 
@@ -241,8 +251,20 @@ class _Admission:
             room.busy -= at_work  # (waiting, a move frees nothing)
             try:
                 room.cond.wait_for(lambda: room.ended != self.seen or room.busy == 0)
-                if room.ended == self.seen:
+                if room.ended != self.seen:
+                    self.seen = room.ended
+                    return True
+                now = time.monotonic()
+                self.deadline = self.deadline or now + ELSEWHERE_WAIT
+                if self.elsewhere():
+                    self.quiet_since = None
+                else:
+                    self.quiet_since = self.quiet_since or now
+                    if now - self.quiet_since >= ELSEWHERE_GRACE:
+                        return False
+                if now >= self.deadline:
                     return False
+                room.cond.wait(ELSEWHERE_POLL)
                 self.seen = room.ended
                 return True
             finally:
@@ -253,6 +275,18 @@ class _Admission:
         if self.first:
             self.room.work(+1)
             self.room.pass_turn(self.n)
+
+
+ELSEWHERE_WAIT = 120.0
+ELSEWHERE_GRACE = 0.5
+ELSEWHERE_POLL = 0.05
+
+
+def _in_flight(ctx: Host, tenant: str) -> bool:
+    """A live command has a transition of the tenant's in flight (it may free room); one that
+    died left its transition to the next command on that pool, and frees nothing meanwhile."""
+    owners = [re.match(r"pid (\d+)", i.op.owner) for i in ctx.store.instances(tenant) if i.op]
+    return any(m is None or pids.is_running(int(m.group(1))) for m in owners)
 
 
 def _converge(ctx: Host, inst: Instance, target: State, report: Report, progress: Progress,
@@ -266,7 +300,7 @@ def _converge(ctx: Host, inst: Instance, target: State, report: Report, progress
             if room is not None and action in TAKES_MORE:
                 if not working:
                     room.wait_turn(n)
-                admission = _Admission(room, n, first=not working)
+                admission = _Admission(room, n, not working, lambda: _in_flight(ctx, inst.tenant))
             elif room is not None and not working:  # nothing to admit: at work at once
                 room.work(+1)
                 room.pass_turn(n)
