@@ -87,6 +87,8 @@ class Quotas:
     max_warm: int = 4
     max_pools: int = 16
     max_instances: int = 32
+    max_data_disk: int = 16384  # MiB of data disk per instance
+    max_disk: int = 65536  # MiB of data disks of all the tenant's instances
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from mvm.config.paths import Layout
 from mvm.errors import BuildFailed, HostUnsupported, MvmError
 from mvm.guest.layout import static_busybox
 from mvm.model import Pool, Revision
+from mvm.util import private
 from mvm.util.hashing import file_sha256
 
 Progress = Callable[[str, str], None]  # (step, message)
@@ -146,22 +147,22 @@ def step_pack(ctx: BuildContext) -> None:
     from mvm.guest.layout import install_guest_files
 
     revs = ctx.layout.revisions_dir(ctx.pool.tenant, ctx.pool.id)
-    revs.mkdir(parents=True, exist_ok=True)
+    private.mkdirs(revs)
     # We hold the pool's lock: half-written revisions of a build that crashed are garbage.
     for stale in [*revs.glob(".tmp-*"), *revs.glob(".old-*")]:
         shutil.rmtree(stale, ignore_errors=True)
     tmp = revs / f".tmp-{ctx.revision}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp.mkdir(mode=0o700)
     try:
         started = time.monotonic()
         ctx.closure_size = rootfs.pack_closure(
             ctx.result.out_path, ctx.closure, tmp / "rootfs.ext4", ctx.revision,
             install_guest_files, tmp)
         ctx.timings["pack"] = time.monotonic() - started
-        shutil.copyfile(ctx.kernel, tmp / "vmlinux")
+        private.copy(ctx.kernel, tmp / "vmlinux")  # 0600 from the first byte, like the rootfs
         if ctx.initrd:
-            shutil.copyfile(ctx.initrd, tmp / "initrd")
+            private.copy(ctx.initrd, tmp / "initrd")
         manifest: dict[str, Any] = {
             "revision": ctx.revision,
             "tenant": ctx.pool.tenant,
@@ -183,7 +184,7 @@ def step_pack(ctx: BuildContext) -> None:
             "built": time.time(),
             "build_seconds": None,
         }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        private.write(tmp / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True).encode() + b"\n")
         final = ctx.layout.revision_dir(ctx.pool.tenant, ctx.pool.id, ctx.revision)
         if final.exists():  # --force over an existing revision: replace it whole
             old = revs / f".old-{ctx.revision}-{os.getpid()}"
@@ -252,7 +253,7 @@ def run_build(layout: Layout, nixpkgs: str, pool: Pool, force: bool, log: Path,
     if not ctx.cache_hit:
         manifest["build_seconds"] = round(time.monotonic() - started, 3)
         mpath = layout.revision_dir(pool.tenant, pool.id, ctx.revision) / "manifest.json"
-        mpath.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        private.write(mpath, json.dumps(manifest, indent=2, sort_keys=True).encode() + b"\n")
     assert ctx.result
     rev = Revision(pool.tenant, pool.id, ctx.revision, ctx.result.out_path, manifest,
                    float(manifest.get("built", time.time())))

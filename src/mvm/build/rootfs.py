@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mvm.build import outputs
-from mvm.util import proc
+from mvm.util import private, proc
 
 # Bump when the layout of the image changes, so revisions built by an older packer differ.
 PACKER_VERSION = "2"
@@ -36,9 +36,9 @@ def stage(out_path: str, closure: list[str], staging: Path,
     mvm writes, chmods or creates in is checked to be a directory and not a link first.
     """
     root = outputs.resolve(out_path, closure, store)
-    staging.mkdir()
     nix_store = staging / "nix" / "store"
-    nix_store.mkdir(parents=True)
+    for top in (staging, staging / "nix", nix_store):
+        _fresh_dir(top)
     for p in closure:
         _copy_tree(Path(p), nix_store / Path(p).name)
     if root is not None and stat.S_ISDIR(os.lstat(root).st_mode):
@@ -47,13 +47,13 @@ def stage(out_path: str, closure: list[str], staging: Path,
                 _copy_tree(root / name, staging / name, link=False)
     for name in OWNED:  # the profile's own /tmp, /mvm …: replaced, never written through
         _remove(staging / name)
-        (staging / name).mkdir()
+        _fresh_dir(staging / name)
     for name in DEFAULT_DIRS:
         if not os.path.lexists(staging / name):
-            (staging / name).mkdir()
+            _fresh_dir(staging / name)
     usr = staging / "usr"
     if not os.path.lexists(usr):
-        usr.mkdir()
+        _fresh_dir(usr)
     if _is_real_dir(usr):  # a profile's /usr that is a link is left as the profile made it
         for sub in ("bin", "sbin", "lib", "lib64"):
             if os.path.lexists(staging / sub) and not os.path.lexists(usr / sub):
@@ -61,6 +61,13 @@ def stage(out_path: str, closure: list[str], staging: Path,
     (staging / "tmp").chmod(0o1777)
     guest_files(staging)
     _normalize(staging)
+
+
+def _fresh_dir(path: Path) -> None:
+    """A directory of mvm's own in the image: 0755 whatever the umask (mvm runs with 077, and
+    the image's bytes must not depend on it)."""
+    os.mkdir(path)
+    os.chmod(path, 0o755)
 
 
 def _is_real_dir(path: Path) -> bool:
@@ -152,7 +159,7 @@ def mkfs(staging: Path, image: Path, label: str, seed: str, size_mib: int | None
     fs_uuid = str(uuid.uuid5(uuid.NAMESPACE_URL, f"mvm:{seed}"))
     if image.exists():
         image.unlink()
-    with image.open("wb") as f:
+    with os.fdopen(private.create(image, exclusive=True), "wb") as f:  # 0600 from the start
         f.truncate(mib * 2**20)
     proc.run(
         ["mkfs.ext4", "-q", "-F", "-L", label, "-U", fs_uuid,

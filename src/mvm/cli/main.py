@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -15,6 +16,7 @@ from mvm.cli import output
 from mvm.cli.output import emit_json, table
 from mvm.errors import MvmError
 from mvm.model import PoolRef, Quotas, check_id
+from mvm.util.private import PRIVATE_UMASK
 
 if TYPE_CHECKING:
     from mvm.config.host import Host
@@ -151,6 +153,10 @@ def tenant_create(
     max_warm: Annotated[int, typer.Option("--max-warm")] = Quotas.max_warm,
     max_pools: Annotated[int, typer.Option("--max-pools")] = Quotas.max_pools,
     max_instances: Annotated[int, typer.Option("--max-instances", help="per pool")] = Quotas.max_instances,
+    max_data_disk: Annotated[int, typer.Option(
+        "--max-data-disk", help="MiB of data disk per instance")] = Quotas.max_data_disk,
+    max_disk: Annotated[int, typer.Option(
+        "--max-disk", help="MiB of data disks of all the tenant's instances")] = Quotas.max_disk,
     egress_allow: Annotated[list[str] | None, typer.Option(
         "--egress-allow", help="IPv4 CIDR guests may reach outside (repeat; default: anywhere)")] = None,
     egress_deny: Annotated[list[str] | None, typer.Option(
@@ -160,7 +166,8 @@ def tenant_create(
     from mvm.services import tenants
 
     t = tenants.create(ctx(), tenant, net_id, subnet,
-                       Quotas(max_vcpus, max_mem, max_running, max_warm, max_pools, max_instances),
+                       Quotas(max_vcpus, max_mem, max_running, max_warm, max_pools, max_instances,
+                              max_data_disk=max_data_disk, max_disk=max_disk),
                        egress_allow or (), egress_deny or ())
     print(f"tenant {t.id} created (net-id {t.net_id}, subnet {t.subnet})")
 
@@ -576,6 +583,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: every error becomes one clear line and a non-zero exit code."""
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args
+    os.umask(PRIVATE_UMASK)  # what mvm and the programs it starts create, only root reads
     try:
         rc = app(args=args, prog_name="mvm", standalone_mode=False)
         return rc if isinstance(rc, int) else 0

@@ -12,6 +12,7 @@ from mvm.lifecycle import netops, secrets_disk
 from mvm.model import Instance
 from mvm.runtime.base import Disk, VmSpec
 from mvm.store import Store
+from mvm.util import private
 
 
 def instance_dir(layout: Layout, i: Instance) -> Path:
@@ -28,11 +29,17 @@ def run_dir(layout: Layout, i: Instance) -> Path:
     real = layout.runtime_dir() / i.id
     link = instance_dir(layout, i) / "run"
     if not link.is_symlink() and instance_dir(layout, i).is_dir():
-        real.mkdir(parents=True, exist_ok=True)
+        private.mkdirs(real.parent, RUNTIME_MODE)
+        private.mkdirs(real)
         if link.is_dir():  # a run dir of an older layout
             shutil.rmtree(link)
         link.symlink_to(real)
     return real
+
+
+#: The runtime root and this home's directory in it may be passed through, not listed; each
+#: instance's run directory is 0700.
+RUNTIME_MODE = 0o711
 
 
 def snapshots_dir(layout: Layout, i: Instance) -> Path:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from mvm.errors import RuntimeFailure
+from mvm.util import private
 
 if TYPE_CHECKING:
     from mvm.guest.agent_client import AgentClient
@@ -118,7 +119,7 @@ class SnapshotInfo:
     def write(self, snap_dir: Path) -> None:
         """Atomically write the manifest (tmp + fsync + rename)."""
         tmp = snap_dir / (MANIFEST + ".tmp")
-        with open(tmp, "w") as f:
+        with os.fdopen(private.create(tmp), "w") as f:  # 0600, as every file of a tenant
             f.write(self.to_json())
             f.flush()
             os.fsync(f.fileno())

@@ -31,7 +31,7 @@ from mvm.runtime.base import (
     VmStatus,
 )
 from mvm.runtime.qmp import Qmp
-from mvm.util import pids
+from mvm.util import pids, private
 from mvm.util.proc import run
 from mvm.util.retry import until
 
@@ -415,7 +415,7 @@ class QemuRuntime(Runtime):
             raise RuntimeFailure(f"{spec.name} already runs (QEMU pid {pid})",
                                  "stop the instance first")
         created = not spec.run_dir.exists()
-        spec.run_dir.mkdir(parents=True, exist_ok=True)
+        private.mkdirs(spec.run_dir)
         console_existed = self.console_log(spec).exists() and not fresh
 
         def undo() -> None:
@@ -483,7 +483,7 @@ class QemuRuntime(Runtime):
         return info
 
     def _prepare_snap_dir(self, snap_dir: Path, steps: Steps) -> None:
-        snap_dir.mkdir(parents=True, exist_ok=True)
+        private.mkdirs(snap_dir)
         # Uncommit any older snapshot first: a manifest must never describe a half-written file.
         _unlink(snap_dir / MANIFEST)
         # On failure no snapshot is left at all: the VM runs on, so its disks move on.

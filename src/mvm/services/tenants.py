@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import time
 from collections.abc import Iterable
@@ -13,9 +12,15 @@ from pathlib import Path
 
 from mvm.config.host import Host
 from mvm.errors import Conflict, InvalidInput, QuotaExceeded
+from mvm.lifecycle import secrets_disk
 from mvm.model import Event, Quotas, State, Tenant, check_id
 from mvm.network import plan
-from mvm.store import Store, tenant_lock_name
+from mvm.store import Store, quota_lock_name, tenant_lock_name
+from mvm.util import inputs, private
+
+#: `tenants/` may be passed through (a jailed hypervisor opens its own files below it), not
+#: listed; each tenant's directory is 0700.
+TENANTS_MODE = 0o711
 
 
 def create(ctx: Host, tid: str, net_id: int | None = None, subnet: str | None = None,
@@ -61,7 +66,8 @@ def create(ctx: Host, tid: str, net_id: int | None = None, subnet: str | None = 
             subnet = str(net)
         t = Tenant(tid, net_id, subnet, q, 0, time.time(), egress_allow=allow, egress_deny=deny)
         store.add_tenant(t)
-        ctx.layout.tenant_dir(tid).mkdir(parents=True, exist_ok=True, mode=0o700)
+        private.mkdirs(ctx.layout.tenant_dir(tid).parent, TENANTS_MODE)
+        private.mkdirs(ctx.layout.tenant_dir(tid))
         store.event(Event("tenant.create", f"tenant {tid} net-id {net_id} subnet {subnet}", tenant=tid))
     return t
 
@@ -118,34 +124,26 @@ def destroy(ctx: Host, tid: str, force: bool = False) -> None:
                 with contextlib.suppress(OSError):
                     d.rmdir()
         store.event(Event("tenant.destroy", f"tenant {tid} destroyed", tenant=tid))
+        ctx.locks.remove(quota_lock_name(tid))
         ctx.locks.remove(tenant_lock_name(tid))  # (we hold it)
 
 
 def set_secrets(ctx: Host, tid: str, source: Path) -> int:
-    """Store the tenant's secrets (a JSON object) 0600; returns the new secrets version."""
+    """Store the tenant's secrets (a JSON object) 0600; returns the new secrets version.
+
+    What is accepted here fits the secrets disk every start and wake builds (same limit)."""
     store = ctx.store
     store.tenant(tid)
-    try:
-        raw = source.read_bytes()
-    except OSError as e:
-        raise InvalidInput(f"cannot read {source}: {e.strerror}") from e
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InvalidInput(f"{source} is not valid JSON ({e.__class__.__name__})",
-                           "secrets must be a JSON object, e.g. {\"API_KEY\": \"...\"}") from None
+    hint = "secrets must be a JSON object, e.g. {\"API_KEY\": \"...\"}"
+    raw = inputs.read_file(source, secrets_disk.MAX_BYTES, hint)
+    data = inputs.load_json(raw, str(source), hint)
     if not isinstance(data, dict):
-        raise InvalidInput(f"{source} holds a JSON {type(data).__name__}, not an object",
-                           "secrets must be a JSON object, e.g. {\"API_KEY\": \"...\"}")
+        raise InvalidInput(f"{source} holds a JSON {type(data).__name__}, not an object", hint)
+    stored = json.dumps(data, indent=2, sort_keys=True).encode() + b"\n"
+    secrets_disk.check_size(tid, len(stored))
     dest = ctx.layout.secrets_file(tid)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".secrets-{os.getpid()}.json")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, json.dumps(data, indent=2, sort_keys=True).encode() + b"\n")
-    finally:
-        os.close(fd)
-    os.replace(tmp, dest)
+    private.mkdirs(dest.parent)
+    private.write(dest, stored)
     version = store.bump_secrets_version(tid)
     store.event(Event("tenant.secrets", f"secrets set ({len(data)} keys), version {version}",
                       tenant=tid))

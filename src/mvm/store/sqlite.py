@@ -18,6 +18,7 @@ from pathlib import Path
 
 from mvm.errors import Conflict, HostUnsupported, NotFound
 from mvm.model import Action, Event, Instance, Op, Pool, Quotas, Revision, State, Tenant
+from mvm.util import private
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tenants (
@@ -56,6 +57,8 @@ MIGRATIONS = (
     ("builds", "owner", "INTEGER"),  # pid of the command running it
     ("tenants", "egress", "TEXT"),  # JSON {"allow": [cidr…], "deny": [cidr…]}
 )
+#: A state home mvm makes: passed through, not listed (what is below it is 0700 and 0600).
+HOME_MODE = 0o711
 _INSTANCE_COLS = ("id", "tenant", "pool", "state", "revision", "host_index", "ip", "mac",
                   "secrets_version", "pid", "created", "updated", "error", "op", "snapshot")
 
@@ -68,7 +71,10 @@ class SqliteStore:
     def __init__(self, db: Path) -> None:
         self.path = db
         if not self.path.exists():
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # 0600 from the start: SQLite gives its -wal and -shm files the database's mode
+            private.mkdirs(self.path.parent, HOME_MODE)
+            with contextlib.suppress(FileExistsError):
+                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         self.read_only = False
         try:
             self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
