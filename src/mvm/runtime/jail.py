@@ -150,8 +150,12 @@ def _enable_v2(d: Path) -> None:
         _write(d / "cgroup.subtree_control", " ".join(want))
 
 
+#: Written only where the kernel offers them (v2's swap controller needs swap accounting).
+OPTIONAL_FILES = ("memory.swap.max",)
+
+
 def cgroup_files(cg: Cgroups, lim: Limits) -> dict[str, str]:
-    """The limit files of a VM's cgroup and their values, by controller file name."""
+    """The limit files of a VM's cgroup and their values; each named after its controller."""
     if cg.version == 2:
         return {"memory.max": str(lim.mem_bytes), "memory.swap.max": "0",
                 "cpu.max": f"{lim.cpu_quota_us} {lim.cpu_period_us}",
@@ -172,15 +176,13 @@ def create_cgroup(cg: Cgroups, name: str, lim: Limits) -> list[Path]:
         _enable_v2(root)
         (root / CGROUP_PARENT).mkdir(exist_ok=True)
         _enable_v2(root / CGROUP_PARENT)
-    files = cgroup_files(cg, lim)
-    procs = []
     for d in cg.dirs(name):
         d.mkdir(parents=True, exist_ok=True)
-        for fname, value in files.items():
-            if (d / fname).exists():  # (memory.swap.max only with swap accounting)
-                _write(d / fname, value)
-        procs.append(d / "cgroup.procs")
-    return procs
+    for fname, value in cgroup_files(cg, lim).items():
+        d = cg.roots[fname.split(".")[0]] / CGROUP_PARENT / name
+        if fname not in OPTIONAL_FILES or (d / fname).exists():
+            _write(d / fname, value)
+    return [d / "cgroup.procs" for d in cg.dirs(name)]
 
 
 def remove_cgroup(cg: Cgroups, name: str, timeout: float = 5.0) -> None:
@@ -355,7 +357,7 @@ def open_fds(spec: VmSpec, agent_socket: Path, qmp_socket: Path, console_log: Pa
         return fd
 
     try:
-        disks = []
+        disks: list[tuple[int, ...]] = []
         for d in spec.disks:
             if d.read_only:
                 disks.append((keep(os.open(d.path, os.O_RDONLY)),))
@@ -401,8 +403,7 @@ class Support:
         state = ("off (setting jail=off)" if mode is Mode.OFF
                  else "on" if self.ok else f"UNAVAILABLE: {self.reason}")
         return (f"{state}; uids/gids {uid_base + 1}-{uid_base + 2 * IDS - 1}; "
-                f"{self.cgroups.describe()}; pid/mount/net namespaces; "
-                "QEMU -sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny")
+                f"{self.cgroups.describe()}; pid/mount/net namespaces; QEMU's seccomp sandbox")
 
 
 def support(cgroup_root: Path = CGROUP_ROOT) -> Support:

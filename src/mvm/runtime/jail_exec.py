@@ -32,6 +32,7 @@ import resource
 import socket
 import sys
 import time
+from typing import Any
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUTS = 0x04000000
@@ -81,7 +82,7 @@ def _inside(root: str, path: str) -> str:
     return os.path.join(root, path.lstrip("/"))
 
 
-def child(plan: dict, log_fd: int) -> None:  # type: ignore[type-arg]
+def child(plan: dict[str, Any], log_fd: int) -> None:
     """pid 1 of the new PID namespace: build the jail, drop everything, exec."""
     _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS
                          | (CLONE_NEWNET if plan["netns"] else 0)), "unshare")
