@@ -78,7 +78,8 @@ UID_BASE = 1_900_000_000
 class Config:
     mode: Mode = Mode.AUTO
     uid_base: int = UID_BASE
-    cgroup_root: Path = CGROUP_ROOT
+    #: None: /sys/fs/cgroup, or the host init's view of it when this process has none
+    cgroup_root: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -122,9 +123,35 @@ class Cgroups:
         return f"cgroup v{self.version} ({', '.join(sorted(self.roots))})"
 
 
-def detect_cgroups(root: Path = CGROUP_ROOT) -> Cgroups:
+def detect_cgroups(root: Path | None = None) -> Cgroups:
     """v2 when the unified hierarchy at `root` offers every controller, else v1 hierarchies
-    mounted as `root/<controller>` (as this host and systemd's hybrid layout have them)."""
+    mounted as `root/<controller>` (as this host and systemd's hybrid layout have them).
+    Without a root: /sys/fs/cgroup — or, where this process has no cgroup mounts there (a
+    command run by `ip netns exec`, as the tests and the benchmark run mvm, gets a /sys of its
+    own), the tree as its nearest ancestor sees it (`/proc/<ppid>/root/sys/fs/cgroup`)."""
+    if root is not None:
+        return _detect(root)
+    found = _detect(CGROUP_ROOT)
+    pid = os.getppid()
+    for _ in range(8):
+        if not found.missing or pid <= 1:
+            break
+        with contextlib.suppress(OSError):
+            seen = _detect(Path(f"/proc/{pid}/root") / CGROUP_ROOT.relative_to("/"))
+            if not seen.missing:
+                return seen
+        pid = _ppid(pid)
+    return found
+
+
+def _ppid(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _detect(root: Path) -> Cgroups:
     with contextlib.suppress(OSError):
         offered = (root / "cgroup.controllers").read_text().split()
         missing = tuple(c for c in CONTROLLERS if c not in offered)
@@ -406,7 +433,7 @@ class Support:
                 f"{self.cgroups.describe()}; pid/mount/net namespaces; QEMU's seccomp sandbox")
 
 
-def support(cgroup_root: Path = CGROUP_ROOT) -> Support:
+def support(cgroup_root: Path | None = None) -> Support:
     cg = detect_cgroups(cgroup_root)
     if os.geteuid() != 0:
         return Support(False, "mvm does not run as root", cg)
