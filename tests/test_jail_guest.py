@@ -182,6 +182,12 @@ def test_pool_scale_runs_jailed_instances(gmvm: Mvm, flake_copy, tmp_path: Path)
     assert sh(gmvm, inst, "echo ok").out == "ok\n"
     woken = pids.read_pid(idir / "run" / "qemu.pid")
     assert woken is not None and status(woken)["Uid"].split()[0] == str(uid)  # the same ids
+    assert any(iid in p.name for p in Path("/sys/fs/cgroup/memory/mvm").iterdir())
+    os.kill(woken, signal.SIGKILL)  # a hypervisor that dies: observing cleans up its jail
+    assert pids.wait_gone(woken, 30)
+    assert "hypervisor process exited unexpectedly" in gmvm.ok("instance", "observe", "acme/workers").out
+    assert not any(iid in p.name for p in Path("/sys/fs/cgroup/memory/mvm").iterdir())
+    gmvm.ok("pool", "scale", "acme/workers", "--running", "1")
     gmvm.ok("pool", "scale", "acme/workers", "--running", "0")
     assert processes_of(uid) == []
     assert not any(iid in p.name for p in Path("/sys/fs/cgroup/memory/mvm").iterdir())
