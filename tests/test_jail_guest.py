@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from mvm.build.kernel import KernelInfo
+from mvm.errors import RuntimeFailure
 from mvm.runtime import jail
 from mvm.runtime.base import JailIds, VmSpec, VmStatus
 from mvm.runtime.qemu import QemuRuntime
@@ -150,6 +151,23 @@ def test_a_jailed_qemu_is_unprivileged_limited_sees_only_its_own_files_and_works
     assert leftovers(jvms, spec) == [] and processes_of(BASE + 11) == []
     assert all(not d.exists() for d in cgroup_dirs_named(jail.cgroup_name(spec)))
     assert not jail.jail_root(spec).exists()
+
+
+def test_a_jailed_qemu_that_cannot_start_says_why_in_one_line_and_leaves_nothing(
+        jvms: Vms, tmp_path: Path) -> None:
+    bad = tmp_path / "private-vmlinux"  # root's own, 0600, and no group given to share it
+    bad.write_bytes(b"\0" * 4096)
+    bad.chmod(0o600)
+    spec = jvms.spec("vm", kernel=bad, initrd=None)
+    with pytest.raises(RuntimeFailure) as e:
+        jvms.rt.boot(spec)
+    first = e.value.message.splitlines()[0]
+    # (QEMU may serve QMP before it fails to load the kernel: then it "exited right after starting")
+    assert first.startswith(("QEMU could not start vm in its jail: ", "QEMU for vm exited right after"))
+    assert "could not open kernel file" in first and "Permission denied" in first, first
+    assert len(first) < 300
+    assert leftovers(jvms, spec) == [] and not spec.run_dir.exists()
+    assert all(not d.exists() for d in cgroup_dirs_named(jail.cgroup_name(spec)))
 
 
 def cgroup_dirs_named(name: str) -> list[Path]:

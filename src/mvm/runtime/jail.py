@@ -415,7 +415,10 @@ def spawn(p: Plan) -> None:
         run([sys.executable, "-I", "-S", str(LAUNCHER), p.to_json()], timeout=p.timeout + 5,
             pass_fds=p.fds)
     except CommandFailed as e:
-        raise RuntimeFailure(e.stderr.strip().splitlines()[-1] if e.stderr.strip() else e.message) from e
+        said = e.stderr.strip().splitlines()
+        why = said[-1] if said else ("the jail's launcher timed out" if e.returncode == 124
+                                     else f"the jail's launcher failed (exit {e.returncode})")
+        raise RuntimeFailure(why) from e
 
 
 @dataclass(frozen=True)
