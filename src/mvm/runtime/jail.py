@@ -309,8 +309,14 @@ def plan(spec: VmSpec, argv: list[str], ids: JailIds, fds: Fds, *, cgroup_procs:
     for f in (spec.kernel, spec.initrd):
         if f is not None:
             binds.append(Bind(os.path.abspath(f), os.path.abspath(f)))
+    groups = list(ids.groups)
+    if kvm:  # /dev/kvm is usually root:kvm 0660: the jail opens it through that group
+        with contextlib.suppress(OSError):
+            st = os.stat("/dev/kvm")
+            if st.st_mode & 0o060 == 0o060 and st.st_gid not in groups:
+                groups.append(st.st_gid)
     return Plan(
-        argv=argv, uid=ids.uid, gid=ids.gid, groups=list(ids.groups),
+        argv=argv, uid=ids.uid, gid=ids.gid, groups=groups,
         root=str(jail_root(spec)), binds=binds, symlinks=links,
         # QEMU writes its own pid file (pid 1, useless to the host) into its private copy
         # of the run directory; the launcher writes the host pid into the real one.

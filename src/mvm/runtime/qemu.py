@@ -671,10 +671,10 @@ class QemuRuntime(Runtime):
             _unlink(self.qmp_socket(spec), self.agent_socket(spec), self.pid_file(spec))
             with contextlib.suppress(OSError):
                 jail.jail_root(spec).rmdir()
-            if self.jail_config.mode is not jail.Mode.OFF:
-                with contextlib.suppress(RuntimeFailure):
-                    jail.remove_cgroup(jail.detect_cgroups(self.jail_config.cgroup_root),
-                                       jail.cgroup_name(spec))
+            # (whatever the setting says now: the VM may have been started jailed)
+            with contextlib.suppress(RuntimeFailure):
+                jail.remove_cgroup(jail.detect_cgroups(self.jail_config.cgroup_root),
+                                   jail.cgroup_name(spec))
 
 
 #: Outgoing migration states in which QEMU still writes the stream (and stops the vCPUs
