@@ -5,6 +5,7 @@ and a required jail refused on a host that cannot set it up."""
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -179,3 +180,21 @@ def test_share_with_group_makes_a_private_file_readable_by_the_tenant_group_only
     gid = public.stat().st_gid
     jail.share_with_group(public, 1900000001)  # shared public files stay as they are
     assert (public.stat().st_gid, public.stat().st_mode & 0o7777) == (gid, 0o644)
+
+
+def test_jail_settings_and_doctor(mvm) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    r = mvm("config", "set", "jail", "maybe")
+    assert r.rc == 2 and r.lines[0].startswith("error: setting jail: 'maybe' is not one of auto, required, off")
+    assert mvm("config", "set", "jail-uid-base", "12").rc == 2
+    assert mvm.ok("config", "get", "jail").out.strip() == "auto"
+    mvm.ok("config", "set", "jail", "required")
+    assert mvm.ok("config", "get", "jail").out.strip() == "required"
+    checks = {c["check"]: c for c in json.loads(mvm.ok("doctor", "--json").out)}
+    row = checks["jail"]
+    assert row["mode"] == "required" and row["required"] is True
+    assert row["detail"].startswith(("on; uids/gids 1900000001-", "UNAVAILABLE: "))
+    if jail.support().ok and shutil.which("qemu-system-x86_64"):
+        assert row["ok"] and row["seccomp"] and row["controllers"] == ["cpu", "memory", "pids"]
+        assert row["cgroup_version"] == jail.detect_cgroups().version
