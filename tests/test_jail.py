@@ -117,6 +117,7 @@ def test_cgroup_v2_on_a_fake_tree(tmp_path: Path) -> None:
     assert (d / "cpu.max").read_text() == "250000 100000"  # 2 vCPUs + half a core for QEMU
     assert (d / "cpu.weight").read_text() == "200"
     assert (d / "pids.max").read_text() == str(jail.PIDS_BASE + 2)
+    assert (root / "mvm" / "cpu.weight").read_text() == str(100 * (os.cpu_count() or 1))
     assert not (d / "memory.swap.max").exists()  # only where the kernel offers it
 
 
