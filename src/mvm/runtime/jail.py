@@ -447,8 +447,12 @@ class Support:
     def line(self, mode: Mode, uid_base: int) -> str:
         state = ("off (setting jail=off)" if mode is Mode.OFF
                  else "on" if self.ok else f"UNAVAILABLE: {self.reason}")
+        kvm = ""
+        with contextlib.suppress(OSError):
+            if os.stat("/dev/kvm").st_mode & 0o060 != 0o060:
+                kvm = "; /dev/kvm is root's only, so jailed QEMUs cannot use KVM (make it 0660 root:kvm)"
         return (f"{state}; uids/gids {uid_base + 1}-{uid_base + 2 * IDS - 1}; "
-                f"{self.cgroups.describe()}; pid/mount/net namespaces; QEMU's seccomp sandbox")
+                f"{self.cgroups.describe()}; pid/mount/net namespaces; QEMU's seccomp sandbox{kvm}")
 
 
 def support(cgroup_root: Path | None = None) -> Support:
