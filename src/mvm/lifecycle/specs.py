@@ -10,7 +10,7 @@ from mvm.config.paths import Layout
 from mvm.errors import NotFound
 from mvm.lifecycle import netops, secrets_disk
 from mvm.model import Instance
-from mvm.runtime.base import Disk, VmSpec
+from mvm.runtime.base import Disk, JailIds, VmSpec
 from mvm.store import Store
 from mvm.util import private
 
@@ -69,8 +69,16 @@ def spec_for(ctx: Host, i: Instance, revision: str) -> VmSpec:
         name=i.id, vcpus=pool.cpus, mem_mib=pool.mem, kernel=rdir / "vmlinux",
         initrd=initrd if initrd.is_file() else None,
         cmdline=" ".join(_cmdline(store, i)), disks=tuple(devs),
-        net=netops.netif(store, i), run_dir=run_dir(layout, i),
+        net=netops.netif(store, i), run_dir=run_dir(layout, i), ids=jail_ids(ctx, i),
     )
+
+
+def jail_ids(ctx: Host, i: Instance) -> JailIds:
+    """Who the instance's jailed hypervisor runs as: a uid and gid of its own, and its tenant's
+    group (which may read the tenant's kernel and initrd). Numbers kept by the store."""
+    base = ctx.settings.jail_uid_base
+    own = base + ctx.store.jail_number(f"instance:{i.id}")
+    return JailIds(own, own, (base + ctx.store.jail_number(f"tenant:{i.tenant}"),))
 
 
 def control_spec(layout: Layout, i: Instance) -> VmSpec:

@@ -48,6 +48,16 @@ class NetIf:
 
 
 @dataclass(frozen=True)
+class JailIds:
+    """Who a jailed hypervisor runs as: a uid and gid of its own, and supplementary groups
+    (its tenant's, through which it reads the tenant's kernel and initrd)."""
+
+    uid: int
+    gid: int
+    groups: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
 class VmSpec:
     """One microVM as the hypervisor sees it. Disk order is device order: keep it stable."""
 
@@ -62,6 +72,8 @@ class VmSpec:
     net: NetIf | None
     #: Sockets, pid file and console log live here (DESIGN §8 `instances/<i>/run/`).
     run_dir: Path
+    #: The jail's identity (see runtime/jail.py); None: one derived from run_dir.
+    ids: JailIds | None = None
 
     def devices(self) -> tuple[str, ...]:
         """The device list a snapshot depends on, in device order (see SnapshotInfo)."""

@@ -48,6 +48,7 @@ CREATE UNIQUE INDEX IF NOT EXISTS instance_address ON instances(tenant, host_ind
 CREATE TABLE IF NOT EXISTS events (
   id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, tenant TEXT, pool TEXT,
   instance TEXT, kind TEXT NOT NULL, message TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS jail_ids (owner TEXT PRIMARY KEY, n INTEGER NOT NULL UNIQUE);
 """
 # Columns added after the first schema: (table, column, declaration).
 MIGRATIONS = (
@@ -162,6 +163,7 @@ class SqliteStore:
     def remove_tenant(self, tid: str) -> None:
         with self.tx() as db:
             db.execute("DELETE FROM tenants WHERE id=?", (tid,))
+            db.execute("DELETE FROM jail_ids WHERE owner=?", (f"tenant:{tid}",))
 
     def set_tenant_egress(self, tid: str, allow: tuple[str, ...], deny: tuple[str, ...]) -> Tenant:
         with self.tx() as db:
@@ -328,6 +330,7 @@ class SqliteStore:
     def remove_instance(self, iid: str, event: Event | None = None) -> None:
         with self.tx() as db:
             db.execute("DELETE FROM instances WHERE id=?", (iid,))
+            db.execute("DELETE FROM jail_ids WHERE owner=?", (f"instance:{iid}",))
             self._event(db, event)
 
     # -- transitions in flight ---------------------------------------------
@@ -387,6 +390,20 @@ class SqliteStore:
             db.execute("INSERT INTO events (ts,tenant,pool,instance,kind,message,reason)"
                        " VALUES (?,?,?,?,?,?,?)",
                        (time.time(), e.tenant, e.pool, e.instance, e.kind, e.message, e.reason.value))
+
+    # -- jail ids -----------------------------------------------------------
+    def jail_number(self, owner: str) -> int:
+        """The owner's number (`tenant:<t>`, `instance:<i>`), allocated on first use: the
+        smallest one free, ≥ 1; kept until the owner is removed."""
+        with self.tx() as db:
+            row = db.execute("SELECT n FROM jail_ids WHERE owner=?", (owner,)).fetchone()
+            if row is not None:
+                return int(row[0])
+            n = db.execute("SELECT CASE WHEN NOT EXISTS (SELECT 1 FROM jail_ids WHERE n=1) THEN 1"
+                           " ELSE (SELECT MIN(n) + 1 FROM jail_ids j WHERE NOT EXISTS"
+                           " (SELECT 1 FROM jail_ids k WHERE k.n = j.n + 1)) END").fetchone()[0]
+            db.execute("INSERT INTO jail_ids (owner, n) VALUES (?, ?)", (owner, n))
+            return int(n)
 
     def event(self, e: Event) -> None:
         with self.tx() as db:
