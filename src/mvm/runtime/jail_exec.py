@@ -84,6 +84,9 @@ def _inside(root: str, path: str) -> str:
 
 def child(plan: dict[str, Any], log_fd: int) -> None:
     """pid 1 of the new PID namespace: build the jail, drop everything, exec."""
+    # The jail's own directories (mount points for the binds) must be traversable by the jail's
+    # uid whatever umask mvm runs with (077); QEMU itself then gets 077 back.
+    os.umask(0o022)
     _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS
                          | (CLONE_NEWNET if plan["netns"] else 0)), "unshare")
     _mount(None, "/", None, MS_REC | MS_PRIVATE)
@@ -123,6 +126,7 @@ def child(plan: dict[str, Any], log_fd: int) -> None:
     os.setgroups(plan["groups"])
     os.setresgid(plan["gid"], plan["gid"], plan["gid"])
     os.setresuid(plan["uid"], plan["uid"], plan["uid"])  # clears permitted and effective caps
+    os.umask(0o077)
     os.execv(plan["argv"][0], plan["argv"])
 
 
