@@ -147,12 +147,14 @@ def test_failing_builds_change_nothing(mvm: Mvm, flake_copy) -> None:  # type: i
     assert not list((mvm.home / "tenants/acme/pools/w/artifacts/revisions").glob(".tmp-*"))
 
 
-def test_missing_profile_refused_at_create(mvm: Mvm, flake_copy) -> None:  # type: ignore[no-untyped-def]
+def test_missing_profile_is_reported_by_the_first_build(mvm: Mvm, flake_copy) -> None:  # type: ignore[no-untyped-def]
     flake = flake_copy("guide-flake")
     mvm.ok("tenant", "create", "acme")
-    r = mvm("pool", "create", "acme/w", "--flake", str(flake), "--profile", "nope")
-    assert r.rc != 0 and len(r.lines) == 1 and "no profile 'nope'" in r.err and "baseline" in r.err
-    assert json.loads(mvm.ok("pool", "list", "--json").out) == []
+    mvm.ok("pool", "create", "acme/w", "--flake", str(flake), "--profile", "nope")  # not evaluated
+    r = mvm("pool", "build", "acme/w")
+    assert r.rc != 0 and "nope" in r.err and "packages.x86_64-linux" in r.err
+    assert not (mvm.home / "tenants/acme/pools/w/artifacts/current").exists()
+    assert [b["status"] for b in json.loads(mvm.ok("pool", "info", "acme/w", "--json").out)["builds"]] == ["failed"]
 
 
 def test_builtin_profiles_without_flake(mvm: Mvm) -> None:

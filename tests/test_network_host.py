@@ -188,6 +188,7 @@ def ping(ns: str, addr: str, expect: bool) -> bool:
 
 # -- helpers that run inside the "host" namespace ------------------------------------
 
+FW = firewall.Firewall()  # table `mvm` (a state home's is `mvm-<its tag>`)
 TENANTS = [(0, plan.default_subnet(0)), (1, plan.default_subnet(1))]
 TAPS = [("mvt0000000a", "mvmbr0"), ("mvt0000000b", "mvmbr1")]
 
@@ -196,7 +197,7 @@ def setup_tenants() -> None:
     host.enable_forwarding()
     for net_id, subnet in TENANTS:
         host.ensure_bridge(net_id, subnet)
-        firewall.ensure_tenant(net_id, subnet)
+        FW.ensure_tenant(firewall.TenantNet.of(net_id, subnet))
     for tap, bridge in TAPS:
         host.ensure_tap(tap, bridge)
 
@@ -205,9 +206,9 @@ def teardown_tenants() -> None:
     for tap, _ in TAPS:
         host.remove_tap(tap)
     for net_id, _ in TENANTS:
-        firewall.remove_tenant(net_id)
+        FW.remove_tenant(net_id)
         host.remove_bridge(net_id)
-    firewall.remove_all_if_empty()
+    FW.remove_all_if_empty()
 
 
 def mvm_leftovers() -> dict[str, list[str]]:
@@ -273,13 +274,13 @@ def test_two_tenants_isolated_with_nat_and_full_cleanup(netns: Namespaces) -> No
 
 def _drop_firewall() -> None:
     for n, _ in TENANTS:
-        firewall.remove_tenant(n)
-    assert firewall.remove_all_if_empty()
+        FW.remove_tenant(n)
+    assert FW.remove_all_if_empty()
 
 
 def _restore_firewall() -> None:
     for n, s in TENANTS:
-        firewall.ensure_tenant(n, s)
+        FW.ensure_tenant(firewall.TenantNet.of(n, s))
 
 
 def _add_addr(iface: str, ip: str) -> None:
@@ -310,20 +311,20 @@ def test_setup_is_idempotent_and_removal_exact(netns: Namespaces) -> None:
         setup_tenants()
         setup_tenants()  # a second run changes nothing
         expected = [firewall.TenantNet.of(n, s) for n, s in TENANTS]
-        again = firewall.check(expected)
+        again = FW.check(expected)
         rules_before = _rule_count()
-        firewall.remove_tenant(0)
-        after_remove = firewall.check(expected[1:])
-        table_kept = firewall.remove_all_if_empty()  # tenant 1 still there: must not drop
+        FW.remove_tenant(0)
+        after_remove = FW.check(expected[1:])
+        table_kept = FW.remove_all_if_empty()  # tenant 1 still there: must not drop
         refused = []
         for clash in ("10.192.1.0/24", "10.192.0.0/16"):  # same as tenant 1's, or wider
             try:
-                firewall.ensure_tenant(2, clash)
+                FW.ensure_tenant(firewall.TenantNet.of(2, clash))
             except Conflict as e:
                 refused.append(e.line())
         # a subnet change for the same net-id replaces, never accumulates
-        firewall.ensure_tenant(1, "10.192.201.0/24")
-        moved = firewall.installed_tenants()
+        FW.ensure_tenant(firewall.TenantNet.of(1, "10.192.201.0/24"))
+        moved = FW.installed_tenants()
         host.ensure_bridge(1, "10.192.201.0/24")
         addrs = [str(a) for a in host.links()["mvmbr1"].addresses]
         return {"again": again, "rules": rules_before, "after": after_remove,
@@ -331,7 +332,8 @@ def test_setup_is_idempotent_and_removal_exact(netns: Namespaces) -> None:
 
     got = in_netns(h, body)
     assert not got["again"]
-    assert got["rules"] == 6 + 2 * 5  # forward 2, to_bridge 3, postrouting 1; 5 per tenant
+    # input 1, forward 2, to_bridge 3, refuse 2, closed 4, postrouting 1; per tenant 4 + 3
+    assert got["rules"] == 13 + 2 * 7
     assert not got["after"] and got["kept"] is False
     assert got["moved"] == {1: IPv4Network("10.192.201.0/24")}
     assert got["addrs"] == ["10.192.201.1/24"]
@@ -339,7 +341,7 @@ def test_setup_is_idempotent_and_removal_exact(netns: Namespaces) -> None:
 
 
 def _rule_count() -> int:
-    state = firewall.read()
+    state = FW.read()
     assert state is not None
     return sum(len(r) for r in state.chains.values())
 
@@ -379,11 +381,11 @@ def test_verify_reports_and_repairs_drift(netns: Namespaces) -> None:
             ipr.link("del", index=ipr.link_lookup(ifname="mvmbr1")[0])
             ipr.link("add", ifname="mvtdeadbeef", kind="tuntap", mode="tap")
             ipr.link("add", ifname="mvmbr77", kind="veth", peer="foreign77")
-        state = firewall.read()
+        state = FW.read()
         assert state is not None
-        handle = next(h for h, r in state.chains["t0"] if r.comment == "mvm:t:0 other tenant")
+        handle = next(h for h, r in state.chains["closed"] if r.comment == "mvm:base other tenant")
         proc.run(["nft", "-j", "-f", "-"], input=json.dumps({"nftables": [{"delete": {"rule": {
-            "family": "inet", "table": "mvm", "chain": "t0", "handle": handle}}}]}).encode())
+            "family": "inet", "table": "mvm", "chain": "closed", "handle": handle}}}]}).encode())
         found = verify(TENANTS, TAPS)
         repaired = verify(TENANTS, TAPS, repair=True)
         after = verify(TENANTS, TAPS)
@@ -393,7 +395,7 @@ def test_verify_reports_and_repairs_drift(netns: Namespaces) -> None:
     clean, found, repaired, after, links = in_netns(h, body)
     assert clean.ok, clean.lines()
     assert found.missing_bridges == ["mvmbr1"]
-    assert found.missing_rules == ["rule in t0: mvm:t:0 other tenant"]
+    assert found.missing_rules == ["rule in closed: mvm:base other tenant"]
     assert found.extra_taps == ["mvtdeadbeef"]
     assert found.broken_taps == ["mvt0000000b: attached to nothing, not mvmbr1"]
     assert found.foreign == ["mvmbr77 (veth)"]
@@ -429,7 +431,7 @@ def test_time_to_plug_in_one_instance(netns: Namespaces,
         host.enable_forwarding()
         t = time.perf_counter()
         host.ensure_bridge(7, plan.default_subnet(7))
-        firewall.ensure_tenant(7, plan.default_subnet(7))
+        FW.ensure_tenant(firewall.TenantNet.of(7, plan.default_subnet(7)))
         host.ensure_tap("mvt00000700", "mvmbr7")
         first = time.perf_counter() - t
         tap_only, with_rules = [], []
@@ -440,7 +442,7 @@ def test_time_to_plug_in_one_instance(netns: Namespaces,
             tap_only.append(time.perf_counter() - t)
             t = time.perf_counter()
             host.ensure_bridge(7, plan.default_subnet(7))
-            firewall.ensure_tenant(7, plan.default_subnet(7))
+            FW.ensure_tenant(firewall.TenantNet.of(7, plan.default_subnet(7)))
             host.ensure_tap(name, "mvmbr7")
             with_rules.append(time.perf_counter() - t)
         return {"first_instance_of_tenant_ms": first * 1000,

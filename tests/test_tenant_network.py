@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -76,7 +78,9 @@ def test_verify_reports_and_repairs_drift(gmvm: Mvm) -> None:
     gmvm.ok("pool", "build", "acme/w")
     gmvm.ok("pool", "scale", "acme/w", "--running", "1")
     ip = next(iter(ips(gmvm, "acme/w").values()))
-    in_ns(gmvm, "nft", "delete", "table", "inet", "mvm")
+    table = next(ln.split()[-1] for ln in in_ns(gmvm, "nft", "list", "tables").stdout.splitlines()
+                 if ln.startswith("table inet mvm-"))
+    in_ns(gmvm, "nft", "delete", "table", "inet", table)
     r = gmvm("net", "verify")
     assert r.rc != 0 and "missing" in r.out
     gmvm.ok("net", "verify", "--repair")
@@ -113,3 +117,106 @@ def test_full_subnet_and_bad_networks_change_nothing(mvm: Mvm) -> None:
         r = mvm("tenant", "create", "other", "--net-id", bad)
         assert r.rc != 0 and len(r.lines) == 1, r.err
     assert [t["id"] for t in json.loads(mvm.ok("tenant", "list", "--json").out)] == ["acme"]
+
+
+SERVER = """
+import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 8000)); s.listen(64); print("ready", flush=True)
+while True:
+    c, _ = s.accept(); c.sendall(b"hello\\n"); c.close()
+"""
+
+
+def _listen(ns: str) -> subprocess.Popen[str]:
+    """A TCP service on every address of `ns`, as a careless host service would be."""
+    p = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", SERVER],
+                         stdout=subprocess.PIPE, text=True)
+    assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+    return p
+
+
+def _in_echos(ns: str) -> int:
+    """ICMP echo requests the namespace (the "host") has received so far."""
+    lines = [ln.split() for ln in subprocess.run(["ip", "netns", "exec", ns, "cat", "/proc/net/snmp"],
+             capture_output=True, text=True, check=True).stdout.splitlines() if ln.startswith("Icmp:")]
+    return int(lines[1][lines[0].index("InEchos")])
+
+
+def test_guests_find_the_host_closed_and_cannot_spoof(gmvm: Mvm, tmp_path: Path) -> None:
+    ns = gmvm.ns
+    assert ns
+    out = f"{ns}-out"
+    subprocess.run(["ip", "netns", "add", out], check=True)
+    listeners: list[subprocess.Popen[str]] = []
+    try:
+        # the test's uplink: a LAN (a host network) to `out`, which holds the "internet"
+        # beyond the default route and a metadata address
+        for argv in (["ip", "link", "add", "vout", "type", "veth", "peer", "name", "voutp"],
+                     ["ip", "link", "set", "voutp", "netns", out],
+                     ["ip", "addr", "add", "192.168.77.1/24", "dev", "vout"],
+                     ["ip", "link", "set", "vout", "up"],
+                     ["ip", "route", "add", "default", "via", "192.168.77.2"]):
+            assert in_ns(gmvm, *argv).returncode == 0
+        for argv in (["ip", "addr", "add", "192.168.77.2/24", "dev", "voutp"],
+                     ["ip", "link", "set", "voutp", "up"], ["ip", "link", "set", "lo", "up"],
+                     ["ip", "addr", "add", "203.0.113.5/32", "dev", "lo"],
+                     ["ip", "addr", "add", "169.254.169.254/32", "dev", "lo"]):
+            subprocess.run(["ip", "netns", "exec", out, *argv], check=True)
+        listeners = [_listen(ns), _listen(out)]
+
+        for t in ("red", "blue"):
+            gmvm.ok("tenant", "create", t)
+            gmvm.ok("pool", "create", f"{t}/web", "--profile", "minimal")
+            gmvm.ok("pool", "build", f"{t}/web")
+            gmvm.ok("pool", "scale", f"{t}/web", "--running", "1")
+        (red, red_ip), = ips(gmvm, "red/web").items()
+        (blue, blue_ip), = ips(gmvm, "blue/web").items()
+        red_gw, blue_gw = red_ip.rsplit(".", 1)[0] + ".1", blue_ip.rsplit(".", 1)[0] + ".1"
+
+        probe = "; ".join(f"echo {a}: $(nc -w 8 {a} 8000 </dev/null 2>&1)" for a in
+                          (red_gw, blue_gw, "169.254.169.254", "203.0.113.5"))
+        seen = dict(ln.split(": ", 1) for ln in sh(gmvm, red, probe).out.splitlines())
+        for refused in (red_gw, blue_gw, "169.254.169.254"):
+            assert "Connection refused" in seen[refused], seen  # refused at once, no timeout
+        assert seen["203.0.113.5"] == "hello", seen  # the outside, through NAT
+        assert "Connection refused" in sh(gmvm, blue, f"nc -w 8 {red_gw} 8000 </dev/null 2>&1").out
+        # an egress deny list, changed on a live network
+        outside = "nc -w 8 203.0.113.5 8000 </dev/null 2>&1"
+        gmvm.ok("tenant", "egress", "red", "--deny", "203.0.113.0/24")
+        assert "Connection refused" in sh(gmvm, red, outside).out
+        assert sh(gmvm, blue, outside).out.strip() == "hello"
+        gmvm.ok("tenant", "egress", "red", "--clear")
+        assert sh(gmvm, red, outside).out.strip() == "hello"
+        before = _in_echos(ns)
+        assert sh(gmvm, red, f"ping -c 2 -W 3 {red_gw}").rc == 0  # its own gateway answers
+        honest = _in_echos(ns) - before
+        assert honest >= 2
+
+        # spoofing: another source IP, then another MAC; the host sees none of it
+        spoof_ip = red_ip.rsplit(".", 1)[0] + ".50"
+        before = _in_echos(ns)
+        sh(gmvm, red, f"ip addr add {spoof_ip}/24 dev eth0; ping -c 3 -W 1 -I {spoof_ip} {red_gw}")
+        sh(gmvm, red, f"ip addr del {spoof_ip}/24 dev eth0; ip link set eth0 down; "
+                      "ip link set eth0 address 02:00:00:00:00:99; ip link set eth0 up; "
+                      f"ping -c 3 -W 1 {red_gw}")
+        assert _in_echos(ns) - before == 0
+
+        checks = {c["check"]: c for c in json.loads(gmvm.ok("doctor", "--json").out)}
+        assert "held by this home" in checks["firewall"]["detail"]
+        assert "2 tenant(s), 2 TAP(s) filtered, 1 host network(s) closed" in checks["firewall"]["detail"]
+
+        # a second state home in this namespace is refused, and destroying its tenant (net-id
+        # 0, as red's) leaves red's bridge alone
+        other = Mvm(tmp_path / "other-home", ns=ns)
+        other.ok("tenant", "create", "intruder")
+        r = other("net", "verify", "--repair")
+        assert r.rc != 0 and len(r.lines) == 1 and "managed by another mvm state home" in r.err
+        other.ok("tenant", "destroy", "intruder")
+        assert sh(gmvm, blue, f"ping -c 1 -W 3 {blue_gw}").rc == 0
+        assert "matches" in gmvm.ok("net", "verify").out
+    finally:
+        for p in listeners:
+            p.kill()
+            p.wait()
+        subprocess.run(["ip", "netns", "del", out], check=False)

@@ -218,8 +218,44 @@ def bench_flood(h: Home) -> None:
     line("console kept of the flooding guest", f"{kept / 2**20:.2f} MiB (cap 2 x 1 MiB)")
 
 
+def bench_jail(h: Home) -> None:
+    """The jail's cost: cold boot and wake of the same pool with the jail and without,
+    alternated in one run."""
+    from dataclasses import replace
+
+    from mvm.config.settings import Jail
+    from mvm.lifecycle import apply, create
+    from mvm.model import Action, PoolRef
+    from mvm.runtime import select
+    from mvm.services import context
+
+    jailed = context.host()
+    plain_settings = replace(jailed.settings, jail=Jail.OFF)
+    plain = replace(jailed, settings=plain_settings,
+                    runtime_factory=lambda: select.runtime(plain_settings, jailed.layout))
+    on = getattr(jailed.runtime(), "jailed", lambda: False)()
+    print(f"hypervisor jail ({'on' if on else 'UNAVAILABLE: both runs unjailed'})")
+    h.mvm("tenant", "create", "jail")
+    h.mvm("pool", "create", "jail/vm", "--profile", "minimal", "--mem", "256")
+    h.mvm("pool", "build", "jail/vm")
+    ref = PoolRef("jail", "vm")
+    times: dict[str, list[float]] = {"cold-jail": [], "cold-plain": [], "wake-jail": [], "wake-plain": []}
+    for _ in range(RUNS):
+        for name, ctx in (("jail", jailed), ("plain", plain)):
+            i = create(ctx, ref)
+            times[f"cold-{name}"].append(timed(partial(apply, ctx, i.ref, Action.START)))
+            apply(ctx, i.ref, Action.SLEEP)
+            times[f"wake-{name}"].append(timed(partial(apply, ctx, i.ref, Action.WAKE)))
+            apply(ctx, i.ref, Action.DESTROY)
+    m = {k: statistics.median(v) for k, v in times.items()}
+    line("cold boot to agent-ready, jailed / not", f"{m['cold-jail']:.3f} s / {m['cold-plain']:.3f} s")
+    line("wake, jailed / not", f"{m['wake-jail']:.3f} s / {m['wake-plain']:.3f} s")
+    line("cold boot with the jail / without", f"{m['cold-jail'] / m['cold-plain']:.3f}")
+    line("wake with the jail / without", f"{m['wake-jail'] / m['wake-plain']:.3f}")
+
+
 SECTIONS: dict[str, Callable[[Home], object]] = {"build": bench_build, "runtime": bench_runtime,
-                                                 "flood": bench_flood}
+                                                 "jail": bench_jail, "flood": bench_flood}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -87,6 +87,8 @@ class Quotas:
     max_warm: int = 4
     max_pools: int = 16
     max_instances: int = 32
+    max_data_disk: int = 16384  # MiB of data disk per instance
+    max_disk: int = 65536  # MiB of data disks of all the tenant's instances
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,10 @@ class Tenant:
     quotas: Quotas = field(default_factory=Quotas)
     secrets_version: int = 0
     created: float = 0.0
+    #: Egress lists (IPv4 CIDRs): with an allow list a guest reaches only those outside
+    #: networks; the deny list is refused even where allowed.
+    egress_allow: tuple[str, ...] = ()
+    egress_deny: tuple[str, ...] = ()
 
 
 MIN_MEM_MIB = 128

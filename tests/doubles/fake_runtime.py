@@ -27,20 +27,26 @@ from pathlib import Path
 from mvm.errors import GuestError, RuntimeFailure
 from mvm.guest.agent_client import ExecResult
 from mvm.runtime.base import Progress, Runtime, SnapshotInfo, VmSpec, VmStatus
-from mvm.util import pids
+from mvm.util import pids, private
 
 MEMORY = "memory.json"
 
 
 class FakeRuntime(Runtime):
     name = "fake"
+    #: How long a boot or restore takes (a real one: ~2 s under TCG); concurrency tests set it.
+    boot_seconds = 0.0
 
     def __init__(self, ledger: Path) -> None:
         self.ledger = ledger  # one line per restored guest that ran: its snapshot directory
+        #: One line per VM started: how many VMs of this home run then, their vCPUs and MiB.
+        self.live_log = ledger.with_name("live-vms.txt")
 
     # -- files
+    PID_FILE = "fake.pid"
+
     def pid_file(self, spec: VmSpec) -> Path:
-        return spec.run_dir / "fake.pid"
+        return spec.run_dir / self.PID_FILE
 
     def _state_file(self, spec: VmSpec) -> Path:
         return spec.run_dir / "fake-vm.json"
@@ -70,7 +76,7 @@ class FakeRuntime(Runtime):
     def _spawn(self, spec: VmSpec, vm: dict[str, object]) -> None:
         if self.is_alive(spec):
             raise RuntimeFailure(f"{spec.name} already runs (fake pid {self._pid(spec)})")
-        spec.run_dir.mkdir(parents=True, exist_ok=True)
+        private.mkdirs(spec.run_dir)
         self._save_vm(spec, vm)
         proc = subprocess.Popen(
             [sys.executable, "-S", "-c", "import time\nwhile True: time.sleep(3600)",
@@ -79,6 +85,24 @@ class FakeRuntime(Runtime):
             start_new_session=True)
         self.pid_file(spec).write_text(f"{proc.pid}\n")
         _DETACHED.append(proc)
+        with self.live_log.open("a") as f:
+            f.write(" ".join(map(str, self.live(spec.run_dir.parent))) + "\n")
+        time.sleep(self.boot_seconds)
+
+    @staticmethod
+    def live(runtime_dir: Path) -> tuple[int, int, int]:
+        """VMs alive now under a home's runtime directory (seen from outside: pid files and
+        /proc), with their vCPUs and memory."""
+        count = vcpus = mem = 0
+        for pid_file in runtime_dir.glob(f"*/{FakeRuntime.PID_FILE}"):
+            if pids.owned_pid(pid_file) is None:
+                continue
+            try:
+                vm = json.loads((pid_file.parent / "fake-vm.json").read_text())
+            except (OSError, ValueError):
+                continue
+            count, vcpus, mem = count + 1, vcpus + vm.get("vcpus", 0), mem + vm.get("mem", 0)
+        return count, vcpus, mem
 
     def _need(self, spec: VmSpec) -> int:
         pid = self._pid(spec)
@@ -98,7 +122,8 @@ class FakeRuntime(Runtime):
         for d in spec.disks:
             if not d.path.is_file():
                 raise RuntimeFailure(f"{spec.name}: disk {d.id!r} {d.path} does not exist")
-        self._spawn(spec, {"status": "running", "cache": [], "disk": _disk_file(spec)})
+        self._spawn(spec, {"status": "running", "cache": [], "disk": _disk_file(spec),
+                           "vcpus": spec.vcpus, "mem": spec.mem_mib})
 
     def pause(self, spec: VmSpec) -> None:
         self._need(spec)
@@ -128,7 +153,7 @@ class FakeRuntime(Runtime):
         vm = self._vm(spec)
         if vm["status"] not in ("running", "paused"):
             raise RuntimeFailure(f"cannot snapshot {spec.name} while it is {vm['status']}")
-        snap_dir.mkdir(parents=True, exist_ok=True)
+        private.mkdirs(snap_dir)  # as a real runtime: 0700
         mem = snap_dir / MEMORY
         mem.write_text(json.dumps({"cache": vm["cache"]}))
         info = SnapshotInfo(backend=self.name, memory_file=MEMORY, mem_mib=spec.mem_mib,
@@ -144,7 +169,8 @@ class FakeRuntime(Runtime):
         SnapshotInfo.load(snap_dir).check_matches(spec, self.name)
         cache = json.loads((snap_dir / MEMORY).read_text())["cache"]
         self._spawn(spec, {"status": "paused", "cache": cache, "disk": _disk_file(spec),
-                           "restored_from": str(snap_dir)})
+                           "restored_from": str(snap_dir), "vcpus": spec.vcpus,
+                           "mem": spec.mem_mib})
 
     def stop(self, spec: VmSpec, timeout: float) -> None:
         if self.is_alive(spec) and timeout > 0 and self._vm(spec)["status"] == "running":

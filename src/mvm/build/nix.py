@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mvm.errors import BuildFailed, CommandFailed, HostUnsupported, InvalidInput
+from mvm.errors import BuildFailed, CommandFailed, HostUnsupported
 from mvm.util import proc
 
 SYSTEM = "x86_64-linux"
@@ -57,21 +56,6 @@ def effective_settings(nixpkgs: str) -> dict[str, Any]:
     return {k: v.get("value") if isinstance(v, dict) else v for k, v in data.items()}
 
 
-def normalize_ref(ref: str, base: Path | None = None) -> str:
-    """Turn a user's flake reference into one that means the same from any directory."""
-    if ref.startswith((".", "/")) or os.path.isdir(ref):
-        p = (base or Path.cwd()) / ref
-        p = p.resolve()
-        if not (p / "flake.nix").is_file():
-            raise InvalidInput(f"no flake at {ref!r}: {p}/flake.nix does not exist",
-                               "point --flake at a directory holding flake.nix")
-        return str(p)
-    if ":" not in ref:
-        raise InvalidInput(f"flake reference {ref!r} is neither a directory nor a URL-like ref",
-                           "use a path such as ./my-flake or a ref such as github:owner/repo")
-    return ref
-
-
 def _override_args(nixpkgs: str) -> list[str]:
     if not nixpkgs:
         return []
@@ -85,30 +69,27 @@ def _common(nixpkgs: str) -> list[str]:
     return ["--no-write-lock-file", *_override_args(nixpkgs)]
 
 
-def metadata(ref: str, nixpkgs: str, override: bool = True) -> dict[str, Any]:
+def metadata(ref: str, nixpkgs: str, override: bool = True, cwd: Path | None = None) -> dict[str, Any]:
     args = ["nix", "flake", "metadata", "--json", "--no-write-lock-file"]
     if override:
         args += _override_args(nixpkgs)
     try:
-        out = proc.run([*args, ref], env=env(nixpkgs), timeout=300).stdout
+        out = proc.run([*args, ref], env=env(nixpkgs), timeout=300, cwd=cwd).stdout
     except CommandFailed as e:
         raise BuildFailed(_nix_error(e), "check the flake reference and that it evaluates") from e
     result: dict[str, Any] = json.loads(out)
     return result
 
 
-def profiles(ref: str, nixpkgs: str) -> list[str]:
-    """Names under packages.<system> of the flake."""
+def prefetch(ref: str) -> str:
+    """Fetch a URL flake ref's source tree into the store (nothing of it evaluated, none of its
+    inputs fetched); returns its store path, which mvm then checks and copies like a directory."""
     try:
-        out = proc.run(
-            ["nix", "eval", "--json", *_common(nixpkgs), f"{ref}#packages.{SYSTEM}",
-             "--apply", "builtins.attrNames"],
-            env=env(nixpkgs), timeout=300).stdout
+        out = proc.run(["nix", "flake", "prefetch", "--json", "--", ref], env=env(), timeout=900).stdout
     except CommandFailed as e:
-        raise BuildFailed(_nix_error(e), "the flake must evaluate and have packages."
-                          f"{SYSTEM}.<profile> outputs") from e
-    names: list[str] = json.loads(out)
-    return names
+        raise BuildFailed(_nix_error(e), "check the flake reference") from e
+    path: str = json.loads(out)["storePath"]
+    return path
 
 
 @dataclass(frozen=True)
@@ -118,15 +99,17 @@ class BuildResult:
     locked: dict[str, Any]
 
 
-def build(ref: str, profile: str, log: Path, nixpkgs: str) -> BuildResult:
-    """`nix build <ref>#<profile>`; Nix's own messages go to the build log and into the error."""
+def build(ref: str, profile: str, log: Path, nixpkgs: str, cwd: Path | None = None) -> BuildResult:
+    """`nix build <ref>#<profile>`; Nix's own messages go to the build log and into the error.
+    `ref` is the staged copy of the tenant's source (`path:<dir>`, see build.source), and
+    Nix runs in it, so a relative path anywhere resolves inside the tenant's own tree."""
     require_build_users()
     common = _common(nixpkgs)
     args = ["nix", "build", "--no-link", "--json", "-L", *common, f"{ref}#packages.{SYSTEM}.{profile}"]
     with log.open("ab") as f:
         f.write(("$ " + " ".join(args) + "\n").encode())
     try:
-        res = proc.run(args, env=env(nixpkgs), timeout=3600)
+        res = proc.run(args, env=env(nixpkgs), timeout=3600, cwd=cwd)
     except CommandFailed as e:
         with log.open("ab") as f:
             f.write(e.stderr.encode() + b"\n")
@@ -134,7 +117,7 @@ def build(ref: str, profile: str, log: Path, nixpkgs: str) -> BuildResult:
     with log.open("ab") as f:
         f.write(res.stderr)
     data = json.loads(res.stdout)
-    meta = metadata(ref, nixpkgs)
+    meta = metadata(ref, nixpkgs, cwd=cwd)
     return BuildResult(data[0]["outputs"]["out"], data[0]["drvPath"], meta.get("locks", {}))
 
 

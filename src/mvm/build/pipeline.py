@@ -16,11 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mvm.build import nix, rootfs
+from mvm.build import nix, outputs, rootfs, source
 from mvm.config.paths import Layout
 from mvm.errors import BuildFailed, HostUnsupported, MvmError
 from mvm.guest.layout import static_busybox
 from mvm.model import Pool, Revision
+from mvm.util import private
 from mvm.util.hashing import file_sha256
 
 Progress = Callable[[str, str], None]  # (step, message)
@@ -35,7 +36,9 @@ class BuildContext:
     force: bool
     log: Path
     progress: Progress
+    workdir: Path | None = None  # the build's scratch directory (removed when it ends)
     result: nix.BuildResult | None = None
+    source_dir: Path | None = None  # the staged copy of the flake's directory
     closure: list[str] = field(default_factory=list)
     kernel: Path | None = None
     initrd: Path | None = None
@@ -57,26 +60,54 @@ def guest_files_hash() -> str:
 
 # -- steps -------------------------------------------------------------------
 
+def mvm_flakes(layout: Layout, nixpkgs: str) -> list[str]:
+    """mvm's own local flakes a tenant's inputs may name: the offline nixpkgs set."""
+    own = [nixpkgs, str(layout.offline_nixpkgs_dir())]
+    return [*own, *(str(Path(p.removeprefix("path:").split("?")[0]).resolve())
+                    for p in own if p.startswith(("path:", "/")))]
+
+
+def step_source(ctx: BuildContext) -> None:
+    """Copy the flake's source into a directory of mvm's own and refuse inputs that name host
+    paths, all before Nix reads or fetches anything (build.source)."""
+    assert ctx.workdir
+    ctx.source_dir = source.stage(ctx.pool.flake, ctx.workdir / "source", ctx.layout,
+                                  fetch=nix.prefetch)
+    source.check_inputs(ctx.source_dir, mvm_flakes(ctx.layout, ctx.nixpkgs))
+    ctx.progress("source", f"{ctx.pool.flake} checked and copied")
+
+
 def step_nix_build(ctx: BuildContext) -> None:
-    ctx.result = nix.build(ctx.pool.flake, ctx.pool.profile, ctx.log, ctx.nixpkgs)
+    assert ctx.source_dir
+    ctx.result = nix.build(f"path:{ctx.source_dir}", ctx.pool.profile, ctx.log, ctx.nixpkgs,
+                           cwd=ctx.source_dir)
     ctx.progress("nix-build", ctx.result.out_path)
 
 
 def step_closure(ctx: BuildContext) -> None:
     assert ctx.result
     ctx.closure = nix.closure(ctx.result.out_path)
+    outputs.resolve(ctx.result.out_path, ctx.closure)  # an output that is a link out: refused
     ctx.progress("closure", f"{len(ctx.closure)} store paths")
 
 
 def step_kernel(ctx: BuildContext) -> None:
-    """The profile's own kernel when it ships one, else mvm's default guest kernel."""
+    """The profile's own kernel when it ships one, else mvm's default guest kernel.
+
+    A profile's kernel and initrd must be regular files inside the build's closure: a link
+    out of it (to another tenant's secrets, to /etc) is refused, never copied.
+    """
     assert ctx.result
-    out = Path(ctx.result.out_path)
+    out = ctx.result.out_path
     for name in ("vmlinux", "boot/vmlinux"):
-        if (out / name).is_file():
-            ctx.kernel = (out / name).resolve()
-            init = out / name.replace("vmlinux", "initrd")
-            ctx.initrd = init.resolve() if init.is_file() else None
+        kernel = outputs.regular_file(f"{out}/{name}", ctx.closure, "kernel")
+        if kernel is not None:
+            outputs.check_kernel(kernel)
+            ctx.kernel = kernel
+            ctx.initrd = outputs.regular_file(f"{out}/{name.replace('vmlinux', 'initrd')}",
+                                              ctx.closure, "initrd")
+            if ctx.initrd is not None:
+                outputs.check_initrd(ctx.initrd)
             ctx.kernel_source = "profile"
             break
     else:
@@ -116,22 +147,22 @@ def step_pack(ctx: BuildContext) -> None:
     from mvm.guest.layout import install_guest_files
 
     revs = ctx.layout.revisions_dir(ctx.pool.tenant, ctx.pool.id)
-    revs.mkdir(parents=True, exist_ok=True)
+    private.mkdirs(revs)
     # We hold the pool's lock: half-written revisions of a build that crashed are garbage.
     for stale in [*revs.glob(".tmp-*"), *revs.glob(".old-*")]:
         shutil.rmtree(stale, ignore_errors=True)
     tmp = revs / f".tmp-{ctx.revision}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp.mkdir(mode=0o700)
     try:
         started = time.monotonic()
         ctx.closure_size = rootfs.pack_closure(
             ctx.result.out_path, ctx.closure, tmp / "rootfs.ext4", ctx.revision,
             install_guest_files, tmp)
         ctx.timings["pack"] = time.monotonic() - started
-        shutil.copyfile(ctx.kernel, tmp / "vmlinux")
+        private.copy(ctx.kernel, tmp / "vmlinux")  # 0600 from the first byte, like the rootfs
         if ctx.initrd:
-            shutil.copyfile(ctx.initrd, tmp / "initrd")
+            private.copy(ctx.initrd, tmp / "initrd")
         manifest: dict[str, Any] = {
             "revision": ctx.revision,
             "tenant": ctx.pool.tenant,
@@ -153,7 +184,7 @@ def step_pack(ctx: BuildContext) -> None:
             "built": time.time(),
             "build_seconds": None,
         }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        private.write(tmp / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True).encode() + b"\n")
         final = ctx.layout.revision_dir(ctx.pool.tenant, ctx.pool.id, ctx.revision)
         if final.exists():  # --force over an existing revision: replace it whole
             old = revs / f".old-{ctx.revision}-{os.getpid()}"
@@ -170,6 +201,7 @@ def step_pack(ctx: BuildContext) -> None:
 
 
 RECIPE: list[tuple[str, Callable[[BuildContext], None]]] = [
+    ("source", step_source),
     ("nix-build", step_nix_build),
     ("closure", step_closure),
     ("kernel", step_kernel),
@@ -199,21 +231,29 @@ def run_build(layout: Layout, nixpkgs: str, pool: Pool, force: bool, log: Path,
     """Run the recipe. `current` is not touched here: the caller switches it on success."""
     ctx = BuildContext(layout, nixpkgs, pool, force, log, progress)
     started = time.monotonic()
-    for name, step in RECIPE:
-        t0 = time.monotonic()
-        progress(name, "…")
-        try:
-            step(ctx)
-        except MvmError:
-            raise
-        except Exception as e:  # a bug or an OS error: still one clear line, log kept
-            raise BuildFailed(f"build step {name} failed: {e}", f"full log: {log}") from e
-        ctx.timings[name] = time.monotonic() - t0
+    # We hold the pool's lock: scratch directories of a build that crashed are garbage.
+    for stale in log.parent.glob(".work-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    ctx.workdir = log.parent / f".work-{os.getpid()}"
+    os.mkdir(ctx.workdir, 0o700)
+    try:
+        for name, step in RECIPE:
+            t0 = time.monotonic()
+            progress(name, "…")
+            try:
+                step(ctx)
+            except MvmError:
+                raise
+            except Exception as e:  # a bug or an OS error: still one clear line, log kept
+                raise BuildFailed(f"build step {name} failed: {e}", f"full log: {log}") from e
+            ctx.timings[name] = time.monotonic() - t0
+    finally:
+        shutil.rmtree(ctx.workdir, ignore_errors=True)
     manifest = read_manifest(layout, pool.tenant, pool.id, ctx.revision)
     if not ctx.cache_hit:
         manifest["build_seconds"] = round(time.monotonic() - started, 3)
         mpath = layout.revision_dir(pool.tenant, pool.id, ctx.revision) / "manifest.json"
-        mpath.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        private.write(mpath, json.dumps(manifest, indent=2, sort_keys=True).encode() + b"\n")
     assert ctx.result
     rev = Revision(pool.tenant, pool.id, ctx.revision, ctx.result.out_path, manifest,
                    float(manifest.get("built", time.time())))

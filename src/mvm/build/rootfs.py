@@ -6,69 +6,110 @@ import errno
 import functools
 import os
 import shutil
+import stat
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from mvm.util import proc
+from mvm.build import outputs
+from mvm.util import private, proc
 
 # Bump when the layout of the image changes, so revisions built by an older packer differ.
-PACKER_VERSION = "1"
+PACKER_VERSION = "2"
 FIXED_MTIME = 1  # the Nix store's own mtime
 MIN_SIZE_MIB = 16
 
 
+# mvm owns these top-level names of every image: init mounts over the mount points and runs
+# from /mvm, so they are mvm's own fresh directories whatever the profile put there.
+OWNED = ("mvm", "proc", "sys", "dev", "run", "tmp", "data")
+# Made when the profile has nothing there (a profile's own link or directory is kept).
+DEFAULT_DIRS = ("bin", "etc", "root", "var")
+
+
 def stage(out_path: str, closure: list[str], staging: Path,
-          guest_files: Callable[[Path], None]) -> None:
-    """Lay out the profile at /, its /nix/store closure, /usr/* links and mvm's guest files."""
-    store = staging / "nix" / "store"
-    store.mkdir(parents=True)
+          guest_files: Callable[[Path], None], store: Path = outputs.STORE) -> None:
+    """Lay out the profile at /, its /nix/store closure, /usr/* links and mvm's guest files.
+
+    Nothing here follows a symlink the build made: the output is resolved inside its closure
+    (`outputs.resolve`), links are copied as links, directories are made fresh, and every path
+    mvm writes, chmods or creates in is checked to be a directory and not a link first.
+    """
+    root = outputs.resolve(out_path, closure, store)
+    nix_store = staging / "nix" / "store"
+    for top in (staging, staging / "nix", nix_store):
+        _fresh_dir(top)
     for p in closure:
-        _copy_tree(Path(p), store / Path(p).name)
-    out = Path(out_path)
-    if out.is_dir():
-        for entry in sorted(out.iterdir()):
-            dest = staging / entry.name
-            if entry.name == "nix":
-                continue
-            _copy_tree(entry, dest, link=False)
+        _copy_tree(Path(p), nix_store / Path(p).name)
+    if root is not None and stat.S_ISDIR(os.lstat(root).st_mode):
+        for name in sorted(os.listdir(root)):
+            if name != "nix":
+                _copy_tree(root / name, staging / name, link=False)
+    for name in OWNED:  # the profile's own /tmp, /mvm …: replaced, never written through
+        _remove(staging / name)
+        _fresh_dir(staging / name)
+    for name in DEFAULT_DIRS:
+        if not os.path.lexists(staging / name):
+            _fresh_dir(staging / name)
     usr = staging / "usr"
-    usr.mkdir(exist_ok=True)
-    for sub in ("bin", "sbin", "lib", "lib64"):
-        target = staging / sub
-        if (target.exists() or target.is_symlink()) and not (usr / sub).exists():
-            (usr / sub).symlink_to(f"../{sub}")
-    for d in ("bin", "etc", "proc", "sys", "dev", "run", "tmp", "data", "root", "var"):
-        (staging / d).mkdir(exist_ok=True)
+    if not os.path.lexists(usr):
+        _fresh_dir(usr)
+    if _is_real_dir(usr):  # a profile's /usr that is a link is left as the profile made it
+        for sub in ("bin", "sbin", "lib", "lib64"):
+            if os.path.lexists(staging / sub) and not os.path.lexists(usr / sub):
+                (usr / sub).symlink_to(f"../{sub}")
     (staging / "tmp").chmod(0o1777)
     guest_files(staging)
     _normalize(staging)
 
 
-def _copy_tree(src: Path, dest: Path, link: bool = True) -> None:
-    """Copy preserving symlinks; hard-link files when on the same filesystem (fast, read-only)."""
-    if src.is_symlink() or not src.is_dir():
-        if src.is_symlink():
-            dest.symlink_to(os.readlink(src))
-            st = src.lstat()
-            os.utime(dest, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
-        else:
-            _copy_file(src, dest, link)
+def _fresh_dir(path: Path) -> None:
+    """A directory of mvm's own in the image: 0755 whatever the umask (mvm runs with 077, and
+    the image's bytes must not depend on it)."""
+    os.mkdir(path)
+    os.chmod(path, 0o755)
+
+
+def _is_real_dir(path: Path) -> bool:
+    return stat.S_ISDIR(os.lstat(path).st_mode)
+
+
+def _remove(path: Path) -> None:
+    """Remove whatever is at `path` without following it (rmtree does not follow links)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
         return
-    if dest.is_symlink() or dest.exists():
-        # a merged directory: profile content over directories we created
-        pass
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(path)
     else:
-        dest.mkdir()
-    for child in sorted(src.iterdir()):
-        _copy_tree(child, dest / child.name, link)
-    shutil.copystat(src, dest, follow_symlinks=False)  # after the children: they bump mtime
+        os.unlink(path)
+
+
+def _copy_tree(src: Path, dest: Path, link: bool = True) -> None:
+    """Copy without following anything: links as links, directories made fresh (never merged
+    into something that exists), regular files hard-linked when `link` and on the same
+    filesystem (fast; the store is read-only), else copied."""
+    st = os.lstat(src)
+    if stat.S_ISLNK(st.st_mode):
+        os.symlink(os.readlink(src), dest)
+        os.utime(dest, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+    elif stat.S_ISDIR(st.st_mode):
+        os.mkdir(dest)  # raises if anything is there: nothing is ever written through a link
+        for child in sorted(os.listdir(src)):
+            _copy_tree(src / child, dest / child, link)
+        shutil.copystat(src, dest, follow_symlinks=False)  # after the children: they bump mtime
+    elif stat.S_ISREG(st.st_mode):
+        _copy_file(src, dest, link)
+    else:
+        raise outputs.OutsideClosure(f"the build output holds {src}, which is not a file,"
+                                     " directory or symlink")
 
 
 def _copy_file(src: Path, dest: Path, link: bool) -> None:
     if link:
         try:
-            os.link(src, dest)
+            os.link(src, dest, follow_symlinks=False)
             return
         except OSError as e:
             if e.errno not in (errno.EXDEV, errno.EPERM):
@@ -118,7 +159,7 @@ def mkfs(staging: Path, image: Path, label: str, seed: str, size_mib: int | None
     fs_uuid = str(uuid.uuid5(uuid.NAMESPACE_URL, f"mvm:{seed}"))
     if image.exists():
         image.unlink()
-    with image.open("wb") as f:
+    with os.fdopen(private.create(image, exclusive=True), "wb") as f:  # 0600 from the start
         f.truncate(mib * 2**20)
     proc.run(
         ["mkfs.ext4", "-q", "-F", "-L", label, "-U", fs_uuid,

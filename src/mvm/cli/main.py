@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -15,6 +16,7 @@ from mvm.cli import output
 from mvm.cli.output import emit_json, table
 from mvm.errors import MvmError
 from mvm.model import PoolRef, Quotas, check_id
+from mvm.util.private import PRIVATE_UMASK
 
 if TYPE_CHECKING:
     from mvm.config.host import Host
@@ -151,13 +153,46 @@ def tenant_create(
     max_warm: Annotated[int, typer.Option("--max-warm")] = Quotas.max_warm,
     max_pools: Annotated[int, typer.Option("--max-pools")] = Quotas.max_pools,
     max_instances: Annotated[int, typer.Option("--max-instances", help="per pool")] = Quotas.max_instances,
+    max_data_disk: Annotated[int, typer.Option(
+        "--max-data-disk", help="MiB of data disk per instance")] = Quotas.max_data_disk,
+    max_disk: Annotated[int, typer.Option(
+        "--max-disk", help="MiB of data disks of all the tenant's instances")] = Quotas.max_disk,
+    egress_allow: Annotated[list[str] | None, typer.Option(
+        "--egress-allow", help="IPv4 CIDR guests may reach outside (repeat; default: anywhere)")] = None,
+    egress_deny: Annotated[list[str] | None, typer.Option(
+        "--egress-deny", help="IPv4 CIDR guests may not reach (repeat)")] = None,
 ) -> None:
     """Create a tenant."""
     from mvm.services import tenants
 
     t = tenants.create(ctx(), tenant, net_id, subnet,
-                       Quotas(max_vcpus, max_mem, max_running, max_warm, max_pools, max_instances))
+                       Quotas(max_vcpus, max_mem, max_running, max_warm, max_pools, max_instances,
+                              max_data_disk=max_data_disk, max_disk=max_disk),
+                       egress_allow or (), egress_deny or ())
     print(f"tenant {t.id} created (net-id {t.net_id}, subnet {t.subnet})")
+
+
+@tenant_app.command("egress")
+def tenant_egress(
+    tenant: str,
+    allow: Annotated[list[str] | None, typer.Option(
+        "--allow", help="IPv4 CIDR guests may reach outside (repeat; replaces the allow list)")] = None,
+    deny: Annotated[list[str] | None, typer.Option(
+        "--deny", help="IPv4 CIDR guests may not reach (repeat; replaces the deny list)")] = None,
+    clear: Annotated[bool, typer.Option("--clear", help="empty both lists first")] = False,
+    json_: JsonOpt = False,
+) -> None:
+    """Show or change where a tenant's guests may go outside (the host and other tenants
+    are closed to them whatever the lists say)."""
+    from mvm.services import tenants
+
+    tid = check_id("tenant", tenant)
+    if allow is None and deny is None and not clear:
+        t = store().tenant(tid)
+    else:
+        t = tenants.set_egress(ctx(), tid, allow if allow is not None else ([] if clear else None),
+                               deny if deny is not None else ([] if clear else None))
+    show({"allow": list(t.egress_allow), "deny": list(t.egress_deny)}, json_)
 
 
 @tenant_app.command("list")
@@ -179,7 +214,9 @@ def tenant_info(tenant: str, json_: JsonOpt = False) -> None:
     t = store().tenant(check_id("tenant", tenant))
     instances = store().instances(t.id)
     info = {
-        "id": t.id, "net_id": t.net_id, "subnet": t.subnet, "quotas": t.quotas,
+        "id": t.id, "net_id": t.net_id, "subnet": t.subnet,
+        "egress": {"allow": list(t.egress_allow), "deny": list(t.egress_deny)},
+        "quotas": t.quotas,
         "pools": [p.id for p in store().pools(t.id)],
         "instances": {s: sum(1 for i in instances if i.state.value == s)
                       for s in sorted({i.state.value for i in instances})},
@@ -574,6 +611,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: every error becomes one clear line and a non-zero exit code."""
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args
+    os.umask(PRIVATE_UMASK)  # what mvm and the programs it starts create, only root reads
     try:
         rc = app(args=args, prog_name="mvm", standalone_mode=False)
         return rc if isinstance(rc, int) else 0

@@ -19,6 +19,12 @@ class Accel(StrEnum):
     TCG = "tcg"
 
 
+class Jail(StrEnum):
+    AUTO = "auto"  # jail every hypervisor where the host allows it
+    REQUIRED = "required"  # refuse to start one that cannot be jailed
+    OFF = "off"
+
+
 class Backend(StrEnum):
     QEMU = "qemu"
     FIRECRACKER = "firecracker"
@@ -31,6 +37,12 @@ def _choice(enum: type[StrEnum]) -> Callable[[str], StrEnum]:
         except ValueError:
             raise InvalidInput(f"{value!r} is not one of {', '.join(e.value for e in enum)}") from None
     return parse
+
+
+def _uid_base(value: str) -> int:
+    if not value.isdigit() or not 1000 <= int(value) <= 2**31 - 2_000_001:
+        raise InvalidInput(f"{value!r} is not a uid base between 1000 and {2**31 - 2_000_001}")
+    return int(value)
 
 
 @dataclass(frozen=True)
@@ -48,6 +60,10 @@ SETTINGS: dict[str, Setting] = {
                 "flake ref that a flake's `nixpkgs` input is pointed at (empty: use the flake's own)"),
         Setting("accel", "auto", "QEMU accelerator: auto (probe KVM speed), kvm or tcg", _choice(Accel)),
         Setting("backend", "qemu", "runtime backend: qemu or firecracker", _choice(Backend)),
+        Setting("jail", "auto", "jail each hypervisor (own uid, namespaces, seccomp, cgroup): auto "
+                "(where the host allows), required, or off", _choice(Jail)),
+        Setting("jail-uid-base", "1900000000", "jailed hypervisors run as uids/gids above this number",
+                _uid_base),
     )
 }
 
@@ -57,11 +73,18 @@ class Settings:
     nixpkgs: str = ""
     accel: Accel = Accel.AUTO
     backend: Backend = Backend.QEMU
+    jail: Jail = Jail.AUTO
+    jail_uid_base: int = 1_900_000_000
 
     @classmethod
     def load(cls, layout: Layout) -> Settings:
         values = raw(layout)
-        return cls(**{f.name: SETTINGS[f.name].parse(values[f.name]) for f in fields(cls)})  # type: ignore[arg-type]
+        return cls(**{f.name: SETTINGS[_key(f.name)].parse(values[_key(f.name)])  # type: ignore[arg-type]
+                      for f in fields(cls)})
+
+
+def _key(field_name: str) -> str:
+    return field_name.replace("_", "-")
 
 
 def raw(layout: Layout) -> dict[str, str]:

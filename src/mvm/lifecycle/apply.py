@@ -13,6 +13,7 @@ import contextlib
 import secrets
 import time
 from collections.abc import Iterator
+from typing import Protocol
 
 from mvm.config.host import Host
 from mvm.errors import MvmError, NotFound, QuotaExceeded
@@ -20,10 +21,22 @@ from mvm.lifecycle import observe, quota, specs
 from mvm.lifecycle.effects import EFFECTS
 from mvm.lifecycle.run import Progress, Run, noop
 from mvm.model import Action, Event, Instance, InstanceRef, Op, PoolRef, Reason, State, transition
-from mvm.store.locks import pool_lock_name, tenant_lock_name
+from mvm.store.locks import pool_lock_name, quota_lock_name
 
-# Actions that may take more of the tenant's quota: checked under the tenant's lock.
+# Actions that may take more of the tenant's quota: checked, and their intent recorded, under
+# the tenant's quota lock.
 TAKES_MORE = frozenset({Action.START, Action.WARM, Action.RESUME, Action.WAKE})
+
+
+class Admission(Protocol):
+    """How a caller that runs several transitions (`pool scale`) has one refused by the quota
+    wait for room instead of failing."""
+
+    def refused(self, e: QuotaExceeded) -> bool:
+        """Wait for room (the quota lock is not held); True: check again, False: give up."""
+
+    def admitted(self) -> None:
+        """The transition is recorded: it now counts against the quota."""
 
 
 @contextlib.contextmanager
@@ -37,31 +50,41 @@ def pool_locked(ctx: Host, ref: PoolRef, locked: bool) -> Iterator[None]:
 
 def apply(ctx: Host, ref: InstanceRef, action: Action, *, reason: Reason = Reason.USER,
           progress: Progress = noop, revision: str | None = None, keep_data: bool = False,
-          locked: bool = False, quota_checked: bool = False) -> Instance:
+          locked: bool = False, admission: Admission | None = None) -> Instance:
     """Take `ref` through `action`.
 
-    `locked`: the caller holds the pool's lock (and, for quota, has checked the end state of
-    all it does: `quota_checked`). Lock order is always tenant, then pool; the tenant's lock is
-    held only while quotas are checked and the intent recorded, never across a boot.
+    `locked`: the caller holds the pool's lock. Lock order is always tenant, pool, quota; the
+    quota lock is held only while quotas are checked and the intent recorded, never across a
+    boot, so every hypervisor that starts was counted against the quota before it did.
     """
-    with contextlib.ExitStack() as outer:
-        tenant = outer.enter_context(contextlib.ExitStack())
-        if not (locked or quota_checked or action not in TAKES_MORE):
-            tenant.enter_context(ctx.locks.lock(tenant_lock_name(ref.tenant)))
-        outer.enter_context(pool_locked(ctx, ref.pool_ref, locked))
+    with pool_locked(ctx, ref.pool_ref, locked):
         i = observe.instance(ctx, ref)
         target = transition(i.state, action)
         op = _intent(ctx, i, action, target, revision, keep_data)
-        if action in TAKES_MORE and not quota_checked:
-            try:
-                quota.check_transition(ctx.store, i, target)
-            except QuotaExceeded as e:
-                ctx.store.event(Event(f"instance.{action.value}-refused", e.message, Reason.QUOTA,
-                                      i.tenant, i.pool, i.id))
-                raise
-        i = ctx.store.begin_op(i.id, op)
-        tenant.close()  # the tenant's lock goes now; the pool's stays for the whole transition
+        i = _begin(ctx, i, op, admission)
         return _run(ctx, i, progress, reason)
+
+
+def _begin(ctx: Host, i: Instance, op: Op, admission: Admission | None) -> Instance:
+    """Record the intent: for an action that takes more, only when the tenant's quota has room
+    for the instance in its target state, checked and recorded in one critical section."""
+    if op.action not in TAKES_MORE:
+        return ctx.store.begin_op(i.id, op)
+    while True:
+        with ctx.locks.lock(quota_lock_name(i.tenant)):
+            try:
+                quota.check_transition(ctx.store, i, op.target)
+            except QuotaExceeded as e:
+                refused = e
+            else:
+                begun = ctx.store.begin_op(i.id, op)
+                if admission is not None:
+                    admission.admitted()
+                return begun
+        if admission is None or not admission.refused(refused):
+            ctx.store.event(Event(f"instance.{op.action.value}-refused", refused.message,
+                                  Reason.QUOTA, i.tenant, i.pool, i.id))
+            raise refused
 
 
 def _run(ctx: Host, i: Instance, progress: Progress, reason: Reason) -> Instance:

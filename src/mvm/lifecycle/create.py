@@ -5,10 +5,10 @@ from __future__ import annotations
 import shutil
 
 from mvm.config.host import Host
-from mvm.errors import QuotaExceeded
-from mvm.lifecycle import disks, netops, specs
+from mvm.lifecycle import disks, netops, quota, specs
 from mvm.model import Event, Instance, PoolRef, Reason, State, new_instance_id
 from mvm.store.locks import tenant_lock_name
+from mvm.util import private
 
 
 def create(ctx: Host, ref: PoolRef, reason: Reason = Reason.USER, locked: bool = False) -> Instance:
@@ -20,15 +20,14 @@ def create(ctx: Host, ref: PoolRef, reason: Reason = Reason.USER, locked: bool =
     if lock is not None:
         lock.__enter__()
     try:
-        if len(store.instances(ref.tenant, ref.pool)) >= tenant.quotas.max_instances:
-            raise QuotaExceeded(f"pool {ref} already has {tenant.quotas.max_instances} instances"
-                                " (tenant quota max-instances)")
+        quota.check_create(store, ref)  # counted under the tenant's lock: no race
         iid = new_instance_id()
         host_index, ip, mac = netops.allocate(store, tenant, pool, iid)
         i = Instance(iid, ref.tenant, ref.pool, State.CREATED, pool.current, host_index, ip, mac)
         d = specs.instance_dir(ctx.layout, i)
         try:
-            d.mkdir(parents=True, mode=0o700)
+            private.mkdirs(d.parent)
+            d.mkdir(mode=0o700)
             if pool.data_disk:
                 disks.create_data_disk(specs.data_disk_path(ctx.layout, i), pool.data_disk)
             store.add_instance(i, Event("instance.create", f"created {iid}", reason,

@@ -25,6 +25,7 @@ from mvm.lifecycle import netops, secrets_disk, specs
 from mvm.lifecycle.run import Run
 from mvm.model import Action, Instance, Reason, State
 from mvm.runtime.base import SnapshotInfo, VmStatus
+from mvm.util import private
 
 AGENT_READY_TIMEOUT = 120.0
 STOP_TIMEOUT = 10.0
@@ -289,7 +290,7 @@ def _destroy_rest(run: Run) -> Instance:
     if kept and data.exists():
         # outside the pool: a later `pool destroy` must not take what the user kept
         dest = run.ctx.layout.tenant_dir(i.tenant) / kept
-        dest.parent.mkdir(parents=True, exist_ok=True)
+        private.mkdirs(dest.parent)
         data.rename(dest)
     shutil.rmtree(specs.instance_dir(run.ctx.layout, i), ignore_errors=True)
     shutil.rmtree(run.ctx.layout.runtime_dir() / i.id, ignore_errors=True)

@@ -9,8 +9,9 @@ import os
 from pathlib import Path
 
 from mvm.config.host import Host
+from mvm.config.paths import Layout
 from mvm.model import Instance, Pool, State, Tenant
-from mvm.network import plan
+from mvm.network import claim, firewall, plan
 from mvm.runtime.base import NetIf
 from mvm.store import Store
 
@@ -46,15 +47,70 @@ def kernel_ip_arg(store: Store, i: Instance) -> str | None:
     return net.kernel_arg(i.id) if net else None
 
 
+def firewall_for(layout: Layout) -> firewall.Firewall:
+    """The home's nftables tables: `mvm-<the home's tag>` (inet and bridge)."""
+    return firewall.Firewall(f"mvm-{layout.runtime_dir().name}")
+
+
+def firewall_of(ctx: Host) -> firewall.Firewall:
+    return firewall_for(ctx.layout)
+
+
+def _home(ctx: Host | Layout) -> str:
+    layout = ctx if isinstance(ctx, Layout) else ctx.layout
+    return str(layout.home.resolve())
+
+
+def claim_netns(ctx: Host) -> None:
+    """Claim this network namespace for the home (refused while another home's processes
+    live there; a stale claim is taken over with what its home left behind)."""
+    from mvm.network import host
+
+    claim.claim(_home(ctx), firewall_of(ctx).name, host.live_taps, take_over)
+
+
+def take_over(old: claim.Marker) -> None:
+    """Remove what a home whose processes are gone left here: its tables, bridges and TAPs."""
+    from mvm.network import host
+
+    fw = firewall.Firewall(old.table)
+    state = fw.read()
+    bridges = set(state.from_bridge) if state is not None else set()
+    for name, link in host.links().items():
+        if link.tap and link.master in bridges:
+            host.remove_tap(name)
+    for b in bridges:
+        n = plan.net_id_of_bridge(b)
+        if n is not None:
+            host.remove_bridge(n)
+    fw.remove_all()
+
+
+def tenant_net(t: Tenant) -> firewall.TenantNet:
+    return firewall.TenantNet.of(t.net_id, t.subnet, allow=t.egress_allow, deny=t.egress_deny)
+
+
 def tenant_up(ctx: Host, t: Tenant) -> str:
-    """The tenant's bridge, gateway address, isolation and NAT (idempotent)."""
-    from mvm.network import firewall, host
+    """The tenant's bridge, gateway address, isolation, closed host and NAT (idempotent)."""
+    from mvm.network import host
 
     with ctx.locks.lock("network"):
+        claim_netns(ctx)
         bridge = host.ensure_bridge(t.net_id, t.subnet)
         host.enable_forwarding()
-        firewall.ensure_tenant(t.net_id, t.subnet, bridge)
+        firewall_of(ctx).ensure_tenant(tenant_net(t), host.host_networks())
     return bridge
+
+
+def refresh_tenant(ctx: Host, t: Tenant) -> bool:
+    """Re-install the tenant's rules (its egress lists changed) if its network is up here."""
+    from mvm.network import host
+
+    marker = claim.holder()
+    if marker is None or marker.home != _home(ctx) or plan.bridge_name(t.net_id) not in host.links():
+        return False
+    tenant_up(ctx, t)
+    return True
 
 
 def instance_up(ctx: Host, i: Instance) -> None:
@@ -64,11 +120,20 @@ def instance_up(ctx: Host, i: Instance) -> None:
     master = Path("/sys/class/net") / net.tap / "master"
     if master.is_symlink() and Path(os.readlink(master)).name == net.bridge:
         return  # plugged in already (a woken instance keeps its TAP): no netlink round trips
+    from mvm.errors import Conflict
     from mvm.network import host
 
+    fw = firewall_of(ctx)
+    port = firewall.Port.of(net.tap, net.mac, net.ip, net.net_id)
     if net.bridge not in host.links():
         tenant_up(ctx, ctx.store.tenant(i.tenant))  # first instance: bridge, isolation and NAT
-    # (otherwise the tenant's network is left alone; `mvm net verify --repair` mends drift)
+    else:  # (the tenant's network is left alone; `mvm net verify --repair` mends drift)
+        claim_netns(ctx)
+    try:
+        fw.ensure_port(port)  # before the TAP exists: it sends nothing else, ever
+    except Conflict:  # the home's tables are gone: put the tenant's network back first
+        tenant_up(ctx, ctx.store.tenant(i.tenant))
+        fw.ensure_port(port)
     host.ensure_tap(net.tap, net.bridge)
 
 
@@ -77,49 +142,95 @@ def instance_down(ctx: Host, i: Instance) -> None:
         return
     from mvm.network import host
 
-    host.remove_tap(plan.tap_name(i.id))
+    host.remove_tap(plan.tap_name(i.id))  # (its port stays allowed: same TAP, MAC and IP next start)
 
 
 def release(ctx: Host, i: Instance) -> None:
-    """The instance is gone: its TAP too, and the tenant's network with its last instance."""
+    """The instance is gone: its TAP and port too, and the tenant's network with its last
+    instance."""
     instance_down(ctx, i)
     if i.host_index is None:
         return
+    firewall_of(ctx).remove_port(plan.tap_name(i.id))
     if not any(o.host_index is not None for o in ctx.store.instances(i.tenant) if o.id != i.id):
         teardown_tenant(ctx, ctx.store.tenant(i.tenant))
 
 
-def _expected(store: Store) -> tuple[list[tuple[int, str]], list[tuple[str, str]]]:
+def _expected(store: Store) -> tuple[list[firewall.TenantNet], list[tuple[str, str]],
+                                      list[firewall.Port]]:
     """A tenant has a network while it has instances with one; live ones have TAPs."""
-    tenants, taps = {}, []
+    tenants: dict[int, firewall.TenantNet] = {}
+    taps, ports = [], []
     for t in store.tenants():
         for i in store.instances(t.id):
             if i.host_index is None or i.state is State.CREATED:
                 continue  # (a tenant's network comes up with its first start)
-            tenants[t.net_id] = t.subnet
+            tenants[t.net_id] = tenant_net(t)
+            net = plan.instance_net(t.net_id, t.subnet, i.id, i.host_index)
+            ports.append(firewall.Port.of(net.tap, net.mac, net.ip, net.net_id))  # until destroyed
             if i.state in (State.RUNNING, State.WARM, State.SLEEPING):
-                taps.append((plan.tap_name(i.id), plan.bridge_name(t.net_id)))
-    return sorted(tenants.items()), taps
+                taps.append((net.tap, net.bridge))
+    return sorted(tenants.values(), key=lambda t: t.net_id), taps, ports
 
 
 def verify(ctx: Host, repair: bool) -> dict[str, object]:
     from mvm.network import verify as net_verify
 
-    tenants, taps = _expected(ctx.store)
+    tenants, taps, ports = _expected(ctx.store)
     with ctx.locks.lock("network"):
-        report = net_verify.verify(tenants, taps, repair)
+        claim_netns(ctx)
+        report = net_verify.verify(tenants, taps, repair, fw=firewall_of(ctx), ports=ports)
+        if repair and not tenants:
+            _release_if_empty(ctx)
     return {"ok": report.ok, "problems": report.lines(), "repaired": report.repaired,
             "tenants": len(tenants), "taps": len(taps)}
 
 
-def teardown_tenant(ctx: Host, t: Tenant) -> None:
-    """Remove exactly what the tenant's network created; drop mvm's table when it was the last."""
-    from mvm.network import firewall, host
+def firewall_state(layout: Layout) -> str:
+    """One line for `mvm doctor`: who holds this namespace and what the home's tables hold."""
+    from mvm.errors import MvmError
 
+    marker = claim.holder()
+    fw = firewall_for(layout)
+    try:
+        state = fw.read()
+    except MvmError as e:
+        return f"cannot read table {fw.name}: {e.message}"
+    if marker is not None and marker.home != _home(layout):
+        who = f"network namespace held by another home, {marker.home}"
+    elif marker is not None:
+        who = "network namespace held by this home"
+    else:
+        who = "network namespace not claimed"
+    if state is None:
+        return f"{who}; no table {fw.name} (no tenant network up)"
+    return (f"{who}; tables inet/bridge {fw.name}: {len(state.tenant_ids())} tenant(s), "
+            f"{len(state.ports)} TAP(s) filtered, {len(state.hostnets)} host network(s) closed")
+
+
+def _release_if_empty(ctx: Host) -> None:
+    if not firewall_of(ctx).exists():
+        claim.release(_home(ctx))
+
+
+def teardown_tenant(ctx: Host, t: Tenant) -> None:
+    """Remove exactly what the tenant's network created; drop the home's tables when it was
+    the last. Nothing of the home is here while another home holds the namespace."""
+    from mvm.errors import Conflict
+    from mvm.network import host
+
+    fw = firewall_of(ctx)
+    if plan.bridge_name(t.net_id) not in host.links() and not fw.exists():
+        return  # nothing of the tenant's here (nor of the home's): claim nothing
     with ctx.locks.lock("network"):
+        try:
+            claim_netns(ctx)
+        except Conflict:
+            return  # another home's processes live here: whatever we had was taken over
         for name in host.list_taps():
             if any(name == plan.tap_name(i.id) for i in ctx.store.instances(t.id)):
                 host.remove_tap(name)
         host.remove_bridge(t.net_id)
-        firewall.remove_tenant(t.net_id)
-        firewall.remove_all_if_empty()
+        fw.remove_tenant(t.net_id)  # (its chains, map and set elements, and its ports)
+        if fw.remove_all_if_empty() or not fw.exists():
+            _release_if_empty(ctx)

@@ -72,6 +72,7 @@ def _reconcile(ctx: Host, i: Instance, done: list[str]) -> Instance:
     alive = rt.is_alive(spec)
     if i.state.is_live():
         if not alive:
+            rt.stop(spec, 0)  # what the dead hypervisor left: sockets, pid file, its jail's cgroup
             return _fail(ctx, i, "hypervisor process exited unexpectedly", done)
         try:
             status = rt.status(spec)

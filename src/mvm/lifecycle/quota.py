@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import Counter
 
 from mvm.errors import QuotaExceeded
-from mvm.model import Instance, PoolRef, State
+from mvm.model import Instance, PoolRef, Quotas, State
 from mvm.store import Store
 
 
@@ -19,6 +19,7 @@ def check(store: Store, ref: PoolRef, running: int, warm: int, sleeping: int) ->
     t = store.tenant(ref.tenant)
     pool = store.pool(ref.tenant, ref.pool)
     q = t.quotas
+    new = max(0, running + warm + sleeping - len(store.instances(ref.tenant, ref.pool)))
     tot = {"running": running, "warm": warm, "vcpus": running * pool.cpus,
            "mem": (running + warm) * pool.mem}
     for other in store.pools(ref.tenant):
@@ -43,6 +44,8 @@ def check(store: Store, ref: PoolRef, running: int, warm: int, sleeping: int) ->
     total = running + warm + sleeping
     if total > q.max_instances:
         problems.append(f"{total} instances > max-instances {q.max_instances}")
+    if new and pool.data_disk:
+        problems += _disk_problems(store, t.id, pool.data_disk, new, q)
     if problems:
         raise QuotaExceeded(f"scaling {ref} would exceed tenant {t.id}'s quota: "
                             + "; ".join(problems), "nothing was changed; lower the counts or"
@@ -63,3 +66,35 @@ def effective(i: Instance) -> State:
     if i.op is not None and i.op.target.is_live():
         return i.op.target
     return i.state
+
+
+def check_create(store: Store, ref: PoolRef) -> None:
+    """One more instance in the pool (a data disk of the pool's size included)."""
+    t = store.tenant(ref.tenant)
+    pool = store.pool(ref.tenant, ref.pool)
+    q = t.quotas
+    problems = []
+    if len(store.instances(ref.tenant, ref.pool)) >= q.max_instances:
+        problems.append(f"pool {ref} already has {q.max_instances} instances (max-instances)")
+    if pool.data_disk:
+        problems += _disk_problems(store, t.id, pool.data_disk, 1, q)
+    if problems:
+        raise QuotaExceeded(f"a new instance of {ref} would exceed tenant {t.id}'s quota: "
+                            + "; ".join(problems), "nothing was changed; destroy instances you"
+                            " no longer need or raise the quota")
+
+
+def disk_in_use(store: Store, tenant: str) -> int:
+    """MiB of data disks the tenant's instances have (each was made at its pool's size)."""
+    return sum(p.data_disk * len(store.instances(tenant, p.id)) for p in store.pools(tenant)
+               if p.data_disk)
+
+
+def _disk_problems(store: Store, tenant: str, mib: int, count: int, q: Quotas) -> list[str]:
+    out = []
+    if mib > q.max_data_disk:
+        out.append(f"a {mib} MiB data disk > max-data-disk {q.max_data_disk} MiB")
+    used = disk_in_use(store, tenant)
+    if used + count * mib > q.max_disk:
+        out.append(f"{used + count * mib} MiB of data disks > max-disk {q.max_disk} MiB")
+    return out

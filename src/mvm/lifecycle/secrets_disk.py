@@ -14,10 +14,21 @@ from pathlib import Path
 from mvm.build import rootfs
 from mvm.config.paths import Layout
 from mvm.errors import InvalidInput
+from mvm.util import private
 
 # Fixed, so a snapshot's device geometry matches the image re-delivered at wake.
 SIZE_MIB = 4
 LABEL = "mvm-secrets"
+#: The most secrets.json may hold: what fits the image (`secrets set` refuses more, so a set
+#: that is accepted never makes every start fail).
+MAX_BYTES = (SIZE_MIB - 1) * 2**20
+
+
+def check_size(tenant: str, size: int) -> None:
+    if size > MAX_BYTES:
+        raise InvalidInput(f"tenant {tenant}'s secrets are {size} bytes; at most {MAX_BYTES}"
+                           f" ({SIZE_MIB - 1} MiB) fit the secrets disk",
+                           "store large files on the data disk and keep only keys in secrets")
 
 
 def image_path(layout: Layout, instance_id: str) -> Path:
@@ -27,11 +38,10 @@ def image_path(layout: Layout, instance_id: str) -> Path:
 def build(layout: Layout, tenant: str, instance_id: str) -> Path:
     src = layout.secrets_file(tenant)
     data = src.read_bytes() if src.exists() else b"{}\n"
-    if len(data) > (SIZE_MIB - 1) * 2**20:
-        raise InvalidInput(f"tenant {tenant}'s secrets are {len(data)} bytes; at most "
-                           f"{SIZE_MIB - 1} MiB fit the secrets disk")
+    check_size(tenant, len(data))
     rt = layout.secrets_runtime_dir()
-    rt.mkdir(mode=0o700, parents=True, exist_ok=True)
+    private.mkdirs(rt.parent, 0o755)  # (/dev/shm is there; a test's runtime root may not be)
+    private.exclusive_dir(rt)  # ours alone, or refused: never a directory someone else made
     image = image_path(layout, instance_id)
     staging = Path(tempfile.mkdtemp(prefix="stage-", dir=rt))
     try:
@@ -46,8 +56,7 @@ def build(layout: Layout, tenant: str, instance_id: str) -> Path:
         os.utime(staging, (1, 1))
         # Equal secrets give an equal image, byte for byte: a woken guest keeps its mount
         # unless the secrets changed while it slept.
-        rootfs.mkfs(staging, image, LABEL, f"secrets:{tenant}", size_mib=SIZE_MIB)
-        image.chmod(0o600)
+        rootfs.mkfs(staging, image, LABEL, f"secrets:{tenant}", size_mib=SIZE_MIB)  # 0600
     except BaseException:
         remove(layout, instance_id)
         raise

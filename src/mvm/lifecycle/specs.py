@@ -10,8 +10,9 @@ from mvm.config.paths import Layout
 from mvm.errors import NotFound
 from mvm.lifecycle import netops, secrets_disk
 from mvm.model import Instance
-from mvm.runtime.base import Disk, VmSpec
+from mvm.runtime.base import Disk, JailIds, VmSpec
 from mvm.store import Store
+from mvm.util import private
 
 
 def instance_dir(layout: Layout, i: Instance) -> Path:
@@ -28,11 +29,17 @@ def run_dir(layout: Layout, i: Instance) -> Path:
     real = layout.runtime_dir() / i.id
     link = instance_dir(layout, i) / "run"
     if not link.is_symlink() and instance_dir(layout, i).is_dir():
-        real.mkdir(parents=True, exist_ok=True)
+        private.mkdirs(real.parent, RUNTIME_MODE)
+        private.mkdirs(real)
         if link.is_dir():  # a run dir of an older layout
             shutil.rmtree(link)
         link.symlink_to(real)
     return real
+
+
+#: The runtime root and this home's directory in it may be passed through, not listed; each
+#: instance's run directory is 0700.
+RUNTIME_MODE = 0o711
 
 
 def snapshots_dir(layout: Layout, i: Instance) -> Path:
@@ -62,8 +69,16 @@ def spec_for(ctx: Host, i: Instance, revision: str) -> VmSpec:
         name=i.id, vcpus=pool.cpus, mem_mib=pool.mem, kernel=rdir / "vmlinux",
         initrd=initrd if initrd.is_file() else None,
         cmdline=" ".join(_cmdline(store, i)), disks=tuple(devs),
-        net=netops.netif(store, i), run_dir=run_dir(layout, i),
+        net=netops.netif(store, i), run_dir=run_dir(layout, i), ids=jail_ids(ctx, i),
     )
+
+
+def jail_ids(ctx: Host, i: Instance) -> JailIds:
+    """Who the instance's jailed hypervisor runs as: a uid and gid of its own, and its tenant's
+    group (which may read the tenant's kernel and initrd). Numbers kept by the store."""
+    base = ctx.settings.jail_uid_base
+    own = base + ctx.store.jail_number(f"instance:{i.id}")
+    return JailIds(own, own, (base + ctx.store.jail_number(f"tenant:{i.tenant}"),))
 
 
 def control_spec(layout: Layout, i: Instance) -> VmSpec:

@@ -22,6 +22,7 @@ from mvm.errors import Conflict, HostUnsupported, MvmError, NotFound
 from mvm.network import plan
 
 IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
+IPV6_CONF = Path("/proc/sys/net/ipv6/conf")
 
 
 class NetworkError(MvmError):
@@ -156,6 +157,7 @@ def ensure_bridge(net_id: int, subnet: str | IPv4Network) -> str:
                          prefixlen=stale.network.prefixlen)
             if gw not in present:
                 ipr.addr("add", index=index, address=str(gw.ip), prefixlen=24)
+            _no_ipv6(name)  # before it is up: no link-local address, nothing to answer
             if not msg["flags"] & 1:
                 ipr.link("set", index=index, state="up")
         except NetlinkError as e:
@@ -200,11 +202,56 @@ def ensure_tap(name: str, bridge: str, owner: int = 0) -> None:
         if not _is_tap(msg):
             raise Conflict(f"{name} exists but is not a TAP device",
                            "mvm owns interfaces named mvt<8 hex>; rename or remove that one")
+        _no_ipv6(name)
         try:
             if msg.get("master") != br or not msg["flags"] & 1:
                 ipr.link("set", index=index, master=br, state="up")
         except NetlinkError as e:
             raise _fail(f"attaching TAP {name} to {bridge}", e) from e
+
+
+def _no_ipv6(name: str) -> None:
+    """No IPv6 on a tenant bridge or TAP: tenant networks are IPv4 only, and a host link-local
+    address there would answer guests (the firewall refuses IPv6 from guests as well)."""
+    conf = IPV6_CONF / name / "disable_ipv6"
+    try:
+        if conf.read_text().strip() != "1":
+            conf.write_text("1\n")
+    except FileNotFoundError:
+        pass  # a kernel without IPv6: nothing to disable
+    except PermissionError as e:
+        raise HostUnsupported(f"cannot disable IPv6 on {name}: permission denied",
+                              "mvm manages host networking and must run as root") from e
+
+
+def ipv6_disabled(name: str) -> bool:
+    conf = IPV6_CONF / name / "disable_ipv6"
+    try:
+        return conf.read_text().strip() == "1"
+    except FileNotFoundError:
+        return not IPV6_CONF.exists()
+
+
+def live_taps() -> list[str]:
+    """mvm's TAPs a process holds open (their carrier is up only then): running hypervisors."""
+    with _ipr() as ipr:
+        return sorted(m.get("ifname") for m in ipr.get_links()
+                      if plan.is_tap_name(m.get("ifname") or "") and _is_tap(m)
+                      and m.get("carrier") == 1)
+
+
+def host_networks() -> list[IPv4Network]:
+    """The host's own IPv4 networks: destinations of its routes (main table) other than the
+    default route and the routes of mvm's tenant bridges. Guests may not reach them."""
+    out = set()
+    with _ipr() as ipr:
+        names = {m["index"]: m.get("ifname") for m in ipr.get_links()}
+        for r in ipr.get_routes(family=2, table=254):
+            dst = r.get("dst")
+            if dst is None or r["dst_len"] == 0 or plan.is_bridge_name(names.get(r.get("oif"), "")):
+                continue
+            out.add(IPv4Network(f"{dst}/{r['dst_len']}", strict=False))
+    return sorted(out)
 
 
 def remove_tap(name: str) -> bool:
@@ -253,14 +300,4 @@ def routes_overlapping(subnet: str | IPv4Network) -> list[str]:
     creation can refuse such a subnet with this.
     """
     net = IPv4Network(str(subnet))
-    out = []
-    with _ipr() as ipr:
-        names = {m["index"]: m.get("ifname") for m in ipr.get_links()}
-        for r in ipr.get_routes(family=2, table=254):
-            dst = r.get("dst")
-            if dst is None or plan.is_bridge_name(names.get(r.get("oif"), "")):
-                continue
-            route = IPv4Network(f"{dst}/{r['dst_len']}", strict=False)
-            if route.overlaps(net):
-                out.append(str(route))
-    return sorted(set(out))
+    return [str(r) for r in host_networks() if r.overlaps(net)]

@@ -51,16 +51,23 @@ class Report:
         return out
 
 
-def verify(expected_tenants: Iterable[tuple[int, str | IPv4Network]],
-           expected_taps: Iterable[tuple[str, str]], repair: bool = False) -> Report:
+def verify(expected_tenants: Iterable[firewall.TenantNet | tuple[int, str | IPv4Network]],
+           expected_taps: Iterable[tuple[str, str]], repair: bool = False,
+           fw: firewall.Firewall | None = None,
+           ports: Iterable[firewall.Port] | None = None) -> Report:
     """Report drift between the host and the expected tenants/TAPs; repair it if asked.
 
-    `expected_tenants` is (net-id, subnet) per tenant, `expected_taps` (tap, bridge) per
-    instance that should be plugged in. With `repair`, missing or misconfigured bridges,
-    TAPs and rules are put back and extra ones removed. A TAP re-created under a running
-    hypervisor does not reconnect it: that instance needs a restart.
+    `expected_tenants` is a TenantNet (or (net-id, subnet)) per tenant, `expected_taps`
+    (tap, bridge) per instance that should be plugged in, `ports` what each TAP may send
+    (None: not compared). With `repair`, missing or misconfigured bridges, TAPs and rules
+    are put back and extra ones removed. A TAP re-created under a running hypervisor does
+    not reconnect it: that instance needs a restart.
     """
-    tenants = {n: firewall.TenantNet.of(n, s) for n, s in expected_tenants}
+    fw = fw or firewall.Firewall()
+    tenants = {t.net_id: t for t in (
+        e if isinstance(e, firewall.TenantNet) else firewall.TenantNet.of(*e)
+        for e in expected_tenants)}
+    port_list = list(ports) if ports is not None else None
     taps = dict(expected_taps)
     report = Report()
     links = host.links()
@@ -88,15 +95,18 @@ def verify(expected_tenants: Iterable[tuple[int, str | IPv4Network]],
                                           f"not {bridge}")
             elif not link.up:
                 report.broken_taps.append(f"{name}: down")
+            elif not host.ipv6_disabled(name):
+                report.broken_taps.append(f"{name}: IPv6 is on")
     report.extra_taps = sorted(n for n, link in links.items() if plan.is_tap_name(n)
                                and link.tap and n not in taps)
 
-    drift = firewall.check(tenants.values())
+    hostnets = host.host_networks()
+    drift = fw.check(tenants.values(), hostnets, port_list)
     report.missing_rules, report.extra_rules = drift.missing, drift.extra
     report.forwarding_off = bool(tenants) and not host.forwarding_enabled()
 
     if repair:
-        _repair(report, tenants, taps, bool(drift))
+        _repair(report, fw, tenants, taps, bool(drift), hostnets, port_list)
     return report
 
 
@@ -114,11 +124,14 @@ def _bridge_problem(link: host.Link, t: firewall.TenantNet) -> str | None:
         return "down"
     if link.mac != plan.mac_for(t.net_id, plan.GATEWAY_INDEX):
         return f"MAC {link.mac} is not mvm's"
+    if not host.ipv6_disabled(link.name):
+        return "IPv6 is on"
     return None
 
 
-def _repair(report: Report, tenants: dict[int, firewall.TenantNet], taps: dict[str, str],
-            firewall_drift: bool) -> None:
+def _repair(report: Report, fw: firewall.Firewall, tenants: dict[int, firewall.TenantNet],
+            taps: dict[str, str], firewall_drift: bool, hostnets: list[IPv4Network],
+            ports: list[firewall.Port] | None) -> None:
     done = report.repaired
     if report.forwarding_off:
         host.enable_forwarding()
@@ -142,7 +155,7 @@ def _repair(report: Report, tenants: dict[int, firewall.TenantNet], taps: dict[s
             host.ensure_tap(name, bridge)
             done.append(f"TAP {name} set up on {bridge}")
     if firewall_drift:
-        firewall.sync(tenants.values())
+        fw.sync(tenants.values(), hostnets, ports)
         done.append("firewall rules synced")
-    if not tenants and firewall.remove_all_if_empty():
+    if not tenants and fw.remove_all_if_empty():
         done.append("empty nftables table removed")

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from mvm.errors import RuntimeFailure
+from mvm.util import private
 
 if TYPE_CHECKING:
     from mvm.guest.agent_client import AgentClient
@@ -47,6 +48,16 @@ class NetIf:
 
 
 @dataclass(frozen=True)
+class JailIds:
+    """Who a jailed hypervisor runs as: a uid and gid of its own, and supplementary groups
+    (its tenant's, through which it reads the tenant's kernel and initrd)."""
+
+    uid: int
+    gid: int
+    groups: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
 class VmSpec:
     """One microVM as the hypervisor sees it. Disk order is device order: keep it stable."""
 
@@ -61,6 +72,8 @@ class VmSpec:
     net: NetIf | None
     #: Sockets, pid file and console log live here (DESIGN §8 `instances/<i>/run/`).
     run_dir: Path
+    #: The jail's identity (see runtime/jail.py); None: one derived from run_dir.
+    ids: JailIds | None = None
 
     def devices(self) -> tuple[str, ...]:
         """The device list a snapshot depends on, in device order (see SnapshotInfo)."""
@@ -118,7 +131,7 @@ class SnapshotInfo:
     def write(self, snap_dir: Path) -> None:
         """Atomically write the manifest (tmp + fsync + rename)."""
         tmp = snap_dir / (MANIFEST + ".tmp")
-        with open(tmp, "w") as f:
+        with os.fdopen(private.create(tmp), "w") as f:  # 0600, as every file of a tenant
             f.write(self.to_json())
             f.flush()
             os.fsync(f.fileno())

@@ -13,14 +13,15 @@ import functools
 import itertools
 import os
 import re
+import shlex
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from mvm.errors import CommandFailed, InvalidInput, RuntimeFailure
+from mvm.errors import CommandFailed, HostUnsupported, InvalidInput, RuntimeFailure
 from mvm.guest.agent_client import AgentClient
 from mvm.guest.channels import VirtioSerialChannel
-from mvm.runtime import console, qmp
+from mvm.runtime import console, jail, qmp
 from mvm.runtime.base import (
     MANIFEST,
     Progress,
@@ -31,8 +32,9 @@ from mvm.runtime.base import (
     VmStatus,
 )
 from mvm.runtime.qmp import Qmp
-from mvm.util import pids
+from mvm.util import pids, private
 from mvm.util.proc import run
+from mvm.util.proc import which as proc_which
 from mvm.util.retry import until
 from mvm.util.text import printable
 
@@ -62,6 +64,9 @@ KILL_TIMEOUT = 10.0
 #: The default 128 MiB/s migration cap makes a 256 MiB snapshot take 6x longer.
 SNAPSHOT_BANDWIDTH = 64 * 1024**3
 SNAPSHOT_FD = "mvm-snapshot"
+#: QEMU's seccomp filter for a jailed hypervisor: no obsolete syscalls, no setuid & co, no
+#: fork/exec, no scheduler or affinity changes.
+SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 #: The first bytes of every QEMU migration stream.
 QEVM_MAGIC = b"QEVM"
 
@@ -113,11 +118,16 @@ def kernel_cmdline(cmdline: str, tsc_khz: int | None) -> str:
 
 
 def argv(spec: VmSpec, accel: str, incoming: bool = False, *, tsc_khz: int | None = None,
-         binary: str = BINARY, tb_size_mib: int | None = TCG_TB_MIB) -> list[str]:
+         binary: str = BINARY, tb_size_mib: int | None = TCG_TB_MIB,
+         fds: jail.Fds | None = None) -> list[str]:
     """The complete QEMU command line for spec. Pure: same inputs, same list.
 
     Device order is fixed (disks in the given order, agent channel, network) and identical
-    with or without `incoming`, which only appends `-incoming defer -S`.
+    with or without `incoming`, which only appends `-incoming defer -S`. With `fds` (jailed,
+    see runtime/jail.py) QEMU opens nothing of the VM's by path but its kernel and initrd:
+    disks and the console come as fdsets, the TAP and the listening QMP and agent sockets as
+    descriptors; it runs in the foreground (pid 1 of its PID namespace; the seccomp sandbox
+    forbids the fork of `-daemonize`), its messages on stderr, its pid file private to it.
     """
     if accel not in ("tcg", "kvm"):
         raise InvalidInput(f"unknown accelerator {accel!r}", "use tcg or kvm")
@@ -146,42 +156,53 @@ def argv(spec: VmSpec, accel: str, incoming: bool = False, *, tsc_khz: int | Non
     if spec.initrd is not None:
         args += ["-initrd", _abs(spec.initrd)]
     args += ["-append", kernel_cmdline(spec.cmdline, tsc_khz)]
-    for disk in spec.disks:
+    if fds is not None:
+        args += ["-sandbox", SANDBOX]
+    for n, disk in enumerate(spec.disks):
         node = _disk_id(disk.id)
+        if fds is not None:
+            args += [a for fd in fds.disks[n] for a in ("-add-fd", f"fd={fd},set={n + 1}")]
+        path = f"/dev/fdset/{n + 1}" if fds is not None else _opt(_abs(disk.path))
         args += [
             "-drive",
-            f"file={_opt(_abs(disk.path))},if=none,id={node},format=raw,"
+            f"file={path},if=none,id={node},format=raw,"
             f"readonly={'on' if disk.read_only else 'off'},cache=writeback",
             "-device", f"virtio-blk-device,drive={node}",
         ]
+    agent = f"fd={fds.agent}" if fds is not None else f"path={_opt(run_dir / AGENT_SOCK)}"
     args += [
         "-device", "virtio-serial-device",
-        "-chardev",
-        f"socket,id=agent,path={_opt(run_dir / AGENT_SOCK)},server=on,wait=off",
+        "-chardev", f"socket,id=agent,{agent},server=on,wait=off",
         "-device", f"virtserialport,chardev=agent,name={AGENT_PORT}",
     ]
     if spec.net is not None:
+        tap = (f"fd={fds.tap}" if fds is not None and fds.tap is not None
+               else f"ifname={_opt(spec.net.tap)},script=no,downscript=no")
         args += [
-            "-netdev", f"tap,id=net0,ifname={_opt(spec.net.tap)},script=no,downscript=no",
+            "-netdev", f"tap,id=net0,{tap}",
             "-device", f"virtio-net-device,netdev=net0,mac={spec.net.mac}",
         ]
+    if fds is not None:
+        console_set = len(spec.disks) + 1
+        args += ["-add-fd", f"fd={fds.console},set={console_set}"]
+        console_out, qmp_sock = f"/dev/fdset/{console_set}", f"fd={fds.qmp}"
+    else:
+        # a FIFO that mvm's logger keeps within a cap (runtime/console.py)
+        console_out, qmp_sock = _opt(run_dir / console.PIPE), f"path={_opt(run_dir / QMP_SOCK)}"
     args += [
-        *console_args(run_dir),
+        "-chardev", f"file,id=console,path={console_out},append=on",
         "-serial", "chardev:console",
-        "-chardev", f"socket,id=qmp,path={_opt(run_dir / QMP_SOCK)},server=on,wait=off",
+        "-chardev", f"socket,id=qmp,{qmp_sock},server=on,wait=off",
         "-mon", "chardev=qmp,mode=control",
-        "-D", str(run_dir / QEMU_LOG),
-        "-pidfile", str(run_dir / PID_FILE),
-        "-daemonize",
     ]
+    if fds is None:
+        args += ["-D", str(run_dir / QEMU_LOG)]
+    args += ["-pidfile", str(run_dir / PID_FILE)]
+    if fds is None:
+        args += ["-daemonize"]
     if incoming:
         args += ["-incoming", "defer", "-S"]
     return args
-
-
-def console_args(run_dir: Path) -> list[str]:
-    """The serial console goes into a FIFO that mvm's logger keeps within a cap (runtime/console.py)."""
-    return ["-chardev", f"file,id=console,path={_opt(run_dir / console.PIPE)},append=on"]
 
 
 @functools.cache
@@ -247,14 +268,17 @@ class QemuRuntime(Runtime):
     name = "qemu"
 
     def __init__(self, accel: str | Callable[[], str] = "tcg", *, binary: str = BINARY,
-                 tb_size_mib: int | None = TCG_TB_MIB) -> None:
+                 tb_size_mib: int | None = TCG_TB_MIB, jail_config: jail.Config | None = None) -> None:
         """`accel`: tcg or kvm, or a function choosing one (e.g. by a timed KVM probe), called
-        on the first boot or snapshot only: observing and stopping VMs never probe."""
+        on the first boot or snapshot only: observing and stopping VMs never probe.
+        `jail_config`: whether and how hypervisors are jailed (None: never)."""
         if isinstance(accel, str):
             _check_accel(accel)
         self._accel = accel
         self.binary = binary
         self.tb_size_mib = tb_size_mib
+        self.jail_config = jail_config or jail.Config(jail.Mode.OFF)
+        self._jail_support: jail.Support | None = None
 
     @property
     def accel(self) -> str:
@@ -320,7 +344,7 @@ class QemuRuntime(Runtime):
         with Steps("boot", progress) as s:
             s.run("check", lambda: self._check_inputs(spec))
             s.run("run-dir", lambda: self._prepare_run_dir(spec, s, fresh=True))
-            s.run("spawn", lambda: self._spawn(spec, self.argv(spec), s))
+            s.run("spawn", lambda: self._start(spec, self.accel, False, s))
             s.run("running", lambda: self._expect_state(spec, "running"))
 
     def restore(self, spec: VmSpec, snap_dir: Path, progress: Progress | None = None) -> None:
@@ -328,7 +352,7 @@ class QemuRuntime(Runtime):
             info = s.run("check", lambda: self._check_snapshot(spec, snap_dir))
             accel = info.extra.get("accel", self.accel)
             s.run("run-dir", lambda: self._prepare_run_dir(spec, s, fresh=False))
-            s.run("spawn", lambda: self._spawn(spec, self.argv(spec, accel, incoming=True), s))
+            s.run("spawn", lambda: self._start(spec, accel, True, s))
             with Qmp(self.qmp_socket(spec)) as q:
                 # Loaded and left paused (-S): the guest runs only at resume().
                 s.run("load", lambda: self._load(spec, q, snap_dir / info.memory_file, info))
@@ -430,7 +454,7 @@ class QemuRuntime(Runtime):
             raise RuntimeFailure(f"{spec.name} already runs (QEMU pid {pid})",
                                  "stop the instance first")
         created = not spec.run_dir.exists()
-        spec.run_dir.mkdir(parents=True, exist_ok=True)
+        private.mkdirs(spec.run_dir)
         console_existed = self.console_log(spec).exists() and not fresh
 
         def undo() -> None:
@@ -446,6 +470,78 @@ class QemuRuntime(Runtime):
         self._cleanup(spec)  # leftovers of a crashed hypervisor
         if fresh:
             console.remove(self.console_log(spec))
+
+    # -- the jail ---------------------------------------------------------------------------
+
+    def jailed(self) -> bool:
+        """Whether this runtime jails the hypervisors it starts (setting `jail`). Refuses, with
+        the reason, when the jail is required but this host cannot set it up."""
+        mode = self.jail_config.mode
+        if mode is jail.Mode.OFF:
+            return False
+        if self._jail_support is None:
+            self._jail_support = jail.support(self.jail_config.cgroup_root)
+        sup = self._jail_support
+        if not sup.ok and mode is jail.Mode.REQUIRED:
+            raise HostUnsupported(f"the hypervisor jail is required (setting jail=required) but "
+                                  f"cannot be set up here: {sup.reason}",
+                                  "see `mvm doctor`; or `mvm config set jail auto` to run unjailed "
+                                  "where the jail is unavailable")
+        return sup.ok
+
+    def mem_overhead_mib(self, accel: str) -> int:
+        """What the jail's memory limit allows beyond guest RAM: QEMU itself and, under TCG,
+        its translation cache."""
+        tb = (self.tb_size_mib or 1024) if accel == "tcg" else 0
+        return jail.MEM_OVERHEAD_MIB + tb
+
+    def _start(self, spec: VmSpec, accel: str, incoming: bool, steps: Steps) -> int:
+        if not self.jailed():
+            return self._spawn(spec, self.argv(spec, accel, incoming), steps)
+        return self._spawn_jailed(spec, accel, incoming, steps)
+
+    def _spawn_jailed(self, spec: VmSpec, accel: str, incoming: bool, steps: Steps) -> int:
+        steps.on_undo("spawn", lambda: self._kill(spec))
+        cfg = self.jail_config
+        ids = spec.ids or jail.fallback_ids(spec, cfg.uid_base)
+        if ids.groups:
+            for f in (spec.kernel, spec.initrd):
+                if f is not None:
+                    jail.share_with_group(f, ids.groups[0])
+        sup = self._jail_support
+        assert sup is not None
+        procs = jail.create_cgroup(sup.cgroups, jail.cgroup_name(spec),
+                                   jail.limits(spec, self.mem_overhead_mib(accel)))
+        binary = proc_which(self.binary) or self.binary
+        # The console's descriptor is the write end of the FIFO the logger reads (runtime/console.py).
+        reader = console.open_pipe(self.console_log(spec))
+        try:
+            fds = jail.open_fds(spec, self.agent_socket(spec), self.qmp_socket(spec),
+                                console.pipe_path(self.console_log(spec)))
+        except BaseException:
+            os.close(reader)
+            raise
+        try:
+            args = argv(spec, accel, incoming, tsc_khz=host_tsc_khz(), binary=binary,
+                        tb_size_mib=self.tb_size_mib, fds=fds)
+            plan = jail.plan(spec, args, ids, fds, cgroup_procs=procs, pid_file=self.pid_file(spec),
+                             qmp_socket=self.qmp_socket(spec), log=self.qemu_log(spec),
+                             kvm=accel == "kvm")
+            try:
+                jail.spawn(plan)
+            except RuntimeFailure as e:
+                os.close(reader)
+                why = qemu_message(_tail(self.qemu_log(spec))) or e.message
+                raise RuntimeFailure(f"QEMU could not start {spec.name} in its jail: {why}",
+                                     f"full command: {shlex.join(args)}") from e
+        finally:
+            jail.close(fds.all())
+        console.start_logger(reader, self.console_log(spec))  # (and closes the reader here)
+        pid = self._pid(spec)
+        if pid is None:
+            raise RuntimeFailure(f"QEMU for {spec.name} exited right after starting: "
+                                 f"{qemu_message(_tail(self.qemu_log(spec)))}")
+        return pid
 
     def _spawn(self, spec: VmSpec, args: list[str], steps: Steps) -> int:
         # Registered first: if QEMU daemonized but we time out, the undo still finds it.
@@ -502,7 +598,7 @@ class QemuRuntime(Runtime):
         return info
 
     def _prepare_snap_dir(self, snap_dir: Path, steps: Steps) -> None:
-        snap_dir.mkdir(parents=True, exist_ok=True)
+        private.mkdirs(snap_dir)
         # Uncommit any older snapshot first: a manifest must never describe a half-written file.
         _unlink(snap_dir / MANIFEST)
         # On failure no snapshot is left at all: the VM runs on, so its disks move on.
@@ -594,11 +690,17 @@ class QemuRuntime(Runtime):
         self._cleanup(spec)
 
     def _cleanup(self, spec: VmSpec) -> None:
-        """Remove the files a dead hypervisor leaves; never while it lives."""
+        """Remove the files and the jail's cgroup a dead hypervisor leaves; never while it lives."""
         if self._pid(spec) is None:
             _unlink(self.qmp_socket(spec), self.agent_socket(spec), self.pid_file(spec))
             console.settle(self.console_log(spec))  # its logger writes the last lines and ends
             console.remove_pipe(self.console_log(spec))
+            with contextlib.suppress(OSError):
+                jail.jail_root(spec).rmdir()
+            # (whatever the setting says now: the VM may have been started jailed)
+            with contextlib.suppress(RuntimeFailure):
+                jail.remove_cgroup(jail.detect_cgroups(self.jail_config.cgroup_root),
+                                   jail.cgroup_name(spec))
 
 
 #: Outgoing migration states in which QEMU still writes the stream (and stops the vCPUs

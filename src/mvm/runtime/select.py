@@ -11,8 +11,10 @@ from mvm.runtime.base import Runtime
 
 def runtime(settings: Settings, layout: Layout) -> Runtime:
     if settings.backend is Backend.QEMU:
+        from mvm.runtime import jail
         from mvm.runtime.qemu import QemuRuntime
 
-        return QemuRuntime(lambda: choose_accel(settings.accel.value, cache=layout.kvm_probe_cache()))
+        return QemuRuntime(lambda: choose_accel(settings.accel.value, cache=layout.kvm_probe_cache()),
+                           jail_config=jail.Config(jail.Mode(settings.jail.value), settings.jail_uid_base))
     raise HostUnsupported("the firecracker backend is not implemented yet",
                           "run `mvm config set backend qemu`")

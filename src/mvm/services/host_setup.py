@@ -197,11 +197,32 @@ def doctor(layout: Layout) -> list[dict[str, Any]]:
     checks.append(_check("bridge", bridge, "bridges can be created" if bridge else "no bridge support"))
     nft = proc.which("nft")
     checks.append(_check("nftables", bool(nft), nft or "apt-get install nftables", required=False))
+    if nft:
+        from mvm.lifecycle import netops
+
+        checks.append(_check("firewall", True, netops.firewall_state(layout), required=False))
     kdir = layout.kernel_dir()
     have_kernel = (kdir / "vmlinux").is_file() and (kdir / "initrd").is_file()
     checks.append(_check("guest kernel", have_kernel,
                          str(kdir) if have_kernel else f"missing in {kdir}: run `mvm setup`"))
+    checks.append(_jail_check(settings_, qemu))
     fc = proc.which("firecracker")
     checks.append(_check("firecracker", bool(fc), fc or "not installed (qemu backend is used)",
                          required=False))
     return checks
+
+
+def _jail_check(settings_: Settings, qemu: str | None) -> dict[str, Any]:
+    """The hypervisor jail: whether it is on, its uid range, cgroups, seccomp."""
+    from mvm.runtime import jail
+
+    mode = jail.Mode(settings_.jail.value)
+    sup = jail.support()
+    seccomp = jail.seccomp_works(qemu) if qemu and mode is not jail.Mode.OFF else None
+    if seccomp is not None:
+        sup = jail.Support(False, f"QEMU's seccomp sandbox does not work: {seccomp}", sup.cgroups)
+    ok = mode is jail.Mode.OFF or sup.ok
+    return _check("jail", ok, sup.line(mode, settings_.jail_uid_base),
+                  required=mode is jail.Mode.REQUIRED, mode=mode.value,
+                  cgroup_version=sup.cgroups.version, controllers=sorted(sup.cgroups.roots),
+                  seccomp=seccomp is None and mode is not jail.Mode.OFF)

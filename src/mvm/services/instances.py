@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from mvm.config.host import Host
 from mvm.errors import IllegalTransition, MvmError, combined
 from mvm.guest.agent_client import EXEC_OUTPUT_LIMIT, ExecResult, check_exec_limits
-from mvm.lifecycle import apply, observe, specs
+from mvm.lifecycle import apply, observe, secrets_disk, specs
 from mvm.lifecycle.run import Progress, noop
 from mvm.model import Action, Instance, InstanceRef, Reason, State
 from mvm.runtime import console as console_log
@@ -58,13 +58,19 @@ def console(ctx: Host, ref: InstanceRef) -> bytes:
 def redeliver_secrets(ctx: Host, tenant: str, progress: Progress = noop) -> list[str]:
     """Restart running/warm instances holding old secrets, each on the revision it runs;
     sleeping ones get the new secrets at wake. Returns what was restarted. A failure of one is
-    reported and the others still go; all failures are in the error."""
+    reported and the others still go; all failures are in the error.
+
+    Nothing is stopped unless the secrets disk a start builds can be built now: secrets that
+    cannot be delivered leave every instance running as it was."""
     t = ctx.store.tenant(tenant)
+    stale = [i for i in ctx.store.instances(tenant)
+             if i.state in (State.RUNNING, State.WARM) and i.secrets_version < t.secrets_version]
+    if stale:  # (a trial image, removed at once)
+        secrets_disk.build(ctx.layout, tenant, "redelivery-check")
+        secrets_disk.remove(ctx.layout, "redelivery-check")
     done: list[str] = []
     failed: list[MvmError] = []
-    for i in ctx.store.instances(tenant):
-        if i.state not in (State.RUNNING, State.WARM) or i.secrets_version >= t.secrets_version:
-            continue
+    for i in stale:
         was_warm = i.state is State.WARM
         try:
             apply(ctx, i.ref, Action.STOP, reason=Reason.SECRETS, progress=progress)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import time
 from collections.abc import Callable
 
-from mvm.build import nix, pipeline
+from mvm.build import pipeline, source
 from mvm.config.host import Host
 from mvm.errors import Conflict, InvalidInput, NotFound, QuotaExceeded
+from mvm.lifecycle import disks
 from mvm.model import (
     MAX_CPUS,
     MAX_MEM_MIB,
@@ -20,11 +22,13 @@ from mvm.model import (
     Revision,
     check_revision,
 )
-from mvm.store import pool_lock_name
+from mvm.store import Store, pool_lock_name, tenant_lock_name
+from mvm.util import private
 
 BUILTIN_PROFILES = ("minimal", "baseline", "python")
 MIN_DATA_DISK_MIB = 8
 NETWORK_MODES = ("tenant", "none")
+PROFILE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_'-]*")
 
 
 def builtin_flake(ctx: Host) -> str:
@@ -55,25 +59,39 @@ def create(ctx: Host, ref: PoolRef, flake: str | None, profile: str, cpus: int, 
         raise QuotaExceeded(f"--cpus {cpus} exceeds tenant {tenant.id}'s vCPU quota ({q.max_vcpus})")
     if mem > q.max_mem:
         raise QuotaExceeded(f"--mem {mem} exceeds tenant {tenant.id}'s memory quota ({q.max_mem} MiB)")
-    existing = store.pools(tenant.id)
-    if any(p.id == ref.pool for p in existing):
-        raise Conflict(f"pool {ref} already exists", "choose another name or `mvm pool destroy` it first")
-    if len(existing) >= q.max_pools:
-        raise QuotaExceeded(f"tenant {tenant.id} already has {len(existing)} pools (quota {q.max_pools})")
-    flake_ref = nix.normalize_ref(flake) if flake else builtin_flake(ctx)
+    if data_disk > min(q.max_data_disk, q.max_disk):
+        raise QuotaExceeded(f"--data-disk {data_disk} exceeds tenant {tenant.id}'s data disk quota"
+                            f" ({min(q.max_data_disk, q.max_disk)} MiB per instance)",
+                            "give a smaller --data-disk, or a tenant with a larger --max-data-disk")
+    if data_disk:
+        disks.check_room(ctx.layout.tenant_dir(tenant.id), data_disk)
+    _check_new(store, ref, q.max_pools)  # at once; again under the tenant's lock below
+    # The host never evaluates a tenant's flake: only the reference's form and the directory
+    # are checked here; a profile the flake lacks is reported by the first build.
+    if not PROFILE_NAME.fullmatch(profile):
+        raise InvalidInput(f"profile {profile!r} is not a name",
+                           "a profile is an attribute name under packages.<system>, e.g. baseline")
+    flake_ref = source.check_ref(flake, ctx.layout) if flake else builtin_flake(ctx)
     if flake is None and profile not in BUILTIN_PROFILES:
         raise InvalidInput(f"no built-in profile {profile!r}",
                            f"built-in profiles: {', '.join(BUILTIN_PROFILES)}; or pass --flake")
-    available = nix.profiles(flake_ref, ctx.settings.nixpkgs)
-    if profile not in available:
-        raise NotFound(f"flake {flake_ref} has no profile {profile!r}",
-                       f"it has: {', '.join(available) or 'none'}")
     pool = Pool(ref.tenant, ref.pool, flake_ref, profile, cpus, mem, data_disk, network,
                 created=time.time())
-    store.add_pool(pool)
-    ctx.layout.artifacts_dir(ref.tenant, ref.pool).mkdir(parents=True, exist_ok=True)
+    # Counted and added under the tenant's lock: concurrent creates cannot both pass the count.
+    with ctx.locks.lock(tenant_lock_name(ref.tenant)):
+        _check_new(store, ref, q.max_pools)
+        store.add_pool(pool)
+    private.mkdirs(ctx.layout.artifacts_dir(ref.tenant, ref.pool))
     store.event(Event("pool.create", f"pool {ref} from {flake_ref}#{profile}", tenant=ref.tenant, pool=ref.pool))
     return pool
+
+
+def _check_new(store: Store, ref: PoolRef, max_pools: int) -> None:
+    existing = store.pools(ref.tenant)
+    if any(p.id == ref.pool for p in existing):
+        raise Conflict(f"pool {ref} already exists", "choose another name or `mvm pool destroy` it first")
+    if len(existing) >= max_pools:
+        raise QuotaExceeded(f"tenant {ref.tenant} already has {len(existing)} pools (quota {max_pools})")
 
 
 def build(ctx: Host, ref: PoolRef, force: bool = False,
@@ -82,8 +100,10 @@ def build(ctx: Host, ref: PoolRef, force: bool = False,
     pool = store.pool(ref.tenant, ref.pool)
     with ctx.locks.lock(pool_lock_name(ref.tenant, ref.pool)):
         bdir = ctx.layout.builds_dir(ref.tenant, ref.pool)
-        bdir.mkdir(parents=True, exist_ok=True)
+        private.mkdirs(bdir)
         log = bdir / f"{time.strftime('%Y%m%dT%H%M%S')}-{time.time_ns() % 10**9:09d}.log"
+        with private.open_new(log):  # 0600 before Nix writes a line to it
+            pass
         store.interrupt_builds(ref.tenant, ref.pool)
         build_id = store.start_build(ref.tenant, ref.pool, str(log))
         try:

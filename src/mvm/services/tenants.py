@@ -4,21 +4,33 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import time
+from collections.abc import Iterable
+from ipaddress import IPv4Network
 from pathlib import Path
 
 from mvm.config.host import Host
-from mvm.errors import Conflict, InvalidInput
+from mvm.errors import Conflict, InvalidInput, QuotaExceeded
+from mvm.lifecycle import secrets_disk
 from mvm.model import Event, Quotas, State, Tenant, check_id
 from mvm.network import plan
-from mvm.store import Store, tenant_lock_name
+from mvm.store import Store, quota_lock_name, tenant_lock_name
+from mvm.util import inputs, private
+
+#: `tenants/` may be passed through (a jailed hypervisor opens its own files below it), not
+#: listed; each tenant's directory is 0700.
+TENANTS_MODE = 0o711
 
 
 def create(ctx: Host, tid: str, net_id: int | None = None, subnet: str | None = None,
-           quotas: Quotas | None = None) -> Tenant:
+           quotas: Quotas | None = None, egress_allow: Iterable[str] = (),
+           egress_deny: Iterable[str] = ()) -> Tenant:
     check_id("tenant", tid)
+    from mvm.network import firewall
+
+    allow = tuple(str(n) for n in firewall.parse_egress(egress_allow, "allow"))
+    deny = tuple(str(n) for n in firewall.parse_egress(egress_deny, "deny"))
     q = quotas or Quotas()
     for name, value in vars(q).items():
         if value < 0:
@@ -34,14 +46,58 @@ def create(ctx: Host, tid: str, net_id: int | None = None, subnet: str | None = 
         else:
             plan.validate_net_id(net_id, used_ids)
         others = [t.subnet for t in existing]
+        routes = _host_routes()
         if subnet is None:
-            subnet = str(plan.allocate_subnet(others, net_id))
+            try:
+                subnet = str(plan.allocate_subnet([*others, *routes], net_id))
+            except QuotaExceeded:
+                if not routes:
+                    raise
+                raise QuotaExceeded(
+                    f"no /24 of {plan.SUBNET_POOL} is free of other tenants and of the host "
+                    f"routes {', '.join(str(r) for r in routes)}",
+                    "give the tenant a subnet of its own with --subnet") from None
         else:
-            subnet = str(plan.validate_subnet(subnet, others))
-        t = Tenant(tid, net_id, subnet, q, 0, time.time())
+            net = plan.validate_subnet(subnet, others)
+            for route in routes:
+                if route.overlaps(net):
+                    raise Conflict(f"subnet {net} overlaps the host route {route}",
+                                   "pick another /24, or omit --subnet to have one allocated")
+            subnet = str(net)
+        t = Tenant(tid, net_id, subnet, q, 0, time.time(), egress_allow=allow, egress_deny=deny)
         store.add_tenant(t)
-        ctx.layout.tenant_dir(tid).mkdir(parents=True, exist_ok=True, mode=0o700)
+        private.mkdirs(ctx.layout.tenant_dir(tid).parent, TENANTS_MODE)
+        private.mkdirs(ctx.layout.tenant_dir(tid))
         store.event(Event("tenant.create", f"tenant {tid} net-id {net_id} subnet {subnet}", tenant=tid))
+    return t
+
+
+def _host_routes() -> list[IPv4Network]:
+    """The host's routes other than the default route and mvm's bridges' (a tenant subnet on
+    one of them would shadow it)."""
+    from mvm.network import host
+
+    return host.host_networks()
+
+
+def set_egress(ctx: Host, tid: str, allow: Iterable[str] | None = None,
+               deny: Iterable[str] | None = None) -> Tenant:
+    """Replace the tenant's egress allow and/or deny list (None keeps a list as it is) and
+    apply it at once to a network that is up."""
+    from mvm.lifecycle import netops
+    from mvm.network import firewall
+
+    store = ctx.store
+    t = store.tenant(tid)
+    new_allow = t.egress_allow if allow is None else \
+        tuple(str(n) for n in firewall.parse_egress(allow, "allow"))
+    new_deny = t.egress_deny if deny is None else \
+        tuple(str(n) for n in firewall.parse_egress(deny, "deny"))
+    with ctx.locks.lock(tenant_lock_name(tid)):
+        t = store.set_tenant_egress(tid, new_allow, new_deny)
+        netops.refresh_tenant(ctx, t)
+        store.event(Event("tenant.egress", f"egress allow {list(new_allow) or 'any'}, "
+                          f"deny {list(new_deny) or 'none'}", tenant=tid))
     return t
 
 
@@ -68,34 +124,26 @@ def destroy(ctx: Host, tid: str, force: bool = False) -> None:
                 with contextlib.suppress(OSError):
                     d.rmdir()
         store.event(Event("tenant.destroy", f"tenant {tid} destroyed", tenant=tid))
+        ctx.locks.remove(quota_lock_name(tid))
         ctx.locks.remove(tenant_lock_name(tid))  # (we hold it)
 
 
 def set_secrets(ctx: Host, tid: str, source: Path) -> int:
-    """Store the tenant's secrets (a JSON object) 0600; returns the new secrets version."""
+    """Store the tenant's secrets (a JSON object) 0600; returns the new secrets version.
+
+    What is accepted here fits the secrets disk every start and wake builds (same limit)."""
     store = ctx.store
     store.tenant(tid)
-    try:
-        raw = source.read_bytes()
-    except OSError as e:
-        raise InvalidInput(f"cannot read {source}: {e.strerror}") from e
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InvalidInput(f"{source} is not valid JSON ({e.__class__.__name__})",
-                           "secrets must be a JSON object, e.g. {\"API_KEY\": \"...\"}") from None
+    hint = "secrets must be a JSON object, e.g. {\"API_KEY\": \"...\"}"
+    raw = inputs.read_file(source, secrets_disk.MAX_BYTES, hint)
+    data = inputs.load_json(raw, str(source), hint)
     if not isinstance(data, dict):
-        raise InvalidInput(f"{source} holds a JSON {type(data).__name__}, not an object",
-                           "secrets must be a JSON object, e.g. {\"API_KEY\": \"...\"}")
+        raise InvalidInput(f"{source} holds a JSON {type(data).__name__}, not an object", hint)
+    stored = json.dumps(data, indent=2, sort_keys=True).encode() + b"\n"
+    secrets_disk.check_size(tid, len(stored))
     dest = ctx.layout.secrets_file(tid)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".secrets-{os.getpid()}.json")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, json.dumps(data, indent=2, sort_keys=True).encode() + b"\n")
-    finally:
-        os.close(fd)
-    os.replace(tmp, dest)
+    private.mkdirs(dest.parent)
+    private.write(dest, stored)
     version = store.bump_secrets_version(tid)
     store.event(Event("tenant.secrets", f"secrets set ({len(data)} keys), version {version}",
                       tenant=tid))

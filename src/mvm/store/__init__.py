@@ -2,7 +2,8 @@
 implementations (SQLite, flock)."""
 
 from mvm.store.base import Locks, Store
-from mvm.store.locks import FileLocks, pool_lock_name, tenant_lock_name
+from mvm.store.locks import FileLocks, pool_lock_name, quota_lock_name, tenant_lock_name
 from mvm.store.sqlite import SqliteStore
 
-__all__ = ["FileLocks", "Locks", "SqliteStore", "Store", "pool_lock_name", "tenant_lock_name"]
+__all__ = ["FileLocks", "Locks", "SqliteStore", "Store", "pool_lock_name", "quota_lock_name",
+           "tenant_lock_name"]

@@ -89,3 +89,9 @@ def pool_lock_name(tenant: str, pool: str) -> str:
 
 def tenant_lock_name(tenant: str) -> str:
     return f"tenant-{tenant}"
+
+
+def quota_lock_name(tenant: str) -> str:
+    """Held only while a tenant's quota is checked and what takes it is recorded: taken last
+    (after the tenant's and a pool's), never held while waiting for another lock."""
+    return f"quota-{tenant}"

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from mvm.errors import Conflict, HostUnsupported, NotFound
 from mvm.model import Action, Event, Instance, Op, Pool, Quotas, Revision, State, Tenant
+from mvm.util import private
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tenants (
@@ -47,6 +48,7 @@ CREATE UNIQUE INDEX IF NOT EXISTS instance_address ON instances(tenant, host_ind
 CREATE TABLE IF NOT EXISTS events (
   id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, tenant TEXT, pool TEXT,
   instance TEXT, kind TEXT NOT NULL, message TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS jail_ids (owner TEXT PRIMARY KEY, n INTEGER NOT NULL UNIQUE);
 """
 # Columns added after the first schema: (table, column, declaration).
 MIGRATIONS = (
@@ -54,16 +56,26 @@ MIGRATIONS = (
     ("instances", "snapshot", "TEXT"),  # the committed snapshot's name
     ("events", "reason", "TEXT NOT NULL DEFAULT 'user'"),
     ("builds", "owner", "INTEGER"),  # pid of the command running it
+    ("tenants", "egress", "TEXT"),  # JSON {"allow": [cidr…], "deny": [cidr…]}
 )
+#: A state home mvm makes: passed through, not listed (what is below it is 0700 and 0600).
+HOME_MODE = 0o711
 _INSTANCE_COLS = ("id", "tenant", "pool", "state", "revision", "host_index", "ip", "mac",
                   "secrets_version", "pid", "created", "updated", "error", "op", "snapshot")
+
+
+def _egress_json(allow: tuple[str, ...], deny: tuple[str, ...]) -> str | None:
+    return json.dumps({"allow": list(allow), "deny": list(deny)}) if allow or deny else None
 
 
 class SqliteStore:
     def __init__(self, db: Path) -> None:
         self.path = db
         if not self.path.exists():
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # 0600 from the start: SQLite gives its -wal and -shm files the database's mode
+            private.mkdirs(self.path.parent, HOME_MODE)
+            with contextlib.suppress(FileExistsError):
+                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         self.read_only = False
         try:
             self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
@@ -126,9 +138,10 @@ class SqliteStore:
         try:
             with self.tx() as db:
                 db.execute(
-                    "INSERT INTO tenants VALUES (?,?,?,?,?,?)",
+                    "INSERT INTO tenants (id, net_id, subnet, quotas, secrets_version, created,"
+                    " egress) VALUES (?,?,?,?,?,?,?)",
                     (t.id, t.net_id, t.subnet, json.dumps(asdict(t.quotas)), t.secrets_version,
-                     t.created or time.time()),
+                     t.created or time.time(), _egress_json(t.egress_allow, t.egress_deny)),
                 )
         except sqlite3.IntegrityError as e:
             raise Conflict(f"tenant {t.id!r} conflicts with an existing tenant ({e})") from e
@@ -150,11 +163,21 @@ class SqliteStore:
     def remove_tenant(self, tid: str) -> None:
         with self.tx() as db:
             db.execute("DELETE FROM tenants WHERE id=?", (tid,))
+            db.execute("DELETE FROM jail_ids WHERE owner=?", (f"tenant:{tid}",))
+
+    def set_tenant_egress(self, tid: str, allow: tuple[str, ...], deny: tuple[str, ...]) -> Tenant:
+        with self.tx() as db:
+            db.execute("UPDATE tenants SET egress=? WHERE id=?", (_egress_json(allow, deny), tid))
+        return self.tenant(tid)
 
     @staticmethod
     def _tenant(r: sqlite3.Row) -> Tenant:
+        cols = r.keys()  # (a Row's `in` looks at values, not column names)
+        egress = json.loads(r["egress"]) if "egress" in cols and r["egress"] else {}
         return Tenant(r["id"], r["net_id"], r["subnet"], Quotas(**json.loads(r["quotas"])),
-                      r["secrets_version"], r["created"])
+                      r["secrets_version"], r["created"],
+                      egress_allow=tuple(egress.get("allow", ())),
+                      egress_deny=tuple(egress.get("deny", ())))
 
     # -- pools -----------------------------------------------------------
     def add_pool(self, p: Pool) -> None:
@@ -307,6 +330,7 @@ class SqliteStore:
     def remove_instance(self, iid: str, event: Event | None = None) -> None:
         with self.tx() as db:
             db.execute("DELETE FROM instances WHERE id=?", (iid,))
+            db.execute("DELETE FROM jail_ids WHERE owner=?", (f"instance:{iid}",))
             self._event(db, event)
 
     # -- transitions in flight ---------------------------------------------
@@ -366,6 +390,20 @@ class SqliteStore:
             db.execute("INSERT INTO events (ts,tenant,pool,instance,kind,message,reason)"
                        " VALUES (?,?,?,?,?,?,?)",
                        (time.time(), e.tenant, e.pool, e.instance, e.kind, e.message, e.reason.value))
+
+    # -- jail ids -----------------------------------------------------------
+    def jail_number(self, owner: str) -> int:
+        """The owner's number (`tenant:<t>`, `instance:<i>`), allocated on first use: the
+        smallest one free, ≥ 1; kept until the owner is removed."""
+        with self.tx() as db:
+            row = db.execute("SELECT n FROM jail_ids WHERE owner=?", (owner,)).fetchone()
+            if row is not None:
+                return int(row[0])
+            n = db.execute("SELECT CASE WHEN NOT EXISTS (SELECT 1 FROM jail_ids WHERE n=1) THEN 1"
+                           " ELSE (SELECT MIN(n) + 1 FROM jail_ids j WHERE NOT EXISTS"
+                           " (SELECT 1 FROM jail_ids k WHERE k.n = j.n + 1)) END").fetchone()[0]
+            db.execute("INSERT INTO jail_ids (owner, n) VALUES (?, ?)", (owner, n))
+            return int(n)
 
     def event(self, e: Event) -> None:
         with self.tx() as db:

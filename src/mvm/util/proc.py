@@ -32,6 +32,7 @@ def run(
     cwd: str | Path | None = None,
     capture: bool = True,
     stdout: int | None = None,
+    pass_fds: Sequence[int] = (),
 ) -> subprocess.CompletedProcess[bytes]:
     """Run argv to completion. On failure raise CommandFailed naming the exact command."""
     args = [os.fspath(a) for a in argv]
@@ -54,6 +55,7 @@ def run(
             cwd=cwd,
             timeout=timeout,
             check=False,
+            pass_fds=tuple(pass_fds),
         )
     except FileNotFoundError as e:
         raise CommandFailed(f"{args[0]}: not found", "run `mvm doctor` to see what the host is missing",

@@ -1,0 +1,115 @@
+"""What a build produced is a tenant's bytes: the host follows nothing out of its closure.
+
+A profile's output, its kernel and its initrd are made by a tenant's derivation, and a
+derivation may make any of them a symlink to anything (`ln -s /etc $out`). mvm packs images
+as root, so every path it reads from an output is resolved here first: symlinks are followed
+only while they stay inside the build's closure (store paths under /nix/store that the output
+references), and anything that leaves it is refused with one line. The builder microVM's
+host side uses the same checks on the files it receives (`check_kernel`, `check_initrd`).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterable
+from pathlib import Path
+
+from mvm.errors import BuildFailed
+
+STORE = Path("/nix/store")
+MAX_LINKS = 40  # as the kernel's own limit on symlinks in one lookup
+BZIMAGE_MAGIC_OFFSET = 0x202  # "HdrS" in a bzImage's real-mode header
+
+
+class OutsideClosure(BuildFailed):
+    """A build output names something outside its closure (or is not what it must be)."""
+
+
+def resolve(path: Path | str, closure: Iterable[str], store: Path = STORE) -> Path | None:
+    """`path` (under one of `closure`'s store paths) with its symlinks followed only inside
+    the closure: the real path, whose components are no symlinks, or None when it does not
+    exist. A symlink leading anywhere else (another store path, /etc, a tenant's directory,
+    `..` above the store) raises OutsideClosure naming where it leads."""
+    allowed = {Path(p).name for p in closure}
+    path = Path(path)
+    if not _under(path, store):
+        raise OutsideClosure(f"{path} is not in the Nix store")
+    todo = list(path.parts[len(store.parts):])  # ".." kept: resolved below, link by link
+    cur = store
+    links = 0
+    origin = path
+    while todo:
+        name = todo.pop(0)
+        if name in ("", "."):
+            continue
+        if name == "..":
+            if cur == store:
+                raise _outside(origin, "..")
+            cur = cur.parent
+            continue
+        if cur == store and name not in allowed:
+            raise _outside(origin, str(store / name))
+        nxt = cur / name
+        try:
+            st = os.lstat(nxt)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        if stat.S_ISLNK(st.st_mode):
+            links += 1
+            if links > MAX_LINKS:
+                raise OutsideClosure(f"{origin}: too many levels of symbolic links")
+            target = os.readlink(nxt)
+            if os.path.isabs(target):
+                if not _under(Path(target), store):
+                    raise _outside(origin, target)
+                cur = store
+                todo = list(Path(target).parts[len(store.parts):]) + todo
+            else:
+                todo = list(Path(target).parts) + todo
+            continue
+        if todo and not stat.S_ISDIR(st.st_mode):
+            return None
+        cur = nxt
+    if cur == store:
+        raise _outside(origin, str(store))
+    return cur
+
+
+def _under(path: Path, store: Path) -> bool:
+    return path.is_absolute() and path.parts[:len(store.parts)] == store.parts \
+        and len(path.parts) > len(store.parts)
+
+
+def _outside(origin: Path, where: str) -> OutsideClosure:
+    return OutsideClosure(f"the build output {origin} leads to {where}, outside the build's closure",
+                          "a profile's files must be in its own closure; mvm follows no link out of it")
+
+
+def regular_file(path: Path | str, closure: Iterable[str], what: str,
+                 store: Path = STORE) -> Path | None:
+    """A file of a build output that must be a regular file inside the closure (resolved),
+    or None when nothing is there (a dangling link inside the closure counts as nothing)."""
+    real = resolve(path, closure, store)
+    if real is None:
+        return None
+    if not stat.S_ISREG(os.lstat(real).st_mode):
+        raise OutsideClosure(f"the profile's {what} {path} is not a regular file",
+                             f"ship the {what} as a file in the profile's output")
+    return real
+
+
+def check_kernel(path: Path) -> None:
+    """A kernel mvm can boot: an ELF vmlinux or a bzImage."""
+    with open(path, "rb") as f:
+        head = f.read(BZIMAGE_MAGIC_OFFSET + 4)
+    if head[:4] == b"\x7fELF" or head[BZIMAGE_MAGIC_OFFSET:BZIMAGE_MAGIC_OFFSET + 4] == b"HdrS":
+        return
+    raise OutsideClosure(f"the profile's kernel {path} is neither an ELF vmlinux nor a bzImage",
+                         "ship an uncompressed vmlinux (or a bzImage for QEMU pools)")
+
+
+def check_initrd(path: Path) -> None:
+    """An initrd is any non-empty file (a cpio archive, compressed or not)."""
+    if os.stat(path).st_size == 0:
+        raise OutsideClosure(f"the profile's initrd {path} is empty")
