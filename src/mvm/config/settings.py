@@ -24,6 +24,11 @@ class Backend(StrEnum):
     FIRECRACKER = "firecracker"
 
 
+class Builder(StrEnum):
+    VM = "vm"  # the ephemeral builder microVM (tenants' flakes never evaluated on the host)
+    HOST = "host"  # the host's Nix: trusted single-tenant hosts only
+
+
 def _choice(enum: type[StrEnum]) -> Callable[[str], StrEnum]:
     def parse(value: str) -> StrEnum:
         try:
@@ -48,6 +53,8 @@ SETTINGS: dict[str, Setting] = {
                 "flake ref that a flake's `nixpkgs` input is pointed at (empty: use the flake's own)"),
         Setting("accel", "auto", "QEMU accelerator: auto (probe KVM speed), kvm or tcg", _choice(Accel)),
         Setting("backend", "qemu", "runtime backend: qemu or firecracker", _choice(Backend)),
+        Setting("builder", "vm", "where `pool build` runs Nix: vm (the builder microVM) or "
+                "host (trusted single-tenant hosts only)", _choice(Builder)),
     )
 }
 
@@ -57,6 +64,7 @@ class Settings:
     nixpkgs: str = ""
     accel: Accel = Accel.AUTO
     backend: Backend = Backend.QEMU
+    builder: Builder = Builder.VM
 
     @classmethod
     def load(cls, layout: Layout) -> Settings:

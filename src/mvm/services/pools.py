@@ -20,6 +20,7 @@ from mvm.model import (
     Revision,
     check_revision,
 )
+from mvm.services import builder
 from mvm.store import pool_lock_name
 
 BUILTIN_PROFILES = ("minimal", "baseline", "python")
@@ -77,17 +78,30 @@ def create(ctx: Host, ref: PoolRef, flake: str | None, profile: str, cpus: int, 
 
 
 def build(ctx: Host, ref: PoolRef, force: bool = False,
-          progress: Callable[[str, str], None] = lambda s, m: None) -> tuple[Revision, bool]:
+          progress: Callable[[str, str], None] = lambda s, m: None,
+          builder_kind: str | None = None,
+          options: builder.Options | None = None) -> tuple[Revision, bool]:
+    """Build in the builder microVM (`vm`) or with the host's Nix (`host`: trusted hosts
+    only); by default as the `builder` setting says."""
     store = ctx.store
     pool = store.pool(ref.tenant, ref.pool)
+    kind = builder_kind or ctx.settings.builder.value
+    if kind not in ("vm", "host"):
+        raise InvalidInput(f"--builder must be vm or host (got {kind!r})")
+    opts = options or builder.Options()
+    opts.check()
     with ctx.locks.lock(pool_lock_name(ref.tenant, ref.pool)):
         bdir = ctx.layout.builds_dir(ref.tenant, ref.pool)
         bdir.mkdir(parents=True, exist_ok=True)
         log = bdir / f"{time.strftime('%Y%m%dT%H%M%S')}-{time.time_ns() % 10**9:09d}.log"
         store.interrupt_builds(ref.tenant, ref.pool)
-        build_id = store.start_build(ref.tenant, ref.pool, str(log))
+        build_id = store.start_build(ref.tenant, ref.pool, str(log), builder=kind)
         try:
-            rev, cached = pipeline.run_build(ctx.layout, ctx.settings.nixpkgs, pool, force, log, progress)
+            if kind == "vm":
+                rev, cached = builder.build(ctx, pool, force, log, progress, opts)
+            else:
+                rev, cached = pipeline.run_build(ctx.layout, ctx.settings.nixpkgs, pool, force,
+                                                 log, progress)
             store.add_revision(rev)
             pipeline.switch_current(ctx.layout, ref.tenant, ref.pool, rev.hash)
             store.set_pool_current(ref.tenant, ref.pool, rev.hash)

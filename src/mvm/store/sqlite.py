@@ -54,6 +54,7 @@ MIGRATIONS = (
     ("instances", "snapshot", "TEXT"),  # the committed snapshot's name
     ("events", "reason", "TEXT NOT NULL DEFAULT 'user'"),
     ("builds", "owner", "INTEGER"),  # pid of the command running it
+    ("builds", "builder", "TEXT"),  # vm (the builder microVM) or host
 )
 _INSTANCE_COLS = ("id", "tenant", "pool", "state", "revision", "host_index", "ip", "mac",
                   "secrets_version", "pid", "created", "updated", "error", "op", "snapshot")
@@ -222,10 +223,11 @@ class SqliteStore:
         with self.tx() as db:
             db.execute("DELETE FROM revisions WHERE tenant=? AND pool=? AND hash=?", (tenant, pid, rev))
 
-    def start_build(self, tenant: str, pid: str, log: str) -> int:
+    def start_build(self, tenant: str, pid: str, log: str, builder: str = "host") -> int:
         with self.tx() as db:
-            cur = db.execute("INSERT INTO builds (tenant,pool,started,status,log,owner) VALUES (?,?,?,?,?,?)",
-                             (tenant, pid, time.time(), "running", log, os.getpid()))
+            cur = db.execute("INSERT INTO builds (tenant,pool,started,status,log,owner,builder)"
+                             " VALUES (?,?,?,?,?,?,?)",
+                             (tenant, pid, time.time(), "running", log, os.getpid(), builder))
         return int(cur.lastrowid or 0)
 
     def finish_build(self, build_id: int, status: str, revision: str | None = None,
