@@ -27,6 +27,8 @@ from mvm.util.hashing import file_sha256
 SYSTEM = "x86_64-linux"
 NIX_ENV = {"NIX_REMOTE": "local", "HOME": "/tmp", "XDG_CACHE_HOME": "/tmp/.cache"}
 WORK = Path("/nix/.mvm-work")
+#: Collect the pool's store when less than this share of it is free.
+GC_BELOW = 0.3
 
 
 class JobFailed(Exception):
@@ -80,6 +82,13 @@ def build(indir: Path, job: dict[str, Any], console: Console) -> tuple[dict[str,
     nixpkgs = f"path:{indir / 'nixpkgs'}"
     flake = f"path:{indir / 'src'}"
     common = ["--no-write-lock-file", "--override-input", "nixpkgs", nixpkgs]
+
+    st = os.statvfs("/nix")
+    if st.f_bavail < st.f_blocks * GC_BELOW:
+        # The pool's store holds only this pool's builds; nothing in it is a root.
+        console.step("gc", "…")
+        _run(console, ["nix-store", "--gc"], stream=False)
+        console.step("gc", "the pool's store was nearly full: collected")
 
     imports: list[str] = job["imports"]
     console.step("import", "…")

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from mvm.build import builder_image, vm_build
+from mvm.build import builder_image, outputs, vm_build
 from mvm.config.host import Host
 from mvm.errors import BuildFailed, InvalidInput
 from mvm.model import Pool, Revision
@@ -67,6 +67,7 @@ def build(ctx: Host, pool: Pool, force: bool, log: Path, progress: Progress,
     opts.check()
     started = time.monotonic()
     image = info(ctx)
+    end_stale(ctx, pool)
     progress("inputs", "…")
     prep = vm_build.prepare(ctx.layout, ctx.settings.nixpkgs, pool, image)
     try:
@@ -82,21 +83,34 @@ def build(ctx: Host, pool: Pool, force: bool, log: Path, progress: Progress,
         vm_build.disks(prep)
         _run(ctx, pool, prep, log, progress, opts)
         progress("collect", "…")
-        revision = vm_build.collect(ctx.layout, pool, prep, image, log, started)
+        try:
+            revision = vm_build.collect(ctx.layout, pool, prep, image, log, started)
+        except outputs.BadOutput as e:
+            tail = _tail(log)
+            raise outputs.BadOutput(e.message + (f"\nthe builder's last lines:\n{tail}" if tail else ""),
+                                    e.hint) from e
         progress("collect", f"revision {revision.hash}")
         return revision, False
     finally:
         shutil.rmtree(prep.workdir, ignore_errors=True)
 
 
-def spec(ctx: Host, pool: Pool, prep: vm_build.Prepared, opts: Options) -> VmSpec:
+def end_stale(ctx: Host, pool: Pool) -> None:
+    """End a builder left by a command that was killed (the caller holds the pool's lock)."""
+    vm = spec(ctx, pool, None, Options())
+    ctx.runtime().stop(vm, 0)
+    shutil.rmtree(vm.run_dir, ignore_errors=True)
+
+
+def spec(ctx: Host, pool: Pool, prep: vm_build.Prepared | None, opts: Options) -> VmSpec:
+    """The builder's VM (without disks when only its process and files are looked for)."""
     kdir = ctx.layout.kernel_dir()
     initrd = kdir / "initrd"
     return VmSpec(
         name=f"builder-{pool.tenant}-{pool.id}", vcpus=opts.cpus, mem_mib=opts.mem_mib,
         kernel=kdir / "vmlinux", initrd=initrd if initrd.is_file() else None,
         cmdline="root=/dev/vda mvm.rootwait=30",
-        disks=tuple(Disk(i, p, ro) for i, p, ro in prep.disks()), net=None,
+        disks=tuple(Disk(i, p, ro) for i, p, ro in prep.disks()) if prep else (), net=None,
         run_dir=ctx.layout.runtime_dir() / f"builder.{pool.tenant}.{pool.id}")
 
 
@@ -107,7 +121,6 @@ def _run(ctx: Host, pool: Pool, prep: vm_build.Prepared, log: Path, progress: Pr
     progress("builder", "…")  # ended by the builder's own "@mvm builder up"
     console = _Console(runtime.console_log(vm), log, progress)
     try:
-        runtime.stop(vm, 0)  # one left by a command that died (we hold the pool's lock)
         runtime.boot(vm)
         deadline = time.monotonic() + opts.timeout
         while runtime.is_alive(vm):
@@ -126,6 +139,16 @@ def _run(ctx: Host, pool: Pool, prep: vm_build.Prepared, log: Path, progress: Pr
         console.pump()
         console.close()
         shutil.rmtree(vm.run_dir, ignore_errors=True)
+
+
+def _tail(log: Path, lines: int = 6) -> str:
+    try:
+        with log.open("rb") as f:
+            f.seek(max(0, f.seek(0, 2) - 4096))
+            text = f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    return "\n".join(ln for ln in text.splitlines()[-lines:] if ln.strip())
 
 
 class _Console:

@@ -191,6 +191,7 @@ def destroy(ctx: Host, ref: PoolRef, force: bool = False) -> None:
 
             for i in live:
                 apply(ctx, i.ref, Action.DESTROY, locked=True)
+        builder.end_stale(ctx, store.pool(ref.tenant, ref.pool))
         store.remove_pool(ref.tenant, ref.pool)
         shutil.rmtree(ctx.layout.pool_dir(ref.tenant, ref.pool), ignore_errors=True)
         store.event(Event("pool.destroy", f"pool {ref} destroyed", tenant=ref.tenant, pool=ref.pool))
