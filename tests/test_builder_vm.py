@@ -19,7 +19,7 @@ import pytest
 
 from mvm.build import outputs
 from mvm.config.paths import Layout
-from tests.conftest import Mvm, instances_by_state, needs_assets, sh
+from tests.conftest import Mvm, _kill_guests_of, instances_by_state, needs_assets, sh
 
 VM_MARKS = (pytest.mark.guest, pytest.mark.nix,
             needs_assets("kernel", "nixpkgs-offline", "builder"))
@@ -110,6 +110,13 @@ def test_guide_flake_through_the_builder_vm_same_revision_as_host_and_boots(
 @vm_test
 def test_failing_flake_timeout_and_interrupt_leave_current_and_nothing_behind(
         mvm: Mvm, tmp_path: Path) -> None:
+    try:
+        _failures(mvm, tmp_path)
+    finally:
+        _kill_guests_of(mvm.home)  # (a safety net: the test fails on any builder left)
+
+
+def _failures(mvm: Mvm, tmp_path: Path) -> None:
     flake = tmp_path / "flake"
     flake.mkdir()
     (flake / "flake.nix").write_text(FLAKE)

@@ -153,6 +153,7 @@ def collect(layout: Layout, pool: Pool, prep: Prepared, builder: builder_image.B
         if not result["ok"]:
             raise BuildFailed(str(result.get("error") or "the build failed"), f"full log: {log}")
         manifest = _check(result, files, tmp, layout)
+        manifest.update(_locks(Path(pool.flake.removeprefix("path:"))))
         rev = manifest["revision"]
         if manifest["kernel"]["source"] == "default":
             shutil.copyfile(layout.kernel_dir() / "vmlinux", tmp / "vmlinux")
@@ -215,22 +216,32 @@ def _check(result: dict[str, Any], files: dict[str, str], tmp: Path,
     closure_size, closure_paths = result.get("closure_size"), result.get("closure_paths")
     if not isinstance(closure_size, int) or not isinstance(closure_paths, int):
         raise bad("no closure size")
-    locks = result.get("locks") if isinstance(result.get("locks"), dict) else {}
-    assert isinstance(locks, dict)
-    nodes = locks.get("nodes", {}) if isinstance(locks.get("nodes"), dict) else {}
     return {
         "revision": rev,
         "out_path": parts["out_path"],
         "mkfs_version": parts["mkfs_version"],
-        "lock_hash": hashlib.sha256(json.dumps(locks, sort_keys=True).encode()).hexdigest(),
-        "locked_inputs": {k: v.get("locked", {}) for k, v in nodes.items()
-                          if k != "root" and isinstance(v, dict)},
         "closure_paths": closure_paths,
         "closure_size": closure_size,
         "rootfs_size": (tmp / "rootfs.ext4").stat().st_size,
         "rootfs_sha256": files["rootfs.ext4"],
         "kernel": {"source": source, "sha256": parts["kernel_sha256"]},
         "initrd": bool(parts["initrd_sha256"]),
+    }
+
+
+def _locks(src: Path) -> dict[str, Any]:
+    """What the flake's own lock file says (read, never evaluated; nixpkgs is overridden by
+    the offline package set in the builder)."""
+    try:
+        raw = (src / "flake.lock").read_bytes()[:1 << 20]
+        locks = json.loads(raw)
+    except (OSError, ValueError):
+        raw, locks = b"", {}
+    nodes = locks.get("nodes") if isinstance(locks, dict) else None
+    return {
+        "lock_hash": hashlib.sha256(raw).hexdigest(),
+        "locked_inputs": {k: v.get("locked", {}) for k, v in (nodes or {}).items()
+                          if k != "root" and isinstance(v, dict)},
     }
 
 

@@ -106,7 +106,6 @@ def build(indir: Path, job: dict[str, Any], console: Console) -> tuple[dict[str,
                             f"{flake}#packages.{SYSTEM}.{job['profile']}"])
     built = json.loads(out)[0]
     out_path: str = built["outputs"]["out"]
-    meta, _ = _run(console, ["nix", "flake", "metadata", "--json", *common, flake], stream=False)
     console.step("nix-build", out_path)
 
     closure_out, _ = _run(console, ["nix-store", "--query", "--requisites", out_path], stream=False)
@@ -149,7 +148,7 @@ def build(indir: Path, job: dict[str, Any], console: Console) -> tuple[dict[str,
                          f" from {closure_size // 2**20} MiB closure")
     result = {
         "ok": True, "revision": rev, "parts": parts, "drv_path": built["drvPath"],
-        "locks": json.loads(meta).get("locks", {}), "closure_paths": len(closure),
+        "closure_paths": len(closure),
         "closure_size": closure_size, "kernel_source": source,
     }
     return result, [("rootfs.ext4", image), *files]
