@@ -96,31 +96,86 @@ def prepare(layout: Layout, nixpkgs: str, pool: Pool, builder: builder_image.Bui
     for part in (pool.profile, builder.version, kernel_sha, initrd_sha, rootfs.PACKER_VERSION):
         key.update(part.encode() + b"\0")
     tar_path = run / "input.tar"
-    with tarfile.open(tar_path, "w", format=tarfile.PAX_FORMAT) as tar:
-        adder = _Adder(tar, key)
-        adder.tree(src, "src", limit=MAX_SOURCE, skip={".git"})
-        adder.tree(pkgs, "nixpkgs", limit=MAX_SOURCE, skip=set())
-        for rel in JOB_FILES:
-            adder.file(SRC / rel, f"lib/mvm/{rel}")
-        adder.file(static_busybox(), "busybox")
-        job = {"profile": pool.profile, "imports": paths, "imports_device": "/dev/vdc",
-               "output_device": "/dev/vde", "kernel_sha256": kernel_sha,
-               "initrd_sha256": initrd_sha, "log_limit": LOG_LIMIT}
-        adder.data("job.json", json.dumps(job, sort_keys=True).encode(), hashed=False)
-    _pad(tar_path)
+    job = {"profile": pool.profile, "imports": paths, "imports_device": "/dev/vdc",
+           "output_device": "/dev/vde", "kernel_sha256": kernel_sha,
+           "initrd_sha256": initrd_sha, "log_limit": LOG_LIMIT}
+    _input_tar(tar_path, key, job, src, pkgs)
     return Prepared(key.hexdigest()[:32], builder.image, tar_path, export,
                     wdir / "store.ext4", run / "output.img", run)
 
 
-def disks(prep: Prepared) -> None:
-    """The pool's store disk (made once, empty; the builder fills it) and a fresh output disk."""
+def _input_tar(path: Path, key: Any, job: dict[str, Any], src: Path | None, pkgs: Path) -> None:
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        adder = _Adder(tar, key)
+        if src is not None:
+            adder.tree(src, "src", limit=MAX_SOURCE, skip={".git"})
+        adder.tree(pkgs, "nixpkgs", limit=MAX_SOURCE, skip=set())
+        for rel in JOB_FILES:
+            adder.file(SRC / rel, f"lib/mvm/{rel}")
+        adder.file(static_busybox(), "busybox")
+        adder.data("job.json", json.dumps(job, sort_keys=True).encode(), hashed=False)
+    _pad(path)
+
+
+# -- the seed store: the package set imported once, copied into each new pool's store ---------
+
+def seed_path(layout: Layout, nixpkgs: str, builder: builder_image.BuilderInfo) -> Path:
+    export, _ = nixpkgs_export(layout, _nixpkgs_dir(nixpkgs))
+    tag = hashlib.sha256(f"{builder.version}\0{export.name}".encode()).hexdigest()[:16]
+    return layout.builder_dir() / f"store-seed-{tag}.ext4"
+
+
+def prepare_seed(layout: Layout, nixpkgs: str, builder: builder_image.BuilderInfo) -> Prepared:
+    """A job with no flake: the builder imports the package set into an empty store disk,
+    which then seeds every new pool's store (host data only: no tenant's input is in it)."""
+    pkgs = _nixpkgs_dir(nixpkgs)
+    export, paths = nixpkgs_export(layout, pkgs)
+    run = layout.builder_dir() / f"seed-run-{os.getpid()}"
+    shutil.rmtree(run, ignore_errors=True)
+    run.mkdir()
+    job = {"profile": None, "imports": paths, "imports_device": "/dev/vdc",
+           "output_device": "/dev/vde", "kernel_sha256": "", "initrd_sha256": "",
+           "log_limit": LOG_LIMIT}
+    _input_tar(run / "input.tar", hashlib.sha256(), job, None, pkgs)
+    prep = Prepared("", builder.image, run / "input.tar", export, run / "store.ext4",
+                    run / "output.img", run)
+    _empty_store(prep.store)
+    with prep.output.open("wb") as f:
+        f.truncate(64 * 2**20)
+    return prep
+
+
+def finish_seed(prep: Prepared, seed: Path) -> None:
+    out = prep.workdir / "out"
+    out.mkdir()
+    result, _ = outputs.read_archive(prep.output, out)
+    if not result["ok"] or result.get("seed") is not True:
+        raise BuildFailed(f"the builder could not seed a store: {result.get('error', '?')}")
+    os.replace(prep.store, seed)
+    for old in seed.parent.glob("store-seed-*.ext4"):
+        if old != seed:
+            old.unlink(missing_ok=True)
+
+
+def _empty_store(path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("wb") as f:
+        f.truncate(STORE_DISK_GIB * 2**30)
+    proc.run(["mkfs.ext4", "-q", "-F", "-L", "mvm-nix-store", "-m", "0",
+              "-E", "root_owner=0:0", str(tmp)], timeout=300)
+    os.replace(tmp, path)
+
+
+def disks(prep: Prepared, seed: Path | None) -> None:
+    """The pool's store disk (made once: a sparse copy of the seed, else empty) and a fresh
+    output disk."""
     if not prep.store.is_file():
-        tmp = prep.store.with_suffix(".tmp")
-        with tmp.open("wb") as f:
-            f.truncate(STORE_DISK_GIB * 2**30)
-        proc.run(["mkfs.ext4", "-q", "-F", "-L", "mvm-nix-store", "-m", "0",
-                  "-E", "root_owner=0:0", str(tmp)], timeout=300)
-        os.replace(tmp, prep.store)
+        if seed is not None and seed.is_file():
+            tmp = prep.store.with_suffix(".tmp")
+            proc.run(["cp", "--sparse=always", str(seed), str(tmp)], timeout=600)
+            os.replace(tmp, prep.store)
+        else:
+            _empty_store(prep.store)
     with prep.output.open("wb") as f:
         f.truncate(OUTPUT_DISK_MIB * 2**20)
 

@@ -29,6 +29,7 @@ POLL = 0.2
 CONSOLE_LIMIT = 2 * vm_build.LOG_LIMIT + 64 * 1024
 MIN_MEM, MAX_MEM = 512, 16384
 MAX_CPUS = 8
+CMDLINE = "root=/dev/vda mvm.rootwait=30"
 _KERNEL_LINE = re.compile(r"\[\s*\d+\.\d+\] ")
 
 
@@ -54,6 +55,7 @@ def init(ctx: Host, progress: Progress, force: bool = False) -> tuple[builder_im
         progress("package-set", "…")
         export, paths = vm_build.nixpkgs_export(ctx.layout, Path(ctx.settings.nixpkgs[5:]))
         progress("package-set", f"{len(paths)} store paths ({export.stat().st_size // 2**20} MiB)")
+        _seed(ctx, info, ctx.layout.builder_dir() / "seed.log", progress, Options())
     return info, made
 
 
@@ -80,8 +82,9 @@ def build(ctx: Host, pool: Pool, force: bool, log: Path, progress: Progress,
             manifest = pipeline.read_manifest(ctx.layout, pool.tenant, pool.id, rev)
             return Revision(pool.tenant, pool.id, rev, manifest["out_path"], manifest,
                             float(manifest.get("built", time.time()))), True
-        vm_build.disks(prep)
-        _run(ctx, pool, prep, log, progress, opts)
+        seed = None if prep.store.is_file() else _seed(ctx, image, log, progress, opts)
+        vm_build.disks(prep, seed)
+        _run(ctx, spec(ctx, pool, prep, opts), log, progress, opts)
         progress("collect", "…")
         try:
             revision = vm_build.collect(ctx.layout, pool, prep, image, log, started)
@@ -104,20 +107,46 @@ def end_stale(ctx: Host, pool: Pool) -> None:
 
 def spec(ctx: Host, pool: Pool, prep: vm_build.Prepared | None, opts: Options) -> VmSpec:
     """The builder's VM (without disks when only its process and files are looked for)."""
-    kdir = ctx.layout.kernel_dir()
-    initrd = kdir / "initrd"
     return VmSpec(
         name=f"builder-{pool.tenant}-{pool.id}", vcpus=opts.cpus, mem_mib=opts.mem_mib,
-        kernel=kdir / "vmlinux", initrd=initrd if initrd.is_file() else None,
-        cmdline="root=/dev/vda mvm.rootwait=30",
+        kernel=ctx.layout.kernel_dir() / "vmlinux", initrd=_initrd(ctx), cmdline=CMDLINE,
         disks=tuple(Disk(i, p, ro) for i, p, ro in prep.disks()) if prep else (), net=None,
         run_dir=ctx.layout.runtime_dir() / f"builder.{pool.tenant}.{pool.id}")
 
 
-def _run(ctx: Host, pool: Pool, prep: vm_build.Prepared, log: Path, progress: Progress,
-         opts: Options) -> None:
+def _seed(ctx: Host, image: builder_image.BuilderInfo, log: Path, progress: Progress,
+          opts: Options) -> Path:
+    """The seed of new pools' stores (the package set imported once), made on first need."""
+    seed = vm_build.seed_path(ctx.layout, ctx.settings.nixpkgs, image)
+    if seed.is_file():
+        return seed
+    with ctx.locks.lock("builder-seed"):
+        if seed.is_file():
+            return seed
+        progress("seed", "…")
+        prep = vm_build.prepare_seed(ctx.layout, ctx.settings.nixpkgs, image)
+        try:
+            vm = VmSpec(name="builder-seed", vcpus=opts.cpus, mem_mib=opts.mem_mib,
+                        kernel=ctx.layout.kernel_dir() / "vmlinux",
+                        initrd=_initrd(ctx), cmdline=CMDLINE,
+                        disks=tuple(Disk(i, p, ro) for i, p, ro in prep.disks()), net=None,
+                        run_dir=ctx.layout.runtime_dir() / "builder.seed")
+            ctx.runtime().stop(vm, 0)
+            _run(ctx, vm, log, lambda s, m: None, opts)
+            vm_build.finish_seed(prep, seed)
+        finally:
+            shutil.rmtree(prep.workdir, ignore_errors=True)
+        progress("seed", f"the package set, imported once for new pools' stores: {seed.name}")
+    return seed
+
+
+def _initrd(ctx: Host) -> Path | None:
+    initrd = ctx.layout.kernel_dir() / "initrd"
+    return initrd if initrd.is_file() else None
+
+
+def _run(ctx: Host, vm: VmSpec, log: Path, progress: Progress, opts: Options) -> None:
     runtime = ctx.runtime()
-    vm = spec(ctx, pool, prep, opts)
     progress("builder", "…")  # ended by the builder's own "@mvm builder up"
     console = _Console(runtime.console_log(vm), log, progress)
     try:
