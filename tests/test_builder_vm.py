@@ -122,6 +122,14 @@ def _failures(mvm: Mvm, tmp_path: Path) -> None:
     (flake / "flake.nix").write_text(FLAKE)
     mvm.ok("tenant", "create", "acme")
     mvm.ok("pool", "create", "acme/p", "--flake", str(flake), "--profile", "minimal")
+    for bad, line in ((("--builder", "foo"), "--builder must be vm or host (got 'foo')"),
+                      (("--builder-mem", "10"), "--builder-mem must be between 512 and 16384 MiB"
+                                                " (got 10)"),
+                      (("--builder-cpus", "0"), "--builder-cpus must be between 1 and 8 (got 0)"),
+                      (("--timeout", "0"), "--timeout must be positive (got 0)")):
+        r = mvm("pool", "build", "acme/p", *bad)
+        assert (r.rc, r.lines) == (2, [f"error: {line}"]), r
+    assert _builds(mvm, "acme/p") == []
     good = mvm.ok("pool", "build", "acme/p", "--builder", "host").out.split("revision ")[1].split()[0]
     cur = mvm.home / "tenants/acme/pools/p/artifacts/current"
 

@@ -181,7 +181,7 @@ def bench_builder(h: Home) -> None:
         h.mvm("pool", "create", f"bb/{pool}", "--flake", str(flake), "--profile", "minimal")
     first = timed(lambda: h.mvm("pool", "build", "bb/vm", "--builder", "vm"))
     host = timed(lambda: h.mvm("pool", "build", "bb/host", "--builder", "host", "--force"))
-    line("first build, builder VM (empty pool store)", f"{first:.2f} s")
+    line("first build of a new pool, builder VM", f"{first:.2f} s")
     line("same flake, host builder (--force)", f"{host:.2f} s")
     line("builder VM / host build", f"{first / host:.1f}")
     text = (flake / "flake.nix").read_text()

@@ -69,7 +69,6 @@ def build(ctx: Host, pool: Pool, force: bool, log: Path, progress: Progress,
     opts.check()
     started = time.monotonic()
     image = info(ctx)
-    end_stale(ctx, pool)
     progress("inputs", "…")
     prep = vm_build.prepare(ctx.layout, ctx.settings.nixpkgs, pool, image)
     try:
@@ -82,6 +81,7 @@ def build(ctx: Host, pool: Pool, force: bool, log: Path, progress: Progress,
             manifest = pipeline.read_manifest(ctx.layout, pool.tenant, pool.id, rev)
             return Revision(pool.tenant, pool.id, rev, manifest["out_path"], manifest,
                             float(manifest.get("built", time.time()))), True
+        end_stale(ctx, pool)  # before its store disk is touched
         seed = None if prep.store.is_file() else _seed(ctx, image, log, progress, opts)
         vm_build.disks(prep, seed)
         _run(ctx, spec(ctx, pool, prep, opts), log, progress, opts)
