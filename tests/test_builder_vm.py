@@ -40,6 +40,10 @@ FLAKE = """{
         name = "fails"; system = "x86_64-linux";
         builder = "${pkgs.busybox}/bin/busybox";
         args = [ "sh" "-c" "echo mvm-test-derivation-failed >&2; exit 3" ];
+      } else if builtins.pathExists ./slow then derivation {
+        name = "slow"; system = "x86_64-linux";
+        builder = "${pkgs.busybox}/bin/busybox";
+        args = [ "sh" "-c" "sleep 600" ];
       } else pkgs.buildEnv { name = "ok"; paths = [ pkgs.busybox ]; };
   };
 }
@@ -148,9 +152,12 @@ def _failures(mvm: Mvm, tmp_path: Path) -> None:
     r = mvm("pool", "build", "acme/p", "--builder", "vm")
     assert r.rc == 7 and "syntax error" in r.err, r.err
     unchanged()
-    # --timeout says so
-    r = mvm("pool", "build", "acme/p", "--builder", "vm", "--timeout", "2")
-    assert r.rc == 7 and "did not finish within 2s (--timeout)" in r.err, r.err
+    # --timeout says so (a build that cannot finish in time, however fast the host)
+    (flake / "flake.nix").write_text(FLAKE)
+    (flake / "fail").unlink()
+    (flake / "slow").write_text("")
+    r = mvm("pool", "build", "acme/p", "--builder", "vm", "--timeout", "4")
+    assert r.rc == 7 and "did not finish within 4s (--timeout)" in r.err, r.err
     unchanged()
     # Ctrl-C while the builder runs
     p = subprocess.Popen([sys.executable, "-m", "mvm.cli.main", "pool", "build", "acme/p",
