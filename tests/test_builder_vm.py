@@ -159,19 +159,26 @@ def _failures(mvm: Mvm, tmp_path: Path) -> None:
     r = mvm("pool", "build", "acme/p", "--builder", "vm", "--timeout", "4")
     assert r.rc == 7 and "did not finish within 4s (--timeout)" in r.err, r.err
     unchanged()
-    # Ctrl-C while the builder runs
+    # Ctrl-C while the builder runs (SIGINT as a terminal sends it: not ignored, even when the
+    # test itself runs as a background job)
     p = subprocess.Popen([sys.executable, "-m", "mvm.cli.main", "pool", "build", "acme/p",
                           "--builder", "vm"], env=mvm.env, stderr=subprocess.PIPE, text=True,
-                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-    assert p.stderr is not None
-    seen = ""
-    for line in p.stderr:
-        seen += line
-        if "builder: up" in line:
-            p.send_signal(signal.SIGINT)
-            break
-    rest = p.communicate(timeout=120)[1]
-    assert p.returncode == 130, seen + rest
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        assert p.stderr is not None
+        seen = ""
+        for line in p.stderr:
+            seen += line
+            if "builder: up" in line:
+                p.send_signal(signal.SIGINT)
+                break
+        rest = p.communicate(timeout=120)[1]
+        assert p.returncode == 130, seen + rest
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
     unchanged()
     assert [s for _, s in _builds(mvm, "acme/p")] == ["ok", "failed", "failed", "failed", "failed"]
 
