@@ -31,7 +31,7 @@ REFUSED = {
     "out-to-victim": "ln -s @VICTIM@ $out",
     "out-to-etc": "ln -s /etc $out",
     "kernel-to-victim": "mkdir $out; ln -s @VICTIM@/secrets.json $out/vmlinux",
-    "initrd-to-victim": "mkdir $out; printf '\\177ELF' > $out/vmlinux; ln -s @VICTIM@/secrets.json $out/initrd",
+    "initrd-to-victim": "mkdir $out; printf '\\177ELF\\002' > $out/vmlinux; ln -s @VICTIM@/secrets.json $out/initrd",
 }
 # Built, with mvm's own /tmp and the profile's /usr left as a link nobody follows.
 LINKED_DIRS = "mkdir -p $out/bin; echo ok > $out/bin/ok; ln -s @HOSTTMP@ $out/tmp; ln -s @HOSTDIR@ $out/usr"

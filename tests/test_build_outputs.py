@@ -124,7 +124,7 @@ def test_kernel_and_initrd_must_be_regular_files_inside_the_closure(host: dict[s
     (other / "vmlinux").write_bytes(b"\x7fELF")
     k = store / "9999-kernel"
     k.mkdir()
-    (k / "vmlinux").write_bytes(b"\x7fELF" + b"\0" * 600)
+    (k / "vmlinux").write_bytes(b"\x7fELF\x02" + b"\0" * 600)
     (k / "b").symlink_to(".")
     closure = [str(out), str(k)]
 

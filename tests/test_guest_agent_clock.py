@@ -374,7 +374,7 @@ def test_cli_wake_after_a_killed_sleep(gmvm: Mvm, flake_copy, tmp_path: Path) ->
         os.killpg(sleeper.pid, signal.SIGKILL)
         sleeper.wait()
     r = gmvm.ok("instance", "observe", "acme/workers")
-    assert "finished an interrupted sleep (now running)" in r.out
+    assert "finished an interrupted sleep (now running)" in r.out, gmvm("instance", "info", inst, "--json").out
     for _ in range(2):
         time.sleep(1.5)  # the guest sees the host go: its agent's read loop starts over
         r = sh(gmvm, inst, "echo hi")

@@ -20,7 +20,14 @@ from mvm.runtime.qemu import QemuRuntime
 from mvm.util import pids
 from tests.conftest import Mvm, instances_by_state, needs_assets, sh
 from tests.test_instances import setup_pool
-from tests.test_qemu_runtime import Vms, boot_ready, kernel, leftovers, rootfs  # noqa: F401
+from tests.test_qemu_runtime import (  # noqa: F401
+    Vms,
+    boot_ready,
+    kernel,
+    leftovers,
+    resume_after_a_killed_snapshot,
+    rootfs,
+)
 
 pytestmark = [
     pytest.mark.guest,
@@ -66,6 +73,12 @@ def jvms(kernel: KernelInfo, rootfs: Path, tmp_path: Path) -> Iterator[Vms]:  # 
     v = Vms(rt, kernel, rootfs, tmp_path)
     yield v
     v.cleanup()
+
+
+def test_a_jailed_qemu_resumes_after_a_killed_snapshot(jvms: Vms) -> None:
+    """The snapshot cancelled (or finished) under a jailed QEMU, whose disks are descriptor
+    sets: resuming re-activates them (QEMU's own image locks would refuse it)."""
+    resume_after_a_killed_snapshot(jvms)
 
 
 def tenant_kernel(k: KernelInfo, tmp: Path) -> tuple[Path, Path]:

@@ -127,10 +127,14 @@ def closure(out_path: str) -> list[str]:
 
 
 def _nix_error(e: CommandFailed) -> str:
+    return error_text(e.stderr, e.message)
+
+
+def error_text(stderr: str, fallback: str) -> str:
     """Nix's own error with the builder's log lines, without Nix's warnings (about our
     --override-input or the lock file we do not write: noise to the user)."""
     kept, in_warning = [], False
-    for ln in e.stderr.strip().splitlines():
+    for ln in stderr.strip().splitlines():
         if ln.startswith("warning:"):
             in_warning = True
             continue
@@ -139,4 +143,4 @@ def _nix_error(e: CommandFailed) -> str:
         in_warning = False
         kept.append(ln)
     text = "\n".join(kept).strip()
-    return text if text else e.message
+    return text if text else fallback

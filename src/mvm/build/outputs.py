@@ -15,11 +15,11 @@ import stat
 from collections.abc import Iterable
 from pathlib import Path
 
+from mvm.build import archive
 from mvm.errors import BuildFailed
 
 STORE = Path("/nix/store")
 MAX_LINKS = 40  # as the kernel's own limit on symlinks in one lookup
-BZIMAGE_MAGIC_OFFSET = 0x202  # "HdrS" in a bzImage's real-mode header
 
 
 class OutsideClosure(BuildFailed):
@@ -100,11 +100,11 @@ def regular_file(path: Path | str, closure: Iterable[str], what: str,
 
 
 def check_kernel(path: Path) -> None:
-    """A kernel mvm can boot: an ELF vmlinux or a bzImage."""
+    """A kernel mvm can boot: an ELF vmlinux or a bzImage (the builder microVM's output is
+    checked by the same `archive.kernel_format`)."""
     with open(path, "rb") as f:
-        head = f.read(BZIMAGE_MAGIC_OFFSET + 4)
-    if head[:4] == b"\x7fELF" or head[BZIMAGE_MAGIC_OFFSET:BZIMAGE_MAGIC_OFFSET + 4] == b"HdrS":
-        return
+        if archive.kernel_format(f.read(1024)) is not None:
+            return
     raise OutsideClosure(f"the profile's kernel {path} is neither an ELF vmlinux nor a bzImage",
                          "ship an uncompressed vmlinux (or a bzImage for QEMU pools)")
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mvm.build import nix, outputs, rootfs, source
+from mvm.build import nix, outputs, revision, rootfs, source
 from mvm.config.paths import Layout
 from mvm.errors import BuildFailed, HostUnsupported, MvmError
 from mvm.guest.layout import static_busybox
@@ -50,12 +50,7 @@ class BuildContext:
 
 
 def guest_files_hash() -> str:
-    h = hashlib.sha256()
-    guest = DATA / "guest"
-    for p in sorted(guest.rglob("*")) if guest.exists() else []:
-        if p.is_file():
-            h.update(p.relative_to(guest).as_posix().encode() + b"\0" + p.read_bytes())
-    return h.hexdigest()
+    return revision.guest_files_hash(DATA / "guest")
 
 
 # -- steps -------------------------------------------------------------------
@@ -123,8 +118,7 @@ def step_kernel(ctx: BuildContext) -> None:
 def step_revision(ctx: BuildContext) -> None:
     """The revision hash covers everything that determines the image bytes."""
     assert ctx.result and ctx.kernel
-    h = hashlib.sha256()
-    for part in (
+    ctx.revision = revision.revision_hash(
         ctx.result.out_path,
         file_sha256(ctx.kernel),
         file_sha256(ctx.initrd) if ctx.initrd else "",
@@ -132,9 +126,7 @@ def step_revision(ctx: BuildContext) -> None:
         file_sha256(static_busybox()),  # copied into every image as /mvm/busybox
         rootfs.mkfs_version(),
         rootfs.PACKER_VERSION,
-    ):
-        h.update(part.encode() + b"\0")
-    ctx.revision = h.hexdigest()[:16]
+    )
     rdir = ctx.layout.revision_dir(ctx.pool.tenant, ctx.pool.id, ctx.revision)
     ctx.cache_hit = (rdir / "manifest.json").is_file() and not ctx.force
     ctx.progress("revision", ctx.revision + (" (cached, nothing to build)" if ctx.cache_hit else ""))

@@ -315,13 +315,24 @@ def pool_info(pool: str, json_: JsonOpt = False) -> None:
 
 
 @pool_app.command("build")
-def pool_build(pool: str, force: Annotated[bool, typer.Option(
-        "--force", help="rebuild even when nothing changed")] = False) -> None:
+def pool_build(
+    pool: str,
+    force: Annotated[bool, typer.Option("--force", help="rebuild even when nothing changed")] = False,
+    builder: Annotated[str | None, typer.Option(
+        help="vm: the ephemeral builder microVM; host: the host's Nix (trusted hosts only);"
+        " default: the `builder` setting")] = None,
+    builder_cpus: Annotated[int, typer.Option("--builder-cpus", help="vCPUs of the builder VM")] = 2,
+    builder_mem: Annotated[int, typer.Option("--builder-mem", help="MiB of the builder VM")] = 1024,
+    timeout: Annotated[float, typer.Option(help="seconds before the builder VM is stopped")] = 1800,
+) -> None:
     """Build the pool's flake profile into a new revision and make it current."""
+    from mvm.services import builder as builder_vm
     from mvm.services import pools
 
     ref = PoolRef.parse(pool)
-    rev, cached = pools.build(ctx(), ref, force, progress=output.Steps(f"build {ref}"))
+    opts = builder_vm.Options(builder_cpus, builder_mem, timeout)
+    rev, cached = pools.build(ctx(), ref, force, progress=output.Steps(f"build {ref}"),
+                              builder_kind=builder, options=opts)
     print(f"{ref}: revision {rev.hash} is current" + (" (no change, cache hit)" if cached else ""))
 
 
@@ -401,6 +412,32 @@ def pool_scale(
 
 
 # -- instances -------------------------------------------------------------------
+
+builder_app = typer.Typer(no_args_is_help=True, help="The builder microVM that runs `pool build`.")
+app.add_typer(builder_app, name="builder")
+
+
+@builder_app.command("init")
+def builder_init(force: Annotated[bool, typer.Option(
+        "--force", help="make the image again even when it is current")] = False) -> None:
+    """Make the builder image (Debian with Nix, by mmdebstrap from apt's mirror); idempotent."""
+    from mvm.services import builder as builder_vm
+
+    info, made = builder_vm.init(ctx(), output.Steps("builder init"), force)
+    print(f"builder {info.version} {'made' if made else 'is current'}: {info.image}")
+
+
+@builder_app.command("info")
+def builder_info(json_: JsonOpt = False) -> None:
+    """Show the builder image: version, size, Debian packages."""
+    from mvm.services import builder as builder_vm
+
+    data = builder_vm.info(ctx()).to_json()
+    if not json_:
+        keep = ("nix-bin", "e2fsprogs", "busybox-static", "python3")
+        data["packages"] = ", ".join(f"{k} {v}" for k, v in data["packages"].items() if k in keep)
+    show(data, json_)
+
 
 instance_app = typer.Typer(no_args_is_help=True, help="Instances: one microVM each.")
 app.add_typer(instance_app, name="instance")

@@ -44,6 +44,10 @@ class Layout:
     def offline_nixpkgs_dir(self) -> Path:
         return self.home / "nixpkgs-offline"
 
+    def builder_dir(self) -> Path:
+        """The builder microVM's image and manifest, and the package set's export."""
+        return self.home / "builder"
+
     def builtin_flake_dir(self) -> Path:
         return self.home / "builtin-flake"
 

@@ -30,6 +30,11 @@ class Backend(StrEnum):
     FIRECRACKER = "firecracker"
 
 
+class Builder(StrEnum):
+    VM = "vm"  # the ephemeral builder microVM (tenants' flakes never evaluated on the host)
+    HOST = "host"  # the host's Nix: trusted single-tenant hosts only
+
+
 def _choice(enum: type[StrEnum]) -> Callable[[str], StrEnum]:
     def parse(value: str) -> StrEnum:
         try:
@@ -64,6 +69,8 @@ SETTINGS: dict[str, Setting] = {
                 "(where the host allows), required, or off", _choice(Jail)),
         Setting("jail-uid-base", "1900000000", "jailed hypervisors run as uids/gids above this number",
                 _uid_base),
+        Setting("builder", "vm", "where `pool build` runs Nix: vm (the builder microVM) or "
+                "host (trusted single-tenant hosts only)", _choice(Builder)),
     )
 }
 
@@ -75,6 +82,7 @@ class Settings:
     backend: Backend = Backend.QEMU
     jail: Jail = Jail.AUTO
     jail_uid_base: int = 1_900_000_000
+    builder: Builder = Builder.VM
 
     @classmethod
     def load(cls, layout: Layout) -> Settings:

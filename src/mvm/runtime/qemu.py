@@ -163,10 +163,16 @@ def argv(spec: VmSpec, accel: str, incoming: bool = False, *, tsc_khz: int | Non
         if fds is not None:
             args += [a for fd in fds.disks[n] for a in ("-add-fd", f"fd={fd},set={n + 1}")]
         path = f"/dev/fdset/{n + 1}" if fds is not None else _opt(_abs(disk.path))
+        # Jailed, QEMU's own image locks (OFD locks on each descriptor) guard nothing — it can
+        # open no image but the descriptors mvm hands it, and the lifecycle never gives one disk
+        # to two hypervisors — and they break a resume after a snapshot ended or was cancelled:
+        # re-activating the disk then takes the write lock on the set's other descriptor, which
+        # the first still holds ("Failed to get write lock").
+        locking = ",file.locking=off" if fds is not None else ""
         args += [
             "-drive",
             f"file={path},if=none,id={node},format=raw,"
-            f"readonly={'on' if disk.read_only else 'off'},cache=writeback",
+            f"readonly={'on' if disk.read_only else 'off'},cache=writeback{locking}",
             "-device", f"virtio-blk-device,drive={node}",
         ]
     agent = f"fd={fds.agent}" if fds is not None else f"path={_opt(run_dir / AGENT_SOCK)}"

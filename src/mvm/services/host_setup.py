@@ -94,6 +94,18 @@ def setup(layout: Layout, offline: bool | None, progress: Progress) -> None:
     progress("accelerator", "…")
     probe = accel.probe_kvm(cache=layout.kvm_probe_cache())
     progress("accelerator", f"{'kvm' if probe.fast else 'tcg'} ({probe.reason})")
+    setup_builder(layout, progress)
+
+
+def setup_builder(layout: Layout, progress: Progress) -> None:
+    """The builder microVM's image and the package set's export it imports (idempotent)."""
+    from mvm.build import builder_image, vm_build
+
+    info, made = builder_image.install(layout.builder_dir(), progress)
+    progress("builder", f"{info.image} (version {info.version}{'' if made else ', current'})")
+    nixpkgs = settings.get(layout, "nixpkgs")
+    if nixpkgs.startswith("path:"):
+        vm_build.nixpkgs_export(layout, Path(nixpkgs.removeprefix("path:")))
 
 
 def _check(name: str, ok: bool, detail: str, required: bool = True, **data: Any) -> dict[str, Any]:

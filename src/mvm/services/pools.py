@@ -22,6 +22,7 @@ from mvm.model import (
     Revision,
     check_revision,
 )
+from mvm.services import builder
 from mvm.store import Store, pool_lock_name, tenant_lock_name
 from mvm.util import private
 
@@ -95,9 +96,18 @@ def _check_new(store: Store, ref: PoolRef, max_pools: int) -> None:
 
 
 def build(ctx: Host, ref: PoolRef, force: bool = False,
-          progress: Callable[[str, str], None] = lambda s, m: None) -> tuple[Revision, bool]:
+          progress: Callable[[str, str], None] = lambda s, m: None,
+          builder_kind: str | None = None,
+          options: builder.Options | None = None) -> tuple[Revision, bool]:
+    """Build in the builder microVM (`vm`) or with the host's Nix (`host`: trusted hosts
+    only); by default as the `builder` setting says."""
     store = ctx.store
     pool = store.pool(ref.tenant, ref.pool)
+    kind = builder_kind or ctx.settings.builder.value
+    if kind not in ("vm", "host"):
+        raise InvalidInput(f"--builder must be vm or host (got {kind!r})")
+    opts = options or builder.Options()
+    opts.check()
     with ctx.locks.lock(pool_lock_name(ref.tenant, ref.pool)):
         bdir = ctx.layout.builds_dir(ref.tenant, ref.pool)
         private.mkdirs(bdir)
@@ -105,9 +115,13 @@ def build(ctx: Host, ref: PoolRef, force: bool = False,
         with private.open_new(log):  # 0600 before Nix writes a line to it
             pass
         store.interrupt_builds(ref.tenant, ref.pool)
-        build_id = store.start_build(ref.tenant, ref.pool, str(log))
+        build_id = store.start_build(ref.tenant, ref.pool, str(log), builder=kind)
         try:
-            rev, cached = pipeline.run_build(ctx.layout, ctx.settings.nixpkgs, pool, force, log, progress)
+            if kind == "vm":
+                rev, cached = builder.build(ctx, pool, force, log, progress, opts)
+            else:
+                rev, cached = pipeline.run_build(ctx.layout, ctx.settings.nixpkgs, pool, force,
+                                                 log, progress)
             store.add_revision(rev)
             pipeline.switch_current(ctx.layout, ref.tenant, ref.pool, rev.hash)
             store.set_pool_current(ref.tenant, ref.pool, rev.hash)
@@ -197,6 +211,7 @@ def destroy(ctx: Host, ref: PoolRef, force: bool = False) -> None:
 
             for i in live:
                 apply(ctx, i.ref, Action.DESTROY, locked=True)
+        builder.end_stale(ctx, store.pool(ref.tenant, ref.pool))
         store.remove_pool(ref.tenant, ref.pool)
         shutil.rmtree(ctx.layout.pool_dir(ref.tenant, ref.pool), ignore_errors=True)
         store.event(Event("pool.destroy", f"pool {ref} destroyed", tenant=ref.tenant, pool=ref.pool))

@@ -57,6 +57,7 @@ MIGRATIONS = (
     ("events", "reason", "TEXT NOT NULL DEFAULT 'user'"),
     ("builds", "owner", "INTEGER"),  # pid of the command running it
     ("tenants", "egress", "TEXT"),  # JSON {"allow": [cidr…], "deny": [cidr…]}
+    ("builds", "builder", "TEXT"),  # vm (the builder microVM) or host
 )
 #: A state home mvm makes: passed through, not listed (what is below it is 0700 and 0600).
 HOME_MODE = 0o711
@@ -245,10 +246,11 @@ class SqliteStore:
         with self.tx() as db:
             db.execute("DELETE FROM revisions WHERE tenant=? AND pool=? AND hash=?", (tenant, pid, rev))
 
-    def start_build(self, tenant: str, pid: str, log: str) -> int:
+    def start_build(self, tenant: str, pid: str, log: str, builder: str = "host") -> int:
         with self.tx() as db:
-            cur = db.execute("INSERT INTO builds (tenant,pool,started,status,log,owner) VALUES (?,?,?,?,?,?)",
-                             (tenant, pid, time.time(), "running", log, os.getpid()))
+            cur = db.execute("INSERT INTO builds (tenant,pool,started,status,log,owner,builder)"
+                             " VALUES (?,?,?,?,?,?,?)",
+                             (tenant, pid, time.time(), "running", log, os.getpid(), builder))
         return int(cur.lastrowid or 0)
 
     def finish_build(self, build_id: int, status: str, revision: str | None = None,

@@ -1,0 +1,202 @@
+"""The build job inside the builder microVM: `python3 -m mvm.build.vm_job <input dir>`.
+
+The builder's /mvm/init unpacks the input disk (made by the host: the flake, the offline
+package set, this code, mvm's guest files, job.json) and runs this. It evaluates and builds
+the flake with the builder's own Nix into the pool's store disk, packs the rootfs exactly as
+the host builder does (the same `rootfs` and `guest.layout` code, the host's BusyBox), and
+writes result.json and the image files onto the output disk (`archive.write_archive`).
+
+Standard library and the mvm modules copied with it only. Progress goes to the console as
+`@mvm <step> <message>` lines, Nix's log as plain lines, bounded to job["log_limit"] bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+from mvm.build import archive, revision, rootfs
+from mvm.guest import layout
+from mvm.util.hashing import file_sha256
+
+SYSTEM = "x86_64-linux"
+NIX_ENV = {"NIX_REMOTE": "local", "HOME": "/tmp", "XDG_CACHE_HOME": "/tmp/.cache"}
+WORK = Path("/nix/.mvm-work")
+#: Collect the pool's store when less than this share of it is free.
+GC_BELOW = 0.3
+
+
+class JobFailed(Exception):
+    """A failure to report to the user as it is (Nix's own error, most often)."""
+
+
+class Console:
+    def __init__(self, limit: int) -> None:
+        self.left = limit
+        self.truncated = False
+
+    def line(self, text: str) -> None:
+        data = text.rstrip("\n") + "\n"
+        if len(data) > self.left:
+            if not self.truncated:
+                self.truncated = True
+                sys.stdout.write("@mvm log truncated (the build log limit was reached)\n")
+                sys.stdout.flush()
+            return
+        self.left -= len(data)
+        sys.stdout.write(data)
+        sys.stdout.flush()
+
+    def step(self, name: str, message: str) -> None:
+        sys.stdout.write(f"@mvm {name} {message}\n")  # steps are not counted against the limit
+        sys.stdout.flush()
+
+
+def _run(console: Console, argv: list[str], *, stdin: Any = subprocess.DEVNULL,
+         stream: bool = True) -> tuple[str, str]:
+    """Run argv; Nix's stderr streams to the console; on failure JobFailed with Nix's error."""
+    env = dict(os.environ, **NIX_ENV)
+    p = subprocess.Popen(argv, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         env=env, text=True, errors="replace")
+    err: list[str] = []
+    assert p.stderr is not None and p.stdout is not None
+    for ln in p.stderr:
+        if len(err) < 2000:
+            err.append(ln)
+        if stream:
+            console.line(ln)
+    out = p.stdout.read()
+    if p.wait() != 0:
+        from mvm.build import nix  # (the error filter only)
+
+        raise JobFailed(nix.error_text("".join(err), f"{argv[0]} failed ({p.returncode})"))
+    return out, "".join(err)
+
+
+def build(indir: Path, job: dict[str, Any], console: Console) -> tuple[dict[str, Any], list[tuple[str, Path]]]:
+    nixpkgs = f"path:{indir / 'nixpkgs'}"
+    flake = f"path:{indir / 'src'}"
+    common = ["--no-write-lock-file", "--override-input", "nixpkgs", nixpkgs]
+
+    st = os.statvfs("/nix")
+    if st.f_bavail < st.f_blocks * GC_BELOW:
+        # The pool's store holds only this pool's builds; nothing in it is a root.
+        console.step("gc", "…")
+        _run(console, ["nix-store", "--gc"], stream=False)
+        console.step("gc", "the pool's store was nearly full: collected")
+
+    imports: list[str] = job["imports"]
+    console.step("import", "…")
+    invalid, _ = _run(console, ["nix-store", "--check-validity", "--print-invalid", *imports],
+                      stream=False)
+    if invalid.split():
+        with open(job["imports_device"], "rb") as dev:
+            _run(console, ["nix-store", "--import"], stdin=dev, stream=False)
+        console.step("import", f"{len(invalid.split())} package set paths into the pool's store")
+    else:
+        console.step("import", "package set already in the pool's store")
+
+    if job["profile"] is None:  # seeding a store: the package set is all it holds
+        return {"ok": True, "seed": True}, []
+
+    console.step("nix-build", "…")
+    out, _ = _run(console, ["nix", "build", "--no-link", "--json", "-L", *common,
+                            f"{flake}#packages.{SYSTEM}.{job['profile']}"])
+    built = json.loads(out)[0]
+    out_path: str = built["outputs"]["out"]
+    console.step("nix-build", out_path)
+
+    closure_out, _ = _run(console, ["nix-store", "--query", "--requisites", out_path], stream=False)
+    closure = sorted(ln for ln in closure_out.splitlines() if ln)
+    console.step("closure", f"{len(closure)} store paths")
+
+    files: list[tuple[str, Path]] = []
+    kernel_sha, initrd_sha, source = job["kernel_sha256"], job["initrd_sha256"], "default"
+    kernel = _in_closure(Path(out_path), ("vmlinux", "boot/vmlinux"), closure)
+    if kernel is not None:
+        source = "profile"
+        archive.check_kernel(kernel)
+        kernel_sha = file_sha256(kernel)
+        files.append(("vmlinux", kernel))
+        initrd = _in_closure(Path(out_path), (str(Path(kernel.name).with_name("initrd")),
+                                              "boot/initrd", "initrd"), closure)
+        initrd_sha = file_sha256(initrd) if initrd else ""
+        if initrd:
+            files.append(("initrd", initrd))
+    console.step("kernel", source)
+
+    layout.BUSYBOX = indir / "busybox"  # the host's: the revision hash names its bytes
+    mkfs_version = rootfs.mkfs_version()
+    parts = {
+        "out_path": out_path, "kernel_sha256": kernel_sha, "initrd_sha256": initrd_sha,
+        "guest_hash": revision.guest_files_hash(), "busybox_sha256": file_sha256(layout.BUSYBOX),
+        "mkfs_version": mkfs_version, "packer_version": rootfs.PACKER_VERSION,
+    }
+    rev = revision.revision_hash(**parts)
+    console.step("revision", rev)
+
+    console.step("pack", "…")
+    if WORK.exists():
+        _rmtree(WORK)
+    WORK.mkdir()
+    image = WORK / "rootfs.ext4"
+    closure_size = rootfs.pack_closure(out_path, closure, image, rev,
+                                       layout.install_guest_files, WORK)
+    console.step("pack", f"rootfs.ext4 {image.stat().st_size // 2**20} MiB"
+                         f" from {closure_size // 2**20} MiB closure")
+    result = {
+        "ok": True, "revision": rev, "parts": parts, "drv_path": built["drvPath"],
+        "closure_paths": len(closure),
+        "closure_size": closure_size, "kernel_source": source,
+    }
+    return result, [("rootfs.ext4", image), *files]
+
+
+def _in_closure(out: Path, names: tuple[str, ...], closure: list[str]) -> Path | None:
+    """The first of names under out that is a regular file inside the closure (a kernel or
+    initrd may be a symlink to another store path of the closure, never out of it)."""
+    for name in names:
+        p = out / name
+        if not (p.exists() or p.is_symlink()):
+            continue
+        real = Path(os.path.realpath(p))
+        if not real.is_file() or not any(str(real).startswith(c + "/") or str(real) == c
+                                         for c in closure):
+            raise JobFailed(f"the profile's {name} is not a regular file inside its closure")
+        return real
+    return None
+
+
+def _rmtree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def main(indir: Path) -> int:
+    job: dict[str, Any] = json.loads((indir / "job.json").read_text())
+    console = Console(int(job["log_limit"]))
+    files: list[tuple[str, Path]] = []
+    try:
+        result, files = build(indir, job, console)
+    except JobFailed as e:
+        result = {"ok": False, "error": str(e)[-16384:]}
+    except Exception as e:  # a bug of this job or an OS error: still a result, with the cause
+        console.line(traceback.format_exc(limit=5))
+        result = {"ok": False, "error": f"the builder failed: {e}"[-16384:]}
+    console.step("output", "…")
+    with open(job["output_device"], "r+b") as dev:
+        archive.write_archive(dev, result, files)
+        os.fsync(dev.fileno())
+    _rmtree(WORK)
+    console.step("output", "written")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(Path(sys.argv[1])))

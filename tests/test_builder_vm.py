@@ -1,0 +1,249 @@
+"""The ephemeral builder microVM (issue 8): builds through it, its failures, and what it leaves.
+
+Booting real builders under TCG is slow (~30 s for a first build), so these tests are few and
+each checks several things; the strictness of the output reader is shown without a VM.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mvm.build import archive
+from mvm.config.paths import Layout
+from tests.conftest import Mvm, _kill_guests_of, instances_by_state, needs_assets, sh
+
+VM_MARKS = (pytest.mark.guest, pytest.mark.nix,
+            needs_assets("kernel", "nixpkgs-offline", "builder"))
+
+
+def vm_test(f):  # type: ignore[no-untyped-def]
+    for mark in VM_MARKS:
+        f = mark(f)
+    return f
+
+FLAKE = """{
+  inputs.nixpkgs.url = "github:NixOS/nixpkgs/nixos-24.05";
+  outputs = { self, nixpkgs }: let
+    pkgs = nixpkgs.legacyPackages.x86_64-linux;
+  in {
+    packages.x86_64-linux.minimal =
+      if builtins.pathExists ./fail then derivation {
+        name = "fails"; system = "x86_64-linux";
+        builder = "${pkgs.busybox}/bin/busybox";
+        args = [ "sh" "-c" "echo mvm-test-derivation-failed >&2; exit 3" ];
+      } else if builtins.pathExists ./slow then derivation {
+        name = "slow"; system = "x86_64-linux";
+        builder = "${pkgs.busybox}/bin/busybox";
+        args = [ "sh" "-c" "sleep 600" ];
+      } else pkgs.buildEnv { name = "ok"; paths = [ pkgs.busybox ]; };
+  };
+}
+"""
+
+
+def _leftovers(m: Mvm, tenant: str, pool: str) -> list[str]:
+    """Whatever a builder of this pool left: processes, run directory, disks but the store."""
+    left = []
+    run = Layout(m.home).runtime_dir() / f"builder.{tenant}.{pool}"
+    if run.exists():
+        left.append(f"run dir {run}: {sorted(os.listdir(run))}")
+    wdir = m.home / "tenants" / tenant / "pools" / pool / "builder"
+    extra = sorted(set(os.listdir(wdir)) - {"store.ext4"}) if wdir.exists() else []
+    if extra:
+        left.append(f"in {wdir}: {extra}")
+    revs = m.home / "tenants" / tenant / "pools" / pool / "artifacts" / "revisions"
+    if revs.exists():
+        left += [f"partial revision {n}" for n in os.listdir(revs) if n.startswith(".")]
+    name = f"builder-{tenant}-{pool}".encode()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if name in cmd and str(m.home).encode() in cmd:
+            left.append(f"process {pid}")
+    return left
+
+
+def _builds(m: Mvm, pool: str) -> list[tuple[str, str]]:
+    info = json.loads(m.ok("pool", "info", pool, "--json").out)
+    return [(b["builder"], b["status"]) for b in info["builds"]]
+
+
+@vm_test
+def test_guide_flake_through_the_builder_vm_same_revision_as_host_and_boots(
+        gmvm: Mvm, flake_copy) -> None:  # type: ignore[no-untyped-def]
+    flake = flake_copy("guide-flake")
+    gmvm.ok("tenant", "create", "acme")
+    gmvm.ok("pool", "create", "acme/w", "--flake", str(flake), "--profile", "minimal",
+            "--network", "none")
+    r = gmvm.ok("pool", "build", "acme/w", "--builder", "vm", "--builder-mem", "1024")
+    rev = r.out.split("revision ")[1].split()[0]
+    # steps and Nix's own log stream as progress
+    assert "builder: up" in r.err and "nix-build" in r.err and "pack" in r.err
+    assert "building '/nix/store/" in r.err
+    # the host builder gives the same revision (it finds it: same hash, nothing to pack)
+    h = gmvm.ok("pool", "build", "acme/w", "--builder", "host")
+    assert f"revision {rev}" in h.out
+    # unchanged flake: a cache hit decided on the host, no builder booted
+    c = gmvm.ok("pool", "build", "acme/w", "--builder", "vm")
+    assert f"revision {rev}" in c.out and "cache hit" in c.out and "builder" not in c.err
+    assert _builds(gmvm, "acme/w") == [("vm", "ok"), ("host", "ok"), ("vm", "ok")]
+    manifest = json.loads((gmvm.home / "tenants/acme/pools/w/artifacts/current/manifest.json")
+                          .read_text())
+    assert manifest["builder"]["kind"] == "vm" and manifest["kernel"]["source"] == "default"
+    log = Path(json.loads(gmvm.ok("pool", "info", "acme/w", "--json").out)["builds"][0]["log"])
+    assert "@mvm pack" in log.read_text()  # the builder's console is kept with the build
+    assert _leftovers(gmvm, "acme", "w") == []
+    # an instance boots from the revision the builder made
+    gmvm.ok("pool", "scale", "acme/w", "--running", "1")
+    inst = instances_by_state(gmvm, "acme/w")["running"][0]
+    out = sh(gmvm, inst, "curl --version | head -1; cat /proc/cmdline")
+    assert out.rc == 0 and out.out.startswith("curl "), out
+
+
+@vm_test
+def test_failing_flake_timeout_and_interrupt_leave_current_and_nothing_behind(
+        mvm: Mvm, tmp_path: Path) -> None:
+    try:
+        _failures(mvm, tmp_path)
+    finally:
+        _kill_guests_of(mvm.home)  # (a safety net: the test fails on any builder left)
+
+
+def _failures(mvm: Mvm, tmp_path: Path) -> None:
+    flake = tmp_path / "flake"
+    flake.mkdir()
+    (flake / "flake.nix").write_text(FLAKE)
+    mvm.ok("tenant", "create", "acme")
+    mvm.ok("pool", "create", "acme/p", "--flake", str(flake), "--profile", "minimal")
+    for bad, line in ((("--builder", "foo"), "--builder must be vm or host (got 'foo')"),
+                      (("--builder-mem", "10"), "--builder-mem must be between 512 and 16384 MiB"
+                                                " (got 10)"),
+                      (("--builder-cpus", "0"), "--builder-cpus must be between 1 and 8 (got 0)"),
+                      (("--timeout", "0"), "--timeout must be positive (got 0)")):
+        r = mvm("pool", "build", "acme/p", *bad)
+        assert (r.rc, r.lines) == (2, [f"error: {line}"]), r
+    assert _builds(mvm, "acme/p") == []
+    good = mvm.ok("pool", "build", "acme/p", "--builder", "host").out.split("revision ")[1].split()[0]
+    cur = mvm.home / "tenants/acme/pools/p/artifacts/current"
+
+    def unchanged() -> None:
+        assert os.readlink(cur) == f"revisions/{good}"
+        assert json.loads(mvm.ok("pool", "info", "acme/p", "--json").out)["current"] == good
+        assert _leftovers(mvm, "acme", "p") == []
+
+    # a failing derivation: Nix's own error, with the builder's log lines
+    (flake / "fail").write_text("")
+    r = mvm("pool", "build", "acme/p", "--builder", "vm")
+    assert r.rc == 7 and "mvm-test-derivation-failed" in r.err and "exit code 3" in r.err, r.err
+    unchanged()
+    # a syntax error
+    (flake / "flake.nix").write_text("{ outputs = { self }: { \n")
+    r = mvm("pool", "build", "acme/p", "--builder", "vm")
+    assert r.rc == 7 and "syntax error" in r.err, r.err
+    unchanged()
+    # --timeout says so (a build that cannot finish in time, however fast the host)
+    (flake / "flake.nix").write_text(FLAKE)
+    (flake / "fail").unlink()
+    (flake / "slow").write_text("")
+    r = mvm("pool", "build", "acme/p", "--builder", "vm", "--timeout", "4")
+    assert r.rc == 7 and "did not finish within 4s (--timeout)" in r.err, r.err
+    unchanged()
+    # Ctrl-C while the builder runs (SIGINT as a terminal sends it: not ignored, even when the
+    # test itself runs as a background job)
+    p = subprocess.Popen([sys.executable, "-m", "mvm.cli.main", "pool", "build", "acme/p",
+                          "--builder", "vm"], env=mvm.env, stderr=subprocess.PIPE, text=True,
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        assert p.stderr is not None
+        seen = ""
+        for line in p.stderr:
+            seen += line
+            if "builder: up" in line:
+                p.send_signal(signal.SIGINT)
+                break
+        rest = p.communicate(timeout=120)[1]
+        assert p.returncode == 130, seen + rest
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    unchanged()
+    assert [s for _, s in _builds(mvm, "acme/p")] == ["ok", "failed", "failed", "failed", "failed"]
+
+
+# -- the output archive, without a VM --------------------------------------------------------
+
+def _archive(entries: list[tuple[bytes, bytes]], magic: bytes = archive.MAGIC,
+             end: bytes = archive.END) -> bytes:
+    out = io.BytesIO()
+    out.write(magic)
+    for header, data in entries:
+        out.write(header + b"\n" + data)
+    out.write(end)
+    return out.getvalue()
+
+
+def _entry(name: str, data: bytes, size: int | None = None, digest: str | None = None
+           ) -> tuple[bytes, bytes]:
+    sha = digest or hashlib.sha256(data).hexdigest()
+    return f"{name} {len(data) if size is None else size} {sha}".encode(), data
+
+
+RESULT = b'{"ok": true}\n'
+
+
+@pytest.mark.parametrize("blob,why", [
+    (b"", "wrote no result"),
+    (_archive([_entry("result.json", RESULT), _entry("../etc/passwd", b"x")]), "malformed"),
+    (_archive([_entry("result.json", RESULT), _entry("secrets.json", b"x")]), "unknown file"),
+    (_archive([_entry("result.json", RESULT), _entry("initrd", b"a"), _entry("initrd", b"b")]),
+     "twice"),
+    (_archive([_entry("result.json", RESULT), _entry("initrd", b"abc", digest="0" * 64)]),
+     "does not match its hash"),
+    (_archive([_entry("result.json", RESULT), _entry("initrd", b"abc", size=10**11)]),
+     "too large"),
+    (_archive([_entry("initrd", b"abc")]), "no result.json"),
+    (_archive([_entry("result.json", b"[1]")]), "not a result"),
+])
+def test_output_archive_reader_refuses_anything_but_known_files(
+        tmp_path: Path, blob: bytes, why: str) -> None:
+    disk = tmp_path / "out.img"
+    disk.write_bytes(blob + b"\0" * 4096)
+    dest = tmp_path / "rev"
+    dest.mkdir()
+    with pytest.raises(archive.BadOutput, match=why):
+        archive.read_archive(disk, dest)
+    assert os.listdir(dest) == []  # nothing half-written is kept
+
+
+def test_output_archive_round_trip_and_kernel_formats(tmp_path: Path) -> None:
+    (tmp_path / "k").write_bytes(b"\x7fELF\x02" + b"\0" * 2000)
+    disk = tmp_path / "out.img"
+    with disk.open("wb") as f:
+        archive.write_archive(f, {"ok": True, "revision": "r"}, [("vmlinux", tmp_path / "k")])
+        f.truncate(1 << 20)
+    dest = tmp_path / "rev"
+    dest.mkdir()
+    result, files = archive.read_archive(disk, dest)
+    assert result == {"ok": True, "revision": "r"} and sorted(os.listdir(dest)) == ["vmlinux"]
+    assert files["vmlinux"] == hashlib.sha256((tmp_path / "k").read_bytes()).hexdigest()
+    assert archive.check_kernel(dest / "vmlinux") == "elf"
+    bz = bytearray(1024)
+    bz[0x1FE:0x200] = b"\x55\xaa"
+    bz[0x202:0x206] = b"HdrS"
+    assert archive.kernel_format(bytes(bz)) == "bzimage"
+    (tmp_path / "sh").write_bytes(b"#!/bin/sh\n" + b"\0" * 1024)
+    with pytest.raises(archive.BadOutput, match="neither an ELF vmlinux nor a bzImage"):
+        archive.check_kernel(tmp_path / "sh")
