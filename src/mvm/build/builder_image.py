@@ -1,7 +1,8 @@
 """The builder microVM's image (`mvm builder init`, `mvm builder info`).
 
 A Debian root file system made with `mmdebstrap` from the Debian mirrors apt is configured
-with (nothing else is downloaded): Nix (`nix-bin`), e2fsprogs, a static BusyBox and Python,
+with (nothing else is downloaded): Nix (`nix-bin`), e2fsprogs, a static BusyBox, Python and the
+CA certificates (a builder that fetches a URL ref needs them),
 plus mvm's builder init (`/mvm/init`) and a nix.conf. It boots with mvm's default guest
 kernel, whose initrd mounts it read-only and runs `/mvm/init`. The build job itself (Python,
 from this mvm) comes with each build on its input disk, so the image holds only Debian's
@@ -28,7 +29,7 @@ from mvm.util import proc
 #: Bump when what goes into the image changes in a way the hashed files below do not show.
 RECIPE_VERSION = 1
 SUITE = "bookworm"
-PACKAGES = ("nix-bin", "e2fsprogs", "busybox-static", "python3", "tar")
+PACKAGES = ("nix-bin", "e2fsprogs", "busybox-static", "python3", "tar", "ca-certificates")
 BUILD_USERS = 4
 IMAGE = "rootfs.ext4"
 MANIFEST = "manifest.json"

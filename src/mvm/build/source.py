@@ -69,6 +69,11 @@ def check_ref(ref: str, layout: Layout, base: Path | None = None) -> str:
                         "use a directory, git+file:///repo, or a URL ref such as github:owner/repo")
 
 
+def is_url_ref(ref: str) -> bool:
+    """A reference Nix fetches over the network (one of URL_SCHEMES)."""
+    return _scheme(ref) in URL_SCHEMES
+
+
 def _scheme(ref: str) -> str | None:
     m = re.match(r"^([a-z][a-z0-9+.-]*):", ref)
     if m is None or ref.startswith(("./", "/", "../")) or os.path.isdir(ref):

@@ -42,6 +42,7 @@ JOB_FILES = (
     "build/__init__.py", "build/nix.py", "build/rootfs.py", "build/revision.py",
     "build/archive.py", "build/outputs.py", "build/vm_job.py", "util/private.py",
     "guest/__init__.py", "guest/layout.py",
+    "build/source.py", "config/__init__.py", "config/paths.py",
     "data/guest/init", "data/guest/agent",
 )
 MAX_SOURCE = 256 * 2**20
@@ -64,6 +65,7 @@ class Prepared:
     output: Path
     workdir: Path
     source: Path | None = None  # mvm's checked copy of the flake (build.source.stage)
+    fetched: bool = False  # a URL ref: only the builder fetches it (through its network)
 
     def disks(self) -> list[tuple[str, Path, bool]]:
         """(id, path, read_only) in device order."""
@@ -76,9 +78,18 @@ def workdir(layout: Layout, pool: Pool) -> Path:
     return layout.pool_dir(pool.tenant, pool.id) / "builder"
 
 
-def prepare(layout: Layout, nixpkgs: str, pool: Pool, builder: builder_image.BuilderInfo) -> Prepared:
+def needs_network(flake: str) -> bool:
+    """A URL ref (`github:`, `https://…tar.gz`, …) is fetched by the builder itself, through
+    an egress-only network of its tenant's own; a local flake (a directory, a local git
+    repository) is copied in by mvm and its builder has no network at all."""
+    return source.is_url_ref(flake)
+
+
+def prepare(layout: Layout, nixpkgs: str, pool: Pool, builder: builder_image.BuilderInfo,
+            net: dict[str, Any] | None = None) -> Prepared:
     """Make the input disk and compute the input key; the store and output disks are made
-    by `disks` only when the build is not a cache hit."""
+    by `disks` only when the build is not a cache hit. `net` (address, gateway, DNS) is the
+    builder's network, given exactly when `needs_network(pool.flake)`."""
     pkgs = _nixpkgs_dir(nixpkgs)
     kdir = layout.kernel_dir()
     if not (kdir / "vmlinux").is_file():
@@ -90,7 +101,10 @@ def prepare(layout: Layout, nixpkgs: str, pool: Pool, builder: builder_image.Bui
         shutil.rmtree(stale, ignore_errors=True)
     run = wdir / f"run-{os.getpid()}"
     run.mkdir(mode=0o700)
-    src = _flake_dir(pool.flake, run / "source", layout)
+    fetched = needs_network(pool.flake)
+    if fetched != (net is not None):
+        raise ValueError("a builder has a network exactly when it fetches its flake")
+    src = None if fetched else _flake_dir(pool.flake, run / "source", layout)
     export, paths = nixpkgs_export(layout, pkgs)
     kernel_sha = file_sha256(kdir / "vmlinux")
     initrd_sha = file_sha256(kdir / "initrd") if (kdir / "initrd").is_file() else ""
@@ -100,10 +114,13 @@ def prepare(layout: Layout, nixpkgs: str, pool: Pool, builder: builder_image.Bui
     tar_path = run / "input.tar"
     job = {"profile": pool.profile, "imports": paths, "imports_device": "/dev/vdc",
            "output_device": "/dev/vde", "kernel_sha256": kernel_sha,
-           "initrd_sha256": initrd_sha, "log_limit": LOG_LIMIT}
+           "initrd_sha256": initrd_sha, "log_limit": LOG_LIMIT,
+           "flake": pool.flake if fetched else None, "net": net}
+    if fetched:  # what the URL names may change: never a cache hit decided on the host
+        key.update(f"fetched {pool.flake} {time.time_ns()} {os.getpid()}\0".encode())
     _input_tar(tar_path, key, job, src, pkgs)
     return Prepared(key.hexdigest()[:32], builder.image, tar_path, export,
-                    wdir / "store.ext4", run / "output.img", run, src)
+                    wdir / "store.ext4", run / "output.img", run, src, fetched)
 
 
 def _input_tar(path: Path, key: Any, job: dict[str, Any], src: Path | None, pkgs: Path) -> None:
@@ -137,7 +154,7 @@ def prepare_seed(layout: Layout, nixpkgs: str, builder: builder_image.BuilderInf
     run.mkdir()
     job = {"profile": None, "imports": paths, "imports_device": "/dev/vdc",
            "output_device": "/dev/vde", "kernel_sha256": "", "initrd_sha256": "",
-           "log_limit": LOG_LIMIT}
+           "log_limit": LOG_LIMIT, "flake": None, "net": None}
     _input_tar(run / "input.tar", hashlib.sha256(), job, None, pkgs)
     prep = Prepared("", builder.image, run / "input.tar", export, run / "store.ext4",
                     run / "output.img", run)
@@ -212,6 +229,9 @@ def collect(layout: Layout, pool: Pool, prep: Prepared, builder: builder_image.B
         manifest = _check(result, files, tmp, layout)
         if prep.source is not None:
             manifest.update(_locks(prep.source))
+        if prep.fetched and isinstance(result.get("fetched"), dict):
+            manifest["fetched"] = {k: str(v)[:300] for k, v in result["fetched"].items()
+                                   if k in ("ref", "store_path", "nar_hash")}
         rev = manifest["revision"]
         if manifest["kernel"]["source"] == "default":
             private.copy(layout.kernel_dir() / "vmlinux", tmp / "vmlinux")  # 0600, like the rest
@@ -337,7 +357,8 @@ def nixpkgs_export(layout: Layout, pkgs: Path) -> tuple[Path, list[str]]:
 def _flake_dir(flake: str, dest: Path, layout: Layout) -> Path:
     """mvm's own copy of the flake's source, made by the same rules as for the host builder
     (`source.stage`: the directory's own tree without secrets.json, links leaving it refused;
-    a git repository's committed tree). Nothing fetches here: the builder has no network."""
+    a git repository's committed tree). Nothing fetches here: URL refs are fetched by the
+    builder itself (`needs_network`)."""
     try:
         src = source.stage(flake, dest, layout)
     except source.SourceRefused as e:

@@ -78,10 +78,74 @@ def _run(console: Console, argv: list[str], *, stdin: Any = subprocess.DEVNULL,
     return out, "".join(err)
 
 
+BUSYBOX = "/mvm/busybox"
+
+
+def network(net: dict[str, Any], console: Console) -> None:
+    """The builder's egress-only network: eth0 at its tenant's builder address, the tenant's
+    gateway as default route, and the host's nameservers (none when all are host-local)."""
+    console.step("network", "…")
+    for argv in (["ip", "link", "set", "lo", "up"], ["ip", "link", "set", "eth0", "up"],
+                 ["ip", "addr", "add", net["address"], "dev", "eth0"],
+                 ["ip", "route", "add", "default", "via", net["gateway"]]):
+        p = subprocess.run([BUSYBOX, *argv], capture_output=True, text=True)
+        if p.returncode != 0:
+            raise JobFailed(f"the builder cannot set up its network ({' '.join(argv)}): "
+                            f"{p.stderr.strip()}")
+    # The image is read-only: its /etc is copied to a tmpfs with this resolv.conf in it.
+    etc = Path("/tmp/etc")
+    subprocess.run([BUSYBOX, "cp", "-a", "/etc", str(etc)], check=True)
+    (etc / "resolv.conf").unlink(missing_ok=True)
+    (etc / "resolv.conf").write_text("".join(f"nameserver {d}\n" for d in net["dns"]))
+    subprocess.run([BUSYBOX, "mount", "--bind", str(etc), "/etc"], check=True)
+    dns = ", ".join(net["dns"]) or "none (the host's nameservers are host-local)"
+    console.step("network", f"{net['address']} via {net['gateway']}, DNS {dns}")
+
+
+def _net_devices() -> list[str]:
+    try:
+        lines = Path("/proc/net/dev").read_text().splitlines()[2:]
+    except OSError:
+        return ["?"]
+    return sorted(ln.split(":", 1)[0].strip() for ln in lines if ":" in ln)
+
+
+def fetch(ref: str, console: Console) -> tuple[str, dict[str, str]]:
+    """Fetch the URL ref with the builder's own Nix, check its inputs as the host checks a
+    local flake's (no `path:` input outside the flake), and return the fetched flake as a
+    `path:` ref into the builder's store."""
+    from urllib.parse import parse_qs, urlparse
+
+    from mvm.build import source
+
+    console.step("fetch", "…")
+    registry = Path("/tmp/flake-registry.json")  # none: no indirect refs, no registry download
+    registry.write_text('{"flakes": [], "version": 2}\n')
+    out, _ = _run(console, ["nix", "flake", "prefetch", "--json",
+                            "--option", "flake-registry", str(registry), ref])
+    data = json.loads(out)
+    store_path = str(data["storePath"])
+    sub = parse_qs(urlparse(ref).query).get("dir", [""])[0]
+    flake_dir = Path(os.path.normpath(Path(store_path) / sub))
+    if not str(flake_dir).startswith(store_path) or not (flake_dir / "flake.nix").is_file():
+        raise JobFailed(f"no flake.nix in what {ref} names" + (f" (dir={sub})" if sub else ""))
+    try:
+        source.check_inputs(flake_dir)
+    except source.SourceRefused as e:
+        raise JobFailed(f"{e.message} (in {ref})") from None
+    console.step("fetch", f"{store_path} ({data.get('hash', '?')})")
+    return f"path:{flake_dir}", {"ref": ref, "store_path": store_path,
+                                  "nar_hash": str(data.get("hash", ""))}
+
+
 def build(indir: Path, job: dict[str, Any], console: Console) -> tuple[dict[str, Any], list[tuple[str, Path]]]:
     nixpkgs = f"path:{indir / 'nixpkgs'}"
     flake = f"path:{indir / 'src'}"
     common = ["--no-write-lock-file", "--override-input", "nixpkgs", nixpkgs]
+    if job.get("net"):
+        network(job["net"], console)
+    elif job["profile"] is not None:  # what the guest sees: no network device but loopback
+        console.step("network", f"none (devices: {', '.join(_net_devices()) or '-'})")
 
     st = os.statvfs("/nix")
     if st.f_bavail < st.f_blocks * GC_BELOW:
@@ -103,6 +167,10 @@ def build(indir: Path, job: dict[str, Any], console: Console) -> tuple[dict[str,
 
     if job["profile"] is None:  # seeding a store: the package set is all it holds
         return {"ok": True, "seed": True}, []
+
+    fetched: dict[str, str] | None = None
+    if job.get("flake"):
+        flake, fetched = fetch(job["flake"], console)
 
     console.step("nix-build", "…")
     out, _ = _run(console, ["nix", "build", "--no-link", "--json", "-L", *common,
@@ -154,6 +222,8 @@ def build(indir: Path, job: dict[str, Any], console: Console) -> tuple[dict[str,
         "closure_paths": len(closure),
         "closure_size": closure_size, "kernel_source": source,
     }
+    if fetched is not None:
+        result["fetched"] = fetched
     return result, [("rootfs.ext4", image), *files]
 
 

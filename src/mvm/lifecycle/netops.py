@@ -173,12 +173,29 @@ def _expected(store: Store) -> tuple[list[firewall.TenantNet], list[tuple[str, s
     return sorted(tenants.values(), key=lambda t: t.net_id), taps, ports
 
 
+def _expect_live_builders(store: Store, tenants: list[firewall.TenantNet],
+                          taps: list[tuple[str, str]], ports: list[firewall.Port]) -> None:
+    """A builder microVM at work has its TAP and port on its tenant's network (a stale one,
+    whose builder is gone, is extra)."""
+    from mvm.network import host
+
+    live = set(host.live_taps())
+    for t in store.tenants():
+        net = builder_net(t)
+        if net.tap in live:
+            if all(x.net_id != t.net_id for x in tenants):
+                tenants.append(tenant_net(t))
+            taps.append((net.tap, net.bridge))
+            ports.append(firewall.Port.of(net.tap, net.mac, net.ip, net.net_id))
+
+
 def verify(ctx: Host, repair: bool) -> dict[str, object]:
     from mvm.network import verify as net_verify
 
     tenants, taps, ports = _expected(ctx.store)
     with ctx.locks.lock("network"):
         claim_netns(ctx)
+        _expect_live_builders(ctx.store, tenants, taps, ports)
         report = net_verify.verify(tenants, taps, repair, fw=firewall_of(ctx), ports=ports)
         if repair and not tenants:
             _release_if_empty(ctx)
@@ -227,10 +244,106 @@ def teardown_tenant(ctx: Host, t: Tenant) -> None:
             claim_netns(ctx)
         except Conflict:
             return  # another home's processes live here: whatever we had was taken over
+        builder_tap = plan.builder_tap_name(t.net_id)
+        if builder_tap in host.live_taps():
+            return  # a build's builder uses the network: it tears it down when it ends
         for name in host.list_taps():
-            if any(name == plan.tap_name(i.id) for i in ctx.store.instances(t.id)):
+            if name == builder_tap or any(name == plan.tap_name(i.id)
+                                          for i in ctx.store.instances(t.id)):
                 host.remove_tap(name)
         host.remove_bridge(t.net_id)
         fw.remove_tenant(t.net_id)  # (its chains, map and set elements, and its ports)
         if fw.remove_all_if_empty() or not fw.exists():
             _release_if_empty(ctx)
+
+
+# -- the builder microVM's egress-only network -----------------------------------------------
+
+RESOLV_CONFS = (Path("/etc/resolv.conf"), Path("/run/systemd/resolve/resolv.conf"))
+
+
+def builder_lock(tenant: str) -> str:
+    """One networked builder per tenant at a time: it has the tenant's one builder address."""
+    return f"builder-net.{tenant}"
+
+
+def builder_net(t: Tenant) -> plan.InstanceNet:
+    """The builder's TAP, MAC and address on its tenant's network (`.2`, never an instance's)."""
+    return plan.InstanceNet(
+        net_id=t.net_id, subnet=plan._net(t.subnet), host_index=plan.BUILDER_INDEX,
+        bridge=plan.bridge_name(t.net_id), tap=plan.builder_tap_name(t.net_id),
+        mac=plan.mac_for(t.net_id, plan.BUILDER_INDEX), ip=plan.builder_ip(t.subnet),
+        gateway=plan.gateway(t.subnet))
+
+
+def builder_dns(hostnets: list[object] | None = None) -> list[str]:
+    """The host's IPv4 nameservers a guest may reach: none that is loopback, link-local, or in
+    one of the host's own networks (the closed host refuses guests' traffic there, e.g. a
+    stub resolver at 127.0.0.53 or a LAN router); systemd-resolved's upstream list is read
+    when /etc/resolv.conf names only its stub."""
+    from ipaddress import IPv4Address, IPv4Network
+
+    from mvm.network import host
+
+    nets = [n for n in (hostnets if hostnets is not None else host.host_networks())
+            if isinstance(n, IPv4Network)]
+    out: list[str] = []
+    for conf in RESOLV_CONFS:
+        try:
+            lines = conf.read_text(errors="replace").splitlines()
+        except OSError:
+            continue
+        for ln in lines:
+            parts = ln.split()
+            if len(parts) < 2 or parts[0] != "nameserver":
+                continue
+            try:
+                ip = IPv4Address(parts[1])
+            except ValueError:
+                continue  # IPv6: tenant networks are IPv4 only
+            if ip.is_loopback or ip.is_link_local or ip.is_unspecified or ip.is_multicast \
+                    or any(ip in n for n in nets) or str(ip) in out:
+                continue
+            out.append(str(ip))
+        if out:
+            break
+    return out[:3]
+
+
+def builder_up(ctx: Host, t: Tenant) -> plan.InstanceNet:
+    """Plug the tenant's builder into the tenant's network (its bridge, isolation, closed host
+    and NAT come up if they are not): the firewall lets its TAP send from its MAC and `.2`
+    only, before the TAP exists. The caller holds `builder_lock(t.id)`."""
+    from mvm.errors import Conflict
+    from mvm.network import host
+
+    net = builder_net(t)
+    fw = firewall_of(ctx)
+    port = firewall.Port.of(net.tap, net.mac, net.ip, net.net_id)
+    tenant_up(ctx, t)
+    with ctx.locks.lock("network"):
+        try:
+            fw.ensure_port(port)
+        except Conflict:
+            tenant_up(ctx, t)
+            fw.ensure_port(port)
+        host.ensure_tap(net.tap, net.bridge)
+    return net
+
+
+def builder_down(ctx: Host, t: Tenant) -> None:
+    """Remove the tenant's builder TAP and port, and the tenant's network when no instance of
+    it has one (idempotent: also the next build's cleanup after a killed command). The caller
+    holds `builder_lock(t.id)`."""
+    from mvm.network import host
+
+    tap = plan.builder_tap_name(t.net_id)
+    if tap not in host.links() and not firewall_of(ctx).exists():
+        return
+    with ctx.locks.lock("network"):
+        host.remove_tap(tap)
+        if firewall_of(ctx).exists():
+            firewall_of(ctx).remove_port(tap)
+    if not any(i.host_index is not None and i.state is not State.CREATED
+               for i in ctx.store.instances(t.id)):
+        teardown_tenant(ctx, t)

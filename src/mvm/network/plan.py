@@ -36,6 +36,10 @@ TAP_PREFIX = "mvt"
 # never listed, verified or removed by mvm.
 BRIDGE_RE = re.compile(r"mvmbr(0|[1-9][0-9]{0,3})")
 TAP_RE = re.compile(r"mvt[0-9a-f]{8}")
+# The builder microVM's TAP on its tenant's network: `mvb<net-id, 3 hex>` (one per tenant, at
+# the tenant's reserved builder address `.2`).
+BUILDER_TAP_PREFIX = "mvb"
+BUILDER_TAP_RE = re.compile(r"mvb[0-9a-f]{3}")
 INSTANCE_ID_RE = re.compile(r"i-[0-9a-f]{8}")
 
 SUBNET_POOL = IPv4Network("10.192.0.0/12")
@@ -83,8 +87,19 @@ def is_bridge_name(name: str) -> bool:
     return net_id_of_bridge(name) is not None
 
 
+def builder_tap_name(net_id: int) -> str:
+    """`mvb<3 hex>`: the TAP of the tenant's builder microVM (never an instance's shape)."""
+    _check_net_id_range(net_id)
+    return f"{BUILDER_TAP_PREFIX}{net_id:03x}"
+
+
+def is_builder_tap_name(name: str) -> bool:
+    return BUILDER_TAP_RE.fullmatch(name) is not None
+
+
 def is_tap_name(name: str) -> bool:
-    return TAP_RE.fullmatch(name) is not None
+    """An instance's TAP or a builder's: both are mvm's."""
+    return TAP_RE.fullmatch(name) is not None or BUILDER_TAP_RE.fullmatch(name) is not None
 
 
 # -- addresses ---------------------------------------------------------------------

@@ -1,9 +1,11 @@
 """The ephemeral builder microVM: `mvm builder init|info`, and one `pool build` run in it.
 
 The VM is booted through the runtime interface like an instance (nothing here is
-QEMU-specific): block devices only, no network, and it is destroyed — process, sockets, run
-directory and its disks but the pool's store — whether the build succeeds, fails, times out
-or is interrupted. Its console (the build job's step lines and Nix's log, bounded) streams as
+QEMU-specific): block devices only, and it is destroyed — process, sockets, run directory,
+TAP and its disks but the pool's store — whether the build succeeds, fails, times out or is
+interrupted. It has no network, except when its flake is a URL ref: then the builder alone
+fetches it, through an egress-only TAP on its tenant's own network (`netops.builder_up`).
+Its console (the build job's step lines and Nix's log, bounded) streams as
 step progress and is kept in the build log.
 """
 
@@ -13,15 +15,16 @@ import contextlib
 import re
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from mvm.build import archive, builder_image, vm_build
 from mvm.config.host import Host
 from mvm.errors import BuildFailed, InvalidInput
+from mvm.lifecycle import netops
 from mvm.model import Pool, Revision
-from mvm.runtime.base import Disk, VmSpec
+from mvm.runtime.base import Disk, NetIf, VmSpec
 
 Progress = Callable[[str, str], None]
 POLL = 0.2
@@ -70,9 +73,14 @@ def build(ctx: Host, pool: Pool, force: bool, log: Path, progress: Progress,
     started = time.monotonic()
     image = info(ctx)
     progress("inputs", "…")
-    prep = vm_build.prepare(ctx.layout, ctx.settings.nixpkgs, pool, image)
+    tenant = ctx.store.tenant(pool.tenant)
+    net = netops.builder_net(tenant) if vm_build.needs_network(pool.flake) else None
+    netcfg = None if net is None else {
+        "address": f"{net.ip}/{net.subnet.prefixlen}", "gateway": str(net.gateway),
+        "dns": netops.builder_dns()}
+    prep = vm_build.prepare(ctx.layout, ctx.settings.nixpkgs, pool, image, netcfg)
     try:
-        rev = None if force else vm_build.cached(ctx.layout, pool, prep.key)
+        rev = None if force or prep.fetched else vm_build.cached(ctx.layout, pool, prep.key)
         progress("inputs", f"key {prep.key[:16]}" + (f" -> revision {rev} (cached, nothing to build)"
                                                      if rev else ""))
         if rev is not None:
@@ -84,7 +92,8 @@ def build(ctx: Host, pool: Pool, force: bool, log: Path, progress: Progress,
         end_stale(ctx, pool)  # before its store disk is touched
         seed = None if prep.store.is_file() else _seed(ctx, image, log, progress, opts)
         vm_build.disks(prep, seed)
-        _run(ctx, spec(ctx, pool, prep, opts), log, progress, opts)
+        with _network(ctx, pool, opts) as netif:
+            _run(ctx, spec(ctx, pool, prep, opts, netif), log, progress, opts)
         progress("collect", "…")
         try:
             revision = vm_build.collect(ctx.layout, pool, prep, image, log, started)
@@ -99,18 +108,44 @@ def build(ctx: Host, pool: Pool, force: bool, log: Path, progress: Progress,
 
 
 def end_stale(ctx: Host, pool: Pool) -> None:
-    """End a builder left by a command that was killed (the caller holds the pool's lock)."""
+    """End a builder left by a command that was killed (the caller holds the pool's lock),
+    and its tenant's builder TAP when no builder uses it."""
     vm = spec(ctx, pool, None, Options())
     ctx.runtime().stop(vm, 0)
     shutil.rmtree(vm.run_dir, ignore_errors=True)
+    from mvm.network import host
+
+    t = ctx.store.tenant(pool.tenant)
+    tap = netops.builder_net(t).tap
+    if tap in host.links() and tap not in host.live_taps():
+        with contextlib.suppress(Exception), ctx.locks.lock(netops.builder_lock(t.id), timeout=0):
+            netops.builder_down(ctx, t)  # (a networked build at work holds the lock: its own)
 
 
-def spec(ctx: Host, pool: Pool, prep: vm_build.Prepared | None, opts: Options) -> VmSpec:
+@contextlib.contextmanager
+def _network(ctx: Host, pool: Pool, opts: Options) -> Iterator[NetIf | None]:
+    """The builder's TAP on its tenant's network while it runs, when its flake is fetched
+    (one such builder per tenant at a time: it has the tenant's builder address)."""
+    if not vm_build.needs_network(pool.flake):
+        yield None
+        return
+    t = ctx.store.tenant(pool.tenant)
+    with ctx.locks.lock(netops.builder_lock(t.id), timeout=opts.timeout):
+        netops.builder_down(ctx, t)  # a TAP a killed command left
+        try:
+            net = netops.builder_up(ctx, t)
+            yield NetIf(net.tap, net.mac)
+        finally:
+            netops.builder_down(ctx, t)
+
+
+def spec(ctx: Host, pool: Pool, prep: vm_build.Prepared | None, opts: Options,
+         net: NetIf | None = None) -> VmSpec:
     """The builder's VM (without disks when only its process and files are looked for)."""
     return VmSpec(
         name=f"builder-{pool.tenant}-{pool.id}", vcpus=opts.cpus, mem_mib=opts.mem_mib,
         kernel=ctx.layout.kernel_dir() / "vmlinux", initrd=_initrd(ctx), cmdline=CMDLINE,
-        disks=tuple(Disk(i, p, ro) for i, p, ro in prep.disks()) if prep else (), net=None,
+        disks=tuple(Disk(i, p, ro) for i, p, ro in prep.disks()) if prep else (), net=net,
         run_dir=ctx.layout.runtime_dir() / f"builder.{pool.tenant}.{pool.id}")
 
 
