@@ -66,6 +66,7 @@ class Prepared:
     workdir: Path
     source: Path | None = None  # mvm's checked copy of the flake (build.source.stage)
     fetched: bool = False  # a URL ref: only the builder fetches it (through its network)
+    networked: bool = False  # the builder has its tenant's egress-only network
 
     def disks(self) -> list[tuple[str, Path, bool]]:
         """(id, path, read_only) in device order."""
@@ -78,34 +79,52 @@ def workdir(layout: Layout, pool: Pool) -> Path:
     return layout.pool_dir(pool.tenant, pool.id) / "builder"
 
 
-def needs_network(flake: str) -> bool:
-    """A URL ref (`github:`, `https://…tar.gz`, …) is fetched by the builder itself, through
-    an egress-only network of its tenant's own; a local flake (a directory, a local git
-    repository) is copied in by mvm and its builder has no network at all."""
-    return source.is_url_ref(flake)
+def offline(nixpkgs: str) -> bool:
+    """The `nixpkgs` setting names mvm's offline package set (`path:` to a set `mvm setup`
+    made): the builder overrides the flake's nixpkgs with it and fetches nothing for it."""
+    return _nixpkgs_dir(nixpkgs) is not None
+
+
+def needs_network(flake: str, nixpkgs: str) -> bool:
+    """The rule for the builder's egress-only network of its tenant's own: a URL ref
+    (`github:`, `https://…tar.gz`, …) is fetched by the builder itself, and without the
+    offline package set the builder fetches the flake's own nixpkgs (or the `nixpkgs`
+    setting's ref) and may substitute from the binary cache. A local flake (a directory, a
+    local git repository) built with the offline set is copied in by mvm: no network at all."""
+    return source.is_url_ref(flake) or not offline(nixpkgs)
 
 
 def prepare(layout: Layout, nixpkgs: str, pool: Pool, builder: builder_image.BuilderInfo,
             net: dict[str, Any] | None = None) -> Prepared:
     """Make the input disk and compute the input key; the store and output disks are made
     by `disks` only when the build is not a cache hit. `net` (address, gateway, DNS) is the
-    builder's network, given exactly when `needs_network(pool.flake)`."""
+    builder's network, given exactly when `needs_network(pool.flake, nixpkgs)`."""
     pkgs = _nixpkgs_dir(nixpkgs)
+    if pkgs is None and nixpkgs.startswith("path:"):
+        raise HostUnsupported(f"the builder microVM cannot use the host path {nixpkgs} as "
+                              "nixpkgs (only mvm's offline package set is copied in)",
+                              "run `mvm setup` offline, set nixpkgs to a URL ref or to empty "
+                              "(the flake's own), or use --builder host")
     kdir = layout.kernel_dir()
     if not (kdir / "vmlinux").is_file():
         raise HostUnsupported(f"the default guest kernel is missing ({kdir}/vmlinux)",
                               "run `mvm setup` (or `make demo`) to install it")
+    networked = needs_network(pool.flake, nixpkgs)
+    if networked != (net is not None):
+        raise ValueError("a builder has a network exactly when needs_network says so")
     wdir = workdir(layout, pool)
     wdir.mkdir(parents=True, exist_ok=True)
     for stale in wdir.glob("run-*"):  # of a command that died (we hold the pool's lock)
         shutil.rmtree(stale, ignore_errors=True)
     run = wdir / f"run-{os.getpid()}"
     run.mkdir(mode=0o700)
-    fetched = needs_network(pool.flake)
-    if fetched != (net is not None):
-        raise ValueError("a builder has a network exactly when it fetches its flake")
+    fetched = source.is_url_ref(pool.flake)
     src = None if fetched else _flake_dir(pool.flake, run / "source", layout)
-    export, paths = nixpkgs_export(layout, pkgs)
+    if pkgs is not None:
+        export, paths = nixpkgs_export(layout, pkgs)
+    else:  # no package set to import: an empty disk in its place
+        export, paths = run / "no-imports", []
+        export.write_bytes(bytes(512))
     kernel_sha = file_sha256(kdir / "vmlinux")
     initrd_sha = file_sha256(kdir / "initrd") if (kdir / "initrd").is_file() else ""
     key = hashlib.sha256()
@@ -115,20 +134,23 @@ def prepare(layout: Layout, nixpkgs: str, pool: Pool, builder: builder_image.Bui
     job = {"profile": pool.profile, "imports": paths, "imports_device": "/dev/vdc",
            "output_device": "/dev/vde", "kernel_sha256": kernel_sha,
            "initrd_sha256": initrd_sha, "log_limit": LOG_LIMIT,
-           "flake": pool.flake if fetched else None, "net": net}
-    if fetched:  # what the URL names may change: never a cache hit decided on the host
-        key.update(f"fetched {pool.flake} {time.time_ns()} {os.getpid()}\0".encode())
+           "flake": pool.flake if fetched else None, "net": net,
+           "nixpkgs": "offline" if pkgs is not None else nixpkgs}
+    if networked:  # what it fetches may change: never a cache hit decided on the host
+        key.update(f"fetched {pool.flake} {nixpkgs} {time.time_ns()} {os.getpid()}\0".encode())
     _input_tar(tar_path, key, job, src, pkgs)
     return Prepared(key.hexdigest()[:32], builder.image, tar_path, export,
-                    wdir / "store.ext4", run / "output.img", run, src, fetched)
+                    wdir / "store.ext4", run / "output.img", run, src, fetched, networked)
 
 
-def _input_tar(path: Path, key: Any, job: dict[str, Any], src: Path | None, pkgs: Path) -> None:
+def _input_tar(path: Path, key: Any, job: dict[str, Any], src: Path | None,
+               pkgs: Path | None) -> None:
     with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
         adder = _Adder(tar, key)
         if src is not None:
             adder.tree(src, "src", limit=MAX_SOURCE, skip={".git"})
-        adder.tree(pkgs, "nixpkgs", limit=MAX_SOURCE, skip=set())
+        if pkgs is not None:
+            adder.tree(pkgs, "nixpkgs", limit=MAX_SOURCE, skip=set())
         for rel in JOB_FILES:
             adder.file(SRC / rel, f"lib/mvm/{rel}")
         adder.file(static_busybox(), "busybox")
@@ -139,7 +161,7 @@ def _input_tar(path: Path, key: Any, job: dict[str, Any], src: Path | None, pkgs
 # -- the seed store: the package set imported once, copied into each new pool's store ---------
 
 def seed_path(layout: Layout, nixpkgs: str, builder: builder_image.BuilderInfo) -> Path:
-    export, _ = nixpkgs_export(layout, _nixpkgs_dir(nixpkgs))
+    export, _ = nixpkgs_export(layout, _offline_dir(nixpkgs))
     tag = hashlib.sha256(f"{builder.version}\0{export.name}".encode()).hexdigest()[:16]
     return layout.builder_dir() / f"store-seed-{tag}.ext4"
 
@@ -147,14 +169,14 @@ def seed_path(layout: Layout, nixpkgs: str, builder: builder_image.BuilderInfo) 
 def prepare_seed(layout: Layout, nixpkgs: str, builder: builder_image.BuilderInfo) -> Prepared:
     """A job with no flake: the builder imports the package set into an empty store disk,
     which then seeds every new pool's store (host data only: no tenant's input is in it)."""
-    pkgs = _nixpkgs_dir(nixpkgs)
+    pkgs = _offline_dir(nixpkgs)
     export, paths = nixpkgs_export(layout, pkgs)
     run = layout.builder_dir() / f"seed-run-{os.getpid()}"
     shutil.rmtree(run, ignore_errors=True)
     run.mkdir()
     job = {"profile": None, "imports": paths, "imports_device": "/dev/vdc",
            "output_device": "/dev/vde", "kernel_sha256": "", "initrd_sha256": "",
-           "log_limit": LOG_LIMIT, "flake": None, "net": None}
+           "log_limit": LOG_LIMIT, "flake": None, "net": None, "nixpkgs": "offline"}
     _input_tar(run / "input.tar", hashlib.sha256(), job, None, pkgs)
     prep = Prepared("", builder.image, run / "input.tar", export, run / "store.ext4",
                     run / "output.img", run)
@@ -359,26 +381,24 @@ def _flake_dir(flake: str, dest: Path, layout: Layout) -> Path:
     (`source.stage`: the directory's own tree without secrets.json, links leaving it refused;
     a git repository's committed tree). Nothing fetches here: URL refs are fetched by the
     builder itself (`needs_network`)."""
-    try:
-        src = source.stage(flake, dest, layout)
-    except source.SourceRefused as e:
-        if "must be fetched" not in e.message:
-            raise
-        raise InvalidInput(f"the builder microVM builds local flakes; {flake!r} must be fetched",
-                           "use a local flake directory or git repository, or --builder host "
-                           "on a trusted host") from None
+    src = source.stage(flake, dest, layout)
     if not (src / "flake.nix").is_file():
         raise InvalidInput(f"no flake at {flake}: flake.nix does not exist",
                            "point the pool at a directory holding flake.nix")
     return src
 
 
-def _nixpkgs_dir(nixpkgs: str) -> Path:
+def _nixpkgs_dir(nixpkgs: str) -> Path | None:
+    """mvm's offline package set the setting names, or None."""
     p = Path(nixpkgs.removeprefix("path:")) if nixpkgs.startswith("path:") else None
-    if p is None or not (p / "versions.json").is_file():
-        raise HostUnsupported("the builder microVM has no network, so it builds with mvm's "
-                              "offline package set, which is not configured",
-                              "run `mvm setup` offline, or use --builder host")
+    return p if p is not None and (p / "versions.json").is_file() else None
+
+
+def _offline_dir(nixpkgs: str) -> Path:
+    p = _nixpkgs_dir(nixpkgs)
+    if p is None:
+        raise HostUnsupported("seeding builders' stores needs mvm's offline package set, "
+                              "which is not configured", "run `mvm setup` offline")
     return p
 
 

@@ -29,6 +29,9 @@ NIX_ENV = {"NIX_REMOTE": "local", "HOME": "/tmp", "XDG_CACHE_HOME": "/tmp/.cache
 WORK = Path("/nix/.mvm-work")
 #: Collect the pool's store when less than this share of it is free.
 GC_BELOW = 0.3
+#: The binary cache a networked builder may substitute from without the offline package set
+#: (signatures checked against nix.conf's trusted-public-keys).
+CACHE = "https://cache.nixos.org"
 
 
 class JobFailed(Exception):
@@ -139,9 +142,15 @@ def fetch(ref: str, console: Console) -> tuple[str, dict[str, str]]:
 
 
 def build(indir: Path, job: dict[str, Any], console: Console) -> tuple[dict[str, Any], list[tuple[str, Path]]]:
-    nixpkgs = f"path:{indir / 'nixpkgs'}"
     flake = f"path:{indir / 'src'}"
-    common = ["--no-write-lock-file", "--override-input", "nixpkgs", nixpkgs]
+    common = ["--no-write-lock-file"]
+    nixpkgs = job.get("nixpkgs", "offline")
+    if nixpkgs == "offline":  # mvm's offline package set, copied in
+        common += ["--override-input", "nixpkgs", f"path:{indir / 'nixpkgs'}"]
+    else:  # fetched through the builder's network: the setting's ref, or the flake's own
+        common += ["--option", "substituters", CACHE]
+        if nixpkgs:
+            common += ["--override-input", "nixpkgs", nixpkgs]
     if job.get("net"):
         network(job["net"], console)
     elif job["profile"] is not None:  # what the guest sees: no network device but loopback
@@ -157,13 +166,15 @@ def build(indir: Path, job: dict[str, Any], console: Console) -> tuple[dict[str,
     imports: list[str] = job["imports"]
     console.step("import", "…")
     invalid, _ = _run(console, ["nix-store", "--check-validity", "--print-invalid", *imports],
-                      stream=False)
-    if invalid.split():
+                      stream=False) if imports else ("", "")
+    if imports and invalid.split():
         with open(job["imports_device"], "rb") as dev:
             _run(console, ["nix-store", "--import"], stdin=dev, stream=False)
         console.step("import", f"{len(invalid.split())} package set paths into the pool's store")
-    else:
+    elif imports:
         console.step("import", "package set already in the pool's store")
+    else:
+        console.step("import", "no offline package set: nixpkgs is fetched")
 
     if job["profile"] is None:  # seeding a store: the package set is all it holds
         return {"ok": True, "seed": True}, []

@@ -74,7 +74,8 @@ def build(ctx: Host, pool: Pool, force: bool, log: Path, progress: Progress,
     image = info(ctx)
     progress("inputs", "…")
     tenant = ctx.store.tenant(pool.tenant)
-    net = netops.builder_net(tenant) if vm_build.needs_network(pool.flake) else None
+    networked = vm_build.needs_network(pool.flake, ctx.settings.nixpkgs)
+    net = netops.builder_net(tenant) if networked else None
     netcfg = None if net is None else {
         "address": f"{net.ip}/{net.subnet.prefixlen}", "gateway": str(net.gateway),
         "dns": netops.builder_dns()}
@@ -90,9 +91,10 @@ def build(ctx: Host, pool: Pool, force: bool, log: Path, progress: Progress,
             return Revision(pool.tenant, pool.id, rev, manifest["out_path"], manifest,
                             float(manifest.get("built", time.time()))), True
         end_stale(ctx, pool)  # before its store disk is touched
-        seed = None if prep.store.is_file() else _seed(ctx, image, log, progress, opts)
+        seed = None if prep.store.is_file() or not vm_build.offline(ctx.settings.nixpkgs) \
+            else _seed(ctx, image, log, progress, opts)
         vm_build.disks(prep, seed)
-        with _network(ctx, pool, opts) as netif:
+        with _network(ctx, pool, opts, prep.networked) as netif:
             _run(ctx, spec(ctx, pool, prep, opts, netif), log, progress, opts)
         progress("collect", "…")
         try:
@@ -123,10 +125,11 @@ def end_stale(ctx: Host, pool: Pool) -> None:
 
 
 @contextlib.contextmanager
-def _network(ctx: Host, pool: Pool, opts: Options) -> Iterator[NetIf | None]:
-    """The builder's TAP on its tenant's network while it runs, when its flake is fetched
-    (one such builder per tenant at a time: it has the tenant's builder address)."""
-    if not vm_build.needs_network(pool.flake):
+def _network(ctx: Host, pool: Pool, opts: Options, networked: bool) -> Iterator[NetIf | None]:
+    """The builder's TAP on its tenant's network while it runs, when it fetches
+    (`vm_build.needs_network`; one such builder per tenant at a time: it has the tenant's
+    builder address)."""
+    if not networked:
         yield None
         return
     t = ctx.store.tenant(pool.tenant)
