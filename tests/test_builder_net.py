@@ -91,13 +91,20 @@ def test_url_flake_fetched_only_by_the_builder_through_its_tenant_network(
                 "--network", "none")
         gmvm.ok("pool", "create", "acme/url", "--flake", url, "--profile", "minimal",
                 "--network", "none")
+        # a builder TAP a killed command left (no builder holds it): the next build removes it
+        tenant = json.loads(gmvm.ok("tenant", "info", "acme", "--json").out)
+        stale = plan.builder_tap_name(tenant["net_id"])
+        _in(ns, "ip", "tuntap", "add", stale, "mode", "tap")
         # a local flake: the builder has no network device at all (what the guest sees)
         r = gmvm.ok("pool", "build", "acme/local", "--builder", "vm")
         assert "network: none (devices: lo)" in r.err, r.err
+        links = subprocess.run(["ip", "netns", "exec", ns, "ip", "-o", "link"], text=True,
+                               capture_output=True, check=True).stdout
+        assert stale not in links, links
         local_rev = r.out.split("revision ")[1].split()[0]
         # the URL ref: fetched by the builder through the tenant's network, same revision
         r = gmvm.ok("pool", "build", "acme/url", "--builder", "vm")
-        subnet = json.loads(gmvm.ok("tenant", "info", "acme", "--json").out)["subnet"]
+        subnet = tenant["subnet"]
         gw = str(plan.gateway(subnet))
         assert f"network: {plan.builder_ip(subnet)}/24 via {gw}" in r.err, r.err
         assert "fetch: /nix/store/" in r.err, r.err
