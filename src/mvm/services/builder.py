@@ -3,8 +3,9 @@
 The VM is booted through the runtime interface like an instance (nothing here is
 QEMU-specific): block devices only, and it is destroyed — process, sockets, run directory,
 TAP and its disks but the pool's store — whether the build succeeds, fails, times out or is
-interrupted. It has no network, except when its flake is a URL ref: then the builder alone
-fetches it, through an egress-only TAP on its tenant's own network (`netops.builder_up`).
+interrupted. It has no network, except when it must fetch (`vm_build.needs_network`: a URL
+ref, which only the builder fetches, or no offline package set): then an egress-only TAP on
+its tenant's own network for the run (`netops.builder_up`).
 Its console (the build job's step lines and Nix's log, bounded) streams as
 step progress and is kept in the build log.
 """
@@ -81,7 +82,7 @@ def build(ctx: Host, pool: Pool, force: bool, log: Path, progress: Progress,
         "dns": netops.builder_dns()}
     prep = vm_build.prepare(ctx.layout, ctx.settings.nixpkgs, pool, image, netcfg)
     try:
-        rev = None if force or prep.fetched else vm_build.cached(ctx.layout, pool, prep.key)
+        rev = None if force or prep.networked else vm_build.cached(ctx.layout, pool, prep.key)
         progress("inputs", f"key {prep.key[:16]}" + (f" -> revision {rev} (cached, nothing to build)"
                                                      if rev else ""))
         if rev is not None:
