@@ -112,6 +112,44 @@ def test_guide_flake_through_the_builder_vm_same_revision_as_host_and_boots(
 
 
 @vm_test
+def test_guide_profiles_and_its_service_through_the_builder_vm_same_revision_as_host_and_boot(
+        gmvm: Mvm, flake_copy) -> None:  # type: ignore[no-untyped-def]
+    """The guide's `baseline` and `python` and its "Adding Services" flake (`minimal` is the
+    test above): each built by a builder microVM gives the revision the host builder gives,
+    and an instance boots from it. The services flake is the guide's text with the app its
+    unit names (tests/fixtures/app-flake), so the unit can be seen running."""
+    guide, app = flake_copy("guide-flake"), flake_copy("app-flake")
+    pools = {"acme/baseline": (guide, "baseline"), "acme/python": (guide, "python"),
+             "acme/svc": (app, "baseline")}
+    gmvm.ok("tenant", "create", "acme")
+    revs = {}
+    for pool, (flake, profile) in pools.items():
+        gmvm.ok("pool", "create", pool, "--flake", str(flake), "--profile", profile,
+                "--network", "none")
+        r = gmvm.ok("pool", "build", pool, "--builder", "vm", "--builder-mem", "1024")
+        assert "builder: up" in r.err and "pack" in r.err, r.err
+        revs[pool] = r.out.split("revision ")[1].split()[0]
+        h = gmvm.ok("pool", "build", pool, "--builder", "host")
+        assert f"revision {revs[pool]}" in h.out, (pool, h.out)
+        assert _builds(gmvm, pool) == [("vm", "ok"), ("host", "ok")]
+        assert _leftovers(gmvm, *pool.split("/")) == []
+    assert len(set(revs.values())) == 3
+    for pool in pools:
+        gmvm.ok("pool", "scale", pool, "--running", "1")
+    insts = {p: instances_by_state(gmvm, p)["running"][0] for p in pools}
+    r = sh(gmvm, insts["acme/baseline"], "wget --version | head -1; openssl version")
+    assert r.rc == 0 and "Wget" in r.out and "OpenSSL" in r.out, r
+    r = sh(gmvm, insts["acme/python"], "python3 -c 'import ssl, json; print(json.dumps([6*7]))'"
+                                       "; pip --version")
+    assert r.rc == 0 and r.out.startswith("[42]\npip "), r
+    # the guide's unit runs: mvm's init starts it from the image the builder packed
+    r = sh(gmvm, insts["acme/svc"], "cat /etc/systemd/system/my-app.service; "
+           "for i in $(seq 100); do [ -s /run/my-app.pid ] && break; sleep 0.2; done; "
+           "kill -0 $(cat /run/my-app.pid) && echo running")
+    assert r.rc == 0 and "ExecStart=/usr/bin/my-app" in r.out and r.out.endswith("running\n"), r
+
+
+@vm_test
 def test_failing_flake_timeout_and_interrupt_leave_current_and_nothing_behind(
         mvm: Mvm, tmp_path: Path) -> None:
     try:

@@ -78,6 +78,17 @@ def _run(console: Console, argv: list[str], *, stdin: Any = subprocess.DEVNULL,
     return out, "".join(err)
 
 
+def dev_shm(shm: Path = Path("/dev/shm")) -> None:
+    """A /dev/shm for the builds: Nix gives a build a fresh one only where the machine has
+    one, and the builder's init mounts none (Python's multiprocessing needs it, e.g. the
+    offline package set's python3 compiles its bytecode with `compileall -j`)."""
+    if os.path.ismount(shm):
+        return
+    shm.mkdir(mode=0o1777, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=1777,nosuid,nodev,noexec", "tmpfs",
+                    str(shm)], check=True, stdin=subprocess.DEVNULL, timeout=60)
+
+
 def build(indir: Path, job: dict[str, Any], console: Console) -> tuple[dict[str, Any], list[tuple[str, Path]]]:
     nixpkgs = f"path:{indir / 'nixpkgs'}"
     flake = f"path:{indir / 'src'}"
@@ -103,6 +114,8 @@ def build(indir: Path, job: dict[str, Any], console: Console) -> tuple[dict[str,
 
     if job["profile"] is None:  # seeding a store: the package set is all it holds
         return {"ok": True, "seed": True}, []
+
+    dev_shm()
 
     console.step("nix-build", "…")
     out, _ = _run(console, ["nix", "build", "--no-link", "--json", "-L", *common,
