@@ -53,6 +53,11 @@ def debugfs_ls(image: Path, path: str) -> str:
 
 @pytest.fixture
 def victim(mvm: Mvm, tmp_path: Path) -> tuple[Path, str]:
+    return make_victim(mvm, tmp_path)
+
+
+def make_victim(mvm: Mvm, tmp_path: Path) -> tuple[Path, str]:
+    """Another tenant with secrets: its directory and the token its secrets hold."""
     token = f"victim-secret-{secrets.token_hex(12)}"
     mvm.ok("tenant", "create", "victim")
     (tmp_path / "s.json").write_text(json.dumps({"api_key": token}))

@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import pytest
 from mvm.build import archive
 from mvm.config.paths import Layout
 from tests.conftest import Mvm, _kill_guests_of, instances_by_state, needs_assets, sh
+from tests.test_build_hostile import debugfs_ls, make_victim, modes, store_holds
 
 VM_MARKS = (pytest.mark.guest, pytest.mark.nix,
             needs_assets("kernel", "nixpkgs-offline", "builder"))
@@ -109,6 +111,51 @@ def test_guide_flake_through_the_builder_vm_same_revision_as_host_and_boots(
     inst = instances_by_state(gmvm, "acme/w")["running"][0]
     out = sh(gmvm, inst, "curl --version | head -1; cat /proc/cmdline")
     assert out.rc == 0 and out.out.startswith("curl "), out
+
+
+@vm_test
+def test_guide_profiles_and_its_service_through_the_builder_vm_same_revision_as_host_and_boot(
+        gmvm: Mvm, flake_copy) -> None:  # type: ignore[no-untyped-def]
+    """The guide's `baseline` and `python` and its "Adding Services" flake (`minimal` is the
+    test above): each built by a builder microVM gives the revision the host builder gives,
+    and an instance boots from it. The services flake is the guide's text with the app its
+    unit names (tests/fixtures/app-flake), so the unit can be seen running."""
+    guide, app = flake_copy("guide-flake"), flake_copy("app-flake")
+    pools = {"acme/baseline": (guide, "baseline"), "acme/python": (guide, "python"),
+             "acme/svc": (app, "baseline")}
+    gmvm.ok("tenant", "create", "acme")
+    revs = {}
+    for pool, (flake, profile) in pools.items():
+        gmvm.ok("pool", "create", pool, "--flake", str(flake), "--profile", profile,
+                "--network", "none")
+        r = gmvm.ok("pool", "build", pool, "--builder", "vm")
+        assert "builder: up" in r.err and "pack" in r.err, r.err
+        revs[pool] = r.out.split("revision ")[1].split()[0]
+        manifest = gmvm.home / f"tenants/acme/pools/{pool[5:]}/artifacts/current/manifest.json"
+        packed = json.loads(manifest.read_text())["rootfs_sha256"]
+        # the host builder, made to pack again: the same revision, byte for byte (but for
+        # python: the package set's python3 compiles its bytecode under `python -I`, so with
+        # hash randomisation, and its .pyc bytes differ from one build of it to the next)
+        h = gmvm.ok("pool", "build", pool, "--builder", "host", "--force")
+        assert f"revision {revs[pool]}" in h.out, (pool, h.out)
+        if profile != "python":
+            assert json.loads(manifest.read_text())["rootfs_sha256"] == packed, pool
+        assert _builds(gmvm, pool) == [("vm", "ok"), ("host", "ok")]
+        assert _leftovers(gmvm, *pool.split("/")) == []
+    assert len(set(revs.values())) == 3
+    for pool in pools:
+        gmvm.ok("pool", "scale", pool, "--running", "1")
+    insts = {p: instances_by_state(gmvm, p)["running"][0] for p in pools}
+    r = sh(gmvm, insts["acme/baseline"], "wget --version | head -1; openssl version")
+    assert r.rc == 0 and "Wget" in r.out and "OpenSSL" in r.out, r
+    r = sh(gmvm, insts["acme/python"], "python3 -c 'import ssl, json; print(json.dumps([6*7]))'"
+                                       "; pip --version")
+    assert r.rc == 0 and r.out.startswith("[42]\npip "), r
+    # the guide's unit runs: mvm's init starts it from the image the builder packed
+    r = sh(gmvm, insts["acme/svc"], "cat /etc/systemd/system/my-app.service; "
+           "for i in $(seq 100); do [ -s /run/my-app.pid ] && break; sleep 0.2; done; "
+           "kill -0 $(cat /run/my-app.pid) && echo running")
+    assert r.rc == 0 and "ExecStart=/usr/bin/my-app" in r.out and r.out.endswith("running\n"), r
 
 
 @vm_test
@@ -247,3 +294,141 @@ def test_output_archive_round_trip_and_kernel_formats(tmp_path: Path) -> None:
     (tmp_path / "sh").write_bytes(b"#!/bin/sh\n" + b"\0" * 1024)
     with pytest.raises(archive.BadOutput, match="neither an ELF vmlinux nor a bzImage"):
         archive.check_kernel(tmp_path / "sh")
+
+
+# -- hostile flakes through the builder microVM -----------------------------------------------
+
+HOSTILE = """{
+  inputs.nixpkgs.url = "github:NixOS/nixpkgs/nixos-24.05";
+  inputs.v = { url = "@INPUT@"; flake = false; };
+  outputs = { self, nixpkgs, v }: let pkgs = nixpkgs.legacyPackages.x86_64-linux; in {
+    packages.x86_64-linux.p = pkgs.runCommand "hostile-@NONCE@" { } ''
+      @SCRIPT@
+    '';
+  };
+}
+"""
+# One build, each attack seen on its own: a host path as an input (in the builder, /etc is the
+# builder's own), the derivation reading /etc/shadow and leaving a process behind, /usr and
+# /tmp linked to host directories (kept as links; mvm's own /tmp).
+ATTACKS = r"""
+  mkdir -p $out/bin; echo good > $out/bin/good
+  cat ${v}/shadow > $out/input-shadow 2>&1 || echo "no input shadow" > $out/input-shadow
+  cat /etc/shadow > $out/read-shadow 2>&1 || echo "no /etc/shadow" >> $out/read-shadow
+  ( exec -a leftover-@NONCE@ sleep 100000 ) </dev/null >/dev/null 2>&1 &
+  ln -s @HOSTTMP@ $out/tmp; ln -s @HOSTDIR@ $out/usr
+"""
+# Each refused inside the builder (which has an /etc of its own to lead to), with the line the
+# host builder gives (tests/test_build_hostile.py) and no trace of a crash.
+VM_REFUSED = {
+    "out-to-etc": "ln -s /etc $out",
+    "initrd-out-of-store": "mkdir $out; printf '\\177ELF\\002' > $out/vmlinux; "
+                           "ln -s /etc/shadow $out/initrd",
+}
+
+
+def _data_holds(disk: Path, needles: list[bytes]) -> list[bytes]:
+    """Which needles a (sparse) disk image holds anywhere in its bytes."""
+    found: set[bytes] = set()
+    keep = max(map(len, needles))
+    with disk.open("rb") as f:
+        fd, pos, end = f.fileno(), 0, os.fstat(f.fileno()).st_size
+        while pos < end:
+            try:
+                pos = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:
+                break
+            stop, tail = os.lseek(fd, pos, os.SEEK_HOLE), b""
+            f.seek(pos)
+            while pos < stop:
+                chunk = tail + f.read(min(8 << 20, stop - pos))
+                pos += len(chunk) - len(tail)
+                found |= {n for n in needles if n in chunk}
+                tail = chunk[-keep:]
+    return sorted(found)
+
+
+def _hostile(flake: Path, script: str, input_url: str, **subst: str) -> None:
+    for k, v in subst.items():
+        script = script.replace(f"@{k}@", v)
+    flake.mkdir(exist_ok=True)
+    (flake / "flake.nix").write_text(HOSTILE.replace("@SCRIPT@", script)
+                                     .replace("@INPUT@", input_url)
+                                     .replace("@NONCE@", secrets.token_hex(6)))
+
+
+@vm_test
+def test_hostile_flakes_through_the_builder_vm(mvm: Mvm, tmp_path: Path) -> None:
+    try:
+        _hostile_builds(mvm, tmp_path, make_victim(mvm, tmp_path))
+    finally:
+        _kill_guests_of(mvm.home)
+
+
+def _hostile_builds(mvm: Mvm, tmp_path: Path, victim: tuple[Path, str]) -> None:
+    vdir, token = victim
+    hostdir, hosttmp = tmp_path / "host-usr", tmp_path / "host-tmp"
+    hostdir.mkdir()
+    host_file = f"host-file-{secrets.token_hex(8)}"
+    (hostdir / "keep").write_text(host_file)
+    hosttmp.mkdir(mode=0o700)
+    shadow = Path("/etc/shadow")
+    host_shadow = shadow.read_bytes()
+    watched = modes(vdir, hostdir, hosttmp)
+    etc = (Path("/etc").stat().st_mode, shadow.stat().st_mode, shadow.stat().st_mtime_ns)
+    flake = tmp_path / "evil"
+    _hostile(flake, ATTACKS, "path:/etc", HOSTTMP=str(hosttmp), HOSTDIR=str(hostdir))
+    nonce = (flake / "flake.nix").read_text().split("hostile-")[1][:12]
+    (flake / "secrets.json").write_text(json.dumps({"api_key": token + "-own"}))
+    mvm.ok("tenant", "create", "evil")
+    mvm.ok("pool", "create", "evil/p", "--flake", str(flake), "--profile", "p")
+    mvm.ok("pool", "build", "evil/p", "--builder", "vm")
+    arts = mvm.home / "tenants/evil/pools/p/artifacts"
+    good = os.readlink(arts / "current")
+    image = arts / "current" / "rootfs.ext4"
+    root = debugfs_ls(image, "/")
+    tmp_line = next(ln for ln in root.splitlines() if ln.split()[-1:] == ["tmp"])
+    assert tmp_line.split()[1] == "41777"  # mvm's own /tmp, a directory
+    usr_line = next(ln for ln in root.splitlines() if ln.split()[-1:] == ["usr"])
+    assert usr_line.split()[1].startswith("120")  # the profile's link, kept as a link
+    # what the derivation could read: the builder's /etc as its input, no /etc/shadow at all
+    read = {name: subprocess.run(["debugfs", "-R", f"cat /{name}", str(image)], capture_output=True,
+                                 check=True).stdout for name in ("input-shadow", "read-shadow")}
+    assert read["read-shadow"].endswith(b"no /etc/shadow\n"), read
+    assert read["input-shadow"] and read["input-shadow"] != host_shadow, read
+
+    for name, script in VM_REFUSED.items():
+        _hostile(flake, script, "path:/etc")
+        r = mvm("pool", "build", "evil/p", "--builder", "vm")
+        assert r.rc == 7 and len(r.errors) == 1, (name, r.err)
+        assert "outside the build's closure (a profile's files must be in its own closure" \
+            in r.errors[0] and "the builder failed" not in r.err, (name, r.errors)
+        assert "Traceback" not in r.err, (name, r.err)
+        assert os.readlink(arts / "current") == good, name
+    # an input naming another tenant's directory: the builder has no such path
+    _hostile(flake, ATTACKS, f"path:{vdir}", HOSTTMP=str(hosttmp), HOSTDIR=str(hostdir))
+    r = mvm("pool", "build", "evil/p", "--builder", "vm")
+    assert r.rc != 0 and f"{vdir}': No such file or directory" in r.err, r.err
+    assert os.readlink(arts / "current") == good
+    assert [s for _, s in _builds(mvm, "evil/p")] == ["ok", "failed", "failed", "failed"]
+
+    # no host file or mode changed, no process left, no byte of the host or the victim anywhere
+    assert modes(vdir, hostdir, hosttmp) == watched
+    assert (Path("/etc").stat().st_mode, shadow.stat().st_mode, shadow.stat().st_mtime_ns) == etc
+    assert _leftovers(mvm, "evil", "p") == []
+    assert not [p for p in filter(str.isdigit, os.listdir("/proc"))
+                if nonce.encode() in _cmdline(p)]
+    needles = [token.encode(), host_file.encode(), host_shadow]
+    pool_dir = mvm.home / "tenants/evil/pools/p"
+    for disk in [*arts.glob("revisions/*/*"), pool_dir / "builder" / "store.ext4"]:
+        assert _data_holds(disk, needles) == [], disk
+    logs = b"".join(p.read_bytes() for p in pool_dir.rglob("*.log"))
+    assert all(n not in logs for n in needles)
+    assert store_holds(token) == []  # the host's store: nothing of this tenant's reached it
+
+
+def _cmdline(pid: str) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""

@@ -64,7 +64,8 @@ def test_secrets_file_path_in_error_is_literal(mvm: Mvm, tmp_path: Path) -> None
     missing = tmp_path / f"s{MARKUP}.json"
     r = mvm("tenant", "secrets", "set", "acme", "--from-file", str(missing))
     assert (r.rc, r.out) == (2, "")
-    assert one_error(r.err) == f"error: cannot read {missing}: No such file or directory"
+    assert one_error(r.err) == (f"error: cannot read {missing}: No such file or directory "
+                                "(check the file's path)")
     bad = tmp_path / "a[/x]b.json"  # a directory `a[` holding `x]b.json`
     bad.parent.mkdir()
     bad.write_text("[not json")

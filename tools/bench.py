@@ -38,6 +38,7 @@ class Home:
     def __init__(self) -> None:
         self.assets = Layout.from_env().home
         self.dir = Path(tempfile.mkdtemp(prefix="mvm-bench-"))
+        self.flakes = Path(tempfile.mkdtemp(prefix="mvm-bench-flakes-"))  # outside mvm's state
         for name in ("kernel", "builtin-flake", "nixpkgs-offline", "kvm-probe.json", "config.json",
                      "builder"):
             src = self.assets / name
@@ -64,6 +65,7 @@ class Home:
             self.mvm("tenant", "destroy", t["id"], "--force")  # guests, networks, runtime dirs
         os.environ["MVM_HOME"] = str(self.assets)
         shutil.rmtree(self.dir, ignore_errors=True)
+        shutil.rmtree(self.flakes, ignore_errors=True)
 
 
 def line(name: str, value: str) -> None:
@@ -262,7 +264,7 @@ def bench_jail(h: Home) -> None:
 def bench_builder(h: Home) -> None:
     """The builder microVM against the host's Nix on the guide's minimal flake."""
     print("builder microVM")
-    flake = h.dir / "flake"
+    flake = h.flakes / "guide"  # (mvm refuses a flake inside its state directory)
     shutil.copytree(Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "guide-flake",
                     flake)
     h.mvm("tenant", "create", "bb")

@@ -99,6 +99,25 @@ def regular_file(path: Path | str, closure: Iterable[str], what: str,
     return real
 
 
+def profile_kernel(out_path: str, closure: Iterable[str],
+                   store: Path = STORE) -> tuple[Path, Path | None] | None:
+    """The kernel and initrd a profile ships (`vmlinux` and `initrd`, or `boot/vmlinux` and
+    `boot/initrd`, each a regular file inside the closure, the kernel bootable, the initrd not
+    empty), or None for mvm's default kernel. Both builders choose with this, so the same
+    flake gives the same kernel files and revision whichever builder ran."""
+    closure = list(closure)
+    for name in ("vmlinux", "boot/vmlinux"):
+        kernel = regular_file(f"{out_path}/{name}", closure, "kernel", store)
+        if kernel is not None:
+            check_kernel(kernel)
+            initrd = regular_file(f"{out_path}/{name.replace('vmlinux', 'initrd')}", closure,
+                                  "initrd", store)
+            if initrd is not None:
+                check_initrd(initrd)
+            return kernel, initrd
+    return None
+
+
 def check_kernel(path: Path) -> None:
     """A kernel mvm can boot: an ELF vmlinux or a bzImage (the builder microVM's output is
     checked by the same `archive.kernel_format`)."""

@@ -94,17 +94,10 @@ def step_kernel(ctx: BuildContext) -> None:
     """
     assert ctx.result
     out = ctx.result.out_path
-    for name in ("vmlinux", "boot/vmlinux"):
-        kernel = outputs.regular_file(f"{out}/{name}", ctx.closure, "kernel")
-        if kernel is not None:
-            outputs.check_kernel(kernel)
-            ctx.kernel = kernel
-            ctx.initrd = outputs.regular_file(f"{out}/{name.replace('vmlinux', 'initrd')}",
-                                              ctx.closure, "initrd")
-            if ctx.initrd is not None:
-                outputs.check_initrd(ctx.initrd)
-            ctx.kernel_source = "profile"
-            break
+    shipped = outputs.profile_kernel(out, ctx.closure)
+    if shipped is not None:
+        ctx.kernel, ctx.initrd = shipped
+        ctx.kernel_source = "profile"
     else:
         kdir = ctx.layout.kernel_dir()
         if not (kdir / "vmlinux").is_file():

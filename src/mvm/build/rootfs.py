@@ -15,7 +15,7 @@ from mvm.build import outputs
 from mvm.util import private, proc
 
 # Bump when the layout of the image changes, so revisions built by an older packer differ.
-PACKER_VERSION = "2"
+PACKER_VERSION = "3"
 FIXED_MTIME = 1  # the Nix store's own mtime
 MIN_SIZE_MIB = 16
 
@@ -191,6 +191,10 @@ def _pin_inode_times(staging: Path, image: Path) -> None:
             cmds.append(f'sif "{rel}" ctime {FIXED_MTIME}')
     for field in ("atime", "ctime", "mtime"):
         cmds.append(f'sif / {field} {FIXED_MTIME}')
+    # The superblock's lifetime-writes counter counts the bytes mkfs wrote, which differ
+    # between machines for the same tree (the builder microVM's and the host's did), not the
+    # image's content: zeroed, so either builder packs the same bytes.
+    cmds.append("ssv kbytes_written 0")
     proc.run(["debugfs", "-w", "-f", "-", str(image)], input="\n".join(cmds).encode() + b"\n",
              env={"E2FSPROGS_FAKE_TIME": str(FIXED_MTIME)}, timeout=1800)
 

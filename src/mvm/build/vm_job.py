@@ -20,7 +20,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from mvm.build import archive, revision, rootfs
+from mvm.build import archive, outputs, revision, rootfs
+from mvm.errors import MvmError
 from mvm.guest import layout
 from mvm.util.hashing import file_sha256
 
@@ -141,6 +142,17 @@ def fetch(ref: str, console: Console) -> tuple[str, dict[str, str]]:
                                   "nar_hash": str(data.get("hash", ""))}
 
 
+def dev_shm(shm: Path = Path("/dev/shm")) -> None:
+    """A /dev/shm for the builds: Nix gives a build a fresh one only where the machine has
+    one, and the builder's init mounts none (Python's multiprocessing needs it, e.g. the
+    offline package set's python3 compiles its bytecode with `compileall -j`)."""
+    if os.path.ismount(shm):
+        return
+    shm.mkdir(mode=0o1777, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=1777,nosuid,nodev,noexec", "tmpfs",
+                    str(shm)], check=True, stdin=subprocess.DEVNULL, timeout=60)
+
+
 def build(indir: Path, job: dict[str, Any], console: Console) -> tuple[dict[str, Any], list[tuple[str, Path]]]:
     flake = f"path:{indir / 'src'}"
     common = ["--no-write-lock-file"]
@@ -179,6 +191,7 @@ def build(indir: Path, job: dict[str, Any], console: Console) -> tuple[dict[str,
     if job["profile"] is None:  # seeding a store: the package set is all it holds
         return {"ok": True, "seed": True}, []
 
+    dev_shm()
     fetched: dict[str, str] | None = None
     if job.get("flake"):
         flake, fetched = fetch(job["flake"], console)
@@ -196,14 +209,11 @@ def build(indir: Path, job: dict[str, Any], console: Console) -> tuple[dict[str,
 
     files: list[tuple[str, Path]] = []
     kernel_sha, initrd_sha, source = job["kernel_sha256"], job["initrd_sha256"], "default"
-    kernel = _in_closure(Path(out_path), ("vmlinux", "boot/vmlinux"), closure)
-    if kernel is not None:
-        source = "profile"
-        archive.check_kernel(kernel)
+    shipped = outputs.profile_kernel(out_path, closure)  # the host builder's rules
+    if shipped is not None:
+        source, (kernel, initrd) = "profile", shipped
         kernel_sha = file_sha256(kernel)
         files.append(("vmlinux", kernel))
-        initrd = _in_closure(Path(out_path), (str(Path(kernel.name).with_name("initrd")),
-                                              "boot/initrd", "initrd"), closure)
         initrd_sha = file_sha256(initrd) if initrd else ""
         if initrd:
             files.append(("initrd", initrd))
@@ -238,21 +248,6 @@ def build(indir: Path, job: dict[str, Any], console: Console) -> tuple[dict[str,
     return result, [("rootfs.ext4", image), *files]
 
 
-def _in_closure(out: Path, names: tuple[str, ...], closure: list[str]) -> Path | None:
-    """The first of names under out that is a regular file inside the closure (a kernel or
-    initrd may be a symlink to another store path of the closure, never out of it)."""
-    for name in names:
-        p = out / name
-        if not (p.exists() or p.is_symlink()):
-            continue
-        real = Path(os.path.realpath(p))
-        if not real.is_file() or not any(str(real).startswith(c + "/") or str(real) == c
-                                         for c in closure):
-            raise JobFailed(f"the profile's {name} is not a regular file inside its closure")
-        return real
-    return None
-
-
 def _rmtree(path: Path) -> None:
     import shutil
 
@@ -267,6 +262,8 @@ def main(indir: Path) -> int:
         result, files = build(indir, job, console)
     except JobFailed as e:
         result = {"ok": False, "error": str(e)[-16384:]}
+    except MvmError as e:  # a profile mvm refuses (a link out of its closure, …): as the host says it
+        result = {"ok": False, "error": e.line()[-16384:]}
     except Exception as e:  # a bug of this job or an OS error: still a result, with the cause
         console.line(traceback.format_exc(limit=5))
         result = {"ok": False, "error": f"the builder failed: {e}"[-16384:]}

@@ -25,7 +25,7 @@ def read_file(path: Path, limit: int, hint: str) -> bytes:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except OSError as e:
-        raise InvalidInput(f"cannot read {path}: {e.strerror}", hint) from None
+        raise InvalidInput(f"cannot read {path}: {e.strerror}", "check the file's path") from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
