@@ -66,7 +66,16 @@ def flood(m: Mvm, inst: str, rotated: bool) -> None:
     assert sh(m, inst, FLOOD).out.startswith("flooding /dev/vport")
     log = run_dir(m, inst) / "console.log"
     # the floods have begun (both at once), and with `rotated` filled the log and moved it aside
-    wait_for(lambda: log.stat().st_size > 64 << 10, 120, "the console flood")
+    try:
+        wait_for(lambda: log.stat().st_size > 64 << 10, 120, "the console flood")
+    except AssertionError as e:  # what the host saw, to tell a slow guest from a dead logger
+        d = run_dir(m, inst)
+        seen = {f.name: f.stat().st_size for f in d.iterdir() if f.is_file()}
+        loggers = subprocess.run(["pgrep", "-af", "console_logger"], capture_output=True,
+                                 text=True).stdout
+        tail = log.read_bytes()[-300:] if log.exists() else b""
+        raise AssertionError(f"{e}: files {seen}; loggers {loggers!r}; console tail {tail!r}; "
+                             f"instance {m('instance', 'info', inst).out[:400]}") from None
     if rotated:
         wait_for(lambda: console.old_log(log).exists(), 120, "the console log to rotate")
 
