@@ -138,9 +138,21 @@ def _ping6_all_nodes(iface: str, wait: float) -> list[str]:
         s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_LOOP, 0)
         s.settimeout(0.2)
         seen: set[str] = set()
+        echo = struct.pack("!BBHHH", 128, 0, 0, 0x6d76, 1)
+        # The sender's own link-local address is usable only once its duplicate address
+        # detection ends (a second or more on a loaded host): until then, sending fails.
+        ready_by = time.monotonic() + 20
+        while True:
+            try:
+                s.sendto(echo, ("ff02::1", 0, 0, idx))
+                break
+            except OSError as e:
+                if e.errno != errno.EADDRNOTAVAIL or time.monotonic() > ready_by:
+                    raise
+                time.sleep(0.05)
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
-            s.sendto(struct.pack("!BBHHH", 128, 0, 0, 0x6d76, 1), ("ff02::1", 0, 0, idx))
+            s.sendto(echo, ("ff02::1", 0, 0, idx))
             end = time.monotonic() + 0.3
             while time.monotonic() < end:
                 try:
