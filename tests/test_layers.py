@@ -1,6 +1,6 @@
 """The package layout shows the architecture: dependencies point one way (docs/ARCHITECTURE.md).
 
-model ← config/util ← store/build/network/guest/runtime ← lifecycle ← services ← cli.
+model ← config/util ← store/build/network/guest/runtime ← lifecycle ← services ← cli, api.
 Imports only for type hints (under `if TYPE_CHECKING:`) do not count.
 """
 
@@ -16,7 +16,7 @@ LAYER = {
     "store": 2, "build": 2, "network": 2, "guest": 2, "runtime": 2,
     "lifecycle": 3,
     "services": 4,
-    "cli": 5,
+    "cli": 5, "api": 5,
 }
 # Within layer 2, what may use what (guest channels are how a runtime reaches its guest).
 SIDEWAYS = {("runtime", "guest"), ("network", "runtime"), ("build", "guest")}

@@ -204,6 +204,7 @@ class Reason(StrEnum):
     QUOTA = "quota"  # a quota refused or limited a change
     BUILD = "build"  # a pool build
     SECRETS = "secrets"  # secrets re-delivery
+    WORK = "work"  # work arriving (an exec through the agent's API) brought an instance back
 
 
 @dataclass(frozen=True)

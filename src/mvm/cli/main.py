@@ -12,13 +12,14 @@ import click
 import typer
 
 from mvm import __version__
-from mvm.cli import output
+from mvm.cli import output, present
 from mvm.cli.output import emit_json, table
-from mvm.errors import MvmError
+from mvm.errors import InvalidInput, MvmError
 from mvm.model import PoolRef, Quotas, check_id
 from mvm.util.private import PRIVATE_UMASK
 
 if TYPE_CHECKING:
+    from mvm.cli import remote
     from mvm.config.host import Host
     from mvm.config.paths import Layout
     from mvm.store import Store
@@ -41,16 +42,31 @@ _host: Host | None = None
 
 def show(info: dict[str, object], json_: bool) -> None:
     """One object: JSON, or `key: value` lines."""
-    if json_:
-        emit_json(info)
-        return
-    for k, v in output.to_jsonable(info).items():
-        print(f"{k}: {v}")
+    present.show(info, json_)
+
+
+def agent() -> remote.Agent | None:
+    """The agent this command goes through (`--agent` / MVM_AGENT), if any."""
+    where = STATE.get("agent")
+    if not where:
+        return None
+    from mvm.cli import remote
+
+    return remote.Agent(str(where))
+
+
+def _not_through_agent() -> None:
+    if STATE.get("agent"):
+        cmd = click.get_current_context(silent=True)
+        name = cmd.command_path if cmd else "this command"
+        raise InvalidInput(f"`{name}` does not go through the agent",
+                           "run it without --agent / MVM_AGENT, on the agent's host")
 
 
 def ctx() -> Host:
     """The host context of this command, made once at the edge."""
     global _host
+    _not_through_agent()
     if _host is None:
         from mvm.services import context
 
@@ -67,12 +83,18 @@ def _layout() -> Layout:
     """The state layout, without opening the store (set-up and doctor run before there is one)."""
     from mvm.config.paths import Layout
 
+    _not_through_agent()
     return _host.layout if _host is not None else Layout.from_env()
 
 
 @app.callback()
-def _root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False) -> None:
+def _root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+          agent: Annotated[str | None, typer.Option(
+              "--agent", envvar="MVM_AGENT", metavar="SOCKET",
+              help="Go through the agent's API at this Unix socket (or http://HOST:PORT, token in"
+              " MVM_AGENT_TOKEN).")] = None) -> None:
     STATE["debug"] = debug
+    STATE["agent"] = agent
 
 
 @app.command()
@@ -198,31 +220,24 @@ def tenant_egress(
 @tenant_app.command("list")
 def tenant_list(json_: JsonOpt = False) -> None:
     """List tenants."""
-    ts = store().tenants()
-    if json_:
-        emit_json(ts)
-        return
-    table(["tenant", "net-id", "subnet", "pools"],
-          [(t.id, t.net_id, t.subnet, len(store().pools(t.id))) for t in ts])
+    if (a := agent()) is not None:
+        ts, ps = a.tenants(), a.pools()
+    else:
+        from mvm.services import views
+
+        ts, ps = views.tenant_list(ctx()), views.pool_list(ctx())
+    present.tenant_list(ts, {t["id"]: sum(1 for p in ps if p["tenant"] == t["id"]) for t in ts}, json_)
 
 
 @tenant_app.command("info")
 def tenant_info(tenant: str, json_: JsonOpt = False) -> None:
     """Show a tenant: network, quotas, usage, secret names (never values)."""
-    from mvm.services import tenants
+    if (a := agent()) is not None:
+        present.show(a.tenant_info(check_id("tenant", tenant)), json_)
+        return
+    from mvm.services import views
 
-    t = store().tenant(check_id("tenant", tenant))
-    instances = store().instances(t.id)
-    info = {
-        "id": t.id, "net_id": t.net_id, "subnet": t.subnet,
-        "egress": {"allow": list(t.egress_allow), "deny": list(t.egress_deny)},
-        "quotas": t.quotas,
-        "pools": [p.id for p in store().pools(t.id)],
-        "instances": {s: sum(1 for i in instances if i.state.value == s)
-                      for s in sorted({i.state.value for i in instances})},
-        "secret_keys": tenants.secret_keys(ctx(), t.id), "secrets_version": t.secrets_version,
-    }
-    show(info, json_)
+    present.show(views.tenant_info(ctx(), tenant), json_)
 
 
 @tenant_app.command("destroy")
@@ -290,28 +305,30 @@ def pool_create(
 @pool_app.command("list")
 def pool_list(tenant: Annotated[str | None, typer.Argument()] = None, json_: JsonOpt = False) -> None:
     """List pools."""
-    if tenant:
-        store().tenant(check_id("tenant", tenant))
-    ps = store().pools(tenant)
-    if json_:
-        emit_json(ps)
-        return
-    table(["pool", "profile", "cpus", "mem", "data-disk", "current", "instances"],
-          [(str(p.ref), p.profile, p.cpus, p.mem, p.data_disk or "-", p.current or "-",
-            len(store().instances(p.tenant, p.id))) for p in ps])
+    if (a := agent()) is not None:
+        if tenant:
+            check_id("tenant", tenant)
+        ps = a.pools(tenant)
+        counts: dict[str, int] = {}
+        for i in (a.instances(tenant) if ps else []):
+            counts[i["pool"]] = counts.get(i["pool"], 0) + 1
+    else:
+        from mvm.services import views
+
+        ps, counts = views.pool_list(ctx(), tenant), views.instance_counts(ctx(), tenant)
+    present.pool_list(ps, counts, json_)
 
 
 @pool_app.command("info")
 def pool_info(pool: str, json_: JsonOpt = False) -> None:
     """Show a pool."""
     ref = PoolRef.parse(pool)
-    p = store().pool(ref.tenant, ref.pool)
-    info = output.to_jsonable(p)
-    info["revisions"] = len(store().revisions(ref.tenant, ref.pool))
-    info["builds"] = store().builds(ref.tenant, ref.pool)[-5:]
-    info["instances"] = [{"id": i.id, "state": i.state.value, "revision": i.revision}
-                         for i in store().instances(ref.tenant, ref.pool)]
-    show(info, json_)
+    if (a := agent()) is not None:
+        present.show(a.pool_info(str(ref)), json_)
+        return
+    from mvm.services import views
+
+    present.show(views.pool_info(ctx(), ref), json_)
 
 
 @pool_app.command("build")
@@ -330,32 +347,28 @@ def pool_build(
     from mvm.services import pools
 
     ref = PoolRef.parse(pool)
+    if (a := agent()) is not None:
+        r = a.build(str(ref), {"force": force, "builder": builder, "builder_cpus": builder_cpus,
+                               "builder_mem": builder_mem, "timeout": timeout},
+                    report=lambda line: output.note(f"build {ref} {line}"))
+        present.built(str(ref), r["revision"], r["cached"])
+        return
     opts = builder_vm.Options(builder_cpus, builder_mem, timeout)
     rev, cached = pools.build(ctx(), ref, force, progress=output.Steps(f"build {ref}"),
                               builder_kind=builder, options=opts)
-    print(f"{ref}: revision {rev.hash} is current" + (" (no change, cache hit)" if cached else ""))
+    present.built(str(ref), rev.hash, cached)
 
 
 @pool_app.command("revisions")
 def pool_revisions(pool: str, json_: JsonOpt = False) -> None:
     """List a pool's revisions; * marks current."""
-    from mvm.services import pools
-
     ref = PoolRef.parse(pool)
-    current = store().pool(ref.tenant, ref.pool).current
-    revs = pools.revisions(ctx(), ref)
-    in_use = pools.revisions_in_use(ctx(), ref)
-    if json_:
-        emit_json([{"revision": r.hash, "current": r.hash == current, "in_use": r.hash in in_use,
-                    "out_path": r.out_path, "created": r.created, "manifest": r.manifest} for r in revs])
+    if (a := agent()) is not None:
+        present.revisions(a.revisions(str(ref)), json_)
         return
-    import datetime as dt
+    from mvm.services import views
 
-    table(["", "revision", "built", "closure", "in use"],
-          [("*" if r.hash == current else "", r.hash,
-            dt.datetime.fromtimestamp(r.created).strftime("%Y-%m-%d %H:%M:%S"),
-            f"{int(r.manifest.get('closure_size', 0)) // 2**20} MiB",  # type: ignore[call-overload]
-            "yes" if r.hash in in_use else "") for r in revs])
+    present.revisions(views.revisions(ctx(), ref), json_)
 
 
 @pool_app.command("rollback")
@@ -365,9 +378,9 @@ def pool_rollback(pool: str, revision: Annotated[str | None, typer.Option(
     from mvm.services import pools
 
     ref = PoolRef.parse(pool)
-    target = pools.rollback(ctx(), ref, revision)
-    print(f"{ref}: current is now {target}; new instances boot it, running ones keep theirs"
-          " until restarted")
+    a = agent()
+    target = a.rollback(str(ref), revision) if a is not None else pools.rollback(ctx(), ref, revision)
+    present.rolled_back(str(ref), target)
 
 
 @pool_app.command("gc")
@@ -399,16 +412,20 @@ def pool_scale(
     json_: JsonOpt = False,
 ) -> None:
     """Converge the pool to these counts now (reusing instances before creating new ones)."""
-    from mvm.services import scale
+    from mvm.services import views
 
     ref = PoolRef.parse(pool)
+    if (a := agent()) is not None:
+        for name, n in (("--running", running), ("--warm", warm), ("--sleeping", sleeping)):
+            if n < 0:
+                raise InvalidInput(f"{name} must not be negative (got {n})")
+        present.scaled(str(ref), a.scale(str(ref), running, warm, sleeping, report=output.note), json_)
+        return
+    from mvm.services import scale
+
     result = scale.scale(ctx(), ref, running, warm, sleeping, report=output.note,
                          progress=output.Steps("scale"))
-    if json_:
-        emit_json([_instance_json(i) for i in result])
-        return
-    counts = {s: sum(1 for i in result if i.state.value == s) for s in ("running", "warm", "sleeping")}
-    print(f"{ref}: running={counts['running']} warm={counts['warm']} sleeping={counts['sleeping']}")
+    present.scaled(str(ref), [views.instance(i) for i in result], json_)
 
 
 # -- instances -------------------------------------------------------------------
@@ -445,16 +462,10 @@ app.add_typer(instance_app, name="instance")
 
 def _instance_json(i: object, observed: str | None = None) -> dict[str, object]:
     from mvm.model import Instance
+    from mvm.services import views
 
     assert isinstance(i, Instance)
-    out: dict[str, object] = {
-        "id": i.id, "pool": f"{i.tenant}/{i.pool}", "tenant": i.tenant, "state": i.state.value,
-        "revision": i.revision, "ip": i.ip, "mac": i.mac, "secrets_version": i.secrets_version,
-        "error": i.error, "address": str(i.ref),
-        "transition": i.op.action.value if i.op else None, "snapshot": i.snapshot}
-    if observed is not None:
-        out["observed"] = observed
-    return out
+    return views.instance(i, observed)
 
 
 def _iref(text: str):  # type: ignore[no-untyped-def]
@@ -467,40 +478,24 @@ def _iref(text: str):  # type: ignore[no-untyped-def]
 def instance_list(where: Annotated[str | None, typer.Argument(help="<tenant> or <tenant>/<pool>")] = None,
                   json_: JsonOpt = False) -> None:
     """List instances, with what their hypervisors say (reading only: nothing is changed)."""
-    from mvm.services import instances
-
-    tenant = pool = None
-    if where:
-        parts = where.split("/")
-        if len(parts) == 2:
-            ref = PoolRef.parse(where)
-            store().pool(ref.tenant, ref.pool)
-            tenant, pool = ref.tenant, ref.pool
-        else:
-            tenant = check_id("tenant", where)
-            store().tenant(tenant)
-    items = instances.views(ctx(), tenant, pool)
-    if json_:
-        emit_json([_instance_json(v.instance, v.observed) for v in items])
+    if (a := agent()) is not None:
+        present.instance_list(a.instances(where), json_)
         return
-    table(["instance", "state", "revision", "ip", "observed"],
-          [(str(v.instance.ref), v.instance.state.value, v.instance.revision or "-",
-            v.instance.ip or "-", v.observed or v.instance.error or "") for v in items])
+    from mvm.services import views
+
+    present.instance_list(views.instance_list(ctx(), where), json_)
 
 
 @instance_app.command("info")
 def instance_info(instance: str, json_: JsonOpt = False) -> None:
     """Show one instance, including the revision it runs (reading only)."""
-    from mvm.lifecycle import specs
-    from mvm.services import instances
+    ref = _iref(instance)
+    if (a := agent()) is not None:
+        present.show(a.instance_info(str(ref)), json_)
+        return
+    from mvm.services import views
 
-    v = instances.view(ctx(), _iref(instance))
-    i = v.instance
-    info = _instance_json(i, v.observed)
-    disk = specs.data_disk_path(ctx().layout, i)
-    info["data_disk"] = str(disk) if disk.exists() else None
-    info["pool_current_revision"] = store().pool(i.tenant, i.pool).current
-    show(info, json_)
+    present.show(views.instance_info(ctx(), ref), json_)
 
 
 @instance_app.command("create")
@@ -514,11 +509,16 @@ def instance_create(pool: str) -> None:
 
 def _transition_cmd(name: str, doc: str) -> None:
     def cmd(instance: str) -> None:
+        ref = _iref(instance)
+        if (a := agent()) is not None:
+            r = a.transition(str(ref), name)
+            present.transitioned(r["address"], r["state"])
+            return
         from mvm.lifecycle import apply
         from mvm.model import Action
 
-        i = apply(ctx(), _iref(instance), Action(name), progress=output.Steps(f"{name} {instance}"))
-        print(f"{i.ref}: {i.state.value}")
+        i = apply(ctx(), ref, Action(name), progress=output.Steps(f"{name} {instance}"))
+        present.transitioned(str(i.ref), i.state.value)
 
     cmd.__doc__ = doc
     instance_app.command(name)(cmd)
@@ -587,25 +587,22 @@ def instance_exec(
     json_: Annotated[bool, typer.Option("--json", help="Print exit code, output (as UTF-8 text, "
                                         "invalid bytes replaced) and what was cut, as JSON.")] = False,
 ) -> None:
-    """Run a command in the guest; exits with the command's exit code."""
-    from mvm.services import instances
+    """Run a command in the guest; exits with the command's exit code. Through the agent
+    (`--agent`), a warm or sleeping instance is resumed or woken first."""
+    ref, limit = _iref(instance), _size(max_output)
+    if (a := agent()) is not None:
+        from mvm.guest.agent_client import check_exec_limits
 
-    r = instances.exec_(ctx(), _iref(instance), list(command), timeout, _size(max_output))
-    if json_:
-        emit_json({"exit_code": r.exit_code, "timed_out": r.timed_out,
-                   "stdout": r.stdout.decode(errors="replace"),
-                   "stderr": r.stderr.decode(errors="replace"), "truncated": r.truncated})
+        check_exec_limits(timeout, limit)
+        d = a.exec(str(ref), list(command), timeout, limit)
+        code, timed_out, out, err, cut = d["exit_code"], d["timed_out"], d["stdout"], d["stderr"], d["truncated"]
     else:
-        sys.stdout.buffer.write(r.stdout)
-        sys.stdout.buffer.flush()
-        sys.stderr.buffer.write(r.stderr)
-        sys.stderr.buffer.flush()
-    for stream, written in r.truncated.items():
-        output.note(f"warning: {stream} cut at {len(getattr(r, stream))} bytes of the {written} "
-                    "the command wrote (--max-output keeps more)")
-    if r.timed_out:
-        output.error(f"command timed out after {timeout:g}s")
-    raise typer.Exit(r.exit_code)
+        from mvm.services import instances
+
+        r = instances.exec_(ctx(), ref, list(command), timeout, limit)
+        code, timed_out, out, err, cut = r.exit_code, r.timed_out, r.stdout, r.stderr, r.truncated
+    present.exec_result(code, timed_out, out, err, cut, timeout, json_)
+    raise typer.Exit(code)
 
 
 @instance_app.command("logs")

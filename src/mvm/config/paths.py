@@ -54,6 +54,10 @@ class Layout:
     def locks_dir(self) -> Path:
         return self.home / "locks"
 
+    def agent_socket(self) -> Path:
+        """The agent's API socket (root only, in a 0700 directory)."""
+        return self.home / "agent" / "api.sock"
+
     def kvm_probe_cache(self) -> Path:
         """Where the KVM speed verdict is kept (re-probed after each host reboot)."""
         return self.home / "kvm-probe.json"

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+from pathlib import Path
 
 from mvm.config.host import Host
 from mvm.config.paths import Layout
 from mvm.config.settings import Settings
+from mvm.errors import InvalidInput
 from mvm.lifecycle.specs import RUNTIME_MODE
 from mvm.runtime.base import Runtime
 from mvm.services.tenants import TENANTS_MODE
@@ -23,10 +25,13 @@ def host(store: Store | None = None, layout: Layout | None = None) -> Host:
     make_private(layout)
     settings = Settings.load(layout)
     db = layout.db_path()
+    test_runtime = os.environ.get("MVM_TEST_RUNTIME")
 
     def runtime() -> Runtime:
         from mvm.runtime import select
 
+        if test_runtime:
+            return _test_runtime(test_runtime)
         return select.runtime(settings, layout)
 
     return Host(layout=layout, settings=settings, store=store or SqliteStore(db),
@@ -34,6 +39,21 @@ def host(store: Store | None = None, layout: Layout | None = None) -> Host:
                 store_factory=lambda: SqliteStore(db),
                 crash_after=os.environ.get("MVM_TEST_CRASH_AFTER") or None,
                 fail_before=os.environ.get("MVM_TEST_FAIL_BEFORE") or None)
+
+
+def _test_runtime(value: str) -> Runtime:
+    """MVM_TEST_RUNTIME=fake:<ledger>: the tests' named double (tests/doubles/fake_runtime.py,
+    importable only where the tests are) instead of a hypervisor, so that a CLI or agent
+    process a test starts acts on the same fake VMs as the test. Nothing else is accepted."""
+    kind, _, ledger = value.partition(":")
+    if kind != "fake" or not ledger:
+        raise InvalidInput(f"MVM_TEST_RUNTIME={value!r} is not fake:<ledger file>",
+                           "unset MVM_TEST_RUNTIME (it is a test seam)")
+    import importlib
+
+    double = importlib.import_module("tests.doubles.fake_runtime")
+    rt: Runtime = double.FakeRuntime(Path(ledger))
+    return rt
 
 
 #: Left in a state home once what an older mvm made there was made private.

@@ -38,8 +38,10 @@ def exec_(ctx: Host, ref: InstanceRef, argv: list[str], timeout: float = 60.0,
     check_exec_limits(timeout, output_limit)
     i = ctx.store.instance(ref.tenant, ref.pool, ref.instance)
     if i.state is not State.RUNNING:
-        hint = {State.WARM: f"resume it first: `mvm instance resume {ref}`",
-                State.SLEEPING: f"wake it first: `mvm instance wake {ref}`"}.get(
+        hint = {State.WARM: f"resume it first: `mvm instance resume {ref}`, or exec through the agent"
+                            " (`--agent`), which resumes it",
+                State.SLEEPING: f"wake it first: `mvm instance wake {ref}`, or exec through the agent"
+                                " (`--agent`), which wakes it"}.get(
                     i.state, f"start it first: `mvm instance start {ref}`")
         raise IllegalTransition(f"cannot exec in {ref}: it is {i.state.value}", hint)
     assert i.revision
