@@ -180,7 +180,7 @@ def test_the_api_answers_as_the_cli_acts(client: TestClient, world: World) -> No
     assert r.status_code == 201 and r.json()["quotas"]["max_running"] == 1
     assert world.ctx.store.tenant("beta").quotas.max_running == 1
     r = client.post("/tenants", json={"id": "beta"})
-    assert (r.status_code, r.json()) == (409, {"error": "tenant 'beta' already exists",
+    assert (r.status_code, r.json()) == (409, {"error": "tenant 'beta' already exists", "exit_code": 4,
                                                "hint": "see `mvm tenant info beta`", "kind": "Conflict"})
     r = client.get("/tenants/Nope")
     assert r.status_code == 422 and r.json()["error"] == "invalid tenant ID 'Nope'"
@@ -199,6 +199,13 @@ def test_the_api_answers_as_the_cli_acts(client: TestClient, world: World) -> No
     op = wait_op(client, client.post("/tenants/acme/pools/w/scale", json={"running": 99}).json())
     assert op["status"] == "failed" and op["error"]["kind"] == "QuotaExceeded", op  # type: ignore[index]
     assert len(world.ctx.store.instances("acme", "w")) == 2
+    # a build is an operation too; one whose flake is not there fails with the CLI's line
+    op = wait_op(client, client.post("/tenants/acme/pools/w/build", json={"builder": "host"}).json())
+    assert op["status"] == "failed" and op["kind"] == "build", op
+    assert op["error"]["error"] == "no flake at '/nonexistent': /nonexistent/flake.nix does not exist", op
+    assert world.ctx.store.pool("acme", "w").current == REV
+    r = client.post("/tenants/acme/pools/w/build", json={"builder_cpus": 0})
+    assert (r.status_code, r.json()["error"]) == (422, "--builder-cpus must be between 1 and 8 (got 0)")
     # transitions, and an illegal one refused with the table's hint
     iid = next(i.id for i in world.ctx.store.instances("acme", "w") if i.state is State.RUNNING)
     base = f"/tenants/acme/pools/w/instances/{iid}"

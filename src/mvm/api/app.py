@@ -69,7 +69,10 @@ def status_of(e: MvmError) -> int:
 
 
 def error_body(e: MvmError) -> dict[str, Any]:
-    return {"error": e.message, "hint": e.hint, "kind": type(e).__name__}
+    """The error's line and hint, its class (the nearest one errors.py names) and the exit code
+    the CLI gives it."""
+    kind = next(c.__name__ for c in type(e).__mro__ if getattr(errors, c.__name__, None) is c)
+    return {"error": e.message, "hint": e.hint, "kind": kind, "exit_code": e.exit_code}
 
 
 class Operation:
@@ -121,7 +124,7 @@ class Operations:
                 op.error, op.status = error_body(e), "failed"
             except Exception as e:  # a bug: still said, not lost with the thread
                 op.error = {"error": f"internal error: {e.__class__.__name__}: {e}", "hint": None,
-                            "kind": "MvmError"}
+                            "kind": "MvmError", "exit_code": 70}
                 op.status = "failed"
             finally:
                 op.finished = time.time()

@@ -23,6 +23,8 @@ class ErrorOut(BaseModel):
     hint: str | None = None
     #: The error's class (errors.py): NotFound, InvalidInput, QuotaExceeded, …
     kind: str = "MvmError"
+    #: The exit code the CLI gives this error.
+    exit_code: int = 1
 
 
 class Done(BaseModel):

@@ -27,7 +27,10 @@ def _error(body: Any, status: int) -> MvmError:
     cls = getattr(errors, str(body.get("kind")), None)
     if not (isinstance(cls, type) and issubclass(cls, MvmError)) or cls is errors.CommandFailed:
         cls = MvmError
-    return cls(str(body["error"]), body.get("hint"))
+    e = cls(str(body["error"]), body.get("hint"))
+    if isinstance(body.get("exit_code"), int):
+        e.exit_code = body["exit_code"]
+    return e
 
 
 class Agent:
