@@ -310,7 +310,7 @@ def pool_list(tenant: Annotated[str | None, typer.Argument()] = None, json_: Jso
             check_id("tenant", tenant)
         ps = a.pools(tenant)
         counts: dict[str, int] = {}
-        for i in (a.instances(tenant) if ps else []):
+        for i in (a.instances(tenant) if ps and not json_ else []):
             counts[i["pool"]] = counts.get(i["pool"], 0) + 1
     else:
         from mvm.services import views
