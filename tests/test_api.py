@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -295,6 +296,13 @@ def test_tcp_needs_the_token(world: World, tmp_path: Path) -> None:
                                            "(a file holding the token))\n")
     token = "t0ken-" + os.urandom(16).hex()
     (tmp_path / "token").write_text(token + "\n")
+    (tmp_path / "token").chmod(0o644)
+    r = subprocess.run([sys.executable, "-m", "mvm.api.server", "--socket", str(tmp_path / "a.sock"),
+                        "--listen", f"127.0.0.1:{port}", "--token-file", str(tmp_path / "token")],
+                       env=env_of(world), capture_output=True, text=True, timeout=120)
+    assert (r.returncode, r.stderr) == (2, f"error: the token file {tmp_path / 'token'} is open to other users "
+                                           f"(mode 0644) (chmod 600 {tmp_path / 'token'})\n")
+    (tmp_path / "token").chmod(0o600)
     s = Served(world, "--listen", f"127.0.0.1:{port}", "--token-file", str(tmp_path / "token"))
     try:
         url = f"http://127.0.0.1:{port}/tenants"
@@ -307,6 +315,25 @@ def test_tcp_needs_the_token(world: World, tmp_path: Path) -> None:
             assert c.get("/tenants").status_code == 200
     finally:
         s.stop()
+
+
+def test_serve_in_a_thread_until_told_to_stop(world: World, tmp_path: Path) -> None:
+    """How the agent runs it: beside its loop, ended by an event; the socket is removed."""
+    from mvm.api.server import serve
+
+    ready, stop = threading.Event(), threading.Event()
+    sock = tmp_path / "s" / "api.sock"
+    t = threading.Thread(target=serve, args=(world.host,), kwargs={"socket": sock, "on_ready": ready.set,
+                                                                   "stop": stop})
+    t.start()
+    try:
+        assert ready.wait(60)
+        with httpx.Client(transport=httpx.HTTPTransport(uds=str(sock)), base_url="http://agent", timeout=60) as c:
+            assert [t["id"] for t in c.get("/tenants").json()] == ["acme"]
+    finally:
+        stop.set()
+        t.join(60)
+    assert not t.is_alive() and not sock.exists()
 
 
 NOBODY_GET = ("import socket,sys\n"

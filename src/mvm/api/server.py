@@ -119,9 +119,13 @@ def read_token(token_file: Path | None) -> str:
     if token_file is None:
         raise InvalidInput("TCP needs a bearer token", "pass --token-file FILE (a file holding the token)")
     try:
+        mode = token_file.stat().st_mode
         token = token_file.read_text().strip()
     except OSError as e:
         raise InvalidInput(f"cannot read the token file {token_file}: {e.strerror}") from None
+    if mode & 0o077:
+        raise InvalidInput(f"the token file {token_file} is open to other users (mode {mode & 0o777:04o})",
+                           f"chmod 600 {token_file}")
     if len(token) < 16 or any(c.isspace() for c in token):
         raise InvalidInput(f"the token in {token_file} is shorter than 16 characters or has spaces",
                            "put one long random token in it, e.g. `openssl rand -hex 32`")
@@ -141,7 +145,7 @@ def serve(ctx_factory: Callable[[], Host], *, socket: Path | None = None, listen
         if listen is not None:
             listeners.append(tcp_socket(listen))
         app = create_app(ctx_factory, token)
-        config = uvicorn.Config(app, http=PeerCheckedH11, lifespan="off", log_level="warning",
+        config = uvicorn.Config(app, http=PeerCheckedH11, lifespan="off", log_level="warning", log_config=None,
                                 access_log=False, timeout_graceful_shutdown=2, ws="none")
         server = uvicorn.Server(config)
 
