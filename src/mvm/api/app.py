@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import base64
 import hmac
-import itertools
 import json
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
@@ -103,12 +103,11 @@ class Operations:
         self.ctx_factory = ctx_factory
         self.ops: dict[str, Operation] = {}
         self.lock = threading.Lock()
-        self.seq = itertools.count(1)
 
     def start(self, kind: Literal["build", "scale"], target: str,
               work: Callable[[Host, Operation], Any]) -> Operation:
         with self.lock:
-            op = Operation(f"op-{next(self.seq)}-{int(time.time())}", kind, target)
+            op = Operation(f"op-{uuid.uuid4().hex[:16]}", kind, target)
             self.ops[op.id] = op
             done = [o for o in self.ops.values() if o.status != "running"]
             for old in done[:max(0, len(done) - self.KEEP)]:
@@ -116,20 +115,21 @@ class Operations:
 
         def run() -> None:
             ctx = None
+            result: Any = None
+            error: dict[str, Any] | None = None
             try:
                 ctx = self.ctx_factory()
-                op.result = work(ctx, op)
-                op.status = "succeeded"
+                result = work(ctx, op)
             except MvmError as e:
-                op.error, op.status = error_body(e), "failed"
+                error = error_body(e)
             except Exception as e:  # a bug: still said, not lost with the thread
-                op.error = {"error": f"internal error: {e.__class__.__name__}: {e}", "hint": None,
-                            "kind": "MvmError", "exit_code": 70}
-                op.status = "failed"
+                error = {"error": f"internal error: {e.__class__.__name__}: {e}", "hint": None,
+                         "kind": "MvmError", "exit_code": 70}
             finally:
-                op.finished = time.time()
                 if ctx is not None:
                     ctx.store.close()
+            op.finished, op.result, op.error = time.time(), result, error
+            op.status = "failed" if error is not None else "succeeded"  # (last: the answer is complete)
 
         threading.Thread(target=run, name=f"mvm-{op.id}", daemon=True).start()
         return op
