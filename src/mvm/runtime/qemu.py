@@ -542,12 +542,7 @@ class QemuRuntime(Runtime):
                                      f"full command: {shlex.join(args)}") from e
         finally:
             jail.close(fds.all())
-        console.start_logger(reader, self.console_log(spec))  # (and closes the reader here)
-        pid = self._pid(spec)
-        if pid is None:
-            raise RuntimeFailure(f"QEMU for {spec.name} exited right after starting: "
-                                 f"{qemu_message(_tail(self.qemu_log(spec)))}")
-        return pid
+        return self._started(spec, reader)
 
     def _spawn(self, spec: VmSpec, args: list[str], steps: Steps) -> int:
         # Registered first: if QEMU daemonized but we time out, the undo still finds it.
@@ -561,7 +556,12 @@ class QemuRuntime(Runtime):
             why = qemu_message(_tail(self.qemu_log(spec)) or e.stderr) or e.message
             raise RuntimeFailure(f"QEMU could not start {spec.name}: {why}",
                                  f"full command: {e.message.split(' failed (')[0]}") from e
-        console.start_logger(reader, self.console_log(spec))  # (and closes the reader here)
+        return self._started(spec, reader)
+
+    def _started(self, spec: VmSpec, reader: int) -> int:
+        """QEMU started: its console's logger takes the FIFO's read end (and closes it here);
+        the pid of a QEMU still there, or its log's last words."""
+        console.start_logger(reader, self.console_log(spec))
         pid = self._pid(spec)
         if pid is None:
             raise RuntimeFailure(f"QEMU for {spec.name} exited right after starting: "
