@@ -17,6 +17,7 @@ from typing import Protocol
 
 from mvm.config.host import Host
 from mvm.errors import MvmError, NotFound, QuotaExceeded
+from mvm.lifecycle import admission as memory
 from mvm.lifecycle import observe, quota, specs
 from mvm.lifecycle.effects import EFFECTS
 from mvm.lifecycle.run import Progress, Run, noop
@@ -67,7 +68,9 @@ def apply(ctx: Host, ref: InstanceRef, action: Action, *, reason: Reason = Reaso
 
 def _begin(ctx: Host, i: Instance, op: Op, admission: Admission | None) -> Instance:
     """Record the intent: for an action that takes more, only when the tenant's quota has room
-    for the instance in its target state, checked and recorded in one critical section."""
+    for the instance in its target state, checked and recorded in one critical section; for a
+    start or wake, only when the host has the memory (`lifecycle.admission`: a refusal fails
+    at once, even in a scale, and records nothing but its event)."""
     if op.action not in TAKES_MORE:
         return ctx.store.begin_op(i.id, op)
     while True:
@@ -77,13 +80,15 @@ def _begin(ctx: Host, i: Instance, op: Op, admission: Admission | None) -> Insta
             except QuotaExceeded as e:
                 refused = e
             else:
+                memory.check(ctx, i, op.action)
                 begun = ctx.store.begin_op(i.id, op)
                 if admission is not None:
                     admission.admitted()
                 return begun
         if admission is None or not admission.refused(refused):
             ctx.store.event(Event(f"instance.{op.action.value}-refused", refused.message,
-                                  Reason.QUOTA, i.tenant, i.pool, i.id))
+                                  Reason.QUOTA, i.tenant, i.pool, i.id,
+                                  cause=refused.message.split("quota: ", 1)[-1]))
             raise refused
 
 
