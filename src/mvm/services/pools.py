@@ -114,7 +114,11 @@ def build(ctx: Host, ref: PoolRef, force: bool = False,
         log = bdir / f"{time.strftime('%Y%m%dT%H%M%S')}-{time.time_ns() % 10**9:09d}.log"
         with private.open_new(log):  # 0600 before Nix writes a line to it
             pass
-        store.interrupt_builds(ref.tenant, ref.pool)
+        interrupted = store.interrupt_builds(ref.tenant, ref.pool)
+        if interrupted:
+            store.event(Event("pool.build-interrupted", f"{interrupted} earlier build(s) recorded as"
+                              " interrupted", Reason.CRASH, ref.tenant, ref.pool,
+                              cause="the command running it died"))
         build_id = store.start_build(ref.tenant, ref.pool, str(log), builder=kind)
         started = ctx.clock()
         store.event(Event("pool.build-start", f"building {pool.flake}#{pool.profile} with the "
