@@ -61,6 +61,16 @@ def test_transitions_carry_their_duration_and_failures_their_cause(
     assert (gone["reason"], gone["cause"]) == ("crash", "hypervisor process exited unexpectedly")
 
 
+def test_a_callers_cause_is_kept_in_the_end_event(world: World) -> None:
+    from mvm.model import Reason
+
+    ref = world.new(State.RUNNING)
+    apply(world.ctx, ref, Action.WARM, reason=Reason.POLICY, cause="idle for 300 s (cpu 2 ms, 0 bytes)")
+    warm = last(world, "instance.warm")
+    assert (warm["reason"], warm["cause"]) == ("policy", "idle for 300 s (cpu 2 ms, 0 bytes)")
+    assert warm["duration"] is not None
+
+
 def test_builds_and_rollbacks_are_events_with_duration_and_cause(
         world: World, monkeypatch: pytest.MonkeyPatch) -> None:
     """The build pipeline replaced by a stub that takes 0.2 s (what is under test is the

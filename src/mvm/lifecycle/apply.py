@@ -51,8 +51,12 @@ def pool_locked(ctx: Host, ref: PoolRef, locked: bool) -> Iterator[None]:
 
 def apply(ctx: Host, ref: InstanceRef, action: Action, *, reason: Reason = Reason.USER,
           progress: Progress = noop, revision: str | None = None, keep_data: bool = False,
-          locked: bool = False, admission: Admission | None = None) -> Instance:
+          locked: bool = False, admission: Admission | None = None,
+          cause: str | None = None) -> Instance:
     """Take `ref` through `action`.
+
+    `cause`: what made the caller act (e.g. the idle measurement behind a policy move), kept
+    in the event that ends the transition.
 
     `locked`: the caller holds the pool's lock. Lock order is always tenant, pool, quota; the
     quota lock is held only while quotas are checked and the intent recorded, never across a
@@ -63,7 +67,7 @@ def apply(ctx: Host, ref: InstanceRef, action: Action, *, reason: Reason = Reaso
         target = transition(i.state, action)
         op = _intent(ctx, i, action, target, revision, keep_data)
         i = _begin(ctx, i, op, admission)
-        return _run(ctx, i, progress, reason)
+        return _run(ctx, i, progress, reason, cause)
 
 
 def _begin(ctx: Host, i: Instance, op: Op, admission: Admission | None) -> Instance:
@@ -92,9 +96,10 @@ def _begin(ctx: Host, i: Instance, op: Op, admission: Admission | None) -> Insta
             raise refused
 
 
-def _run(ctx: Host, i: Instance, progress: Progress, reason: Reason) -> Instance:
+def _run(ctx: Host, i: Instance, progress: Progress, reason: Reason,
+         cause: str | None = None) -> Instance:
     assert i.op is not None
-    run = Run(ctx, i, progress, reason)
+    run = Run(ctx, i, progress, reason, cause)
     effect = EFFECTS[i.op.action]
     try:
         return effect.do(run)

@@ -25,12 +25,14 @@ class Run:
     `op`), its VM and runtime. `step()` runs one idempotent step, then records it, so that
     whoever comes next knows how far it got."""
 
-    def __init__(self, ctx: Host, i: Instance, progress: Progress = noop, reason: Reason = Reason.USER) -> None:
+    def __init__(self, ctx: Host, i: Instance, progress: Progress = noop, reason: Reason = Reason.USER,
+                 cause: str | None = None) -> None:
         assert i.op is not None
         self.ctx = ctx
         self.i = i
         self.progress = progress
         self.reason = reason
+        self.cause = cause  # what made the caller act, for the end event
         self.rt: Runtime = ctx.runtime()
         self._spec: VmSpec | None = None
 
@@ -81,7 +83,8 @@ class Run:
         """The event that ends the transition, with how long it took (since its intent was
         recorded: for one a later command finished, the time between counts too)."""
         return Event(kind, message, reason or self.reason, self.i.tenant, self.i.pool, self.i.id,
-                     cause=cause, duration=max(0.0, self.ctx.clock() - self.op.started))
+                     cause=cause or self.cause,
+                     duration=max(0.0, self.ctx.clock() - self.op.started))
 
     def end(self, state: State, kind: str, message: str, reason: Reason | None = None, *,
             cause: str | None = None, **fields: object) -> Instance:

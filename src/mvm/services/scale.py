@@ -132,8 +132,9 @@ def scale(ctx: Host, ref: PoolRef, running: int, warm: int, sleeping: int,
             except QuotaExceeded as e:
                 store.event(Event("pool.scale-refused", e.message, Reason.QUOTA, ref.tenant, ref.pool))
                 raise
+            was = store.pool(ref.tenant, ref.pool)
             store.set_pool_desired(ref.tenant, ref.pool, running, warm, sleeping)
-            if (pool.desired_running, pool.desired_warm, pool.desired_sleeping) != (running, warm, sleeping):
+            if (was.desired_running, was.desired_warm, was.desired_sleeping) != (running, warm, sleeping):
                 store.event(Event("pool.scale", f"desired running={running} warm={warm} "
                                   f"sleeping={sleeping}", tenant=ref.tenant, pool=ref.pool))
         if not p.actions():
