@@ -501,6 +501,10 @@ class QemuRuntime(Runtime):
         tb = (self.tb_size_mib or 1024) if accel == "tcg" else 0
         return jail.MEM_OVERHEAD_MIB + tb
 
+    def mem_overhead(self) -> int:
+        """The jail's memory limit beyond guest RAM, on this host's accelerator (admission)."""
+        return self.mem_overhead_mib(self.accel)
+
     def _start(self, spec: VmSpec, accel: str, incoming: bool, steps: Steps) -> int:
         if not self.jailed():
             return self._spawn(spec, self.argv(spec, accel, incoming), steps)
