@@ -53,7 +53,7 @@ from mvm.model import Action, InstanceRef, Pool, PoolRef, Quotas, Reason, State,
 
 STATUS: dict[type[MvmError], int] = {
     errors.NotFound: 404, errors.InvalidInput: 422, errors.Conflict: 409, errors.IllegalTransition: 409,
-    errors.QuotaExceeded: 409, errors.BuildFailed: 422, errors.HostUnsupported: 501,
+    errors.QuotaExceeded: 409, errors.AdmissionRefused: 409, errors.BuildFailed: 422, errors.HostUnsupported: 501,
     errors.CommandFailed: 502, errors.RuntimeFailure: 502,
 }
 ERROR_STATUSES = (400, 401, 403, 404, 409, 422, 501, 502)

@@ -3,7 +3,7 @@ scrape; transition and build durations and counts of refusals, reconcile errors 
 moves, read from the events table incrementally (by id) at each scrape.
 
 Durations come from the events' `duration` column (seconds a transition or build took);
-events without one (older rows, or a store without the column) are counted nowhere."""
+events without one (older rows) are counted nowhere."""
 
 from __future__ import annotations
 
@@ -28,16 +28,9 @@ BATCH = 10_000
 
 
 def events_after(store: Store, tenant: str | None, after: int | None, limit: int) -> list[dict[str, Any]]:
-    """Events oldest first: the newest `limit`, or with `after` the first `limit` after that id.
-    (A store without `events(after=…)` is read whole and filtered.)"""
-    try:
-        rows = store.events(tenant, limit, after=after)  # type: ignore[call-arg]
-    except TypeError:
-        rows = store.events(tenant, limit=1_000_000_000 if after is not None else limit)
-        if after is not None:
-            rows = [r for r in rows if int(r["id"]) > after]  # type: ignore[call-overload]
-    rows = sorted(rows, key=lambda r: int(r["id"]))  # type: ignore[call-overload]
-    return rows[:limit] if after is not None else rows[-limit:] if limit else []
+    """Events oldest first: the newest `limit`, or with `after` the first `limit` after that id."""
+    rows = store.events(tenant, limit, after=after)
+    return rows if after is not None else rows[::-1]
 
 
 class Instances(Collector):
