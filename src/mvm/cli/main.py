@@ -22,7 +22,6 @@ if TYPE_CHECKING:
     from mvm.cli import remote
     from mvm.config.host import Host
     from mvm.config.paths import Layout
-    from mvm.model import Tenant
     from mvm.store import Store
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -688,7 +687,7 @@ def events(
 
     if not 0 <= n <= EVENTS_MAX:
         raise InvalidInput(f"-n must be between 0 and {EVENTS_MAX} (got {n})")
-    st = _EventsThroughAgent(a) if (a := agent()) is not None else store()
+    st = a.event_store() if (a := agent()) is not None else store()
     if tenant is not None:
         check_id("tenant", tenant)
         if tenant not in {t.id for t in st.tenants()} and not st.events(tenant, limit=1):
@@ -722,24 +721,6 @@ def events(
         sys.stdout.flush()
     except BrokenPipeError:  # (piped into `head`)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-
-
-class _EventsThroughAgent:
-    """What `mvm events` reads of the store, asked of the agent (`--agent`)."""
-
-    def __init__(self, a: remote.Agent) -> None:
-        self.a = a
-
-    def tenants(self) -> list[Tenant]:
-        from mvm.model import Tenant
-
-        return [Tenant(t["id"], t["net_id"], t["subnet"]) for t in self.a.tenants()]
-
-    def events(self, tenant: str | None = None, limit: int = 100,
-               after: int | None = None) -> list[dict[str, object]]:
-        """As the store gives them: newest first, or with `after` oldest first."""
-        rows: list[dict[str, object]] = self.a.events(tenant, limit, after)  # (oldest first)
-        return rows if after is not None else rows[::-1]
 
 
 def main(argv: list[str] | None = None) -> int:

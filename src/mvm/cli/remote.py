@@ -16,6 +16,7 @@ import httpx
 
 from mvm import errors
 from mvm.errors import MvmError
+from mvm.model import Tenant
 
 #: Seconds to wait for an answer (an exec or a transition takes as long as it takes).
 TIMEOUT = httpx.Timeout(connect=10.0, read=None, write=60.0, pool=10.0)
@@ -128,10 +129,29 @@ class Agent:
         r["stderr"] = base64.b64decode(r.pop("stderr_b64"))
         return r
 
+    def event_store(self) -> EventStore:
+        return EventStore(self)
+
     def events(self, tenant: str | None = None, limit: int = 100, after: int | None = None) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = self.call("GET", "/events", params=_params(tenant=tenant, limit=limit,
                                                                                  after=after))
         return out
+
+
+class EventStore:
+    """What `mvm events` reads of the store (tenants and events), asked of the agent."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    def tenants(self) -> list[Tenant]:
+        return [Tenant(t["id"], t["net_id"], t["subnet"]) for t in self.agent.tenants()]
+
+    def events(self, tenant: str | None = None, limit: int = 100,
+               after: int | None = None) -> list[dict[str, object]]:
+        """As the store gives them: the newest first, or with `after` the oldest first."""
+        rows: list[dict[str, object]] = self.agent.events(tenant, limit, after)  # (oldest first)
+        return rows if after is not None else rows[::-1]
 
 
 def _params(**kw: object) -> dict[str, str]:
