@@ -303,3 +303,8 @@ class Runtime(ABC):
     @abstractmethod
     def console_log(self, spec: VmSpec) -> Path:
         """Where the guest's serial console is written."""
+
+    def pid(self, spec: VmSpec) -> int | None:
+        """The host pid of this VM's hypervisor process, if it runs (for measuring its CPU
+        time: the agent's idle policy); None when the backend cannot tell."""
+        return None
