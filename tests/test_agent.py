@@ -26,7 +26,7 @@ from mvm.services import agent as agent_mod
 from mvm.services import pools, scale, tenants
 from mvm.services.agent import Agent, Usage, tolerant_counts
 from mvm.store.locks import pool_lock_name
-from tests.conftest import Mvm, sh
+from tests.conftest import Mvm, needs_assets, sh
 from tests.doubles.fake_runtime import _DETACHED, FakeRuntime
 from tests.test_lifecycle_faults import REV, World
 
@@ -324,3 +324,131 @@ def test_pool_update_sets_the_policy_and_refuses_bad_input(mvm: Mvm) -> None:
         bad = mvm("pool", "update", "acme/w", *args)
         assert bad.rc != 0 and len(bad.errors) == 1 and words in bad.errors[0], bad.err
     assert json.loads(mvm.ok("pool", "info", "acme/w", "--json").out) == info
+
+
+# -- real guests: only what they alone show --------------------------------------------------------
+
+def _qemus(inst: str) -> list[int]:
+    from tests.test_lifecycle_real import qemus
+
+    return qemus(inst)
+
+
+class Serving:
+    """`mvm agent serve --interval 1` as a user starts it, in the test's namespace."""
+
+    def __init__(self, m: Mvm, log: Path) -> None:
+        argv = [sys.executable, "-m", "mvm.cli.main", "agent", "serve", "--interval", "1"]
+        assert m.ns
+        self.log = log
+        self.proc = subprocess.Popen(["ip", "netns", "exec", m.ns, *argv], env=m.env,
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=log.open("a"))
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(120)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _wait(fn, timeout: float, what: str):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while True:
+        v = fn()
+        if v:
+            return v
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.3)
+
+
+def _instances(m: Mvm, pool: str) -> dict[str, dict[str, object]]:
+    return {i["address"]: i for i in json.loads(m.ok("instance", "list", pool, "--json").out)}
+
+
+def _events(m: Mvm, kind: str) -> list[tuple[str, str, str]]:
+    with sqlite3.connect(m.home / "mvm.db") as db:
+        return db.execute("SELECT instance, message, reason FROM events WHERE kind=? ORDER BY id",
+                          (kind,)).fetchall()
+
+
+def _pool(m: Mvm, pool: str, *extra: str) -> None:
+    m.ok("tenant", "create", pool.split("/")[0])
+    m.ok("pool", "create", pool, "--profile", "minimal", "--mem", "256", *extra)
+    m.ok("pool", "build", pool)
+
+
+ON_GUESTS = needs_assets("kernel", "builtin-flake", "nixpkgs-offline")
+
+
+@pytest.mark.guest
+@pytest.mark.nix
+@ON_GUESTS
+def test_serve_replaces_a_killed_qemu_and_a_restart_adopts_vms(gmvm: Mvm, tmp_path: Path) -> None:
+    _pool(gmvm, "acme/w")
+    gmvm.ok("pool", "scale", "acme/w", "--running", "2")
+    victim, other = sorted(_instances(gmvm, "acme/w"))
+    [dead] = _qemus(victim)
+    log = tmp_path / "agent.log"
+    agent = Serving(gmvm, log)
+    try:
+        os.kill(dead, signal.SIGKILL)
+        _wait(lambda: _qemus(victim) and _instances(gmvm, "acme/w")[victim]["state"] == "running"
+              and _events(gmvm, "instance.replaced"), 120, "the agent to replace the killed QEMU")
+        assert _qemus(victim) != [dead]
+        assert sh(gmvm, victim, "echo up").out == "up\n"  # the replacement is ready
+        [(iid, message, reason)] = _events(gmvm, "instance.replaced")
+        assert victim.endswith(iid) and reason == "crash"
+        assert "hypervisor process exited unexpectedly" in message
+        # restart: SIGTERM leaves the VMs as they are; the next agent adopts them
+        pids = {a: _qemus(a) for a in (victim, other)}
+        assert agent.stop() == 0
+        assert {a: _qemus(a) for a in pids} == pids
+        seen = len(log.read_text())
+        agent = Serving(gmvm, log)
+        _wait(lambda: log.read_text()[seen:].count("adopted hypervisor pid") == 2, 60, "adoption")
+        time.sleep(3)  # a few passes
+        assert {a: _qemus(a) for a in pids} == pids
+        assert all(i["state"] == "running" and i["observed"] == ""
+                   for i in _instances(gmvm, "acme/w").values())
+        assert agent.stop() == 0
+        assert {a: _qemus(a) for a in pids} == pids
+        text = log.read_text()
+        assert "reconcile failed" not in text and text.count("(0 pool errors)") == 2, text
+    finally:
+        agent.kill()
+
+
+@pytest.mark.guest
+@pytest.mark.nix
+@ON_GUESTS
+def test_idle_policy_on_real_guests(gmvm: Mvm, tmp_path: Path) -> None:
+    """An idle guest goes warm, then to sleep; a busy one (a loop in it) stays running; idle
+    too, it stays running while --min-running 1 holds it, and goes warm without."""
+    _pool(gmvm, "acme/p", "--idle-warm", "2s", "--idle-sleep", "3s")
+    gmvm.ok("pool", "scale", "acme/p", "--running", "2")
+    idle, busy = sorted(_instances(gmvm, "acme/p"))
+    r = sh(gmvm, busy, "sh -c 'while :; do :; done' >/dev/null 2>&1 & echo $! > /tmp/busy")
+    assert r.rc == 0, r.err
+    agent = Serving(gmvm, tmp_path / "agent.log")
+    try:
+        _wait(lambda: _instances(gmvm, "acme/p")[idle]["state"] == "warm", 60, "the idle one to go warm")
+        _wait(lambda: _instances(gmvm, "acme/p")[idle]["state"] == "sleeping", 60,
+              "the idle one to go to sleep")
+        assert _instances(gmvm, "acme/p")[busy]["state"] == "running"
+        moves = [(i, reason) for i, _, reason in _events(gmvm, "instance.warm") + _events(gmvm, "instance.sleep")]
+        assert moves == [(idle.split("/")[-1], "policy")] * 2
+        gmvm.ok("pool", "update", "acme/p", "--min-running", "1")
+        assert sh(gmvm, busy, "kill $(cat /tmp/busy)").rc == 0  # (the loop ran all along)
+        time.sleep(6)  # idle now, for longer than --idle-warm: --min-running 1 keeps it running
+        states = {a: i["state"] for a, i in _instances(gmvm, "acme/p").items()}
+        assert states == {idle: "sleeping", busy: "running"}
+        gmvm.ok("pool", "update", "acme/p", "--min-running", "0")
+        _wait(lambda: _instances(gmvm, "acme/p")[busy]["state"] != "running", 60,
+              "the no longer busy one to leave running")
+        assert agent.stop() == 0
+    finally:
+        agent.kill()
