@@ -305,11 +305,12 @@ class Agent:
         """Seconds the instance has been idle (0: busy, or not measured twice yet)."""
         if i.state is State.WARM:  # paused: idle since it went warm
             seen = self._seen.get(i.id)
-            if seen is None or seen.state is not State.WARM or seen.idle_since is None:
-                # (went warm before this agent saw it: by its age in the store)
-                seen = _Seen(Usage(0, 0.0, 0), now, State.WARM, now - max(0.0, time.time() - i.updated))
-                self._seen[i.id] = seen
-            return now - seen.idle_since
+            if seen is not None and seen.state is State.WARM and seen.idle_since is not None:
+                return now - seen.idle_since
+            # (it went warm before this agent saw it: by its age in the store)
+            since = now - max(0.0, time.time() - i.updated)
+            self._seen[i.id] = _Seen(Usage(0, 0.0, 0), now, State.WARM, since)
+            return now - since
         usage = self.sampler(ctx, i)
         seen = self._seen.get(i.id)
         if usage is None:
@@ -323,9 +324,9 @@ class Agent:
             return 0.0 if seen.idle_since is None else now - seen.idle_since
         idle = ((usage.cpu - seen.usage.cpu) / span < CPU_IDLE
                 and (usage.net - seen.usage.net) / span < NET_IDLE)
-        since = (seen.idle_since if seen.idle_since is not None else seen.at) if idle else None
-        self._seen[i.id] = _Seen(usage, now, i.state, since)
-        return 0.0 if since is None else now - since
+        began = (seen.idle_since if seen.idle_since is not None else seen.at) if idle else None
+        self._seen[i.id] = _Seen(usage, now, i.state, began)
+        return 0.0 if began is None else now - began
 
     def _idle(self, ctx: Host, pool: Pool, done: list[str]) -> list[MvmError]:
         now = ctx.clock()
