@@ -452,3 +452,18 @@ def test_idle_policy_on_real_guests(gmvm: Mvm, tmp_path: Path) -> None:
         assert agent.stop() == 0
     finally:
         agent.kill()
+
+
+def test_the_systemd_unit_lets_hypervisors_outlive_the_agent(tmp_path: Path) -> None:
+    import shutil
+
+    unit = Path(agent_mod.__file__).parent.parent / "data/systemd/mvm-agent.service"
+    text = unit.read_text()
+    assert "KillMode=process" in text.splitlines()
+    assert "ExecStart=/usr/local/bin/mvm agent serve" in text
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("no systemd-analyze")
+    copy = tmp_path / unit.name  # (pointed at a program that exists here)
+    copy.write_text(text.replace("/usr/local/bin/mvm", sys.executable))
+    r = subprocess.run(["systemd-analyze", "verify", str(copy)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
