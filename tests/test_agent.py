@@ -224,6 +224,26 @@ def test_run_returns_when_stopped_and_passes_when_poked(fleet: Fleet) -> None:
     assert fleet.states(ref) == ["running"]
 
 
+def test_a_change_in_the_store_starts_a_pass_at_once(fleet: Fleet) -> None:
+    ref = fleet.pool("w", running=1)
+    slow = Agent(fleet.ctx, 3600.0, sampler=fleet.sampler)
+    stop = threading.Event()
+    t = threading.Thread(target=slow.run, args=(stop,))
+    t.start()
+    try:
+        deadline = time.monotonic() + 30
+        while slow.passes < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        fleet.ctx.store.set_pool_desired("acme", "w", 2, 0, 0)  # (another connection: a command)
+        while fleet.states(ref) != ["running", "running"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert fleet.states(ref) == ["running", "running"]
+    finally:
+        stop.set()
+        slow.poke()
+        t.join(30)
+
+
 # -- the idle policy -----------------------------------------------------------------------------
 
 def test_tolerant_counts_keep_policy_moves_and_never_promote() -> None:

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mvm.config.host import Host
-from mvm.errors import Conflict, MvmError, NotFound, QuotaExceeded, combined
+from mvm.errors import Conflict, InvalidInput, MvmError, NotFound, QuotaExceeded, combined
 from mvm.lifecycle import create, observe, quota, specs
 from mvm.model import Event, Instance, Pool, PoolRef, Reason, State
 from mvm.network import plan as netplan
@@ -136,8 +136,6 @@ class Agent:
     def __init__(self, ctx: Host, interval: float, *, sampler: Sampler = measure,
                  report: Report = lambda s: None) -> None:
         if interval <= 0:
-            from mvm.errors import InvalidInput
-
             raise InvalidInput(f"--interval must be positive (got {interval:g})")
         self.ctx = ctx
         self.interval = interval
