@@ -347,7 +347,7 @@ def bench_agent(h: Home) -> None:
         loop.join()
     c, g = statistics.median(cold), statistics.median(gaps)
     line("cold boot to agent-ready, median of 3", f"{c:.3f} s")
-    line("death -> replacement ready, --interval 1, median of 3", f"{g:.3f} s")
+    line("death -> replacement ready (interval 1 s)", f"{g:.3f} s")
     line("death -> replacement ready / cold boot", f"{g / c:.2f}")
 
 

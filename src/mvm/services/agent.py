@@ -129,6 +129,22 @@ def tolerant_counts(current: list[Instance], running: int, warm: int,
     return out[State.RUNNING], out[State.WARM], out[State.SLEEPING]
 
 
+class _Busy(Exception):
+    def __init__(self, conflict: Conflict) -> None:
+        super().__init__(conflict.message)
+        self.conflict = conflict
+
+
+def _lease(ctx: Host, name: str) -> contextlib.ExitStack:
+    """A lease taken with a short wait (held: `_Busy`), to be left by closing what is returned."""
+    held = contextlib.ExitStack()
+    try:
+        held.enter_context(ctx.locks.lock(name, timeout=LOCK_WAIT))
+    except Conflict as e:
+        raise _Busy(e) from None
+    return held
+
+
 class Agent:
     """Keeps pools converged; see the module's docstring. `run_pass` once, or `run` in a loop
     until `stop` is set; `poke` asks for a pass at once (another thread may call it)."""
@@ -160,8 +176,11 @@ class Agent:
                 self.report(line)
             while not stop.is_set():
                 self._poked.clear()
-                for line in self._pass(ctx, stop):
-                    self.report(line)
+                try:
+                    for line in self._pass(ctx, stop):
+                        self.report(line)
+                except MvmError as e:  # (the store unreadable, say): tried again next pass
+                    self.report(f"agent: pass failed: {e.line()}")
                 version = ctx.store.version()
                 deadline = time.monotonic() + self.interval
                 while not stop.is_set() and not self._poked.is_set():
@@ -217,10 +236,8 @@ class Agent:
         replaced, error = 0, None  # type: int, Exception | None
         try:
             replaced = self._reconcile(ctx, ref, done)
-        except Conflict as e:
-            if "is busy" in e.message:  # a command holds it: next pass
-                return [f"{ref}: skipped ({e.message})"]
-            error = e
+        except _Busy as e:  # a command holds it: next pass
+            return [f"{ref}: skipped ({e.conflict.message})"]
         except NotFound as e:
             if not any(p.ref == ref for p in ctx.store.pools(ref.tenant)):
                 return done  # destroyed meanwhile
@@ -258,8 +275,8 @@ class Agent:
         store = ctx.store
         with contextlib.ExitStack() as outer:
             tenant = outer.enter_context(contextlib.ExitStack())
-            tenant.enter_context(ctx.locks.lock(tenant_lock_name(ref.tenant), timeout=LOCK_WAIT))
-            outer.enter_context(ctx.locks.lock(pool_lock_name(ref.tenant, ref.pool), timeout=LOCK_WAIT))
+            tenant.enter_context(_lease(ctx, tenant_lock_name(ref.tenant)))
+            outer.enter_context(_lease(ctx, pool_lock_name(ref.tenant, ref.pool)))
             done += [f"{ref} {line}" for line in observe.pool(ctx, ref)]
             pool = store.pool(ref.tenant, ref.pool)
             current = store.instances(ref.tenant, ref.pool)
