@@ -128,6 +128,7 @@ def test_a_crashed_hypervisor_is_replaced_and_the_event_says_why(fleet: Fleet) -
     [e] = fleet.events("instance.replaced")
     assert e["instance"] == victim.id and e["reason"] == Reason.CRASH.value
     assert "hypervisor process exited unexpectedly" in str(e["message"])
+    assert e["cause"] == "hypervisor process exited unexpectedly"
     fleet.passes()  # at rest: nothing more happens
     assert len(fleet.events("instance.replaced")) == 1
 
@@ -168,6 +169,7 @@ def test_one_pool_failing_does_not_stop_the_others(fleet: Fleet) -> None:
     assert fleet.agent.errors == 1
     [e] = fleet.events("agent.reconcile-error")
     assert e["pool"] == "a" and "has no artifacts" in str(e["message"])
+    assert "has no artifacts" in str(e["cause"])
 
 
 def test_a_pool_that_keeps_failing_backs_off(fleet: Fleet, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -271,6 +273,7 @@ def test_idle_instances_go_warm_then_sleep_busy_ones_stay(fleet: Fleet) -> None:
     assert fleet.ctx.store.instance("acme", "w", busy.id).state is State.RUNNING
     [e] = fleet.events("instance.warm")
     assert e["reason"] == Reason.POLICY.value and e["instance"] == idle.id
+    assert str(e["cause"]).startswith("idle for 11 s: hypervisor CPU 0.0 % of a core"), e
     fleet.passes(advance=15)
     assert fleet.ctx.store.instance("acme", "w", idle.id).state is State.WARM
     fleet.passes(advance=10)  # warm for 25 s
@@ -304,6 +307,8 @@ def test_at_max_warm_an_idle_instance_goes_straight_to_sleep(fleet: Fleet) -> No
     fleet.passes(advance=10)
     assert fleet.states(ref) == ["sleeping", "warm"]
     assert not fleet.events("instance.warm-refused")
+    [e] = fleet.events("instance.sleep")
+    assert "not warm: 2 warm > max-warm 1" in str(e["cause"]), e
 
 
 def test_a_warm_slot_keeps_a_sleeping_instance(fleet: Fleet) -> None:

@@ -96,12 +96,14 @@ class _Seen:
     at: float
     state: State
     idle_since: float | None = None
+    measured: str = ""  # what the last two samples showed, for the event of a policy move
 
 
 @dataclass
 class _Health:
     failures: int = 0  # failing passes in a row
     not_before: float = 0.0  # (monotonic) backing off until then
+    cause: str | None = None  # the last error
 
 
 def tolerant_counts(current: list[Instance], running: int, warm: int,
@@ -249,7 +251,8 @@ class Agent:
             cause = error.line() if isinstance(error, MvmError) else f"{type(error).__name__}: {error}"
             done.append(f"{ref}: reconcile failed: {cause}")
             self._event(ctx, Event("agent.reconcile-error", f"reconciling {ref} failed: {cause}",
-                                   Reason.SCALE, ref.tenant, ref.pool))
+                                   Reason.SCALE, ref.tenant, ref.pool, cause=cause))
+            health.cause = cause
         if error is None and not replaced:
             health.failures = 0
             return done
@@ -262,7 +265,8 @@ class Agent:
             msg = (f"pool {ref} {why} in {health.failures} passes in a row: backing off,"
                    f" next try in {delay:g} s")
             done.append(msg)
-            self._event(ctx, Event("agent.crash-loop", msg, Reason.CRASH, ref.tenant, ref.pool))
+            self._event(ctx, Event("agent.crash-loop", msg, Reason.CRASH, ref.tenant, ref.pool,
+                                   cause=health.cause if error is not None else None))
         return done
 
     @staticmethod
@@ -296,7 +300,8 @@ class Agent:
             tenant.close()  # boots need only the pool's lock
             errors = scale.execute(ctx, moves, lambda s: done.append(f"{ref}/{s}"),
                                    reason=lambda i: Reason.CRASH if i.state is State.FAILED
-                                   else Reason.SCALE)
+                                   else Reason.SCALE,
+                                   cause=lambda i: i.error if i.state is State.FAILED else None)
             replaced = 0
             for inst, target in moves:
                 if inst.state is State.FAILED and target is not State.STOPPED:
@@ -306,7 +311,7 @@ class Agent:
                         msg = (f"replaced: {now.state.value} again after it failed"
                                f" ({inst.error or 'cause unknown'})")
                         store.event(Event("instance.replaced", msg, Reason.CRASH, ref.tenant,
-                                          ref.pool, inst.id))
+                                          ref.pool, inst.id, cause=inst.error))
                         done.append(f"{inst.ref}: {msg}")
             if pool.has_idle_policy and not errors:
                 errors += self._idle(ctx, pool, done)
@@ -337,10 +342,12 @@ class Agent:
         span = now - seen.at
         if span <= 0:
             return 0.0 if seen.idle_since is None else now - seen.idle_since
-        idle = ((usage.cpu - seen.usage.cpu) / span < CPU_IDLE
-                and (usage.net - seen.usage.net) / span < NET_IDLE)
+        cpu, net = (usage.cpu - seen.usage.cpu) / span, (usage.net - seen.usage.net) / span
+        idle = cpu < CPU_IDLE and net < NET_IDLE
         began = (seen.idle_since if seen.idle_since is not None else seen.at) if idle else None
-        self._seen[i.id] = _Seen(usage, now, i.state, began)
+        measured = (f"hypervisor CPU {cpu * 100:.1f} % of a core, TAP {net:.0f} B/s over the last"
+                    f" {span:.1f} s (idle below {CPU_IDLE * 100:g} % and {NET_IDLE:g} B/s)")
+        self._seen[i.id] = _Seen(usage, now, i.state, began, measured)
         return 0.0 if began is None else now - began
 
     def _idle(self, ctx: Host, pool: Pool, done: list[str]) -> list[MvmError]:
@@ -353,7 +360,8 @@ class Agent:
 
         def move(i: Instance, target: State, why: str) -> None:
             done.append(f"{i.ref}: {why} -> {target.value}")
-            errors.extend(scale.execute(ctx, [(i, target)], reason=lambda i: Reason.POLICY))
+            errors.extend(scale.execute(ctx, [(i, target)], reason=lambda i: Reason.POLICY,
+                                        cause=lambda i: why))
             if target is State.WARM:
                 self._seen[i.id] = _Seen(Usage(0, 0.0, 0), now, State.WARM, now)
 
@@ -362,7 +370,8 @@ class Agent:
                 if i.state is State.WARM and i.op is None:
                     seconds = self._idle_for(ctx, i, now)
                     if seconds >= pool.idle_sleep:
-                        move(i, State.SLEEPING, f"warm {seconds:.0f} s")
+                        move(i, State.SLEEPING, f"warm for {seconds:.0f} s (idle-sleep"
+                             f" {pool.idle_sleep:g} s)")
         first = pool.idle_warm if pool.idle_warm is not None else pool.idle_sleep
         may_leave = len(running) - pool.min_running
         for seconds, i in idle:
@@ -370,10 +379,12 @@ class Agent:
                 continue
             may_leave -= 1
             target = State.WARM if pool.idle_warm is not None else State.SLEEPING
+            why = f"idle for {seconds:.0f} s: {self._seen[i.id].measured}"
             if target is State.WARM:
                 try:
                     quota.check_transition(ctx.store, i, State.WARM)
-                except QuotaExceeded:
-                    target = State.SLEEPING  # max-warm reached: straight to sleep
-            move(i, target, f"idle {seconds:.0f} s")
+                except QuotaExceeded as e:  # max-warm reached: straight to sleep
+                    target = State.SLEEPING
+                    why += f"; not warm: {e.message.split('quota: ', 1)[-1]}"
+            move(i, target, why)
         return errors

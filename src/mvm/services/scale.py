@@ -27,7 +27,7 @@ from functools import cache
 
 from mvm.config.host import Host
 from mvm.errors import InvalidInput, MvmError, NotFound, QuotaExceeded, combined
-from mvm.lifecycle import apply, create, disks, observe, quota
+from mvm.lifecycle import admission, apply, create, disks, observe, quota
 from mvm.lifecycle.apply import TAKES_MORE
 from mvm.lifecycle.run import Progress, noop
 from mvm.model import TRANSITIONS, Action, Event, Instance, PoolRef, Reason, State
@@ -123,6 +123,7 @@ def scale(ctx: Host, ref: PoolRef, running: int, warm: int, sleeping: int,
         for line in observe.pool(ctx, ref):  # what dead commands and hypervisors left
             report(line)
         p = plan(store.instances(ref.tenant, ref.pool), running, warm, sleeping)
+        _check_memory(ctx, ref, p)
         with ctx.locks.lock(quota_lock_name(ref.tenant)):
             try:
                 quota.check(store, ref, running, warm, sleeping)
@@ -131,7 +132,11 @@ def scale(ctx: Host, ref: PoolRef, running: int, warm: int, sleeping: int,
             except QuotaExceeded as e:
                 store.event(Event("pool.scale-refused", e.message, Reason.QUOTA, ref.tenant, ref.pool))
                 raise
+            was = store.pool(ref.tenant, ref.pool)
             store.set_pool_desired(ref.tenant, ref.pool, running, warm, sleeping)
+            if (was.desired_running, was.desired_warm, was.desired_sleeping) != (running, warm, sleeping):
+                store.event(Event("pool.scale", f"desired running={running} warm={warm} "
+                                  f"sleeping={sleeping}", tenant=ref.tenant, pool=ref.pool))
         if not p.actions():
             report(f"{ref}: already at running={running} warm={warm} sleeping={sleeping}")
         moves = []
@@ -150,7 +155,8 @@ def scale(ctx: Host, ref: PoolRef, running: int, warm: int, sleeping: int,
 
 def execute(ctx: Host, moves: list[tuple[Instance, State]], report: Report = lambda s: None,
             progress: Progress = noop,
-            reason: Callable[[Instance], Reason] = lambda i: Reason.SCALE) -> list[MvmError]:
+            reason: Callable[[Instance], Reason] = lambda i: Reason.SCALE,
+            cause: Callable[[Instance], str | None] = lambda i: None) -> list[MvmError]:
     """Take each instance to its target state (the caller holds the pool's lock); returns the
     errors of the moves that failed (the others went on). Used by `scale` and the agent."""
     getattr(ctx.runtime(), "accel", None)  # once: a KVM probe, if due, runs here, not per worker
@@ -158,13 +164,14 @@ def execute(ctx: Host, moves: list[tuple[Instance, State]], report: Report = lam
     # each admitted by the quota when it has room (see `Room`): instances headed for sleep
     # first (they need a hypervisor only for a while), then warm, then running.
     freeing = [m for m in moves if path(m[0].state, m[1])[0] in FREEING]
-    errors = [_converge(ctx, inst, target, report, progress, reason=reason(inst))
+    errors = [_converge(ctx, inst, target, report, progress, reason=reason(inst), cause=cause(inst))
               for inst, target in freeing]
     rest = sorted((m for m in moves if m not in freeing), key=lambda m: HOLDS[m[1]])
     room = Room()
     with ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="scale") as workers:
         errors += workers.map(lambda n: _in_thread(ctx, rest[n][0], rest[n][1], report,
-                                                   progress, room, n, reason(rest[n][0])),
+                                                   progress, room, n, reason(rest[n][0]),
+                                                   cause(rest[n][0])),
                               range(len(rest)))
     return [e for e in errors if e is not None]
 
@@ -191,6 +198,17 @@ def _check_boot_room(ctx: Host, ref: PoolRef, p: Plan) -> None:
         raise QuotaExceeded(f"scaling {ref} boots instances on their way to sleeping or warm, and"
                             f" tenant {ref.tenant}'s quota has no room for one: "
                             + e.message.split("quota: ", 1)[-1], e.hint) from None
+
+
+def _check_memory(ctx: Host, ref: PoolRef, p: Plan) -> None:
+    """The host has the memory for the starts and wakes the scale makes, all at once (they run
+    side by side), counting what its stops and sleeps, which go first, give back."""
+    def boots(source: State, target: State) -> bool:
+        return bool({Action.START, Action.WAKE} & set(path(source, target)))
+
+    starts = sum(1 for i, t in p.moves if boots(i.state if i else State.CREATED, t))
+    frees = sum(1 for i, t in p.moves if i is not None and i.state.is_live() and not t.is_live())
+    admission.check_scale(ctx, ref, starts, frees)
 
 
 def _check_room(ctx: Host, ref: PoolRef, total: int) -> None:
@@ -300,7 +318,8 @@ def _in_flight(ctx: Host, tenant: str) -> bool:
 
 
 def _converge(ctx: Host, inst: Instance, target: State, report: Report, progress: Progress,
-              room: Room | None = None, n: int = 0, reason: Reason = Reason.SCALE) -> MvmError | None:
+              room: Room | None = None, n: int = 0, reason: Reason = Reason.SCALE,
+              cause: str | None = None) -> MvmError | None:
     """Take one instance to its target state (the caller holds the pool's lock); with `room`,
     as move `n` of a scale whose actions that take more are admitted in order."""
     working = False  # counted in room.busy
@@ -316,7 +335,7 @@ def _converge(ctx: Host, inst: Instance, target: State, report: Report, progress
                 room.pass_turn(n)
                 working = True
             try:
-                i = apply(ctx, inst.ref, action, reason=reason, locked=True,
+                i = apply(ctx, inst.ref, action, reason=reason, locked=True, cause=cause,
                           admission=admission,
                           progress=lambda step, msg: progress(f"{inst.id} {step}", msg))
             finally:
@@ -337,10 +356,11 @@ def _converge(ctx: Host, inst: Instance, target: State, report: Report, progress
 
 
 def _in_thread(ctx: Host, inst: Instance, target: State, report: Report,
-               progress: Progress, room: Room, n: int, reason: Reason) -> MvmError | None:
+               progress: Progress, room: Room, n: int, reason: Reason,
+               cause: str | None) -> MvmError | None:
     """The same, on a store connection of the worker thread's own."""
     mine = ctx.for_thread()
     try:
-        return _converge(mine, inst, target, report, progress, room, n, reason)
+        return _converge(mine, inst, target, report, progress, room, n, reason, cause)
     finally:
         mine.store.close()
