@@ -125,6 +125,9 @@ class Pool:
     desired_warm: int = 0
     desired_sleeping: int = 0
     created: float = 0.0
+    #: The hypervisor backend its instances and builder run on ("qemu", "firecracker");
+    #: "": the host's (setting `backend`).
+    backend: str = ""
 
     @property
     def ref(self) -> PoolRef:

@@ -278,11 +278,13 @@ def pool_create(
     mem: Annotated[int, typer.Option(help="MiB per instance")] = 256,
     data_disk: Annotated[int, typer.Option("--data-disk", help="MiB of /data per instance (0: none)")] = 0,
     network: Annotated[str, typer.Option(help="tenant (default) or none")] = "tenant",
+    backend: Annotated[str, typer.Option(help="qemu or firecracker; omitted: the host's (setting backend)")] = "",
 ) -> None:
     """Create a pool from a flake profile."""
     from mvm.services import pools
 
-    p = pools.create(ctx(), PoolRef.parse(pool), flake, profile, cpus, mem, data_disk, network)
+    p = pools.create(ctx(), PoolRef.parse(pool), flake, profile, cpus, mem, data_disk, network,
+                     backend=backend)
     print(f"pool {p.ref} created ({p.flake}#{p.profile}, {p.cpus} vCPU, {p.mem} MiB"
           f"{f', data disk {p.data_disk} MiB' if p.data_disk else ''})")
 

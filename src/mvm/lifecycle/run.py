@@ -31,7 +31,7 @@ class Run:
         self.i = i
         self.progress = progress
         self.reason = reason
-        self.rt: Runtime = ctx.runtime()
+        self.rt: Runtime = specs.runtime(ctx, i)
         self._spec: VmSpec | None = None
 
     @property

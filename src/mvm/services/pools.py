@@ -41,8 +41,12 @@ def builtin_flake(ctx: Host) -> str:
 
 
 def create(ctx: Host, ref: PoolRef, flake: str | None, profile: str, cpus: int, mem: int,
-           data_disk: int = 0, network: str = "tenant") -> Pool:
+           data_disk: int = 0, network: str = "tenant", *, backend: str = "") -> Pool:
     store = ctx.store
+    if backend:  # asked for: refused here, with one line, when this host cannot run it
+        from mvm.runtime import select
+
+        select.check_backend(select.parse_backend(backend), ctx.layout)
     tenant = store.tenant(ref.tenant)
     if cpus < 1 or cpus > MAX_CPUS:
         raise InvalidInput(f"--cpus must be between 1 and {MAX_CPUS} (got {cpus})")
@@ -77,7 +81,7 @@ def create(ctx: Host, ref: PoolRef, flake: str | None, profile: str, cpus: int, 
         raise InvalidInput(f"no built-in profile {profile!r}",
                            f"built-in profiles: {', '.join(BUILTIN_PROFILES)}; or pass --flake")
     pool = Pool(ref.tenant, ref.pool, flake_ref, profile, cpus, mem, data_disk, network,
-                created=time.time())
+                created=time.time(), backend=backend)
     # Counted and added under the tenant's lock: concurrent creates cannot both pass the count.
     with ctx.locks.lock(tenant_lock_name(ref.tenant)):
         _check_new(store, ref, q.max_pools)

@@ -58,6 +58,7 @@ MIGRATIONS = (
     ("builds", "owner", "INTEGER"),  # pid of the command running it
     ("tenants", "egress", "TEXT"),  # JSON {"allow": [cidr…], "deny": [cidr…]}
     ("builds", "builder", "TEXT"),  # vm (the builder microVM) or host
+    ("pools", "backend", "TEXT NOT NULL DEFAULT ''"),  # qemu, firecracker, or '' (the host's)
 )
 #: A state home mvm makes: passed through, not listed (what is below it is 0700 and 0600).
 HOME_MODE = 0o711
@@ -185,10 +186,10 @@ class SqliteStore:
         try:
             with self.tx() as db:
                 db.execute(
-                    "INSERT INTO pools (tenant,id,flake,profile,cpus,mem,data_disk,network,created)"
-                    " VALUES (?,?,?,?,?,?,?,?,?)",
+                    "INSERT INTO pools (tenant,id,flake,profile,cpus,mem,data_disk,network,created,backend)"
+                    " VALUES (?,?,?,?,?,?,?,?,?,?)",
                     (p.tenant, p.id, p.flake, p.profile, p.cpus, p.mem, p.data_disk, p.network,
-                     p.created or time.time()),
+                     p.created or time.time(), p.backend),
                 )
         except sqlite3.IntegrityError as e:
             raise Conflict(f"pool {p.tenant}/{p.id} already exists",
@@ -228,7 +229,7 @@ class SqliteStore:
     def _pool(r: sqlite3.Row) -> Pool:
         return Pool(r["tenant"], r["id"], r["flake"], r["profile"], r["cpus"], r["mem"],
                     r["data_disk"], r["network"], r["current"], r["desired_running"],
-                    r["desired_warm"], r["desired_sleeping"], r["created"])
+                    r["desired_warm"], r["desired_sleeping"], r["created"], r["backend"])
 
     # -- revisions and builds ---------------------------------------------
     def add_revision(self, r: Revision) -> None:
