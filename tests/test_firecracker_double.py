@@ -124,8 +124,9 @@ REFUSALS: list[tuple[str, Any, str, str, Any, str]] = [
     ("unknown-path", fresh, "PUT", "/nonsense", {}, "Invalid request method and/or path"),
     ("missing-kernel", fresh, "PUT", "/boot-source", {"kernel_image_path": "/nonexistent/vmlinux"},
      "kernel file cannot be opened"),
-    ("missing-drive-file", fresh, "PUT", "/drives/rootfs", {"drive_id": "rootfs", "path_on_host": "/nonexistent",
-                                                            "is_root_device": True}, "Unable to create the block device"),
+    ("missing-drive-file", fresh, "PUT", "/drives/rootfs",
+     {"drive_id": "rootfs", "path_on_host": "/nonexistent", "is_root_device": True},
+     "Unable to create the block device"),
     ("start-without-kernel", fresh, "PUT", "/actions", {"action_type": "InstanceStart"},
      "without kernel configuration"),
     ("boot-source-after-start", started, "PUT", "/boot-source", {"kernel_image_path": "/bin/true"},
@@ -139,7 +140,8 @@ REFUSALS: list[tuple[str, Any, str, str, Any, str]] = [
     ("vsock-after-start", started, "PUT", "/vsock", {"guest_cid": 3, "uds_path": "{root}/x.sock"}, double.POST_BOOT),
     ("start-twice", started, "PUT", "/actions", {"action_type": "InstanceStart"}, double.POST_BOOT),
     ("patch-vm-before-boot", fresh, "PATCH", "/vm", {"state": "Paused"}, double.PRE_BOOT),
-    ("patch-drive-before-boot", configured, "PATCH", "/drives/data", {"drive_id": "data", "path_on_host": "{root}/other"},
+    ("patch-drive-before-boot", configured, "PATCH", "/drives/data",
+     {"drive_id": "data", "path_on_host": "{root}/other"},
      double.PRE_BOOT),
     ("patch-net-before-boot", configured, "PATCH", "/network-interfaces/eth0", {"iface_id": "eth0"}, double.PRE_BOOT),
     ("ctrl-alt-del-before-boot", fresh, "PUT", "/actions", {"action_type": "SendCtrlAltDel"}, double.PRE_BOOT),
@@ -151,7 +153,8 @@ REFUSALS: list[tuple[str, Any, str, str, Any, str]] = [
      "tap0 is already in use"),
     ("patch-drive-other-field", started, "PATCH", "/drives/data", {"drive_id": "data", "is_read_only": True},
      "unknown field `is_read_only`"),
-    ("snapshot-create-running", started, "PUT", "/snapshot/create", {"snapshot_path": "{root}/s", "mem_file_path": "{root}/m"},
+    ("snapshot-create-running", started, "PUT", "/snapshot/create",
+     {"snapshot_path": "{root}/s", "mem_file_path": "{root}/m"},
      "not paused"),
     ("snapshot-create-before-boot", fresh, "PUT", "/snapshot/create", {"snapshot_path": "{root}/s",
                                                                        "mem_file_path": "{root}/m"}, double.PRE_BOOT),
@@ -288,8 +291,8 @@ def test_a_non_elf_kernel_is_refused_at_instance_start(fc: Fc) -> None:
 
 def test_an_api_socket_in_use_ends_the_double_as_firecracker_ends(tmp_path: Path) -> None:
     (tmp_path / "api.sock").touch()
-    p = subprocess.run([sys.executable, "-m", "tests.doubles.firecracker_api", "--api-sock", str(tmp_path / "api.sock")],
-                       cwd=REPO, capture_output=True, text=True, timeout=60)
+    p = subprocess.run([sys.executable, "-m", "tests.doubles.firecracker_api",
+                        "--api-sock", str(tmp_path / "api.sock")], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert p.returncode == 1 and "Failed to open the API socket" in p.stderr
 
 

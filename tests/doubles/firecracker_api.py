@@ -21,7 +21,8 @@ Its "VM" is a fake guest (no kernel runs): once started (or loaded and resumed) 
 few console lines on stdout (Firecracker's serial console) and serves a guest agent on vsock
 port 1024 through the vsock Unix socket (`uds_path`), after Firecracker's host-initiated
 handshake `CONNECT <port>\\n` -> `OK <host port>\\n`. The agent speaks mvm's line protocol
-(ping, exec, sleep-prep, wake, output-limit); its exec verbs are those of
+(ping, exec, sleep-prep, wake, output-limit) — a VM with an `output` drive is a builder
+instead: it writes FAKE-BUILD-OUTPUT there and powers off; its exec verbs are those of
 tests/doubles/fake_runtime.py's guest: `write X` keeps X in memory, `sync` moves memory to the
 data disk (a file beside the `data` drive), `read` prints disk then memory. Memory lives in
 the process and in the snapshot's memory file (its first bytes; the file has the VM's size),
@@ -538,7 +539,10 @@ class Vmm:
             self.console(f"fake guest (Firecracker API double): booting "
                          f"{self.boot['kernel_image_path']} with {self.boot.get('boot_args', '')}")
             self.set_state(RUNNING)
-            self.console("fake guest: agent listening on vsock port 1024")
+            if "output" in self.drives:
+                threading.Thread(target=self.fake_build, daemon=True).start()
+            else:
+                self.console("fake guest: agent listening on vsock port 1024")
             return 204, None
         if kind == "SendCtrlAltDel":
             self.post_boot()
@@ -546,6 +550,15 @@ class Vmm:
                 threading.Thread(target=self.power_off, daemon=True).start()
             return 204, None
         return 204, None  # FlushMetrics
+
+    def fake_build(self) -> None:
+        """A builder VM's job (a drive `output`): say so on the console, write the output disk,
+        power off."""
+        self.console("@mvm builder up (fake builder of the Firecracker API double)")
+        with open(self.drives["output"]["path_on_host"], "r+b") as f:
+            f.write(b"FAKE-BUILD-OUTPUT\n")
+        self.console("@mvm done")
+        self.power_off()
 
     def power_off(self) -> None:
         time.sleep(0.05)  # the guest hears the keyboard, syncs and powers off

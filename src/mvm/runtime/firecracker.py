@@ -35,7 +35,7 @@ import re
 import shutil
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -174,9 +174,12 @@ def load_request(spec: VmSpec, state: str, memory: str, vsock: str, tap_at_snaps
 class Api:
     """Firecracker's REST API on its Unix socket; errors as one line with its fault_message."""
 
-    def __init__(self, sock: Path, what: str, timeout: float = API_TIMEOUT) -> None:
+    def __init__(self, sock: Path, what: str, timeout: float = API_TIMEOUT,
+                 died: Callable[[], str] | None = None) -> None:
+        """`died`: what the process said last, if it is gone (else "")."""
         self.sock = sock
         self.what = what
+        self.died = died
         self.client = httpx.Client(transport=httpx.HTTPTransport(uds=os.fspath(sock)),
                                    base_url="http://localhost", timeout=timeout)
 
@@ -190,8 +193,10 @@ class Api:
         try:
             r = self.client.request(method, path, json=body)
         except httpx.HTTPError as e:
+            said = self.died() if self.died is not None else ""
             raise RuntimeFailure(f"Firecracker of {self.what} did not answer {method} {path}: "
-                                 f"{e or type(e).__name__}", _HINT) from e
+                                 + (f"it exited: {said}" if said else f"{e or type(e).__name__}"),
+                                 _HINT) from e
         if r.status_code >= 300:
             try:
                 fault = str(r.json().get("fault_message", r.text))
@@ -284,7 +289,12 @@ class FirecrackerRuntime(Runtime):
         return pid
 
     def _api(self, spec: VmSpec, timeout: float = API_TIMEOUT) -> Api:
-        return Api(self._api_path(spec), spec.name, timeout)
+        def died() -> str:
+            if self.is_alive(spec):
+                return ""
+            return printable(_tail(self.fc_log(spec), lines=1)) or "no message"
+
+        return Api(self._api_path(spec), spec.name, timeout, died)
 
     def status(self, spec: VmSpec) -> VmStatus:
         if not self.is_alive(spec):
