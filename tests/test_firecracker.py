@@ -357,3 +357,30 @@ def test_select_makes_the_firecracker_runtime_and_refuses_it_without_the_binary(
         select.check_backend(Backend.FIRECRACKER, layout, binary="no-such-firecracker-binary")
     assert e.value.message == "this host cannot run Firecracker VMs: no-such-firecracker-binary is not on PATH"
     select.check_backend(Backend.QEMU, layout)  # (nothing to check)
+
+
+@pytest.mark.parametrize("request_", ["PUT /boot-source", "PUT /drives/data", "PUT /actions"])
+def test_a_failed_boot_leaves_no_process_or_file_by_itself(world: World, monkeypatch: pytest.MonkeyPatch,
+                                                           tmp_path: Path, request_: str) -> None:
+    """The runtime's own contract (the lifecycle's recovery aside): boot undoes its steps."""
+    monkeypatch.setenv("FC_DOUBLE_REFUSE", request_)
+    spec = _jail_spec(tmp_path)
+    spec = VmSpec(spec.name, 1, 64, world.ctx.layout.revision_dir("acme", "fc", REV) / "vmlinux", None,
+                  "", spec.disks, None, world.ctx.layout.runtime_dir() / "solo")
+    with pytest.raises(MvmError) as e:
+        world.rt.boot(spec)
+    assert f"Firecracker refused {request_}" in e.value.message and len(e.value.message.splitlines()) == 1
+    assert not world.rt.is_alive(spec) and pids.find_by_arg("--id", firecracker.vm_id(spec)) is None
+    assert not spec.run_dir.exists()
+
+
+def test_doctor_shows_firecracker_and_jailer_or_their_absence(mvm: Mvm) -> None:
+    import json
+
+    checks = {c["check"]: c for c in json.loads(mvm.ok("doctor", "--json").out)}
+    for name in ("firecracker", "jailer"):
+        if shutil.which(name):
+            assert checks[name]["ok"] and checks[name]["detail"], checks[name]
+        else:
+            assert checks[name]["detail"] == f"absent ({name} is not on PATH)"
+            assert not checks[name]["ok"] and not checks[name]["required"]
