@@ -384,3 +384,23 @@ def test_doctor_shows_firecracker_and_jailer_or_their_absence(mvm: Mvm) -> None:
         else:
             assert checks[name]["detail"] == f"absent ({name} is not on PATH)"
             assert not checks[name]["ok"] and not checks[name]["required"]
+
+
+@pytest.mark.parametrize("backend", ["firecracker", "qemu"])
+def test_a_bzimage_only_revision_is_refused_for_a_firecracker_pool(world: World, backend: str) -> None:
+    from mvm.build.outputs import KernelNotForFirecracker
+    from mvm.services import pools
+
+    w = world
+    pool = w.ctx.store.pool("acme", "fc")
+    pool = Pool(pool.tenant, pool.id, pool.flake, pool.profile, pool.cpus, pool.mem, backend=backend)
+    kernel = w.ctx.layout.revision_dir("acme", "fc", REV) / "vmlinux"
+    kernel.write_bytes(b"\0" * 0x1FE + b"\x55\xaaXXHdrS" + b"\0" * 4096)  # a bzImage's boot sector and header
+    if backend == "qemu":
+        pools.check_backend_kernel(w.ctx, pool, REV)  # QEMU boots a bzImage
+        return
+    with pytest.raises(KernelNotForFirecracker) as e:
+        pools.check_backend_kernel(w.ctx, pool, REV)
+    assert e.value.message == f"the kernel {kernel} is a bzImage (a compressed kernel), not an ELF vmlinux"
+    shutil.copy("/bin/true", kernel)  # an ELF64 x86-64 with an entry point
+    pools.check_backend_kernel(w.ctx, pool, REV)

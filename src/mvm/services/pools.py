@@ -126,6 +126,7 @@ def build(ctx: Host, ref: PoolRef, force: bool = False,
             else:
                 rev, cached = pipeline.run_build(ctx.layout, ctx.settings.nixpkgs, pool, force,
                                                  log, progress)
+            check_backend_kernel(ctx, pool, rev.hash)
             store.add_revision(rev)
             pipeline.switch_current(ctx.layout, ref.tenant, ref.pool, rev.hash)
             store.set_pool_current(ref.tenant, ref.pool, rev.hash)
@@ -138,6 +139,17 @@ def build(ctx: Host, ref: PoolRef, force: bool = False,
                           Reason.BUILD, ref.tenant, ref.pool))
         progress("current", rev.hash)
         return rev, cached
+
+
+def check_backend_kernel(ctx: Host, pool: Pool, rev: str) -> None:
+    """A revision for a Firecracker pool must carry a kernel Firecracker boots (an uncompressed
+    ELF64 vmlinux): a profile that ships only a bzImage is refused with one line, and the
+    pool's current revision stays."""
+    if (pool.backend or ctx.settings.backend.value) != "firecracker":
+        return
+    from mvm.build import outputs
+
+    outputs.check_firecracker_kernel(ctx.layout.revision_dir(pool.tenant, pool.id, rev) / "vmlinux")
 
 
 def revisions(ctx: Host, ref: PoolRef) -> list[Revision]:
