@@ -427,3 +427,40 @@ def test_a_bzimage_only_revision_is_refused_for_a_firecracker_pool(world: World,
     assert e.value.message == f"the kernel {kernel} is a bzImage (a compressed kernel), not an ELF vmlinux"
     shutil.copy("/bin/true", kernel)  # an ELF64 x86-64 with an entry point
     pools.check_backend_kernel(w.ctx, pool, REV)
+
+
+@pytest.mark.parametrize(("step", "after"), [("restore", State.SLEEPING), ("consume", State.RUNNING)])
+def test_a_wake_killed_after_a_step_is_finished_by_the_next_command(world: World, step: str, after: State) -> None:
+    """As tests/test_lifecycle_faults.py does with its fake runtime, on Firecracker's double:
+    before `consume` the restored (paused) Firecracker is ended and the snapshot kept; after it,
+    the guest runs on, and the memory file it maps stays until it is gone."""
+    import dataclasses
+    import signal
+
+    from mvm.lifecycle import observe
+    from mvm.lifecycle.apply import pool_locked
+
+    w = world
+    ref = w.new()
+    apply(w.ctx, ref, Action.START)
+    w.guest(ref, "write", "in-memory")
+    apply(w.ctx, ref, Action.SLEEP)
+    snap = w.ctx.store.instance(ref.tenant, ref.pool, ref.instance).snapshot
+    pid = os.fork()
+    if pid == 0:
+        try:
+            home = w.ctx.layout.home
+            apply(dataclasses.replace(w.ctx, crash_after=f"wake:{step}", store=SqliteStore(home / "mvm.db"),
+                                      _runtime=None), ref, Action.WAKE)
+        finally:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    with pool_locked(w.ctx, ref.pool_ref, False):
+        i = observe.instance(w.ctx, ref)
+    assert i is not None and i.state is after and i.op is None
+    if after is State.SLEEPING:
+        _no_firecracker_of(w, ref)
+        assert i.snapshot == snap
+        apply(w.ctx, ref, Action.WAKE)
+    assert w.guest(ref, "read") == "in-memory\n"
