@@ -256,7 +256,7 @@ def test_the_builder_vm_runs_on_the_pools_backend(world: World, tmp_path: Path) 
     """builder._run drives the VM through the runtime interface only: the pool's backend's."""
     w = world
     w.ctx.backend_factory = lambda backend: {"firecracker": w.rt}[backend]
-    w.ctx.runtime_factory = lambda: pytest.fail("the builder asked for the host's runtime")  # type: ignore[assignment,return-value]
+    w.ctx.runtime_factory = lambda: pytest.fail("the builder asked for the host's runtime")
     disks = []
     for name in ("root", "input", "pkgs", "store", "output"):
         (tmp_path / name).write_bytes(b"\0" * 4096)
@@ -357,7 +357,7 @@ def test_a_pool_runs_on_its_own_backend(world: World) -> None:
         made.append(backend)
         return w.rt
 
-    w.ctx.runtime_factory = lambda: pytest.fail("the host's runtime was asked for")  # type: ignore[assignment,return-value]
+    w.ctx.runtime_factory = lambda: pytest.fail("the host's runtime was asked for")
     w.ctx.backend_factory = factory
     ref = w.new()
     apply(w.ctx, ref, Action.START)
