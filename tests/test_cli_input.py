@@ -127,7 +127,7 @@ def test_config_settings(mvm: Mvm) -> None:
     mvm.ok("config", "set", "accel", "tcg")
     assert mvm.ok("config", "get", "accel").out.strip() == "tcg"
     r = mvm("config", "set", "nope", "1")
-    refused(r, 2, "unknown setting 'nope' (known: nixpkgs, accel, backend, jail, jail-uid-base, builder)")
+    refused(r, 2, "unknown setting 'nope' (known: nixpkgs, accel, backend, jail, jail-uid-base, builder, mem-reserve)")
     assert mvm.ok("config", "get", "accel").out.strip() == "tcg"
 
 

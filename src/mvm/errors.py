@@ -68,6 +68,12 @@ class HostUnsupported(MvmError):
     exit_code = 10
 
 
+class AdmissionRefused(MvmError):
+    """The host has not the memory a start or wake needs (with the configured reserve)."""
+
+    exit_code = 11
+
+
 def combined(errors: list[MvmError], what: str) -> MvmError:
     """One error naming every failure of a batch (the first decides the type and exit code)."""
     if len(errors) == 1:

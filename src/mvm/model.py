@@ -207,6 +207,7 @@ class Reason(StrEnum):
     QUOTA = "quota"  # a quota refused or limited a change
     BUILD = "build"  # a pool build
     SECRETS = "secrets"  # secrets re-delivery
+    ADMISSION = "admission"  # the host's memory refused a start or wake (lifecycle/admission.py)
 
 
 @dataclass(frozen=True)
@@ -219,6 +220,11 @@ class Event:
     tenant: str | None = None
     pool: str | None = None
     instance: str | None = None
+    #: What caused it, when that is not the command itself: the error of a failure or
+    #: refusal, the hypervisor's exit, a measurement.
+    cause: str | None = None
+    #: Seconds the transition or build it ends took (None for anything else).
+    duration: float | None = None
 
 
 @dataclass(frozen=True)

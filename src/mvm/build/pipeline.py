@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mvm.build import nix, outputs, revision, rootfs, source
+from mvm.build import nix, outputs, revdir, revision, rootfs, source
 from mvm.config.paths import Layout
 from mvm.errors import BuildFailed, HostUnsupported, MvmError
 from mvm.guest.layout import static_busybox
@@ -132,14 +132,7 @@ def step_pack(ctx: BuildContext) -> None:
     from mvm.guest.layout import install_guest_files
 
     revs = ctx.layout.revisions_dir(ctx.pool.tenant, ctx.pool.id)
-    private.mkdirs(revs)
-    # We hold the pool's lock: half-written revisions of a build that crashed are garbage.
-    for stale in [*revs.glob(".tmp-*"), *revs.glob(".old-*")]:
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = revs / f".tmp-{ctx.revision}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(mode=0o700)
-    try:
+    with revdir.staging(revs, ctx.revision) as tmp:
         started = time.monotonic()
         ctx.closure_size = rootfs.pack_closure(
             ctx.result.out_path, ctx.closure, tmp / "rootfs.ext4", ctx.revision,
@@ -169,18 +162,7 @@ def step_pack(ctx: BuildContext) -> None:
             "built": time.time(),
             "build_seconds": None,
         }
-        private.write(tmp / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True).encode() + b"\n")
-        final = ctx.layout.revision_dir(ctx.pool.tenant, ctx.pool.id, ctx.revision)
-        if final.exists():  # --force over an existing revision: replace it whole
-            old = revs / f".old-{ctx.revision}-{os.getpid()}"
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        revdir.install(tmp, ctx.layout.revision_dir(ctx.pool.tenant, ctx.pool.id, ctx.revision), manifest)
     ctx.progress("pack", f"rootfs.ext4 {manifest['rootfs_size'] // 2**20} MiB"
                  f" from {ctx.closure_size // 2**20} MiB closure")
 

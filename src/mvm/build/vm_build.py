@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mvm.build import archive, builder_image, revision, rootfs, source
+from mvm.build import archive, builder_image, revdir, revision, rootfs, source
 from mvm.config.paths import Layout
 from mvm.errors import BuildFailed, HostUnsupported, InvalidInput
 from mvm.guest.layout import static_busybox
@@ -237,14 +237,7 @@ def cached(layout: Layout, pool: Pool, key: str) -> str | None:
 def collect(layout: Layout, pool: Pool, prep: Prepared, builder: builder_image.BuilderInfo,
             log: Path, started: float) -> Revision:
     """Read the output disk into a new revision directory, checking every byte of it."""
-    revs = layout.revisions_dir(pool.tenant, pool.id)
-    private.mkdirs(revs)
-    for stale in [*revs.glob(".tmp-*"), *revs.glob(".old-*")]:
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = revs / f".tmp-vm-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(mode=0o700)
-    try:
+    with revdir.staging(layout.revisions_dir(pool.tenant, pool.id), "vm") as tmp:
         result, files = archive.read_archive(prep.output, tmp)
         if not result["ok"]:
             raise BuildFailed(str(result.get("error") or "the build failed"), f"full log: {log}")
@@ -264,19 +257,7 @@ def collect(layout: Layout, pool: Pool, prep: Prepared, builder: builder_image.B
             "builder": {"kind": "vm", "version": builder.version}, "input_key": prep.key,
             "built": time.time(), "build_seconds": round(time.monotonic() - started, 3),
         })
-        private.write(tmp / "manifest.json",
-                      json.dumps(manifest, indent=2, sort_keys=True).encode() + b"\n")
-        final = layout.revision_dir(pool.tenant, pool.id, rev)
-        if final.exists():  # --force over an existing revision: replace it whole
-            old = revs / f".old-{rev}-{os.getpid()}"
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        revdir.install(tmp, layout.revision_dir(pool.tenant, pool.id, rev), manifest)
     return Revision(pool.tenant, pool.id, rev, manifest["out_path"], manifest, manifest["built"])
 
 

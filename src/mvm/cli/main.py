@@ -646,6 +646,88 @@ def net_verify(repair: Annotated[bool, typer.Option("--repair", help="put drifte
         raise typer.Exit(1)
 
 
+# -- events --------------------------------------------------------------------
+
+#: At most this many events are printed at once (`-n`).
+EVENTS_MAX = 10_000
+#: How often `mvm events --follow` looks for new events (seconds).
+EVENTS_POLL = 0.2
+
+
+def _event_line(e: dict[str, object]) -> str:
+    """One event as a line of the table (`mvm events`): text from outside escaped."""
+    import time as time_
+
+    from mvm.util.text import printable
+
+    when = time_.strftime("%Y-%m-%d %H:%M:%S", time_.localtime(float(e["ts"])))  # type: ignore[arg-type]
+    where = "/".join(str(e[k]) for k in ("tenant", "pool", "instance") if e.get(k)) or "-"
+    took = f"{float(e['duration']):.2f}s" if e.get("duration") is not None else "-"  # type: ignore[arg-type]
+    message = str(e["message"])
+    if e.get("cause") and str(e["cause"]) not in message:
+        message += f" (cause: {e['cause']})"
+    line = f"{when}  {where:<34} {e['kind']!s:<24} {e['reason']!s:<9} {took:>8}  {message}"
+    return printable(" ".join(line.splitlines()))
+
+
+EVENTS_HEADER = f"{'time':<19}  {'tenant/pool/instance':<34} {'kind':<24} {'reason':<9} {'took':>8}  message"
+
+
+@app.command()
+def events(
+    tenant: Annotated[str | None, typer.Argument(help="only this tenant's events")] = None,
+    n: Annotated[int, typer.Option("-n", "--count", help=f"how many of the newest events to show "
+                                   f"(at most {EVENTS_MAX})")] = 20,
+    json_: Annotated[bool, typer.Option("--json", help="Print a JSON array (oldest first); with "
+                                        "--follow, one JSON object per line.")] = False,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="keep printing events as they "
+                                         "happen, until Ctrl-C")] = False,
+) -> None:
+    """Show what happened: every state change, build, rollback, secrets change, refusal and
+    policy move, with its time, reason code, cause and duration (oldest first)."""
+    import json
+    import time as time_
+
+    from mvm.errors import InvalidInput, NotFound
+
+    if not 0 <= n <= EVENTS_MAX:
+        raise InvalidInput(f"-n must be between 0 and {EVENTS_MAX} (got {n})")
+    st = store()
+    if tenant is not None:
+        check_id("tenant", tenant)
+        if tenant not in {t.id for t in st.tenants()} and not st.events(tenant, limit=1):
+            raise NotFound(f"no tenant {tenant!r} (and no events of one)", "see `mvm tenant list`")
+    shown = list(reversed(st.events(tenant, limit=n)))
+    if json_ and not follow:
+        emit_json(shown)
+        return
+
+    def write(e: dict[str, object]) -> None:
+        line = json.dumps(e, sort_keys=True) if json_ else _event_line(e)
+        sys.stdout.write(line + "\n")
+
+    last = max([int(e["id"]) for e in shown], default=0)  # type: ignore[call-overload]
+    if not shown and follow:  # (nothing shown: follow from the newest there is)
+        newest = st.events(tenant, limit=1)
+        last = int(newest[0]["id"]) if newest else 0  # type: ignore[call-overload]
+    try:
+        if not json_:
+            sys.stdout.write(EVENTS_HEADER + "\n")
+        for e in shown:
+            write(e)
+        sys.stdout.flush()
+        while follow:
+            time_.sleep(EVENTS_POLL)
+            for e in st.events(tenant, limit=EVENTS_MAX, after=last):
+                write(e)
+                last = int(e["id"])  # type: ignore[call-overload]
+            sys.stdout.flush()
+    except KeyboardInterrupt:  # how --follow ends: not an error
+        sys.stdout.flush()
+    except BrokenPipeError:  # (piped into `head`)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: every error becomes one clear line and a non-zero exit code."""
     args = sys.argv[1:] if argv is None else argv

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 from mvm.config.paths import Layout
 from mvm.config.settings import Settings
 from mvm.errors import RuntimeFailure
+from mvm.util import meminfo
 
 if TYPE_CHECKING:
     from mvm.runtime.base import Runtime
@@ -42,6 +43,8 @@ class Host:
     #: A store connection for another thread (SQLite connections are per thread).
     store_factory: Callable[[], Store] | None = None
     _runtime: Runtime | None = field(default=None, repr=False)
+    #: The host's available memory in MiB (admission of starts and wakes); tests replace it.
+    mem_available: Callable[[], int] = meminfo.available_mib
     #: Makes the runtime of a pool whose backend is not the host's (`pool create --backend`);
     #: None: every pool runs on `runtime()` (tests that inject one runtime).
     backend_factory: Callable[[str], Runtime] | None = None

@@ -35,6 +35,12 @@ class Builder(StrEnum):
     HOST = "host"  # the host's Nix: trusted single-tenant hosts only
 
 
+def _mib(value: str) -> int:
+    if not (value.isascii() and value.isdigit()) or int(value) >= 2**40:
+        raise InvalidInput(f"{value!r} is not a whole number of MiB (0 or more)")
+    return int(value)
+
+
 def _choice(enum: type[StrEnum]) -> Callable[[str], StrEnum]:
     def parse(value: str) -> StrEnum:
         try:
@@ -71,6 +77,8 @@ SETTINGS: dict[str, Setting] = {
                 _uid_base),
         Setting("builder", "vm", "where `pool build` runs Nix: vm (the builder microVM) or "
                 "host (trusted single-tenant hosts only)", _choice(Builder)),
+        Setting("mem-reserve", "512", "MiB of host memory a start or wake must leave available "
+                "(beyond the instance's RAM and its hypervisor's overhead)", _mib),
     )
 }
 
@@ -83,6 +91,7 @@ class Settings:
     jail: Jail = Jail.AUTO
     jail_uid_base: int = 1_900_000_000
     builder: Builder = Builder.VM
+    mem_reserve: int = 512
 
     @classmethod
     def load(cls, layout: Layout) -> Settings:

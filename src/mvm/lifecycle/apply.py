@@ -17,6 +17,7 @@ from typing import Protocol
 
 from mvm.config.host import Host
 from mvm.errors import MvmError, NotFound, QuotaExceeded
+from mvm.lifecycle import admission as memory
 from mvm.lifecycle import observe, quota, specs
 from mvm.lifecycle.effects import EFFECTS
 from mvm.lifecycle.run import Progress, Run, noop
@@ -50,8 +51,12 @@ def pool_locked(ctx: Host, ref: PoolRef, locked: bool) -> Iterator[None]:
 
 def apply(ctx: Host, ref: InstanceRef, action: Action, *, reason: Reason = Reason.USER,
           progress: Progress = noop, revision: str | None = None, keep_data: bool = False,
-          locked: bool = False, admission: Admission | None = None) -> Instance:
+          locked: bool = False, admission: Admission | None = None,
+          cause: str | None = None) -> Instance:
     """Take `ref` through `action`.
+
+    `cause`: what made the caller act (e.g. the idle measurement behind a policy move), kept
+    in the event that ends the transition.
 
     `locked`: the caller holds the pool's lock. Lock order is always tenant, pool, quota; the
     quota lock is held only while quotas are checked and the intent recorded, never across a
@@ -62,12 +67,14 @@ def apply(ctx: Host, ref: InstanceRef, action: Action, *, reason: Reason = Reaso
         target = transition(i.state, action)
         op = _intent(ctx, i, action, target, revision, keep_data)
         i = _begin(ctx, i, op, admission)
-        return _run(ctx, i, progress, reason)
+        return _run(ctx, i, progress, reason, cause)
 
 
 def _begin(ctx: Host, i: Instance, op: Op, admission: Admission | None) -> Instance:
     """Record the intent: for an action that takes more, only when the tenant's quota has room
-    for the instance in its target state, checked and recorded in one critical section."""
+    for the instance in its target state, checked and recorded in one critical section; for a
+    start or wake, only when the host has the memory (`lifecycle.admission`: a refusal fails
+    at once, even in a scale, and records nothing but its event)."""
     if op.action not in TAKES_MORE:
         return ctx.store.begin_op(i.id, op)
     while True:
@@ -77,19 +84,22 @@ def _begin(ctx: Host, i: Instance, op: Op, admission: Admission | None) -> Insta
             except QuotaExceeded as e:
                 refused = e
             else:
+                memory.check(ctx, i, op.action)
                 begun = ctx.store.begin_op(i.id, op)
                 if admission is not None:
                     admission.admitted()
                 return begun
         if admission is None or not admission.refused(refused):
             ctx.store.event(Event(f"instance.{op.action.value}-refused", refused.message,
-                                  Reason.QUOTA, i.tenant, i.pool, i.id))
+                                  Reason.QUOTA, i.tenant, i.pool, i.id,
+                                  cause=refused.message.split("quota: ", 1)[-1]))
             raise refused
 
 
-def _run(ctx: Host, i: Instance, progress: Progress, reason: Reason) -> Instance:
+def _run(ctx: Host, i: Instance, progress: Progress, reason: Reason,
+         cause: str | None = None) -> Instance:
     assert i.op is not None
-    run = Run(ctx, i, progress, reason)
+    run = Run(ctx, i, progress, reason, cause)
     effect = EFFECTS[i.op.action]
     try:
         return effect.do(run)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 
 from mvm.config.host import Host
+from mvm.errors import QuotaExceeded
 from mvm.lifecycle import disks, netops, quota, specs
 from mvm.model import Event, Instance, PoolRef, Reason, State, new_instance_id
 from mvm.store.locks import tenant_lock_name
@@ -20,7 +21,12 @@ def create(ctx: Host, ref: PoolRef, reason: Reason = Reason.USER, locked: bool =
     if lock is not None:
         lock.__enter__()
     try:
-        quota.check_create(store, ref)  # counted under the tenant's lock: no race
+        try:
+            quota.check_create(store, ref)  # counted under the tenant's lock: no race
+        except QuotaExceeded as e:
+            store.event(Event("instance.create-refused", e.message, Reason.QUOTA, ref.tenant,
+                              ref.pool, cause=e.message.split("quota: ", 1)[-1]))
+            raise
         iid = new_instance_id()
         host_index, ip, mac = netops.allocate(store, tenant, pool, iid)
         i = Instance(iid, ref.tenant, ref.pool, State.CREATED, pool.current, host_index, ip, mac)

@@ -44,25 +44,28 @@ def _why(error: BaseException | None) -> str:
     return error.line() if isinstance(error, MvmError) else type(error).__name__
 
 
-def _recovery(run: Run, how: str, exc: BaseException | None) -> tuple[str, str, Reason | None]:
-    """The event of a transition that did not finish: kind, what was done and why, reason."""
+def _recovery(run: Run, how: str, exc: BaseException | None
+              ) -> tuple[str, str, Reason | None, str]:
+    """The event of a transition that did not finish: kind, what was done and why, reason,
+    cause."""
     kind = "instance.recovered" if exc is None else f"instance.{run.op.action.value}-failed"
     reason = Reason.CRASH if exc is None else None
-    return kind, f"{run.op.action.value} {how} ({_why(exc)})", reason
+    return kind, f"{run.op.action.value} {how} ({_why(exc)})", reason, _why(exc)
 
 
 def _recovered(run: Run, state: State, how: str, exc: BaseException | None,
                **fields: object) -> Instance:
     """End a transition that did not finish, with an event saying why and what was done."""
-    kind, message, reason = _recovery(run, how, exc)
-    return run.end(state, kind, message, reason, **fields)
+    kind, message, reason, cause = _recovery(run, how, exc)
+    return run.end(state, kind, message, reason, cause=str(fields.get("error") or cause), **fields)
 
 
-def _running(run: Run, kind: str, message: str, reason: Reason | None, **fields: object) -> Instance:
+def _running(run: Run, kind: str, message: str, reason: Reason | None, cause: str | None = None,
+             **fields: object) -> Instance:
     """End a start or a wake with the guest up: no clear-text secrets image left (the hypervisor
     holds it open), the secrets version it got recorded, older snapshots swept."""
     secrets_disk.remove(run.ctx.layout, run.i.id)
-    i = run.end(State.RUNNING, kind, message, reason, error=None,
+    i = run.end(State.RUNNING, kind, message, reason, cause=cause, error=None,
                 secrets_version=int(run.op.data["secrets_version"]), **fields)
     sweep_snapshots(run, True)
     return i

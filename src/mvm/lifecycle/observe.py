@@ -62,8 +62,8 @@ def _observe(ctx: Host, i: Instance, done: list[str]) -> Instance | None:
     return _reconcile(ctx, i, done)
 
 
-def _event(i: Instance, kind: str, message: str) -> Event:
-    return Event(kind, message, Reason.CRASH, i.tenant, i.pool, i.id)
+def _event(i: Instance, kind: str, message: str, cause: str | None = None) -> Event:
+    return Event(kind, message, Reason.CRASH, i.tenant, i.pool, i.id, cause=cause)
 
 
 def _reconcile(ctx: Host, i: Instance, done: list[str]) -> Instance:
@@ -88,27 +88,32 @@ def _reconcile(ctx: Host, i: Instance, done: list[str]) -> Instance:
     if alive:
         rt.stop(spec, 0)
         _note(ctx, i, "instance.orphan", "ended a hypervisor the store did not know of "
-              "(a command died between boot and recording it)", done)
+              "(a command died between boot and recording it)", done,
+              f"a hypervisor ran for an instance recorded {i.state.value}")
     # (a sleeping instance keeps its TAP for a quick wake)
     tap = Path(f"/sys/class/net/{plan.tap_name(i.id)}")
     if i.state is not State.SLEEPING and i.host_index is not None and tap.exists():
         netops.instance_down(ctx, i)
-        _note(ctx, i, "instance.orphan", "removed a TAP of an instance that does not run", done)
+        _note(ctx, i, "instance.orphan", "removed a TAP of an instance that does not run", done,
+              f"a TAP was left for an instance recorded {i.state.value}")
     if secrets_disk.image_path(ctx.layout, i.id).exists():
         secrets_disk.remove(ctx.layout, i.id)
-        _note(ctx, i, "instance.orphan", "removed a clear-text secrets image", done)
+        _note(ctx, i, "instance.orphan", "removed a clear-text secrets image", done,
+              f"a secrets image was left for an instance recorded {i.state.value}")
     return i
 
 
-def _note(ctx: Host, i: Instance, kind: str, message: str, done: list[str]) -> None:
-    ctx.store.event(_event(i, kind, message))
+def _note(ctx: Host, i: Instance, kind: str, message: str, done: list[str],
+          cause: str | None = None) -> None:
+    ctx.store.event(_event(i, kind, message, cause))
     done.append(f"{i.id}: {message}")
 
 
 def _set(ctx: Host, i: Instance, state: State, why: str, done: list[str]) -> Instance:
     with contextlib.suppress(Conflict):
         ctx.store.update_instance(i.id, expect=i.state, state=state,
-                                  event=_event(i, "instance.observed", f"now {state.value}: {why}"))
+                                  event=_event(i, "instance.observed", f"now {state.value}: {why}",
+                                               why))
     done.append(f"{i.id}: {i.state.value} -> {state.value} ({why})")
     return ctx.store.instance(i.tenant, i.pool, i.id)
 
@@ -118,7 +123,7 @@ def _fail(ctx: Host, i: Instance, cause: str, done: list[str]) -> Instance:
     secrets_disk.remove(ctx.layout, i.id)
     with contextlib.suppress(Conflict):
         ctx.store.update_instance(i.id, expect=i.state, state=State.FAILED, pid=None, error=cause,
-                                  event=_event(i, "instance.failed", cause))
+                                  event=_event(i, "instance.failed", cause, cause))
     done.append(f"{i.id}: failed: {cause}")
     return ctx.store.instance(i.tenant, i.pool, i.id)
 

@@ -25,12 +25,14 @@ class Run:
     `op`), its VM and runtime. `step()` runs one idempotent step, then records it, so that
     whoever comes next knows how far it got."""
 
-    def __init__(self, ctx: Host, i: Instance, progress: Progress = noop, reason: Reason = Reason.USER) -> None:
+    def __init__(self, ctx: Host, i: Instance, progress: Progress = noop, reason: Reason = Reason.USER,
+                 cause: str | None = None) -> None:
         assert i.op is not None
         self.ctx = ctx
         self.i = i
         self.progress = progress
         self.reason = reason
+        self.cause = cause  # what made the caller act, for the end event
         self.rt: Runtime = specs.runtime(ctx, i)
         self._spec: VmSpec | None = None
 
@@ -76,11 +78,17 @@ class Run:
         self.ctx.crash_point(self.op.action.value, name)
         return result
 
-    def event(self, kind: str, message: str, reason: Reason | None = None) -> Event:
-        return Event(kind, message, reason or self.reason, self.i.tenant, self.i.pool, self.i.id)
+    def event(self, kind: str, message: str, reason: Reason | None = None,
+              cause: str | None = None) -> Event:
+        """The event that ends the transition, with how long it took (since its intent was
+        recorded: for one a later command finished, the time between counts too)."""
+        return Event(kind, message, reason or self.reason, self.i.tenant, self.i.pool, self.i.id,
+                     cause=cause or self.cause,
+                     duration=max(0.0, self.ctx.clock() - self.op.started))
 
-    def end(self, state: State, kind: str, message: str, reason: Reason | None = None,
-            **fields: object) -> Instance:
+    def end(self, state: State, kind: str, message: str, reason: Reason | None = None, *,
+            cause: str | None = None, **fields: object) -> Instance:
         """The transition is over: its end state and its event, in one transaction."""
-        self.i = self.ctx.store.end_op(self.i.id, state, self.event(kind, message, reason), **fields)
+        self.i = self.ctx.store.end_op(self.i.id, state, self.event(kind, message, reason, cause),
+                                       **fields)
         return self.i

@@ -436,6 +436,21 @@ def _port_val(p: Port) -> Json:
 
 # -- the two tables of one state home ----------------------------------------------------
 
+def _chain_or_rule(obj: dict[str, Any], chains: dict[str, list[tuple[int, Rule]]],
+                   hooked: dict[str, bool]) -> bool:
+    """Read a listed chain (whether it is a base chain) or rule into `chains`; False: neither."""
+    if "chain" in obj:
+        c = obj["chain"]
+        chains.setdefault(c["name"], [])
+        hooked[c["name"]] = "hook" in c
+    elif "rule" in obj:
+        r = obj["rule"]
+        chains.setdefault(r["chain"], []).append((r["handle"], Rule(r.get("comment", ""), tuple(r["expr"]))))
+    else:
+        return False
+    return True
+
+
 @dataclass(frozen=True)
 class Firewall:
     """The nftables tables of one state home (`inet <name>` and `bridge <name>`)."""
@@ -451,14 +466,8 @@ class Firewall:
             return None
         state = Installed()
         for obj in objs:
-            if "chain" in obj:
-                c = obj["chain"]
-                state.chains.setdefault(c["name"], [])
-                state.base_chains_hooked[c["name"]] = "hook" in c
-            elif "rule" in obj:
-                r = obj["rule"]
-                state.chains.setdefault(r["chain"], []).append(
-                    (r["handle"], Rule(r.get("comment", ""), tuple(r["expr"]))))
+            if _chain_or_rule(obj, state.chains, state.base_chains_hooked):
+                pass
             elif "set" in obj and obj["set"]["name"] in (SUBNETS, HOSTNETS):
                 s = obj["set"]
                 state.sets.add(s["name"])
@@ -483,14 +492,8 @@ class Firewall:
         for obj in _list(BRIDGE_FAMILY, self.name) or []:
             if "table" in obj:
                 state.has_bridge_table = True
-            elif "chain" in obj:
-                c = obj["chain"]
-                state.bridge_chains.setdefault(c["name"], [])
-                state.bridge_hooked[c["name"]] = "hook" in c
-            elif "rule" in obj:
-                r = obj["rule"]
-                state.bridge_chains.setdefault(r["chain"], []).append(
-                    (r["handle"], Rule(r.get("comment", ""), tuple(r["expr"]))))
+            elif _chain_or_rule(obj, state.bridge_chains, state.bridge_hooked):
+                pass
             elif "set" in obj and obj["set"]["name"] == PORTS:
                 state.sets.add(PORTS)
                 for item in obj["set"].get("elem", []):

@@ -32,6 +32,9 @@ Progress = Callable[[str, float], None]
 Undo = Callable[[], None]
 
 MANIFEST = "snapshot.json"
+#: What a hypervisor holds beyond guest RAM when its backend does not say (the jail's own
+#: figure for QEMU's code, heap, device state and I/O buffers: runtime/jail.MEM_OVERHEAD_MIB).
+DEFAULT_MEM_OVERHEAD_MIB = 128
 
 
 @dataclass(frozen=True)
@@ -303,3 +306,8 @@ class Runtime(ABC):
     @abstractmethod
     def console_log(self, spec: VmSpec) -> Path:
         """Where the guest's serial console is written."""
+
+    def mem_overhead(self) -> int:
+        """MiB a VM's hypervisor holds beyond guest RAM (admission counts it with the RAM).
+        A backend that knows better (QEMU: its jail's figure, with the TCG cache) says so."""
+        return DEFAULT_MEM_OVERHEAD_MIB

@@ -266,6 +266,11 @@ class FirecrackerRuntime(Runtime):
     def fc_log(self, spec: VmSpec) -> Path:
         return spec.run_dir / FC_LOG
 
+    def mem_overhead(self) -> int:
+        """What the jail's memory limit allows beyond guest RAM (Firecracker itself: small; no
+        translation cache)."""
+        return jail.MEM_OVERHEAD_MIB
+
     def argv(self, spec: VmSpec) -> list[str]:
         return [*self.command, "--api-sock", str(self.api_socket(spec)), "--id", vm_id(spec)]
 

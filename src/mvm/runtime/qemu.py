@@ -501,6 +501,10 @@ class QemuRuntime(Runtime):
         tb = (self.tb_size_mib or 1024) if accel == "tcg" else 0
         return jail.MEM_OVERHEAD_MIB + tb
 
+    def mem_overhead(self) -> int:
+        """The jail's memory limit beyond guest RAM, on this host's accelerator (admission)."""
+        return self.mem_overhead_mib(self.accel)
+
     def _start(self, spec: VmSpec, accel: str, incoming: bool, steps: Steps) -> int:
         if not self.jailed():
             return self._spawn(spec, self.argv(spec, accel, incoming), steps)
@@ -542,12 +546,7 @@ class QemuRuntime(Runtime):
                                      f"full command: {shlex.join(args)}") from e
         finally:
             jail.close(fds.all())
-        console.start_logger(reader, self.console_log(spec))  # (and closes the reader here)
-        pid = self._pid(spec)
-        if pid is None:
-            raise RuntimeFailure(f"QEMU for {spec.name} exited right after starting: "
-                                 f"{qemu_message(_tail(self.qemu_log(spec)))}")
-        return pid
+        return self._started(spec, reader)
 
     def _spawn(self, spec: VmSpec, args: list[str], steps: Steps) -> int:
         # Registered first: if QEMU daemonized but we time out, the undo still finds it.
@@ -561,7 +560,12 @@ class QemuRuntime(Runtime):
             why = qemu_message(_tail(self.qemu_log(spec)) or e.stderr) or e.message
             raise RuntimeFailure(f"QEMU could not start {spec.name}: {why}",
                                  f"full command: {e.message.split(' failed (')[0]}") from e
-        console.start_logger(reader, self.console_log(spec))  # (and closes the reader here)
+        return self._started(spec, reader)
+
+    def _started(self, spec: VmSpec, reader: int) -> int:
+        """QEMU started: its console's logger takes the FIFO's read end (and closes it here);
+        the pid of a QEMU still there, or its log's last words."""
+        console.start_logger(reader, self.console_log(spec))
         pid = self._pid(spec)
         if pid is None:
             raise RuntimeFailure(f"QEMU for {spec.name} exited right after starting: "

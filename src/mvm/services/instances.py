@@ -12,7 +12,7 @@ from mvm.errors import IllegalTransition, MvmError, combined
 from mvm.guest.agent_client import EXEC_OUTPUT_LIMIT, ExecResult, check_exec_limits
 from mvm.lifecycle import apply, observe, secrets_disk, specs
 from mvm.lifecycle.run import Progress, noop
-from mvm.model import Action, Instance, InstanceRef, Reason, State
+from mvm.model import Action, Event, Instance, InstanceRef, Reason, State
 from mvm.runtime import console as console_log
 
 
@@ -82,6 +82,11 @@ def redeliver_secrets(ctx: Host, tenant: str, progress: Progress = noop) -> list
         except MvmError as e:
             progress(str(i.ref), f"failed: {e.line()}")
             failed.append(e)
+    if stale:
+        ctx.store.event(Event("tenant.secrets-rotate", f"secrets version {t.secrets_version} "
+                              f"re-delivered to {len(done)} of {len(stale)} instance(s) by restarting"
+                              f" them{': ' + ', '.join(done) if done else ''}", Reason.SECRETS,
+                              tenant, cause="; ".join(e.line() for e in failed) or None))
     if failed:
         raise combined(failed, "secrets re-delivery")
     return done

@@ -118,8 +118,16 @@ def build(ctx: Host, ref: PoolRef, force: bool = False,
         log = bdir / f"{time.strftime('%Y%m%dT%H%M%S')}-{time.time_ns() % 10**9:09d}.log"
         with private.open_new(log):  # 0600 before Nix writes a line to it
             pass
-        store.interrupt_builds(ref.tenant, ref.pool)
+        interrupted = store.interrupt_builds(ref.tenant, ref.pool)
+        if interrupted:
+            store.event(Event("pool.build-interrupted", f"{interrupted} earlier build(s) recorded as"
+                              " interrupted", Reason.CRASH, ref.tenant, ref.pool,
+                              cause="the command running it died"))
         build_id = store.start_build(ref.tenant, ref.pool, str(log), builder=kind)
+        started = ctx.clock()
+        store.event(Event("pool.build-start", f"building {pool.flake}#{pool.profile} with the "
+                          f"{kind} builder{' (forced)' if force else ''}", Reason.BUILD,
+                          ref.tenant, ref.pool))
         try:
             if kind == "vm":
                 rev, cached = builder.build(ctx, pool, force, log, progress, opts)
@@ -132,11 +140,14 @@ def build(ctx: Host, ref: PoolRef, force: bool = False,
             store.set_pool_current(ref.tenant, ref.pool, rev.hash)
         except BaseException as e:
             store.finish_build(build_id, "failed", error=str(e).splitlines()[-1] if str(e) else "")
-            store.event(Event("pool.build", f"build failed: {e}", Reason.BUILD, ref.tenant, ref.pool))
+            cause = (str(e).splitlines() or [type(e).__name__])[-1]
+            store.event(Event("pool.build-failed", f"build failed: {e}", Reason.BUILD, ref.tenant,
+                              ref.pool, cause=cause, duration=max(0.0, ctx.clock() - started)))
             raise
         store.finish_build(build_id, "ok", rev.hash, cached)
         store.event(Event("pool.build", f"revision {rev.hash}{' (cached)' if cached else ''}",
-                          Reason.BUILD, ref.tenant, ref.pool))
+                          Reason.BUILD, ref.tenant, ref.pool,
+                          duration=max(0.0, ctx.clock() - started)))
         progress("current", rev.hash)
         return rev, cached
 
@@ -182,7 +193,8 @@ def rollback(ctx: Host, ref: PoolRef, revision: str | None = None) -> str:
                            "rebuild it with `mvm pool build --force`")
         pipeline.switch_current(ctx.layout, ref.tenant, ref.pool, target)
         store.set_pool_current(ref.tenant, ref.pool, target)
-        store.event(Event("pool.rollback", f"current -> {target}", tenant=ref.tenant, pool=ref.pool))
+        store.event(Event("pool.rollback", f"current {pool.current or '-'} -> {target}",
+                          tenant=ref.tenant, pool=ref.pool))
         return target
 
 

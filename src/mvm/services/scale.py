@@ -27,7 +27,7 @@ from functools import cache
 
 from mvm.config.host import Host
 from mvm.errors import InvalidInput, MvmError, NotFound, QuotaExceeded, combined
-from mvm.lifecycle import apply, create, disks, observe, quota
+from mvm.lifecycle import admission, apply, create, disks, observe, quota
 from mvm.lifecycle.apply import TAKES_MORE
 from mvm.lifecycle.run import Progress, noop
 from mvm.model import TRANSITIONS, Action, Event, Instance, PoolRef, Reason, State
@@ -123,6 +123,7 @@ def scale(ctx: Host, ref: PoolRef, running: int, warm: int, sleeping: int,
         for line in observe.pool(ctx, ref):  # what dead commands and hypervisors left
             report(line)
         p = plan(store.instances(ref.tenant, ref.pool), running, warm, sleeping)
+        _check_memory(ctx, ref, p)
         with ctx.locks.lock(quota_lock_name(ref.tenant)):
             try:
                 quota.check(store, ref, running, warm, sleeping)
@@ -131,7 +132,11 @@ def scale(ctx: Host, ref: PoolRef, running: int, warm: int, sleeping: int,
             except QuotaExceeded as e:
                 store.event(Event("pool.scale-refused", e.message, Reason.QUOTA, ref.tenant, ref.pool))
                 raise
+            was = store.pool(ref.tenant, ref.pool)
             store.set_pool_desired(ref.tenant, ref.pool, running, warm, sleeping)
+            if (was.desired_running, was.desired_warm, was.desired_sleeping) != (running, warm, sleeping):
+                store.event(Event("pool.scale", f"desired running={running} warm={warm} "
+                                  f"sleeping={sleeping}", tenant=ref.tenant, pool=ref.pool))
         if not p.actions():
             report(f"{ref}: already at running={running} warm={warm} sleeping={sleeping}")
         moves = []
@@ -181,6 +186,17 @@ def _check_boot_room(ctx: Host, ref: PoolRef, p: Plan) -> None:
         raise QuotaExceeded(f"scaling {ref} boots instances on their way to sleeping or warm, and"
                             f" tenant {ref.tenant}'s quota has no room for one: "
                             + e.message.split("quota: ", 1)[-1], e.hint) from None
+
+
+def _check_memory(ctx: Host, ref: PoolRef, p: Plan) -> None:
+    """The host has the memory for the starts and wakes the scale makes, all at once (they run
+    side by side), counting what its stops and sleeps, which go first, give back."""
+    def boots(source: State, target: State) -> bool:
+        return bool({Action.START, Action.WAKE} & set(path(source, target)))
+
+    starts = sum(1 for i, t in p.moves if boots(i.state if i else State.CREATED, t))
+    frees = sum(1 for i, t in p.moves if i is not None and i.state.is_live() and not t.is_live())
+    admission.check_scale(ctx, ref, starts, frees)
 
 
 def _check_room(ctx: Host, ref: PoolRef, total: int) -> None:

@@ -58,7 +58,12 @@ class Store(Protocol):
 
     # events
     def event(self, e: Event) -> None: ...
-    def events(self, tenant: str | None = None, limit: int = 100) -> list[dict[str, object]]: ...
+    def events(self, tenant: str | None = None, limit: int = 100,
+               after: int | None = None) -> list[dict[str, object]]:
+        """Dicts with keys id, ts, tenant, pool, instance, kind, message, reason, cause,
+        duration: the newest `limit` (newest first), or with `after` the first `limit` whose id
+        is greater (oldest first)."""
+        ...
 
     def close(self) -> None: ...
 

@@ -58,8 +58,13 @@ MIGRATIONS = (
     ("builds", "owner", "INTEGER"),  # pid of the command running it
     ("tenants", "egress", "TEXT"),  # JSON {"allow": [cidr…], "deny": [cidr…]}
     ("builds", "builder", "TEXT"),  # vm (the builder microVM) or host
+    ("events", "cause", "TEXT"),  # what caused it: an error, the hypervisor's exit, a measurement
+    ("events", "duration", "REAL"),  # seconds the transition or build it ends took
     ("pools", "backend", "TEXT NOT NULL DEFAULT ''"),  # qemu, firecracker, or '' (the host's)
 )
+#: What `events()` returns of each event, in this order.
+EVENT_KEYS = ("id", "ts", "tenant", "pool", "instance", "kind", "message", "reason", "cause",
+              "duration")
 #: A state home mvm makes: passed through, not listed (what is below it is 0700 and 0600).
 HOME_MODE = 0o711
 _INSTANCE_COLS = ("id", "tenant", "pool", "state", "revision", "host_index", "ip", "mac",
@@ -390,9 +395,10 @@ class SqliteStore:
     @staticmethod
     def _event(db: sqlite3.Connection, e: Event | None) -> None:
         if e is not None:
-            db.execute("INSERT INTO events (ts,tenant,pool,instance,kind,message,reason)"
-                       " VALUES (?,?,?,?,?,?,?)",
-                       (time.time(), e.tenant, e.pool, e.instance, e.kind, e.message, e.reason.value))
+            db.execute("INSERT INTO events (ts,tenant,pool,instance,kind,message,reason,cause,"
+                       "duration) VALUES (?,?,?,?,?,?,?,?,?)",
+                       (time.time(), e.tenant, e.pool, e.instance, e.kind, e.message, e.reason.value,
+                        e.cause, e.duration))
 
     # -- jail ids -----------------------------------------------------------
     def jail_number(self, owner: str) -> int:
@@ -412,12 +418,23 @@ class SqliteStore:
         with self.tx() as db:
             self._event(db, e)
 
-    def events(self, tenant: str | None = None, limit: int = 100) -> list[dict[str, object]]:
+    def events(self, tenant: str | None = None, limit: int = 100,
+               after: int | None = None) -> list[dict[str, object]]:
+        """The newest `limit` events (newest first), of one tenant or all; with `after`, the
+        first `limit` events whose id is greater (oldest first: what a follower reads next)."""
+        where: list[str] = []
+        args: list[object] = []
         if tenant:
-            rows = self.db.execute("SELECT * FROM events WHERE tenant=? ORDER BY id DESC LIMIT ?", (tenant, limit))
-        else:
-            rows = self.db.execute("SELECT * FROM events ORDER BY id DESC LIMIT ?", (limit,))
-        return [dict(r) for r in rows]
+            where.append("tenant=?")
+            args.append(tenant)
+        if after is not None:
+            where.append("id>?")
+            args.append(after)
+        q = "SELECT * FROM events" + (" WHERE " + " AND ".join(where) if where else "")
+        q += " ORDER BY id" + ("" if after is not None else " DESC") + " LIMIT ?"
+        rows = [dict(r) for r in self.db.execute(q, (*args, max(0, limit)))]
+        # (a read-only view of an older database may lack the newer columns)
+        return [{k: r.get(k) for k in EVENT_KEYS} for r in rows]
 
 
 def _running(pid: object) -> bool:
