@@ -125,6 +125,13 @@ class Pool:
     desired_warm: int = 0
     desired_sleeping: int = 0
     created: float = 0.0
+    #: Idle policy (the agent): seconds idle before a running instance goes warm, and before
+    #: a warm one goes to sleep (None: never); at least `min_running` stay running; a pinned
+    #: pool's instances are never moved by the policy.
+    idle_warm: float | None = None
+    idle_sleep: float | None = None
+    min_running: int = 0
+    pinned: bool = False
     #: The hypervisor backend its instances and builder run on ("qemu", "firecracker");
     #: "": the host's (setting `backend`).
     backend: str = ""
@@ -132,6 +139,10 @@ class Pool:
     @property
     def ref(self) -> PoolRef:
         return PoolRef(self.tenant, self.id)
+
+    @property
+    def has_idle_policy(self) -> bool:
+        return not self.pinned and (self.idle_warm is not None or self.idle_sleep is not None)
 
 
 @dataclass(frozen=True)

@@ -73,6 +73,9 @@ class FakeRuntime(Runtime):
     def is_alive(self, spec: VmSpec) -> bool:
         return self._pid(spec) is not None
 
+    def pid(self, spec: VmSpec) -> int | None:
+        return self._pid(spec)
+
     def _spawn(self, spec: VmSpec, vm: dict[str, object]) -> None:
         if self.is_alive(spec):
             raise RuntimeFailure(f"{spec.name} already runs (fake pid {self._pid(spec)})")

@@ -269,6 +269,15 @@ def secrets_rotate(tenant: str, restart: Annotated[bool, typer.Option(
 
 # -- pools ---------------------------------------------------------------------
 
+IdleWarmOpt = Annotated[str | None, typer.Option(
+    "--idle-warm", help="idle time before a running instance goes warm (e.g. 30s, 5m, 1h; 0 or off:"
+    " never); applied by `mvm agent serve`")]
+IdleSleepOpt = Annotated[str | None, typer.Option(
+    "--idle-sleep", help="idle time before a warm instance goes to sleep (0 or off: never)")]
+MinRunningOpt = Annotated[int | None, typer.Option(
+    "--min-running", help="instances the idle policy always leaves running")]
+
+
 @pool_app.command("create")
 def pool_create(
     pool: str,
@@ -278,15 +287,44 @@ def pool_create(
     mem: Annotated[int, typer.Option(help="MiB per instance")] = 256,
     data_disk: Annotated[int, typer.Option("--data-disk", help="MiB of /data per instance (0: none)")] = 0,
     network: Annotated[str, typer.Option(help="tenant (default) or none")] = "tenant",
+    idle_warm: IdleWarmOpt = None,
+    idle_sleep: IdleSleepOpt = None,
+    min_running: MinRunningOpt = None,
+    pin: Annotated[bool, typer.Option("--pin", help="the idle policy never moves this pool's instances")] = False,
     backend: Annotated[str, typer.Option(help="qemu or firecracker; omitted: the host's (setting backend)")] = "",
 ) -> None:
     """Create a pool from a flake profile."""
     from mvm.services import pools
 
     p = pools.create(ctx(), PoolRef.parse(pool), flake, profile, cpus, mem, data_disk, network,
+                     idle_warm=pools.parse_duration(idle_warm, "--idle-warm") if idle_warm else None,
+                     idle_sleep=pools.parse_duration(idle_sleep, "--idle-sleep") if idle_sleep else None,
+                     min_running=min_running or 0, pinned=pin,
                      backend=backend)
     print(f"pool {p.ref} created ({p.flake}#{p.profile}, {p.cpus} vCPU, {p.mem} MiB"
           f"{f', data disk {p.data_disk} MiB' if p.data_disk else ''})")
+
+
+@pool_app.command("update")
+def pool_update(
+    pool: str,
+    idle_warm: IdleWarmOpt = None,
+    idle_sleep: IdleSleepOpt = None,
+    min_running: MinRunningOpt = None,
+    pin: Annotated[bool | None, typer.Option(
+        "--pin/--no-pin", help="whether the idle policy leaves this pool's instances alone")] = None,
+) -> None:
+    """Change a pool's idle policy (what is not given stays); the agent applies it."""
+    from mvm.services import pools
+
+    ref = PoolRef.parse(pool)
+    changes: dict[str, object] = {}
+    if idle_warm is not None:
+        changes["idle_warm"] = pools.parse_duration(idle_warm, "--idle-warm")
+    if idle_sleep is not None:
+        changes["idle_sleep"] = pools.parse_duration(idle_sleep, "--idle-sleep")
+    p = pools.update_policy(ctx(), ref, min_running=min_running, pinned=pin, **changes)
+    print(f"{ref}: {pools.describe_policy(p)}")
 
 
 @pool_app.command("list")
@@ -726,6 +764,41 @@ def events(
         sys.stdout.flush()
     except BrokenPipeError:  # (piped into `head`)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+# -- agent -----------------------------------------------------------------------------------
+
+agent_app = typer.Typer(no_args_is_help=True, help="The agent: keeps pools converged, sleeps idle instances.")
+app.add_typer(agent_app, name="agent")
+
+
+@agent_app.command("serve")
+def agent_serve(interval: Annotated[float, typer.Option(
+        help="seconds between passes (a change in the store starts one at once)")] = 10.0) -> None:
+    """Keep every pool at its desired counts (replacing crashed instances) and apply idle
+    policies, until SIGTERM or Ctrl-C; the VMs keep running after it exits."""
+    import signal
+    import threading
+
+    from mvm.services.agent import Agent
+
+    stop = threading.Event()
+    agent = Agent(ctx(), interval, report=output.note)
+
+    def on_signal(signum: int, frame: object) -> None:
+        if stop.is_set():  # a second one: abort the pass (its transitions roll back)
+            raise KeyboardInterrupt
+        output.note(f"agent: {signal.Signals(signum).name}: ending after this pass"
+                    " (the VMs keep running)")
+        stop.set()
+        agent.poke()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    output.note(f"agent: serving {ctx().home}, a pass every {interval:g} s (pid {os.getpid()})")
+    agent.run(stop)
+    output.note(f"agent: stopped after {agent.passes} passes ({agent.errors} pool errors);"
+                " hypervisors left running")
 
 
 def main(argv: list[str] | None = None) -> int:

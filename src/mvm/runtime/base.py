@@ -307,6 +307,11 @@ class Runtime(ABC):
     def console_log(self, spec: VmSpec) -> Path:
         """Where the guest's serial console is written."""
 
+    def pid(self, spec: VmSpec) -> int | None:
+        """The host pid of this VM's hypervisor process, if it runs (for measuring its CPU
+        time: the agent's idle policy); None when the backend cannot tell."""
+        return None
+
     def mem_overhead(self) -> int:
         """MiB a VM's hypervisor holds beyond guest RAM (admission counts it with the RAM).
         A backend that knows better (QEMU: its jail's figure, with the TCG cache) says so."""

@@ -286,6 +286,9 @@ class FirecrackerRuntime(Runtime):
     def is_alive(self, spec: VmSpec) -> bool:
         return self._pid(spec) is not None
 
+    def pid(self, spec: VmSpec) -> int | None:
+        return self._pid(spec)
+
     def _require_alive(self, spec: VmSpec) -> int:
         pid = self._pid(spec)
         if pid is None:

@@ -326,6 +326,9 @@ class QemuRuntime(Runtime):
     def is_alive(self, spec: VmSpec) -> bool:
         return self._pid(spec) is not None
 
+    def pid(self, spec: VmSpec) -> int | None:
+        return self._pid(spec)
+
     def status(self, spec: VmSpec) -> VmStatus:
         if not self.is_alive(spec):
             return VmStatus.GONE

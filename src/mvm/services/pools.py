@@ -41,8 +41,11 @@ def builtin_flake(ctx: Host) -> str:
 
 
 def create(ctx: Host, ref: PoolRef, flake: str | None, profile: str, cpus: int, mem: int,
-           data_disk: int = 0, network: str = "tenant", *, backend: str = "") -> Pool:
+           data_disk: int = 0, network: str = "tenant", *, idle_warm: float | None = None,
+           idle_sleep: float | None = None, min_running: int = 0, pinned: bool = False,
+           backend: str = "") -> Pool:
     store = ctx.store
+    _check_policy(idle_warm, idle_sleep, min_running)
     if backend:  # asked for: refused here, with one line, when this host cannot run it
         from mvm.runtime import select
 
@@ -81,7 +84,8 @@ def create(ctx: Host, ref: PoolRef, flake: str | None, profile: str, cpus: int, 
         raise InvalidInput(f"no built-in profile {profile!r}",
                            f"built-in profiles: {', '.join(BUILTIN_PROFILES)}; or pass --flake")
     pool = Pool(ref.tenant, ref.pool, flake_ref, profile, cpus, mem, data_disk, network,
-                created=time.time(), backend=backend)
+                created=time.time(), idle_warm=idle_warm, idle_sleep=idle_sleep,
+                min_running=min_running, pinned=pinned, backend=backend)
     # Counted and added under the tenant's lock: concurrent creates cannot both pass the count.
     with ctx.locks.lock(tenant_lock_name(ref.tenant)):
         _check_new(store, ref, q.max_pools)
@@ -244,3 +248,72 @@ def destroy(ctx: Host, ref: PoolRef, force: bool = False) -> None:
         shutil.rmtree(ctx.layout.pool_dir(ref.tenant, ref.pool), ignore_errors=True)
         store.event(Event("pool.destroy", f"pool {ref} destroyed", tenant=ref.tenant, pool=ref.pool))
         ctx.locks.remove(pool_lock_name(ref.tenant, ref.pool))  # (we hold it)
+
+
+# -- idle policy (run by the agent, `services/agent.py`) -------------------------------------
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smh]?)")
+_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0}
+MAX_DURATION = 30 * 86400.0
+
+
+def parse_duration(text: str, option: str) -> float | None:
+    """Seconds from `30s`, `5m`, `1h` or a plain number of seconds; `0` or `off`: None (never)."""
+    value = text.strip().lower()
+    if value in ("off", "none", "never"):
+        return None
+    m = _DURATION.fullmatch(value)
+    if m is None:
+        raise InvalidInput(f"{option} {text!r} is not a duration",
+                           "give seconds, or a number with s, m or h (e.g. 30s, 5m, 1h); 0 or off: never")
+    seconds = float(m.group(1)) * _UNITS[m.group(2)]
+    if seconds > MAX_DURATION:
+        raise InvalidInput(f"{option} {text!r} is longer than 30 days", "give a shorter duration, or off")
+    return seconds or None
+
+
+def _check_policy(idle_warm: float | None, idle_sleep: float | None, min_running: int) -> None:
+    if min_running < 0:
+        raise InvalidInput(f"--min-running must not be negative (got {min_running})")
+    for name, v in (("--idle-warm", idle_warm), ("--idle-sleep", idle_sleep)):
+        if v is not None and not 0 < v <= MAX_DURATION:
+            raise InvalidInput(f"{name} must be a positive duration of at most 30 days (got {v})")
+
+
+_UNSET = object()
+
+
+def update_policy(ctx: Host, ref: PoolRef, idle_warm: object = _UNSET,
+                  idle_sleep: object = _UNSET, min_running: int | None = None,
+                  pinned: bool | None = None) -> Pool:
+    """Change a pool's idle policy; what is not given stays (`idle_warm`, `idle_sleep`:
+    seconds, or None for never). The agent applies it at its next pass."""
+    store = ctx.store
+    with ctx.locks.lock(pool_lock_name(ref.tenant, ref.pool)):
+        p = store.pool(ref.tenant, ref.pool)
+        warm = p.idle_warm if idle_warm is _UNSET else idle_warm
+        sleep = p.idle_sleep if idle_sleep is _UNSET else idle_sleep
+        assert warm is None or isinstance(warm, (int, float))
+        assert sleep is None or isinstance(sleep, (int, float))
+        keep = p.min_running if min_running is None else min_running
+        pin = p.pinned if pinned is None else pinned
+        _check_policy(warm, sleep, keep)
+        store.set_pool_policy(ref.tenant, ref.pool, warm, sleep, keep, pin)
+        out = store.pool(ref.tenant, ref.pool)
+        store.event(Event("pool.policy", f"idle policy of {ref}: {describe_policy(out)}",
+                          tenant=ref.tenant, pool=ref.pool))
+    return out
+
+
+def _fmt(seconds: float | None) -> str:
+    if seconds is None:
+        return "off"
+    for unit, n in (("h", 3600.0), ("m", 60.0)):
+        if seconds >= n and seconds % n == 0:
+            return f"{seconds / n:g}{unit}"
+    return f"{seconds:g}s"
+
+
+def describe_policy(p: Pool) -> str:
+    return (f"idle-warm {_fmt(p.idle_warm)}, idle-sleep {_fmt(p.idle_sleep)}, "
+            f"min-running {p.min_running}{', pinned' if p.pinned else ''}")

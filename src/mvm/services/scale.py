@@ -147,21 +147,33 @@ def scale(ctx: Host, ref: PoolRef, running: int, warm: int, sleeping: int,
             if inst.state is not target:
                 moves.append((inst, target))
         tenant.close()  # the desired counts now reserve the quota; boots need only the pool's lock
-        getattr(ctx.runtime(), "accel", None)  # once: a KVM probe, if due, runs here, not per worker
-        # What frees resources goes first, one by one; boots and wakes then run side by side,
-        # each admitted by the quota when it has room (see `Room`): instances headed for sleep
-        # first (they need a hypervisor only for a while), then warm, then running.
-        freeing = [m for m in moves if path(m[0].state, m[1])[0] in FREEING]
-        errors = [_converge(ctx, inst, target, report, progress) for inst, target in freeing]
-        rest = sorted((m for m in moves if m not in freeing), key=lambda m: HOLDS[m[1]])
-        room = Room()
-        with ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="scale") as workers:
-            errors += workers.map(lambda n: _in_thread(ctx, rest[n][0], rest[n][1], report,
-                                                       progress, room, n), range(len(rest)))
-        failed = [e for e in errors if e is not None]
+        failed = execute(ctx, moves, report, progress)
         if failed:
             raise combined(failed, f"scaling {ref}")
         return store.instances(ref.tenant, ref.pool)
+
+
+def execute(ctx: Host, moves: list[tuple[Instance, State]], report: Report = lambda s: None,
+            progress: Progress = noop,
+            reason: Callable[[Instance], Reason] = lambda i: Reason.SCALE,
+            cause: Callable[[Instance], str | None] = lambda i: None) -> list[MvmError]:
+    """Take each instance to its target state (the caller holds the pool's lock); returns the
+    errors of the moves that failed (the others went on). Used by `scale` and the agent."""
+    getattr(ctx.runtime(), "accel", None)  # once: a KVM probe, if due, runs here, not per worker
+    # What frees resources goes first, one by one; boots and wakes then run side by side,
+    # each admitted by the quota when it has room (see `Room`): instances headed for sleep
+    # first (they need a hypervisor only for a while), then warm, then running.
+    freeing = [m for m in moves if path(m[0].state, m[1])[0] in FREEING]
+    errors = [_converge(ctx, inst, target, report, progress, reason=reason(inst), cause=cause(inst))
+              for inst, target in freeing]
+    rest = sorted((m for m in moves if m not in freeing), key=lambda m: HOLDS[m[1]])
+    room = Room()
+    with ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="scale") as workers:
+        errors += workers.map(lambda n: _in_thread(ctx, rest[n][0], rest[n][1], report,
+                                                   progress, room, n, reason(rest[n][0]),
+                                                   cause(rest[n][0])),
+                              range(len(rest)))
+    return [e for e in errors if e is not None]
 
 
 # The order boots go in: what holds least at the end first.
@@ -306,7 +318,8 @@ def _in_flight(ctx: Host, tenant: str) -> bool:
 
 
 def _converge(ctx: Host, inst: Instance, target: State, report: Report, progress: Progress,
-              room: Room | None = None, n: int = 0) -> MvmError | None:
+              room: Room | None = None, n: int = 0, reason: Reason = Reason.SCALE,
+              cause: str | None = None) -> MvmError | None:
     """Take one instance to its target state (the caller holds the pool's lock); with `room`,
     as move `n` of a scale whose actions that take more are admitted in order."""
     working = False  # counted in room.busy
@@ -322,7 +335,7 @@ def _converge(ctx: Host, inst: Instance, target: State, report: Report, progress
                 room.pass_turn(n)
                 working = True
             try:
-                i = apply(ctx, inst.ref, action, reason=Reason.SCALE, locked=True,
+                i = apply(ctx, inst.ref, action, reason=reason, locked=True, cause=cause,
                           admission=admission,
                           progress=lambda step, msg: progress(f"{inst.id} {step}", msg))
             finally:
@@ -343,10 +356,11 @@ def _converge(ctx: Host, inst: Instance, target: State, report: Report, progress
 
 
 def _in_thread(ctx: Host, inst: Instance, target: State, report: Report,
-               progress: Progress, room: Room, n: int) -> MvmError | None:
+               progress: Progress, room: Room, n: int, reason: Reason,
+               cause: str | None) -> MvmError | None:
     """The same, on a store connection of the worker thread's own."""
     mine = ctx.for_thread()
     try:
-        return _converge(mine, inst, target, report, progress, room, n)
+        return _converge(mine, inst, target, report, progress, room, n, reason, cause)
     finally:
         mine.store.close()

@@ -58,6 +58,10 @@ MIGRATIONS = (
     ("builds", "owner", "INTEGER"),  # pid of the command running it
     ("tenants", "egress", "TEXT"),  # JSON {"allow": [cidr…], "deny": [cidr…]}
     ("builds", "builder", "TEXT"),  # vm (the builder microVM) or host
+    ("pools", "idle_warm", "REAL"),  # idle policy (the agent): seconds, NULL = never
+    ("pools", "idle_sleep", "REAL"),
+    ("pools", "min_running", "INTEGER NOT NULL DEFAULT 0"),
+    ("pools", "pinned", "INTEGER NOT NULL DEFAULT 0"),
     ("events", "cause", "TEXT"),  # what caused it: an error, the hypervisor's exit, a measurement
     ("events", "duration", "REAL"),  # seconds the transition or build it ends took
     ("pools", "backend", "TEXT NOT NULL DEFAULT ''"),  # qemu, firecracker, or '' (the host's)
@@ -191,10 +195,11 @@ class SqliteStore:
         try:
             with self.tx() as db:
                 db.execute(
-                    "INSERT INTO pools (tenant,id,flake,profile,cpus,mem,data_disk,network,created,backend)"
-                    " VALUES (?,?,?,?,?,?,?,?,?,?)",
+                    "INSERT INTO pools (tenant,id,flake,profile,cpus,mem,data_disk,network,created,"
+                    "idle_warm,idle_sleep,min_running,pinned,backend) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     (p.tenant, p.id, p.flake, p.profile, p.cpus, p.mem, p.data_disk, p.network,
-                     p.created or time.time(), p.backend),
+                     p.created or time.time(), p.idle_warm, p.idle_sleep, p.min_running,
+                     int(p.pinned), p.backend),
                 )
         except sqlite3.IntegrityError as e:
             raise Conflict(f"pool {p.tenant}/{p.id} already exists",
@@ -232,9 +237,27 @@ class SqliteStore:
 
     @staticmethod
     def _pool(r: sqlite3.Row) -> Pool:
+        cols = r.keys()  # (a Row's `in` looks at values; a read-only view of an older database
+        policy = {k: r[k] for k in ("idle_warm", "idle_sleep", "min_running", "pinned")  # lacks them)
+                  if k in cols}
         return Pool(r["tenant"], r["id"], r["flake"], r["profile"], r["cpus"], r["mem"],
                     r["data_disk"], r["network"], r["current"], r["desired_running"],
-                    r["desired_warm"], r["desired_sleeping"], r["created"], r["backend"])
+                    r["desired_warm"], r["desired_sleeping"], r["created"],
+                    policy.get("idle_warm"), policy.get("idle_sleep"),
+                    policy.get("min_running") or 0, bool(policy.get("pinned")),
+                    r["backend"] if "backend" in cols else "")
+
+    def set_pool_policy(self, tenant: str, pid: str, idle_warm: float | None,
+                        idle_sleep: float | None, min_running: int, pinned: bool) -> None:
+        with self.tx() as db:
+            db.execute("UPDATE pools SET idle_warm=?, idle_sleep=?, min_running=?, pinned=?"
+                       " WHERE tenant=? AND id=?",
+                       (idle_warm, idle_sleep, min_running, int(pinned), tenant, pid))
+
+    def version(self) -> int:
+        """A number that changes when another connection commits a change (SQLite's
+        data_version): how the agent notices, each second, that the fleet's state changed."""
+        return int(self.db.execute("PRAGMA data_version").fetchone()[0])
 
     # -- revisions and builds ---------------------------------------------
     def add_revision(self, r: Revision) -> None:
