@@ -9,6 +9,9 @@
 - The guest agent listens on vsock port 1024 when the guest has vsock: with the loopback
   transport (`mvm.modules=vsock_loopback`), a client inside the guest (the relay's own
   `connect` mode) reaches it on CID 1 and is served the agent's protocol.
+- Firecracker's stop is a Ctrl-Alt-Del on its i8042 (`SendCtrlAltDel`): mvm's init turns it
+  into a clean stop (services stopped, disks unmounted) rather than the kernel's immediate
+  reboot. QEMU's microvm gets an i8042 here to press the keys on.
 """
 
 from __future__ import annotations
@@ -89,11 +92,22 @@ def test_without_acpi_the_default_kernel_says_why_it_finds_no_devices(
         g.kill()  # (a guest without ACPI halts on poweroff: QEMU stays until killed)
 
 
+class KeyboardGuest(Guest):
+    """QEMU's microvm with an i8042 keyboard controller, as Firecracker has. The kernel
+    finds it in the ACPI tables (PNP): no `i8042.nopnp` here."""
+
+    def argv(self, incoming: str | None = None) -> list[str]:
+        argv = super().argv(incoming)
+        n = argv.index("-append") + 1
+        argv[n] = argv[n].replace("i8042.nopnp ", "")
+        return [*argv, "-device", "i8042"]
+
+
 @pytest.fixture(scope="module")
 def vsock_guest(kernel: KernelInfo, rootfs: Path,
                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[Guest]:
-    g = Guest(kernel, tmp_path_factory.mktemp("vsock-guest"), [(rootfs, True)],
-              append="mvm.modules=vsock_loopback")
+    g = KeyboardGuest(kernel, tmp_path_factory.mktemp("vsock-guest"), [(rootfs, True)],
+                      append="mvm.modules=vsock_loopback")
     g.start()
     yield g
     g.kill()
@@ -125,3 +139,13 @@ def test_the_agent_answers_on_vsock(vsock_guest: Guest) -> None:
     ps = g.sh("ps -o pid,args")
     assert "/mvm/busybox sh /mvm/agent vsock" in ps
     assert f"/run/mvm/vsock-relay {VSOCK_AGENT_PORT} " in ps
+
+
+def test_ctrl_alt_del_is_a_clean_stop(vsock_guest: Guest) -> None:
+    """(Last here: it ends the module's guest.)"""
+    g = vsock_guest
+    assert g.sh("cat /proc/sys/kernel/ctrl-alt-del").strip() == "0"
+    g.qmp("send-key", keys=[{"type": "qcode", "data": k} for k in ("ctrl", "alt", "delete")])
+    assert g.wait_exit(60) == 0  # the guest rebooted; QEMU runs with -no-reboot
+    console = g.console()
+    assert "mvm-init: shutting down (reboot)" in console, console
