@@ -184,3 +184,18 @@ def test_agent_client_pings_over_vsock(sock_path: Path) -> None:
             assert c.ping() >= 0
     finally:
         srv.close()
+
+
+def test_an_answer_dribbled_past_the_timeout_ends_at_the_timeout(sock_path: Path) -> None:
+    """Each byte in time is not enough: the whole answer must come within the timeout."""
+    def dribble(conn: socket.socket, line: bytes) -> None:
+        for b in b"OK 1234567890\n":
+            time.sleep(0.15)
+            conn.sendall(bytes([b]))
+
+    srv = VsockSocket(sock_path, dribble)
+    try:
+        with pytest.raises(TimeoutError, match=r"within 0\.5s"):
+            VsockChannel(sock_path, VSOCK_AGENT_PORT).connect(timeout=0.5)
+    finally:
+        srv.close()

@@ -89,30 +89,34 @@ class VsockChannel:
         is not there yet, refuses, or closes because the guest does not listen yet. At the
         timeout raises the last OSError; a wrong answer raises GuestError at once."""
         deadline = time.monotonic() + timeout
+        last: OSError | None = None
         while True:
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             s.settimeout(max(deadline - time.monotonic(), 0.001))
             try:
                 s.connect(os.fspath(self.path))
                 s.sendall(f"CONNECT {self.port}\n".encode())
-                self._read_answer(s)
+                self._read_answer(s, deadline)
                 s.settimeout(None)
                 return s
             except (FileNotFoundError, BlockingIOError, ConnectionRefusedError,
-                    ConnectionResetError, BrokenPipeError):
+                    ConnectionResetError, BrokenPipeError) as e:
                 s.close()
                 if deadline - time.monotonic() <= 0:
                     raise
+                last = e
                 time.sleep(min(0.01, max(deadline - time.monotonic(), 0)))
             except TimeoutError:
                 s.close()
+                if last is not None:  # (the time ran out during a retry: say why it retried)
+                    raise last from None
                 raise TimeoutError(errno.ETIMEDOUT, f"no answer from the vsock socket {self.path} "
                                    f"to CONNECT {self.port} within {timeout:g}s") from None
             except BaseException:
                 s.close()
                 raise
 
-    def _read_answer(self, s: socket.socket) -> None:
+    def _read_answer(self, s: socket.socket, deadline: float) -> None:
         line = bytearray()
         while not line.endswith(b"\n"):
             if len(line) >= VSOCK_ANSWER_MAX:
@@ -120,6 +124,10 @@ class VsockChannel:
                     f"the vsock socket {self.path} answered CONNECT {self.port} with more than "
                     f"{VSOCK_ANSWER_MAX} bytes without a newline: {_show(line)}",
                     "the socket is not Firecracker's vsock: check the VM's vsock uds_path")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            s.settimeout(left)
             b = s.recv(1)
             if not b:
                 raise ConnectionResetError(
