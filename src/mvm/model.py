@@ -132,6 +132,9 @@ class Pool:
     idle_sleep: float | None = None
     min_running: int = 0
     pinned: bool = False
+    #: The hypervisor backend its instances and builder run on ("qemu", "firecracker");
+    #: "": the host's (setting `backend`).
+    backend: str = ""
 
     @property
     def ref(self) -> PoolRef:

@@ -37,6 +37,7 @@ from mvm.api.models import (
     InstanceInfo,
     InstanceView,
     OperationOut,
+    PolicyIn,
     PoolIn,
     PoolInfo,
     RevisionOut,
@@ -272,7 +273,24 @@ def create_app(ctx_factory: Callable[[], Host], token: str | None = None) -> Fas
         from mvm.services import pools, views
 
         p = pools.create(host(), _pool(tenant, body.id), body.flake, body.profile, body.cpus, body.mem,
-                         body.data_disk, body.network)
+                         body.data_disk, body.network,
+                         idle_warm=pools.parse_duration(body.idle_warm, "idle_warm") if body.idle_warm else None,
+                         idle_sleep=pools.parse_duration(body.idle_sleep, "idle_sleep") if body.idle_sleep else None,
+                         min_running=body.min_running, pinned=body.pinned, backend=body.backend)
+        return views.jsonable(p)
+
+    @app.patch("/tenants/{tenant}/pools/{pool}", response_model=Pool, tags=["pools"])
+    def pool_update(tenant: str, pool: str, body: PolicyIn) -> Any:
+        """The pool's idle policy (`mvm pool update`); the agent applies it."""
+        from mvm.services import pools, views
+
+        changes: dict[str, Any] = {}
+        if body.idle_warm is not None:
+            changes["idle_warm"] = pools.parse_duration(body.idle_warm, "idle_warm")
+        if body.idle_sleep is not None:
+            changes["idle_sleep"] = pools.parse_duration(body.idle_sleep, "idle_sleep")
+        p = pools.update_policy(host(), _pool(tenant, pool), min_running=body.min_running, pinned=body.pinned,
+                                **changes)
         return views.jsonable(p)
 
     @app.get("/tenants/{tenant}/pools/{pool}", response_model=PoolInfo, tags=["pools"])

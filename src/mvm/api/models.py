@@ -82,6 +82,23 @@ class PoolIn(BaseModel):
     mem: int = Field(default=256, ge=-BIG, le=BIG)
     data_disk: int = Field(default=0, ge=-BIG, le=BIG)
     network: Literal["tenant", "none"] = "tenant"
+    #: Idle policy, as `pool create` takes it: durations like 30s, 5m, 1h (0 or off: never).
+    idle_warm: str | None = Field(default=None, max_length=64, pattern=TEXT)
+    idle_sleep: str | None = Field(default=None, max_length=64, pattern=TEXT)
+    min_running: int = Field(default=0, ge=-BIG, le=BIG)
+    pinned: bool = False
+    #: qemu or firecracker; "": the host's (setting backend).
+    backend: str = Field(default="", max_length=64, pattern=TEXT)
+
+
+class PolicyIn(BaseModel):
+    """`pool update`: what is not given stays."""
+
+    model_config = ConfigDict(extra="forbid")
+    idle_warm: str | None = Field(default=None, max_length=64, pattern=TEXT)
+    idle_sleep: str | None = Field(default=None, max_length=64, pattern=TEXT)
+    min_running: int | None = Field(default=None, ge=-BIG, le=BIG)
+    pinned: bool | None = None
 
 
 class PoolInstance(BaseModel):

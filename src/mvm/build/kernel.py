@@ -5,12 +5,18 @@ The kernel package ships a bzImage whose payload is LZ4 (legacy frame); QEMU's m
 virtio drivers are modules in this kernel, so the initrd carries a static BusyBox, the
 modules and an `/init` that loads them, mounts the shared root read-only and hands over
 to `/mvm/init` (DESIGN §5). Everything here is reproducible: same package + same
-BusyBox → same bytes.
+BusyBox (+ same compiler for the vsock relay) → same bytes.
+
+For Firecracker the initrd also loads vsock and its virtio transport, and carries the
+guest agent's vsock relay (a small static C program compiled here: BusyBox cannot open
+AF_VSOCK), which /init leaves in /run/mvm for `/mvm/agent vsock`. Modules in
+`OPTIONAL_MODULES` ride along and are loaded only when `mvm.modules=` names them.
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import json
 import os
@@ -18,23 +24,28 @@ import re
 import stat
 import struct
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from mvm.errors import BuildFailed, CommandFailed, HostUnsupported
-from mvm.guest.layout import static_busybox
+from mvm.guest.layout import guest_script, static_busybox
 from mvm.util import proc
 from mvm.util.hashing import file_sha256
 
 METAPACKAGE = "linux-image-cloud-amd64"
 # Bump when the initrd layout or /init changes, so installed kernels are rebuilt.
-BUILDER_VERSION = 4
+BUILDER_VERSION = 5
 # Drivers the guest needs before its root can be mounted; dependencies are added from
 # each module's own `depends=` (the package ships no modules.dep: depmod runs at install).
 WANTED_MODULES = ("virtio_mmio", "virtio_blk", "virtio_net", "virtio_console",
                   # the ACPI power button, so a graceful stop reaches the guest's init
-                  "button", "evdev")
+                  "button", "evdev",
+                  # Firecracker's vsock device, where the guest agent listens
+                  "vsock", "vmw_vsock_virtio_transport")
+# In the initrd, loaded only when named on the command line: `mvm.modules=a,b`.
+OPTIONAL_MODULES = ("vsock_loopback",)
+VSOCK_RELAY_SOURCE = "vsock-relay.c"  # in mvm/data/guest
 FIXED_MTIME = 0
 
 LZ4_LEGACY_MAGIC = b"\x02\x21\x4c\x18"
@@ -79,7 +90,9 @@ def install_default_kernel(dest: Path) -> KernelInfo:
     """Install vmlinux, initrd and manifest.json into dest; skip when already current."""
     package, version = resolve_package()
     busybox_sha = file_sha256(static_busybox())
-    current = _installed(dest, package, version, busybox_sha)
+    relay_source = vsock_relay_source()
+    relay_sha = hashlib.sha256(relay_source).hexdigest()
+    current = _installed(dest, package, version, busybox_sha, relay_sha)
     if current is not None:
         return current
 
@@ -95,8 +108,14 @@ def install_default_kernel(dest: Path) -> KernelInfo:
         _check_config(root / "boot" / f"config-{kver}")
         mod_root = root / "lib" / "modules" / kver
         modules = module_closure(mod_root, WANTED_MODULES)
+        loaded = {name for name, _ in modules}
+        optional = [(n, p) for n, p in module_closure(mod_root, OPTIONAL_MODULES)
+                    if n not in loaded]
+        relay = tmp / "vsock-relay"
+        build_vsock_relay(relay_source, relay, tmp)
         initrd = tmp / "initrd"
-        initrd.write_bytes(build_initrd(kver, modules, static_busybox()))
+        initrd.write_bytes(build_initrd(kver, modules, static_busybox(), optional=optional,
+                                        vsock_relay=relay))
 
         info = KernelInfo(
             dir=dest,
@@ -108,7 +127,8 @@ def install_default_kernel(dest: Path) -> KernelInfo:
             modules=tuple(m for m, _ in modules),
         )
         manifest = tmp / "manifest.json"
-        manifest.write_text(json.dumps(_manifest_dict(info, busybox_sha), indent=2) + "\n")
+        manifest.write_text(json.dumps(_manifest_dict(info, busybox_sha, relay_sha), indent=2)
+                            + "\n")
         for f in (vmlinux, initrd):
             f.chmod(0o644)
             os.replace(f, dest / f.name)
@@ -286,6 +306,28 @@ def _check_config(config: Path) -> None:
                                   "mvm's initrd needs these built in")
 
 
+# ---------------------------------------------------------------------------- vsock relay
+
+
+def vsock_relay_source() -> bytes:
+    return guest_script(VSOCK_RELAY_SOURCE)
+
+
+def build_vsock_relay(source: bytes, out: Path, workdir: Path) -> None:
+    """Compile the guest agent's vsock relay, static (it runs on any image)."""
+    src = workdir / VSOCK_RELAY_SOURCE
+    src.write_bytes(source)
+    try:
+        proc.run(["gcc", "-static", "-Os", "-s", "-Wall", "-Werror", "-o", out, src],
+                 timeout=300)
+    except CommandFailed as e:
+        if e.returncode == 127:
+            raise HostUnsupported("gcc is not installed (mvm compiles the guest's vsock relay)",
+                                  "apt-get install gcc libc6-dev") from e
+        raise KernelInstallFailed(f"cannot compile the vsock relay: {e.message}",
+                                  "apt-get install gcc libc6-dev") from e
+
+
 # ---------------------------------------------------------------------------- initrd
 
 INIT_TEMPLATE = r"""#!/bin/busybox sh
@@ -293,7 +335,8 @@ INIT_TEMPLATE = r"""#!/bin/busybox sh
 # Loads the virtio drivers, mounts the root read-only (it is shared by all instances
 # of a revision and attached read-only) and hands over to the image's /mvm/init.
 # Kernel command line: root=/dev/vda | LABEL=.. | UUID=..  (default /dev/vda),
-# rootfstype= (ext4), rootflags=, mvm.rootwait=<s> (10), mvm.debug=1, and
+# rootfstype= (ext4), rootflags=, mvm.rootwait=<s> (10), mvm.debug=1,
+# mvm.modules=<name>[,<name>...] (optional modules of this initrd to load), and
 # <module>.<param>=<value> for the modules loaded here.
 export PATH=/bin
 B=/bin/busybox
@@ -313,10 +356,11 @@ $B mount -t proc -o nosuid,nodev,noexec proc /proc || fail "cannot mount /proc"
 $B mount -t sysfs -o nosuid,nodev,noexec sysfs /sys || fail "cannot mount /sys"
 read -r CMDLINE </proc/cmdline
 
-root=/dev/vda rootfstype=ext4 rootflags= rootwait=10
+root=/dev/vda rootfstype=ext4 rootflags= rootwait=10 asked=,
 set -f
 for arg in $CMDLINE; do
 	case $arg in
+	mvm.modules=*) asked=$asked${arg#mvm.modules=}, ;;
 	root=*) root=${arg#root=} ;;
 	rootfstype=*) rootfstype=${arg#rootfstype=} ;;
 	rootflags=*) rootflags=,${arg#rootflags=} ;;
@@ -335,7 +379,19 @@ load() {  # load <name> <file>: insmod with any <name>.<param>= from the command
 	$B insmod "$2" $params || fail "cannot load kernel module $1"
 	set +f
 }
+asked() { case $asked in *,"$1",*) return 0 ;; esac; return 1; }
 @LOADS@
+
+# Firecracker (and QEMU's microvm with acpi=off) name their virtio-mmio devices on the
+# command line; a kernel built without CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES ignores that,
+# and finds them only in ACPI tables (Firecracker >= 1.8 on x86-64 has them).
+case " $CMDLINE " in
+*" virtio_mmio.device="*)
+	[ -e /sys/module/virtio_mmio/parameters/device ] || [ -d /sys/firmware/acpi/tables ] ||
+		fail "this kernel ignores virtio_mmio.device= (built without" \
+			"CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES) and the VM has no ACPI tables: boot it" \
+			"with ACPI (Firecracker >= 1.8, QEMU microvm's default) or a kernel with that option" ;;
+esac
 
 uptime_cs() {  # centiseconds since boot
 	read -r up _ </proc/uptime
@@ -359,6 +415,13 @@ $B mount -t "$rootfstype" -o "ro$rootflags" "$dev" /newroot ||
 for f in /mvm/init /mvm/busybox; do
 	[ -f "/newroot$f" ] || fail "the root image has no $f (it was not built with mvm's guest files)"
 done
+# The guest agent's vsock relay, for /mvm/agent: /run is the tmpfs /mvm/init would mount.
+if [ -f /bin/vsock-relay ] && [ -d /newroot/run ]; then
+	$B mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs /newroot/run &&
+		$B mkdir -p -m 0755 /newroot/run/mvm &&
+		$B cp /bin/vsock-relay /newroot/run/mvm/vsock-relay ||
+		echo "mvm-initrd: cannot put the vsock relay in /run/mvm: no vsock agent"
+fi
 for m in dev proc sys; do
 	if [ -d "/newroot/$m" ]; then
 		$B mount -o move "/$m" "/newroot/$m" || fail "cannot move /$m into the root"
@@ -370,23 +433,31 @@ exec $B switch_root /newroot /mvm/busybox sh /mvm/init
 """
 
 
-def render_init(kver: str, modules: list[tuple[str, Path]]) -> str:
+def render_init(kver: str, modules: list[tuple[str, Path]],
+                optional: Sequence[tuple[str, Path]] = ()) -> str:
     loads = "\n".join(f"load {name} /lib/modules/{kver}/{name}.ko" for name, _ in modules)
+    loads += "".join(f"\nasked {name} && load {name} /lib/modules/{kver}/{name}.ko"
+                     for name, _ in optional)
     return INIT_TEMPLATE.replace("@KVER@", kver).replace("@LOADS@", loads)
 
 
-def build_initrd(kver: str, modules: list[tuple[str, Path]], busybox: Path) -> bytes:
-    """A gzip'd newc cpio: /init, static BusyBox, the modules. Byte-for-byte reproducible."""
+def build_initrd(kver: str, modules: list[tuple[str, Path]], busybox: Path, *,
+                 optional: Sequence[tuple[str, Path]] = (),
+                 vsock_relay: Path | None = None) -> bytes:
+    """A gzip'd newc cpio: /init, static BusyBox, the modules (and the optional ones), the
+    vsock relay. Byte-for-byte reproducible."""
     cpio = CpioWriter()
     for d in ("bin", "dev", "lib", "lib/modules", f"lib/modules/{kver}", "newroot", "proc",
               "sys"):
         cpio.add_dir(d)
     cpio.add_file("bin/busybox", busybox.read_bytes(), 0o755)
+    if vsock_relay is not None:
+        cpio.add_file("bin/vsock-relay", vsock_relay.read_bytes(), 0o755)
     cpio.add_symlink("bin/sh", "busybox")
     # The kernel opens /dev/console for init before anything is mounted.
     cpio.add_device("dev/console", stat.S_IFCHR, 5, 1, 0o600)
-    cpio.add_file("init", render_init(kver, modules).encode(), 0o755)
-    for name, path in modules:
+    cpio.add_file("init", render_init(kver, modules, optional).encode(), 0o755)
+    for name, path in [*modules, *optional]:
         cpio.add_file(f"lib/modules/{kver}/{name}.ko", path.read_bytes(), 0o644)
     raw = cpio.finish()
     buf = io.BytesIO()
@@ -461,13 +532,14 @@ def _kernel_version(root: Path) -> str:
     raise KernelInstallFailed("the kernel package has no boot/vmlinuz-* with matching modules")
 
 
-def _manifest_dict(info: KernelInfo, busybox_sha: str) -> dict[str, object]:
+def _manifest_dict(info: KernelInfo, busybox_sha: str, relay_sha: str) -> dict[str, object]:
     return {
         "builder": BUILDER_VERSION,
         "kernel_version": info.kernel_version,
         "package": info.package,
         "package_version": info.package_version,
         "busybox_sha256": busybox_sha,
+        "vsock_relay_source_sha256": relay_sha,
         "modules": list(info.modules),
         "vmlinux": {"file": "vmlinux", "sha256": info.vmlinux_sha256},
         "initrd": {"file": "initrd", "sha256": info.initrd_sha256},
@@ -491,7 +563,8 @@ def _info_from_manifest(dest: Path, data: dict[str, object]) -> KernelInfo:
     )
 
 
-def _installed(dest: Path, package: str, version: str, busybox_sha: str) -> KernelInfo | None:
+def _installed(dest: Path, package: str, version: str, busybox_sha: str,
+               relay_sha: str) -> KernelInfo | None:
     """The installed kernel if it is exactly what we would build now, else None."""
     try:
         data = json.loads((dest / "manifest.json").read_text())
@@ -499,7 +572,8 @@ def _installed(dest: Path, package: str, version: str, busybox_sha: str) -> Kern
     except (OSError, ValueError, KeyError, TypeError, AssertionError):
         return None
     if (data.get("builder") != BUILDER_VERSION or info.package != package
-            or info.package_version != version or data.get("busybox_sha256") != busybox_sha):
+            or info.package_version != version or data.get("busybox_sha256") != busybox_sha
+            or data.get("vsock_relay_source_sha256") != relay_sha):
         return None
     try:
         if (file_sha256(info.vmlinux) != info.vmlinux_sha256

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import stat
+import struct
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -132,3 +133,86 @@ def check_initrd(path: Path) -> None:
     """An initrd is any non-empty file (a cpio archive, compressed or not)."""
     if os.stat(path).st_size == 0:
         raise OutsideClosure(f"the profile's initrd {path} is empty")
+
+
+# ---------------------------------------------------------------------------- Firecracker
+
+EM_X86_64 = 62
+PT_LOAD, PT_NOTE = 1, 4
+XEN_ELFNOTE_PHYS32_ENTRY = 18  # the PVH entry point, in a note named "Xen"
+
+
+class KernelNotForFirecracker(BuildFailed):
+    """A kernel Firecracker cannot boot: it loads only an uncompressed ELF64 x86-64 vmlinux."""
+
+
+_FC_HINT = ("Firecracker boots only an uncompressed x86-64 ELF vmlinux: ship `vmlinux` in the "
+            "profile (not a bzImage), or use a QEMU pool")
+
+
+def check_firecracker_kernel(path: Path) -> None:
+    """Refuse, with one line, a kernel Firecracker would not load: not an ELF, not ELF64
+    little-endian, not x86-64 (e_machine 62), without an entry point or a PVH note (Xen
+    ELFNOTE 18), or with program headers or loadable segments past the end of the file."""
+    def bad(what: str) -> KernelNotForFirecracker:
+        return KernelNotForFirecracker(f"the kernel {path} {what}", _FC_HINT)
+
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(1024)
+            if archive.kernel_format(head) == "bzimage":
+                raise bad("is a bzImage (a compressed kernel), not an ELF vmlinux")
+            if head[:4] != b"\x7fELF":
+                raise bad("is not an ELF file")
+            if len(head) < 64:
+                raise bad(f"is truncated ({size} bytes: shorter than an ELF64 header)")
+            if head[4] != 2:
+                raise bad(f"is a {'32-bit ' if head[4] == 1 else ''}ELF of class {head[4]}, "
+                          "not ELF64")
+            if head[5] != 1:
+                raise bad("is a big-endian ELF, not little-endian")
+            machine = struct.unpack_from("<H", head, 18)[0]
+            if machine != EM_X86_64:
+                raise bad(f"is an ELF for machine {machine}, not x86-64 ({EM_X86_64})")
+            entry, phoff = struct.unpack_from("<QQ", head, 24)
+            phentsize, phnum = struct.unpack_from("<HH", head, 54)
+            if phnum == 0 or phentsize < 56 or phoff + phnum * phentsize > size:
+                raise bad(f"is truncated or damaged ({size} bytes; its {phnum} program "
+                          f"headers at {phoff} do not fit)")
+            f.seek(phoff)
+            table = f.read(phnum * phentsize)
+            pvh = False
+            loads = 0
+            for i in range(phnum):
+                p_type, _, offset, _, _, filesz = struct.unpack_from("<IIQQQQ", table,
+                                                                     i * phentsize)
+                if offset + filesz > size:
+                    raise bad(f"is truncated ({size} bytes; a segment ends at "
+                              f"{offset + filesz})")
+                if p_type == PT_LOAD:
+                    loads += 1
+                elif p_type == PT_NOTE and filesz <= 1 << 20:
+                    f.seek(offset)
+                    pvh = pvh or _has_pvh_note(f.read(filesz))
+            if loads == 0:
+                raise bad("has no loadable segment")
+            if entry == 0 and not pvh:
+                raise bad("has neither an entry point nor a PVH note")
+    except OSError as e:
+        raise KernelNotForFirecracker(f"cannot read the kernel {path}: {e.strerror or e}",
+                                      _FC_HINT) from e
+    except struct.error:
+        raise KernelNotForFirecracker(f"the kernel {path} is truncated or damaged",
+                                      _FC_HINT) from None
+
+
+def _has_pvh_note(notes: bytes) -> bool:
+    pos = 0
+    while pos + 12 <= len(notes):
+        namesz, descsz, n_type = struct.unpack_from("<III", notes, pos)
+        name = notes[pos + 12:pos + 12 + namesz].rstrip(b"\0")
+        if name == b"Xen" and n_type == XEN_ELFNOTE_PHYS32_ENTRY:
+            return True
+        pos += 12 + (namesz + 3) // 4 * 4 + (descsz + 3) // 4 * 4
+    return False

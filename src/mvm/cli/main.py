@@ -306,6 +306,7 @@ def pool_create(
     idle_sleep: IdleSleepOpt = None,
     min_running: MinRunningOpt = None,
     pin: Annotated[bool, typer.Option("--pin", help="the idle policy never moves this pool's instances")] = False,
+    backend: Annotated[str, typer.Option(help="qemu or firecracker; omitted: the host's (setting backend)")] = "",
 ) -> None:
     """Create a pool from a flake profile."""
     from mvm.services import pools
@@ -313,7 +314,8 @@ def pool_create(
     p = pools.create(ctx(), PoolRef.parse(pool), flake, profile, cpus, mem, data_disk, network,
                      idle_warm=pools.parse_duration(idle_warm, "--idle-warm") if idle_warm else None,
                      idle_sleep=pools.parse_duration(idle_sleep, "--idle-sleep") if idle_sleep else None,
-                     min_running=min_running or 0, pinned=pin)
+                     min_running=min_running or 0, pinned=pin,
+                     backend=backend)
     print(f"pool {p.ref} created ({p.flake}#{p.profile}, {p.cpus} vCPU, {p.mem} MiB"
           f"{f', data disk {p.data_disk} MiB' if p.data_disk else ''})")
 

@@ -45,6 +45,10 @@ class Host:
     _runtime: Runtime | None = field(default=None, repr=False)
     #: The host's available memory in MiB (admission of starts and wakes); tests replace it.
     mem_available: Callable[[], int] = meminfo.available_mib
+    #: Makes the runtime of a pool whose backend is not the host's (`pool create --backend`);
+    #: None: every pool runs on `runtime()` (tests that inject one runtime).
+    backend_factory: Callable[[str], Runtime] | None = None
+    _runtimes: dict[str, Runtime] = field(default_factory=dict, repr=False)
 
     @property
     def home(self) -> Path:
@@ -54,6 +58,14 @@ class Host:
         if self._runtime is None:
             self._runtime = self.runtime_factory()
         return self._runtime
+
+    def runtime_for(self, backend: str) -> Runtime:
+        """The runtime of a pool's backend ("" or the host's own: `runtime()`), made once."""
+        if not backend or backend == self.settings.backend.value or self.backend_factory is None:
+            return self.runtime()
+        if backend not in self._runtimes:
+            self._runtimes[backend] = self.backend_factory(backend)
+        return self._runtimes[backend]
 
     def for_thread(self) -> Host:
         """The same host with a store connection of its own."""

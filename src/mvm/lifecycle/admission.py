@@ -38,7 +38,7 @@ class Need:
 
 
 def need(ctx: Host, pool: Pool) -> Need:
-    return Need(pool.mem, ctx.runtime().mem_overhead(), ctx.settings.mem_reserve)
+    return Need(pool.mem, ctx.runtime_for(pool.backend).mem_overhead(), ctx.settings.mem_reserve)
 
 
 def check(ctx: Host, i: Instance, action: Action) -> None:

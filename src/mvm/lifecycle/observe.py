@@ -67,7 +67,7 @@ def _event(i: Instance, kind: str, message: str, cause: str | None = None) -> Ev
 
 
 def _reconcile(ctx: Host, i: Instance, done: list[str]) -> Instance:
-    rt = ctx.runtime()
+    rt = specs.runtime(ctx, i)
     spec = specs.control_spec(ctx.layout, i)
     alive = rt.is_alive(spec)
     if i.state.is_live():
@@ -135,7 +135,7 @@ def probe(ctx: Host, i: Instance) -> str:
         if pid is not None and pids.is_running(pid):
             return f"{i.op.action.value} in progress ({i.op.owner})"
         return f"{i.op.action.value} interrupted: the next command on it finishes it"
-    rt = ctx.runtime()
+    rt = specs.runtime(ctx, i)
     spec = specs.control_spec(ctx.layout, i)
     alive = rt.is_alive(spec)
     if i.state.is_live():

@@ -33,7 +33,7 @@ class Run:
         self.progress = progress
         self.reason = reason
         self.cause = cause  # what made the caller act, for the end event
-        self.rt: Runtime = ctx.runtime()
+        self.rt: Runtime = specs.runtime(ctx, i)
         self._spec: VmSpec | None = None
 
     @property

@@ -10,7 +10,7 @@ from mvm.config.paths import Layout
 from mvm.errors import NotFound
 from mvm.lifecycle import netops, secrets_disk
 from mvm.model import Instance
-from mvm.runtime.base import Disk, JailIds, VmSpec
+from mvm.runtime.base import Disk, JailIds, Runtime, VmSpec
 from mvm.store import Store
 from mvm.util import private
 
@@ -79,6 +79,15 @@ def jail_ids(ctx: Host, i: Instance) -> JailIds:
     base = ctx.settings.jail_uid_base
     own = base + ctx.store.jail_number(f"instance:{i.id}")
     return JailIds(own, own, (base + ctx.store.jail_number(f"tenant:{i.tenant}"),))
+
+
+def runtime(ctx: Host, i: Instance) -> Runtime:
+    """The runtime of the instance's pool (its `backend`, else the host's)."""
+    try:
+        backend = ctx.store.pool(i.tenant, i.pool).backend
+    except NotFound:  # (a pool destroyed under it: its instances ran on the host's)
+        backend = ""
+    return ctx.runtime_for(backend)
 
 
 def control_spec(layout: Layout, i: Instance) -> VmSpec:

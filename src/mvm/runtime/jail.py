@@ -340,6 +340,21 @@ def jail_root(spec: VmSpec) -> Path:
     return Path(os.path.abspath(spec.run_dir)) / "jail"
 
 
+@dataclass(frozen=True)
+class Description:
+    """One VM's jail, whichever launcher applies it (jail_exec.py for QEMU, Firecracker's
+    jailer): who it runs as, its limits, its cgroup's name under CGROUP_PARENT."""
+
+    ids: JailIds
+    limits: Limits
+    cgroup: str
+
+
+def describe(spec: VmSpec, uid_base: int, overhead_mib: int) -> Description:
+    return Description(spec.ids or fallback_ids(spec, uid_base), limits(spec, overhead_mib),
+                       cgroup_name(spec))
+
+
 def fallback_ids(spec: VmSpec, base: int) -> JailIds:
     """Ids for a VM whose caller gave none: derived from its run directory, above the range
     the store allocates from."""

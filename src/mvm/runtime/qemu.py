@@ -516,15 +516,15 @@ class QemuRuntime(Runtime):
     def _spawn_jailed(self, spec: VmSpec, accel: str, incoming: bool, steps: Steps) -> int:
         steps.on_undo("spawn", lambda: self._kill(spec))
         cfg = self.jail_config
-        ids = spec.ids or jail.fallback_ids(spec, cfg.uid_base)
+        desc = jail.describe(spec, cfg.uid_base, self.mem_overhead_mib(accel))  # (shared with Firecracker's jailer)
+        ids = desc.ids
         if ids.groups:
             for f in (spec.kernel, spec.initrd):
                 if f is not None:
                     jail.share_with_group(f, ids.groups[0])
         sup = self._jail_support
         assert sup is not None
-        procs = jail.create_cgroup(sup.cgroups, jail.cgroup_name(spec),
-                                   jail.limits(spec, self.mem_overhead_mib(accel)))
+        procs = jail.create_cgroup(sup.cgroups, desc.cgroup, desc.limits)
         binary = proc_which(self.binary) or self.binary
         # The console's descriptor is the write end of the FIFO the logger reads (runtime/console.py).
         reader = console.open_pipe(self.console_log(spec))

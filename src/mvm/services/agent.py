@@ -74,7 +74,7 @@ Sampler = Callable[[Host, Instance], "Usage | None"]
 def measure(ctx: Host, i: Instance) -> Usage | None:
     """The instance's hypervisor's CPU time (user + system, all its threads) and its TAP's
     bytes (received + sent); None when no hypervisor runs."""
-    pid = ctx.runtime().pid(specs.control_spec(ctx.layout, i))
+    pid = specs.runtime(ctx, i).pid(specs.control_spec(ctx.layout, i))
     if pid is None:
         return None
     try:
@@ -200,11 +200,10 @@ class Agent:
         """The hypervisors that run now, as the store knows them: only read (the store and
         /proc), never restarted; the first pass observes them like any other."""
         ctx = ctx or self.ctx
-        rt = ctx.runtime()
         out = []
         for i in ctx.store.instances():
             if i.state.is_live():
-                pid = rt.pid(specs.control_spec(ctx.layout, i))
+                pid = specs.runtime(ctx, i).pid(specs.control_spec(ctx.layout, i))  # (its pool's backend)
                 out.append(f"{i.ref}: {i.state.value}, " + (f"adopted hypervisor pid {pid}" if pid
                            else "no hypervisor (the next pass observes it)"))
         return out

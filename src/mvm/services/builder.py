@@ -96,7 +96,7 @@ def build(ctx: Host, pool: Pool, force: bool, log: Path, progress: Progress,
             else _seed(ctx, image, log, progress, opts)
         vm_build.disks(prep, seed)
         with _network(ctx, pool, opts, prep.networked) as netif:
-            _run(ctx, spec(ctx, pool, prep, opts, netif), log, progress, opts)
+            _run(ctx, spec(ctx, pool, prep, opts, netif), log, progress, opts, pool.backend)
         progress("collect", "…")
         try:
             revision = vm_build.collect(ctx.layout, pool, prep, image, log, started)
@@ -114,7 +114,7 @@ def end_stale(ctx: Host, pool: Pool) -> None:
     """End a builder left by a command that was killed (the caller holds the pool's lock),
     and its tenant's builder TAP when no builder uses it."""
     vm = spec(ctx, pool, None, Options())
-    ctx.runtime().stop(vm, 0)
+    ctx.runtime_for(pool.backend).stop(vm, 0)
     shutil.rmtree(vm.run_dir, ignore_errors=True)
     from mvm.network import host
 
@@ -184,8 +184,9 @@ def _initrd(ctx: Host) -> Path | None:
     return initrd if initrd.is_file() else None
 
 
-def _run(ctx: Host, vm: VmSpec, log: Path, progress: Progress, opts: Options) -> None:
-    runtime = ctx.runtime()
+def _run(ctx: Host, vm: VmSpec, log: Path, progress: Progress, opts: Options,
+         backend: str = "") -> None:
+    runtime = ctx.runtime_for(backend)  # the pool's backend (the seed's: the host's)
     progress("builder", "…")  # ended by the builder's own "@mvm builder up"
     console = _Console(runtime.console_log(vm), log, progress)
     try:

@@ -34,8 +34,14 @@ def host(store: Store | None = None, layout: Layout | None = None) -> Host:
             return _test_runtime(test_runtime)
         return select.runtime(settings, layout)
 
+    def backend_runtime(backend: str) -> Runtime:
+        from mvm.runtime import select
+
+        return select.runtime_for_backend(backend, settings, layout)
+
     return Host(layout=layout, settings=settings, store=store or SqliteStore(db),
                 locks=FileLocks(layout.locks_dir()), runtime_factory=runtime,
+                backend_factory=None if test_runtime else backend_runtime,  # (the double runs every pool)
                 store_factory=lambda: SqliteStore(db),
                 crash_after=os.environ.get("MVM_TEST_CRASH_AFTER") or None,
                 fail_before=os.environ.get("MVM_TEST_FAIL_BEFORE") or None)

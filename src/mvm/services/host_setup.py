@@ -218,10 +218,21 @@ def doctor(layout: Layout) -> list[dict[str, Any]]:
     checks.append(_check("guest kernel", have_kernel,
                          str(kdir) if have_kernel else f"missing in {kdir}: run `mvm setup`"))
     checks.append(_jail_check(settings_, qemu))
-    fc = proc.which("firecracker")
-    checks.append(_check("firecracker", bool(fc), fc or "not installed (qemu backend is used)",
-                         required=False))
+    checks += _firecracker_checks(settings_)
     return checks
+
+
+def _firecracker_checks(settings_: Settings) -> list[dict[str, Any]]:
+    """Firecracker's and its jailer's versions (`--version`), or their absence."""
+    from mvm.runtime import firecracker
+
+    rows = []
+    for name in (firecracker.BINARY, firecracker.JAILER):
+        version = firecracker.version(name)
+        needed = settings_.backend.value == "firecracker" and name == firecracker.BINARY
+        rows.append(_check(name, version is not None,
+                           version or f"absent ({name} is not on PATH)", required=needed))
+    return rows
 
 
 def _jail_check(settings_: Settings, qemu: str | None) -> dict[str, Any]:

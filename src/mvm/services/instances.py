@@ -45,7 +45,7 @@ def exec_(ctx: Host, ref: InstanceRef, argv: list[str], timeout: float = 60.0,
                     i.state, f"start it first: `mvm instance start {ref}`")
         raise IllegalTransition(f"cannot exec in {ref}: it is {i.state.value}", hint)
     assert i.revision
-    rt = ctx.runtime()
+    rt = specs.runtime(ctx, i)
     with rt.agent(specs.control_spec(ctx.layout, i)) as ag:
         return ag.exec(argv, timeout=timeout, output_limit=output_limit)
 
@@ -54,7 +54,7 @@ def console(ctx: Host, ref: InstanceRef) -> bytes:
     """The console kept (at most twice the cap: the log and the one before it), as the guest
     wrote it: escape it before it goes to a terminal (`util.text.printable`)."""
     i = ctx.store.instance(ref.tenant, ref.pool, ref.instance)
-    return console_log.read(ctx.runtime().console_log(specs.control_spec(ctx.layout, i)))
+    return console_log.read(specs.runtime(ctx, i).console_log(specs.control_spec(ctx.layout, i)))
 
 
 def redeliver_secrets(ctx: Host, tenant: str, progress: Progress = noop) -> list[str]:

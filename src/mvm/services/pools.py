@@ -42,9 +42,14 @@ def builtin_flake(ctx: Host) -> str:
 
 def create(ctx: Host, ref: PoolRef, flake: str | None, profile: str, cpus: int, mem: int,
            data_disk: int = 0, network: str = "tenant", *, idle_warm: float | None = None,
-           idle_sleep: float | None = None, min_running: int = 0, pinned: bool = False) -> Pool:
+           idle_sleep: float | None = None, min_running: int = 0, pinned: bool = False,
+           backend: str = "") -> Pool:
     store = ctx.store
     _check_policy(idle_warm, idle_sleep, min_running)
+    if backend:  # asked for: refused here, with one line, when this host cannot run it
+        from mvm.runtime import select
+
+        select.check_backend(select.parse_backend(backend), ctx.layout)
     tenant = store.tenant(ref.tenant)
     if cpus < 1 or cpus > MAX_CPUS:
         raise InvalidInput(f"--cpus must be between 1 and {MAX_CPUS} (got {cpus})")
@@ -80,7 +85,7 @@ def create(ctx: Host, ref: PoolRef, flake: str | None, profile: str, cpus: int, 
                            f"built-in profiles: {', '.join(BUILTIN_PROFILES)}; or pass --flake")
     pool = Pool(ref.tenant, ref.pool, flake_ref, profile, cpus, mem, data_disk, network,
                 created=time.time(), idle_warm=idle_warm, idle_sleep=idle_sleep,
-                min_running=min_running, pinned=pinned)
+                min_running=min_running, pinned=pinned, backend=backend)
     # Counted and added under the tenant's lock: concurrent creates cannot both pass the count.
     with ctx.locks.lock(tenant_lock_name(ref.tenant)):
         _check_new(store, ref, q.max_pools)
@@ -133,6 +138,7 @@ def build(ctx: Host, ref: PoolRef, force: bool = False,
             else:
                 rev, cached = pipeline.run_build(ctx.layout, ctx.settings.nixpkgs, pool, force,
                                                  log, progress)
+            check_backend_kernel(ctx, pool, rev.hash)
             store.add_revision(rev)
             pipeline.switch_current(ctx.layout, ref.tenant, ref.pool, rev.hash)
             store.set_pool_current(ref.tenant, ref.pool, rev.hash)
@@ -148,6 +154,17 @@ def build(ctx: Host, ref: PoolRef, force: bool = False,
                           duration=max(0.0, ctx.clock() - started)))
         progress("current", rev.hash)
         return rev, cached
+
+
+def check_backend_kernel(ctx: Host, pool: Pool, rev: str) -> None:
+    """A revision for a Firecracker pool must carry a kernel Firecracker boots (an uncompressed
+    ELF64 vmlinux): a profile that ships only a bzImage is refused with one line, and the
+    pool's current revision stays."""
+    if (pool.backend or ctx.settings.backend.value) != "firecracker":
+        return
+    from mvm.build import outputs
+
+    outputs.check_firecracker_kernel(ctx.layout.revision_dir(pool.tenant, pool.id, rev) / "vmlinux")
 
 
 def revisions(ctx: Host, ref: PoolRef) -> list[Revision]:

@@ -64,6 +64,7 @@ MIGRATIONS = (
     ("pools", "pinned", "INTEGER NOT NULL DEFAULT 0"),
     ("events", "cause", "TEXT"),  # what caused it: an error, the hypervisor's exit, a measurement
     ("events", "duration", "REAL"),  # seconds the transition or build it ends took
+    ("pools", "backend", "TEXT NOT NULL DEFAULT ''"),  # qemu, firecracker, or '' (the host's)
 )
 #: What `events()` returns of each event, in this order.
 EVENT_KEYS = ("id", "ts", "tenant", "pool", "instance", "kind", "message", "reason", "cause",
@@ -195,10 +196,10 @@ class SqliteStore:
             with self.tx() as db:
                 db.execute(
                     "INSERT INTO pools (tenant,id,flake,profile,cpus,mem,data_disk,network,created,"
-                    "idle_warm,idle_sleep,min_running,pinned) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    "idle_warm,idle_sleep,min_running,pinned,backend) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     (p.tenant, p.id, p.flake, p.profile, p.cpus, p.mem, p.data_disk, p.network,
                      p.created or time.time(), p.idle_warm, p.idle_sleep, p.min_running,
-                     int(p.pinned)),
+                     int(p.pinned), p.backend),
                 )
         except sqlite3.IntegrityError as e:
             raise Conflict(f"pool {p.tenant}/{p.id} already exists",
@@ -243,7 +244,8 @@ class SqliteStore:
                     r["data_disk"], r["network"], r["current"], r["desired_running"],
                     r["desired_warm"], r["desired_sleeping"], r["created"],
                     policy.get("idle_warm"), policy.get("idle_sleep"),
-                    policy.get("min_running") or 0, bool(policy.get("pinned")))
+                    policy.get("min_running") or 0, bool(policy.get("pinned")),
+                    r["backend"] if "backend" in cols else "")
 
     def set_pool_policy(self, tenant: str, pid: str, idle_warm: float | None,
                         idle_sleep: float | None, min_running: int, pinned: bool) -> None:

@@ -1,0 +1,125 @@
+"""The kernel a Firecracker pool boots: Firecracker loads only an uncompressed ELF64 x86-64
+vmlinux with an entry point or a PVH note (Xen ELFNOTE 18). The vmlinux mvm ships is one;
+a bzImage, an ELF32, a non-ELF or a truncated file is refused with one line."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import pytest
+
+from mvm.build import outputs
+from mvm.build.outputs import KernelNotForFirecracker, check_firecracker_kernel
+from mvm.errors import BuildFailed
+from tests.conftest import ASSETS_HOME, needs_assets
+
+SHIPPED = ASSETS_HOME / "kernel" / "vmlinux"
+
+
+def elf64(*, machine: int = 62, entry: int = 0x1000000, pvh: bool = False,
+          ei_class: int = 2) -> bytes:
+    """A small ELF: header, one PT_LOAD and (with `pvh`) a PT_NOTE holding the Xen PVH note."""
+    desc = struct.pack("<I", 0x1000000)
+    note = struct.pack("<III", 4, len(desc), 18) + b"Xen\0" + desc
+    phnum = 2 if pvh else 1
+    phoff = 64
+    data_off = phoff + 56 * phnum
+    header = (b"\x7fELF" + bytes([ei_class, 1, 1]) + bytes(9)
+              + struct.pack("<HHIQQQIHHHHHH", 2, machine, 1, entry, phoff, 0, 0, 64, 56, phnum,
+                            64, 0, 0))
+    phdrs = struct.pack("<IIQQQQQQ", 1, 5, data_off, 0x1000000, 0x1000000, 16, 16, 0x1000)
+    if pvh:
+        phdrs += struct.pack("<IIQQQQQQ", 4, 4, data_off + 16, 0, 0, len(note), len(note), 4)
+    return header + phdrs + b"\x90" * 16 + note
+
+
+def bzimage() -> bytes:
+    data = bytearray(2048)
+    data[:2] = b"MZ"
+    data[0x1FE:0x200] = b"\x55\xaa"
+    data[0x202:0x206] = b"HdrS"
+    return bytes(data)
+
+
+def refusal(path: Path) -> str:
+    with pytest.raises(KernelNotForFirecracker) as e:
+        check_firecracker_kernel(path)
+    assert isinstance(e.value, BuildFailed)
+    line = e.value.line()
+    assert "\n" not in line and str(path) in line and "uncompressed x86-64 ELF vmlinux" in line
+    return line
+
+
+@needs_assets("kernel")
+def test_the_vmlinux_mvm_ships_is_one_firecracker_boots() -> None:
+    check_firecracker_kernel(SHIPPED)
+    # ... with a PVH note (CONFIG_PVH), the entry Firecracker prefers
+    with SHIPPED.open("rb") as f:
+        head = f.read(64)
+        phoff, = struct.unpack_from("<Q", head, 32)
+        phentsize, phnum = struct.unpack_from("<HH", head, 54)
+        f.seek(phoff)
+        table = f.read(phentsize * phnum)
+        notes = []
+        for i in range(phnum):
+            p_type, _, off, _, _, size = struct.unpack_from("<IIQQQQ", table, i * phentsize)
+            if p_type == 4:
+                f.seek(off)
+                notes.append(f.read(size))
+    assert any(outputs._has_pvh_note(n) for n in notes)
+
+
+@needs_assets("kernel")
+def test_a_truncated_vmlinux_is_refused(tmp_path: Path) -> None:
+    cut = tmp_path / "vmlinux"
+    with SHIPPED.open("rb") as f:
+        cut.write_bytes(f.read(1 << 20))
+    assert "is truncated" in refusal(cut)
+
+
+def test_small_elfs(tmp_path: Path) -> None:
+    k = tmp_path / "k"
+    k.write_bytes(elf64())
+    check_firecracker_kernel(k)  # an entry point
+    k.write_bytes(elf64(entry=0, pvh=True))
+    check_firecracker_kernel(k)  # a PVH note
+    k.write_bytes(elf64(entry=0))
+    assert "neither an entry point nor a PVH note" in refusal(k)
+    k.write_bytes(elf64(machine=183))  # aarch64
+    assert "machine 183, not x86-64 (62)" in refusal(k)
+    k.write_bytes(elf64(ei_class=1))
+    assert "32-bit ELF" in refusal(k) and "not ELF64" in refusal(k)
+    k.write_bytes(elf64()[:40])
+    assert "is truncated" in refusal(k)
+    k.write_bytes(elf64()[:100])
+    assert "is truncated" in refusal(k)
+
+
+@pytest.mark.parametrize(("content", "expected"), [
+    (bzimage(), "is a bzImage (a compressed kernel), not an ELF vmlinux"),
+    (b"#!/bin/sh\necho not a kernel\n", "is not an ELF file"),
+    (b"", "is not an ELF file"),
+])
+def test_what_is_not_an_elf_is_refused(tmp_path: Path, content: bytes, expected: str) -> None:
+    k = tmp_path / "k"
+    k.write_bytes(content)
+    assert expected in refusal(k)
+
+
+def test_a_missing_kernel_is_one_line(tmp_path: Path) -> None:
+    assert "cannot read the kernel" in refusal(tmp_path / "nope")
+
+
+def test_a_profile_that_ships_only_a_bzimage_is_refused_for_firecracker(tmp_path: Path) -> None:
+    """What a Firecracker pool's build checks: the profile's kernel (QEMU boots a bzImage,
+    so profile_kernel accepts it) must be a vmlinux Firecracker loads."""
+    store = tmp_path / "nix/store"
+    out = store / "aaaa-profile"
+    (out / "boot").mkdir(parents=True)
+    (out / "boot/vmlinux").write_bytes(bzimage())  # named vmlinux, but a bzImage
+    found = outputs.profile_kernel(str(out), [str(out)], store)
+    assert found is not None
+    kernel, _ = found
+    line = refusal(kernel)
+    assert "is a bzImage" in line and "ship `vmlinux` in the profile" in line
