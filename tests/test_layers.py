@@ -18,7 +18,8 @@ LAYER = {
     "services": 4,
     "cli": 5, "api": 5,
 }
-# Within layer 2, what may use what (guest channels are how a runtime reaches its guest).
+# Within layer 2, what may use what (guest channels are how a runtime reaches its guest);
+# within layer 5, nothing: the CLI and the API are two edges over the same services.
 SIDEWAYS = {("runtime", "guest"), ("network", "runtime"), ("build", "guest")}
 
 
@@ -52,7 +53,7 @@ def test_dependencies_point_one_way() -> None:
         for dep in _imports(ast.parse(f.read_text())):
             if dep not in LAYER or dep == me:
                 continue
-            if LAYER[dep] > LAYER[me] or (LAYER[dep] == LAYER[me] and LAYER[me] == 2
+            if LAYER[dep] > LAYER[me] or (LAYER[dep] == LAYER[me] and LAYER[me] in (2, 5)
                                           and (me, dep) not in SIDEWAYS):
                 wrong.append(f"{rel} imports mvm.{dep}")
     assert wrong == []
