@@ -13,6 +13,7 @@ import base64
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -36,6 +37,7 @@ from schemathesis.checks import (
 )
 
 from mvm.api.app import create_app
+from mvm.lifecycle import specs
 from mvm.model import Action, Pool, Revision, State
 from mvm.services import tenants
 from tests.conftest import REPO, Result
@@ -61,7 +63,7 @@ def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[World]:
         (rdir / f).write_bytes(b"fake")
     yield w
     for i in w.ctx.store.instances():
-        FakeRuntime(w.ledger).stop(__import__("mvm.lifecycle.specs", fromlist=["x"]).control_spec(w.ctx.layout, i), 0)
+        FakeRuntime(w.ledger).stop(specs.control_spec(w.ctx.layout, i), 0)
 
 
 @pytest.fixture
@@ -443,3 +445,30 @@ def test_schemathesis_finds_no_500_and_no_response_off_schema(world: World) -> N
 
         run()
     assert len(set(ran)) == len(ops) >= 19, sorted(set(ran))  # (every operation but the two above)
+
+
+def test_agent_serve_runs_the_loop_and_the_api_and_leaves_vms_on_sigterm(world: World) -> None:
+    """`mvm agent serve` as a user starts it: the API on its default socket, the reconciler
+    behind it (a scale through the API is kept), and SIGTERM ends both, VMs left running."""
+    sock = world.ctx.layout.agent_socket()
+    agent = subprocess.Popen([sys.executable, "-m", "mvm.cli.main", "agent", "serve", "--interval", "1"],
+                             env=env_of(world), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not sock.exists():
+            assert agent.poll() is None and time.monotonic() < deadline, agent.communicate()
+            time.sleep(0.1)
+        r = cli(world, "pool", "scale", "acme/w", "--running", "2", agent=sock)
+        assert r.rc == 0 and "running=2" in r.out, r
+        listed = json.loads(cli(world, "instance", "list", "acme/w", "--json", agent=sock).out)
+        assert sorted(i["state"] for i in listed) == ["running", "running"]
+        pids = {i.id: FakeRuntime(world.ledger).pid(specs.control_spec(world.ctx.layout, i))
+                for i in world.ctx.store.instances("acme", "w")}
+        assert all(pids.values()), pids
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        _out, err = agent.communicate(timeout=120)
+    assert agent.returncode == 0, err
+    assert "hypervisors left running" in err and not sock.exists()
+    for iid, pid in pids.items():
+        assert pid is not None and os.path.exists(f"/proc/{pid}"), f"{iid}'s VM did not outlive the agent"

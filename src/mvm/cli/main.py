@@ -770,17 +770,52 @@ app.add_typer(agent_app, name="agent")
 
 
 @agent_app.command("serve")
-def agent_serve(interval: Annotated[float, typer.Option(
-        help="seconds between passes (a change in the store starts one at once)")] = 10.0) -> None:
-    """Keep every pool at its desired counts (replacing crashed instances) and apply idle
-    policies, until SIGTERM or Ctrl-C; the VMs keep running after it exits."""
+def agent_serve(
+    interval: Annotated[float, typer.Option(
+        help="seconds between passes (a change in the store starts one at once)")] = 10.0,
+    socket: Annotated[Path | None, typer.Option(
+        help="the API's Unix socket (root only); default: <state home>/agent/api.sock")] = None,
+    listen: Annotated[str | None, typer.Option(
+        metavar="HOST:PORT", help="also serve the API on TCP (requires --token-file)")] = None,
+    token_file: Annotated[Path | None, typer.Option(
+        "--token-file", help="bearer token for TCP clients (a file only root reads)")] = None,
+    api: Annotated[bool, typer.Option("--api/--no-api", help="serve the REST API and /metrics")] = True,
+) -> None:
+    """Keep every pool at its desired counts (replacing crashed instances), apply idle
+    policies and serve the REST API, metrics and events, until SIGTERM or Ctrl-C; the VMs keep
+    running after it exits."""
     import signal
     import threading
 
+    from mvm.services import context
     from mvm.services.agent import Agent
 
+    if interval <= 0 or interval > 86400:
+        raise typer.BadParameter(f"{interval:g} is not in (0, 86400] seconds", param_hint="'--interval'")
     stop = threading.Event()
     agent = Agent(ctx(), interval, report=output.note)
+    api_stop = threading.Event()
+    server: threading.Thread | None = None
+    if api:
+        from mvm.api import server as api_server
+
+        ready = threading.Event()
+        failed: list[BaseException] = []
+
+        def run_api() -> None:
+            try:
+                api_server.serve(context.host, socket=socket, listen=listen, token_file=token_file,
+                                 on_ready=ready.set, stop=api_stop)
+            except BaseException as e:  # told to the main thread, which says it in one line
+                failed.append(e)
+            finally:
+                ready.set()
+
+        server = threading.Thread(target=run_api, name="mvm-api", daemon=True)
+        server.start()
+        ready.wait()
+        if failed:
+            raise failed[0]
 
     def on_signal(signum: int, frame: object) -> None:
         if stop.is_set():  # a second one: abort the pass (its transitions roll back)
@@ -788,12 +823,20 @@ def agent_serve(interval: Annotated[float, typer.Option(
         output.note(f"agent: {signal.Signals(signum).name}: ending after this pass"
                     " (the VMs keep running)")
         stop.set()
+        api_stop.set()
         agent.poke()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    output.note(f"agent: serving {ctx().home}, a pass every {interval:g} s (pid {os.getpid()})")
-    agent.run(stop)
+    where = f"; API on {socket or ctx().layout.agent_socket()}" + (f" and {listen}" if listen else "") \
+        if api else ""
+    output.note(f"agent: serving {ctx().home}, a pass every {interval:g} s (pid {os.getpid()}){where}")
+    try:
+        agent.run(stop)
+    finally:
+        api_stop.set()
+        if server is not None:
+            server.join(timeout=10)
     output.note(f"agent: stopped after {agent.passes} passes ({agent.errors} pool errors);"
                 " hypervisors left running")
 
