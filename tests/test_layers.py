@@ -19,8 +19,9 @@ LAYER = {
     "cli": 5, "api": 5,
 }
 # Within layer 2, what may use what (guest channels are how a runtime reaches its guest);
-# within layer 5, nothing: the CLI and the API are two edges over the same services.
-SIDEWAYS = {("runtime", "guest"), ("network", "runtime"), ("build", "guest")}
+# within layer 5, only `mvm agent serve` starting the API's server: otherwise the CLI and the
+# API are two edges over the same services.
+SIDEWAYS = {("runtime", "guest"), ("network", "runtime"), ("build", "guest"), ("cli", "api")}
 
 
 def _imports(tree: ast.Module) -> list[str]:
