@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from mvm.build.kernel import KernelInfo, install_default_kernel
+from mvm.build.outputs import check_firecracker_kernel
 from mvm.guest.channels import VSOCK_AGENT_PORT
 from tests.test_guest_boot import Guest, make_rootfs
 
@@ -67,6 +68,7 @@ def test_the_initrd_carries_the_vsock_modules_and_relay(kernel: KernelInfo) -> N
         kernel.initrd.read_bytes()), capture_output=True, check=True).stdout.decode().split()
     assert "bin/vsock-relay" in listing
     assert f"lib/modules/{kernel.kernel_version}/vsock_loopback.ko" in listing
+    check_firecracker_kernel(kernel.vmlinux)  # the vmlinux beside it is one Firecracker loads
 
 
 def test_without_acpi_the_default_kernel_says_why_it_finds_no_devices(
