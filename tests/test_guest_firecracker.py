@@ -134,8 +134,12 @@ def test_the_agent_answers_on_vsock(vsock_guest: Guest) -> None:
     assert answers[2].startswith("e1 ok ") and code == "0"
     assert base64.b64decode(out) == b"from guest1\n"
     assert answers[3] == "p2 ok n2"
-    # one connection after another: the next host is served the same
-    assert vsock_exchange(g, ["p3 ping n3"]) == ["* hello mvm-agent 1", "p3 ok n3"]
+    # one connection after another, each host gone right after its requests (it stopped
+    # sending while the agent was still at an exec): the next one is served the same
+    for n in range(5):
+        out = b64(f"{n}\n")
+        assert vsock_exchange(g, [f"e{n} exec 20 {b64('echo')} {b64(str(n))}", f"p{n} ping x"]) \
+            == ["* hello mvm-agent 1", f"e{n} ok 0 {out} -", f"p{n} ok x"]
     # the virtio-serial agent is still there beside it
     assert g.agent.ping() >= 0
     ps = g.sh("ps -o pid,args")
