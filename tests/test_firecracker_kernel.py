@@ -4,14 +4,16 @@ a bzImage, an ELF32, a non-ELF or a truncated file is refused with one line."""
 
 from __future__ import annotations
 
+import shutil
 import struct
 from pathlib import Path
 
 import pytest
 
-from mvm.build import outputs
+from mvm.build import kernel, outputs
 from mvm.build.outputs import KernelNotForFirecracker, check_firecracker_kernel
 from mvm.errors import BuildFailed
+from mvm.guest.layout import _has_interp
 from tests.conftest import ASSETS_HOME, needs_assets
 
 SHIPPED = ASSETS_HOME / "kernel" / "vmlinux"
@@ -123,3 +125,28 @@ def test_a_profile_that_ships_only_a_bzimage_is_refused_for_firecracker(tmp_path
     kernel, _ = found
     line = refusal(kernel)
     assert "is a bzImage" in line and "ship `vmlinux` in the profile" in line
+
+
+# ---------------------------------------------------------------------------- the vsock relay
+# (the guest agent's AF_VSOCK listener, compiled for the initrd; it runs in guests: tests of
+# its behaviour are in test_guest_firecracker.py)
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc (make deps installs it)")
+def test_the_vsock_relay_is_a_static_x86_64_program(tmp_path: Path) -> None:
+    out = tmp_path / "vsock-relay"
+    kernel.build_vsock_relay(kernel.vsock_relay_source(), out, tmp_path)
+    data = out.read_bytes()
+    assert data[:5] == b"\x7fELF\x02" and struct.unpack_from("<H", data, 18)[0] == 62
+    assert not _has_interp(data)  # static: it runs on any image
+    again = tmp_path / "again"
+    kernel.build_vsock_relay(kernel.vsock_relay_source(), again, tmp_path)
+    assert again.read_bytes() == data  # reproducible
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc (make deps installs it)")
+def test_a_relay_that_does_not_compile_is_one_line(tmp_path: Path) -> None:
+    with pytest.raises(kernel.KernelInstallFailed) as e:
+        kernel.build_vsock_relay(b"int main(void) { return x; }\n", tmp_path / "r", tmp_path)
+    assert e.value.line().startswith("cannot compile the vsock relay: ")
+    assert "\n" not in e.value.line()

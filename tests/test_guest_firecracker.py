@@ -8,7 +8,9 @@
   never comes.
 - The guest agent listens on vsock port 1024 when the guest has vsock: with the loopback
   transport (`mvm.modules=vsock_loopback`), a client inside the guest (the relay's own
-  `connect` mode) reaches it on CID 1 and is served the agent's protocol.
+  `connect` mode) reaches it on CID 1 and is served the agent's protocol; and mvm's host
+  side (AgentClient over VsockChannel) reaches it through a stand-in for Firecracker's
+  vsock muxer (CONNECT/OK, then a byte pipe into the guest joined to AF_VSOCK there).
 - Firecracker's stop is a Ctrl-Alt-Del on its i8042 (`SendCtrlAltDel`): mvm's init turns it
   into a clean stop (services stopped, disks unmounted) rather than the kernel's immediate
   reboot. QEMU's microvm gets an i8042 here to press the keys on.
@@ -17,9 +19,12 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import gzip
 import shutil
+import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +32,9 @@ from pathlib import Path
 import pytest
 
 from mvm.build.kernel import KernelInfo, install_default_kernel
-from mvm.guest.channels import VSOCK_AGENT_PORT
+from mvm.build.outputs import check_firecracker_kernel
+from mvm.guest.agent_client import AgentClient
+from mvm.guest.channels import VSOCK_AGENT_PORT, VsockChannel
 from tests.test_guest_boot import Guest, make_rootfs
 
 pytestmark = [
@@ -67,6 +74,7 @@ def test_the_initrd_carries_the_vsock_modules_and_relay(kernel: KernelInfo) -> N
         kernel.initrd.read_bytes()), capture_output=True, check=True).stdout.decode().split()
     assert "bin/vsock-relay" in listing
     assert f"lib/modules/{kernel.kernel_version}/vsock_loopback.ko" in listing
+    check_firecracker_kernel(kernel.vmlinux)  # the vmlinux beside it is one Firecracker loads
 
 
 def test_without_acpi_the_default_kernel_says_why_it_finds_no_devices(
@@ -92,15 +100,73 @@ def test_without_acpi_the_default_kernel_says_why_it_finds_no_devices(
         g.kill()  # (a guest without ACPI halts on poweroff: QEMU stays until killed)
 
 
+BRIDGE_PORT = "mvm.test-bridge"
+
+
 class KeyboardGuest(Guest):
     """QEMU's microvm with an i8042 keyboard controller, as Firecracker has. The kernel
-    finds it in the ACPI tables (PNP): no `i8042.nopnp` here."""
+    finds it in the ACPI tables (PNP): no `i8042.nopnp` here. And a second virtio-serial
+    port, a byte pipe between the host and a vsock client in the guest (FakeVsockMuxer)."""
 
     def argv(self, incoming: str | None = None) -> list[str]:
         argv = super().argv(incoming)
         n = argv.index("-append") + 1
         argv[n] = argv[n].replace("i8042.nopnp ", "")
-        return [*argv, "-device", "i8042"]
+        return [*argv, "-device", "i8042",
+                "-chardev", f"socket,id=bridge,path={self.bridge_path},server=on,wait=off",
+                "-device", f"virtserialport,chardev=bridge,name={BRIDGE_PORT}"]
+
+    @property
+    def bridge_path(self) -> Path:
+        return self.dir / "bridge.sock"
+
+
+class FakeVsockMuxer:
+    """A named double of Firecracker's vsock Unix socket, for one guest port: it reads
+    `CONNECT <port>`, opens the stream (QEMU's chardev of BRIDGE_PORT, where a client in
+    the guest joins it to AF_VSOCK CID 1 <port>), answers `OK <n>` and copies both ways."""
+
+    def __init__(self, path: Path, bridge: Path) -> None:
+        self.bridge = bridge
+        self.connects: list[bytes] = []
+        self._srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._srv.bind(str(path))
+        self._srv.listen(1)
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        n = 0
+        while True:
+            try:
+                host, _ = self._srv.accept()
+            except OSError:
+                return
+            with host:
+                line = b""
+                while not line.endswith(b"\n") and len(line) < 64:
+                    b = host.recv(1)
+                    if not b:
+                        break
+                    line += b
+                self.connects.append(line)
+                n += 1
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as guest:
+                    guest.connect(str(self.bridge))
+                    host.sendall(b"OK %d\n" % (1073741824 + n))
+                    copy = threading.Thread(target=_copy, args=(guest, host), daemon=True)
+                    copy.start()
+                    _copy(host, guest)
+                    guest.shutdown(socket.SHUT_RDWR)
+                    copy.join(10)
+
+    def close(self) -> None:
+        self._srv.close()
+
+
+def _copy(src: socket.socket, dst: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        while data := src.recv(65536):
+            dst.sendall(data)
 
 
 @pytest.fixture(scope="module")
@@ -132,13 +198,42 @@ def test_the_agent_answers_on_vsock(vsock_guest: Guest) -> None:
     assert answers[2].startswith("e1 ok ") and code == "0"
     assert base64.b64decode(out) == b"from guest1\n"
     assert answers[3] == "p2 ok n2"
-    # one connection after another: the next host is served the same
-    assert vsock_exchange(g, ["p3 ping n3"]) == ["* hello mvm-agent 1", "p3 ok n3"]
+    # one connection after another, each host gone right after its requests (it stopped
+    # sending while the agent was still at an exec): the next one is served the same
+    for n in range(5):
+        out = b64(f"{n}\n")
+        assert vsock_exchange(g, [f"e{n} exec 20 {b64('echo')} {b64(str(n))}", f"p{n} ping x"]) \
+            == ["* hello mvm-agent 1", f"e{n} ok 0 {out} -", f"p{n} ok x"]
     # the virtio-serial agent is still there beside it
     assert g.agent.ping() >= 0
     ps = g.sh("ps -o pid,args")
     assert "/mvm/busybox sh /mvm/agent vsock" in ps
     assert f"/run/mvm/vsock-relay {VSOCK_AGENT_PORT} " in ps
+
+
+def test_agent_client_over_vsock_channel_reaches_the_guest_agent(vsock_guest: KeyboardGuest,
+                                                                 tmp_path: Path) -> None:
+    """mvm's host side (AgentClient over VsockChannel: CONNECT/OK, then the agent protocol)
+    against the guest's agent on vsock, through a stand-in for Firecracker's muxer."""
+    g = vsock_guest
+    g.sh(f"""for d in /sys/class/virtio-ports/*; do
+               [ "$(cat $d/name)" = {BRIDGE_PORT} ] && port=/dev/${{d##*/}}; done
+             setsid sh -c 'while :; do /run/mvm/vsock-relay connect 1 {VSOCK_AGENT_PORT} \
+               <>'$port' >&0 2>/dev/null; sleep 0.05; done' </dev/null >/dev/null 2>&1 &""")
+    mux = FakeVsockMuxer(tmp_path / "v.sock", g.bridge_path)
+    try:
+        for _ in range(2):  # a host, then another (each connection is a vsock connection)
+            with AgentClient(VsockChannel(tmp_path / "v.sock", VSOCK_AGENT_PORT)) as client:
+                client.wait_ready(60)
+                r = client.exec(["sh", "-c", "echo $PPID; cat /proc/sys/kernel/hostname"], 30)
+                assert r.ok and r.stdout.decode().split("\n")[1] == "guest1", r
+                ppid = r.stdout.decode().split("\n")[0]
+                # the command ran under the vsock agent, not the virtio-serial one
+                assert "/mvm/agent vsock" in g.sh(f"cat /proc/{ppid}/cmdline | tr '\\0' ' '")
+                assert client.ping() >= 0
+        assert mux.connects and set(mux.connects) == {b"CONNECT 1024\n"}
+    finally:
+        mux.close()
 
 
 def test_ctrl_alt_del_is_a_clean_stop(vsock_guest: Guest) -> None:
