@@ -26,10 +26,11 @@ import struct
 import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 from mvm.errors import BuildFailed, CommandFailed, HostUnsupported
-from mvm.guest.layout import guest_script, static_busybox
+from mvm.guest.layout import static_busybox
 from mvm.util import proc
 from mvm.util.hashing import file_sha256
 
@@ -45,7 +46,9 @@ WANTED_MODULES = ("virtio_mmio", "virtio_blk", "virtio_net", "virtio_console",
                   "vsock", "vmw_vsock_virtio_transport")
 # In the initrd, loaded only when named on the command line: `mvm.modules=a,b`.
 OPTIONAL_MODULES = ("vsock_loopback",)
-VSOCK_RELAY_SOURCE = "vsock-relay.c"  # in mvm/data/guest
+#: In mvm/data/kernel, not data/guest: it goes into the initrd (whose bytes a revision's hash
+#: covers), while data/guest is what every image carries (hashed as the guest files).
+VSOCK_RELAY_SOURCE = "vsock-relay.c"
 FIXED_MTIME = 0
 
 LZ4_LEGACY_MAGIC = b"\x02\x21\x4c\x18"
@@ -310,7 +313,7 @@ def _check_config(config: Path) -> None:
 
 
 def vsock_relay_source() -> bytes:
-    return guest_script(VSOCK_RELAY_SOURCE)
+    return resources.files("mvm").joinpath("data", "kernel", VSOCK_RELAY_SOURCE).read_bytes()
 
 
 def build_vsock_relay(source: bytes, out: Path, workdir: Path) -> None:

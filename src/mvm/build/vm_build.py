@@ -43,7 +43,8 @@ JOB_FILES = (
     "build/archive.py", "build/outputs.py", "build/vm_job.py", "util/private.py",
     "guest/__init__.py", "guest/layout.py",
     "build/source.py", "config/__init__.py", "config/paths.py",
-    "data/guest/init", "data/guest/agent",
+    # every guest file: the revision's hash covers them all (`revision.guest_files_hash`)
+    *sorted(f"data/guest/{p.name}" for p in (SRC / "data" / "guest").iterdir() if p.is_file()),
 )
 MAX_SOURCE = 256 * 2**20
 STORE_DISK_GIB = 16
