@@ -15,7 +15,7 @@ import pytest
 
 from mvm.errors import AdmissionRefused
 from mvm.lifecycle import apply, specs
-from mvm.model import Action, Pool, PoolRef, Quotas, State
+from mvm.model import Action, Op, Pool, PoolRef, Quotas, State
 from mvm.services import scale, tenants
 from mvm.store import SqliteStore
 from tests.conftest import Mvm
@@ -169,3 +169,17 @@ def test_cli_start_refused_by_the_reserve(mvm: Mvm) -> None:
     assert last["cause"].startswith("MemAvailable ")
     bad = mvm("config", "set", "mem-reserve", "lots")
     assert bad.rc == 2 and "whole number of MiB" in bad.err
+
+
+def test_starts_in_flight_hold_their_memory_until_they_end(world: World) -> None:
+    """MemAvailable does not show the RAM a booting guest has not touched yet: a start or wake
+    in flight (recorded, not ended) holds its need, so two racing starts cannot both take it."""
+    booting, other = world.new(State.CREATED), world.new(State.CREATED)
+    i = world.instance(booting)
+    world.ctx.store.begin_op(i.id, Op(Action.START, State.RUNNING, State.CREATED, owner="pid 1 (test)"))
+    world.ctx.mem_available = lambda: NEED + 255  # one need short of room for both
+    with pytest.raises(AdmissionRefused, match=r"256 MiB promised to starts and wakes in flight"):
+        apply(world.ctx, other, Action.START)
+    assert world.instance(other).state is State.CREATED
+    world.ctx.mem_available = lambda: NEED + 256
+    assert apply(world.ctx, other, Action.START).state is State.RUNNING

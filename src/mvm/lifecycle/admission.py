@@ -5,7 +5,8 @@ Counting slots without memory loses work to the kernel's OOM killer. Before a st
 (MemAvailable, through `Host.mem_available`) must cover what the instance needs: its pool's
 guest RAM plus what its hypervisor holds beyond it (`Runtime.mem_overhead`: for QEMU the
 jail's memory limit beyond RAM, 128 MiB plus the TCG translation cache), with the `mem-reserve`
-setting (MiB) left over for the host. `pool scale` checks the boots and wakes it will make
+setting (MiB) left over for the host, after what the starts and wakes in flight were promised
+(MemAvailable does not show RAM a guest has not touched yet). `pool scale` checks the boots and wakes it will make
 together, up front. A refusal changes nothing (no transition is recorded) and is an event
 with `Reason.ADMISSION`.
 """
@@ -46,15 +47,29 @@ def check(ctx: Host, i: Instance, action: Action) -> None:
     if action not in CHECKED:
         return
     n = need(ctx, ctx.store.pool(i.tenant, i.pool))
-    available = ctx.mem_available()
+    measured = ctx.mem_available()
+    pending = in_flight(ctx, i.id)
+    available = measured - pending
     if n.each + n.reserve <= available:
         return
+    others = f" ({measured} MiB free, {pending} MiB promised to starts and wakes in flight)" \
+        if pending else ""
     e = AdmissionRefused(
         f"cannot {action.value} {i.ref}: needs {n.each} MiB of host memory ({n.guest} MiB guest"
-        f" + {n.overhead} MiB overhead) + {n.reserve} MiB reserve, {available} MiB available", HINT)
+        f" + {n.overhead} MiB overhead) + {n.reserve} MiB reserve, {available} MiB available{others}",
+        HINT)
     ctx.store.event(Event(f"instance.{action.value}-refused", e.message, Reason.ADMISSION,
-                          i.tenant, i.pool, i.id, cause=_cause(available, n.each + n.reserve)))
+                          i.tenant, i.pool, i.id, cause=_cause(measured, n.each + n.reserve, -pending)))
     raise e
+
+
+def in_flight(ctx: Host, but: str | None = None) -> int:
+    """MiB promised to the starts and wakes of this home in flight (recorded, not ended): their
+    hypervisors take guest RAM as the guest touches it, so MemAvailable does not show it yet."""
+    pools = {(p.tenant, p.id): p for p in ctx.store.pools()}
+    return sum(need(ctx, pools[(i.tenant, i.pool)]).each for i in ctx.store.instances()
+               if i.op is not None and i.op.action in CHECKED and i.id != but
+               and (i.tenant, i.pool) in pools)
 
 
 def check_scale(ctx: Host, ref: PoolRef, boots: int, frees: int) -> None:
@@ -63,7 +78,7 @@ def check_scale(ctx: Host, ref: PoolRef, boots: int, frees: int) -> None:
     if boots == 0:
         return
     n = need(ctx, ctx.store.pool(ref.tenant, ref.pool))
-    measured = ctx.mem_available()
+    measured = ctx.mem_available() - in_flight(ctx)
     available = measured + frees * n.each
     total = boots * n.each
     if total + n.reserve <= available:
@@ -79,5 +94,6 @@ def check_scale(ctx: Host, ref: PoolRef, boots: int, frees: int) -> None:
 
 
 def _cause(available: int, wanted: int, freed: int = 0) -> str:
-    plus = f" + {freed} MiB freed first" if freed else ""
+    plus = f" + {freed} MiB freed first" if freed > 0 else \
+        f" - {-freed} MiB promised to starts and wakes in flight" if freed < 0 else ""
     return f"MemAvailable {available} MiB{plus} < {wanted} MiB needed with the reserve"
