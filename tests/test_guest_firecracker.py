@@ -115,6 +115,20 @@ def test_without_acpi_the_default_kernel_boots_from_the_command_lines_devices(
         g.kill()  # (a guest without ACPI halts on poweroff: QEMU stays until killed)
 
 
+def test_devices_in_acpi_and_on_the_command_line_are_registered_once(
+        kernel: KernelInfo, rootfs: Path, tmp_path: Path) -> None:
+    """A VM that announces its devices both ways (ACPI and `virtio_mmio.device=`): the
+    module is not loaded, ACPI's devices are the only ones."""
+    g = Guest(kernel, tmp_path, [(rootfs, True)],
+              append="virtio_mmio.device=512@0xfeb00e00:12")  # QEMU's first device, again
+    try:
+        g.start()
+        assert "mvm_mmio_cmdline" not in g.sh("cat /proc/modules")
+        assert g.sh("awk '$2 == \"/\" {print $1}' /proc/mounts").split() == ["/dev/vda"]
+    finally:
+        g.kill()
+
+
 def test_without_acpi_and_a_failing_module_the_initrd_says_why(
         kernel: KernelInfo, rootfs: Path, tmp_path: Path) -> None:
     """A command line entry the module refuses: one FATAL line, not a wait for the root."""
