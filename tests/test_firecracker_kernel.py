@@ -150,3 +150,29 @@ def test_a_relay_that_does_not_compile_is_one_line(tmp_path: Path) -> None:
         kernel.build_vsock_relay(b"int main(void) { return x; }\n", tmp_path / "r", tmp_path)
     assert e.value.line().startswith("cannot compile the vsock relay: ")
     assert "\n" not in e.value.line()
+
+
+# ---------------------------------------------------------------------------- mvm_mmio_cmdline
+# (the module that registers the command line's virtio-mmio devices; it is built against the
+# shipped kernel's headers when the kernel is installed, and its behaviour is shown in guests
+# by test_guest_firecracker.py)
+
+
+@pytest.mark.skipif(shutil.which("apt-cache") is None, reason="needs apt-cache")
+def test_the_module_is_built_from_the_shipped_kernels_own_headers_packages() -> None:
+    package, _ = kernel.resolve_package()
+    kver = package.removeprefix("linux-image-")
+    pkgs = kernel.headers_packages(kver)
+    assert pkgs[0] == f"linux-headers-{kver}"
+    assert any(p.startswith("linux-headers-") and p.endswith("-common") for p in pkgs), pkgs
+    assert any(p.startswith("linux-kbuild-") for p in pkgs), pkgs
+    assert not [p for p in pkgs if p.startswith("linux-compiler-")]  # gcc comes from deps
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make (make deps installs it)")
+def test_a_module_that_does_not_build_is_one_line(tmp_path: Path) -> None:
+    with pytest.raises(kernel.KernelInstallFailed) as e:
+        kernel.build_mmio_cmdline_module(kernel.mmio_cmdline_source(), tmp_path / "m.ko",
+                                          tmp_path / "no-headers", tmp_path)
+    assert e.value.line().startswith("cannot build the mvm_mmio_cmdline kernel module: ")
+    assert "\n" not in e.value.line()

@@ -3,9 +3,10 @@
 - QEMU's microvm with acpi=off names its virtio-mmio devices on the kernel command line
   (`virtio_mmio.device=`), as Firecracker does. Debian's cloud kernel, mvm's default, is
   built without CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES and ignores them: it finds virtio-mmio
-  devices only in ACPI tables (QEMU microvm's default; Firecracker >= 1.8 on x86-64). The
-  initrd says so in one line and powers off, instead of waiting for a root disk that
-  never comes.
+  devices only in ACPI tables (QEMU microvm's default; Firecracker >= 1.8 on x86-64). So
+  the initrd loads mvm's own mvm_mmio_cmdline module, which registers them: the guest
+  boots and its agent answers. When that fails, the initrd says so in one line and powers
+  off, instead of waiting for a root disk that never comes.
 - The guest agent listens on vsock port 1024 when the guest has vsock: with the loopback
   transport (`mvm.modules=vsock_loopback`), a client inside the guest (the relay's own
   `connect` mode) reaches it on CID 1 and is served the agent's protocol; and mvm's host
@@ -24,6 +25,7 @@ import gzip
 import shutil
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -31,7 +33,7 @@ from pathlib import Path
 
 import pytest
 
-from mvm.build.kernel import KernelInfo, install_default_kernel
+from mvm.build.kernel import KernelInfo, install_default_kernel, modinfo
 from mvm.build.outputs import check_firecracker_kernel
 from mvm.guest.agent_client import AgentClient
 from mvm.guest.channels import VSOCK_AGENT_PORT, VsockChannel
@@ -74,12 +76,63 @@ def test_the_initrd_carries_the_vsock_modules_and_relay(kernel: KernelInfo) -> N
         kernel.initrd.read_bytes()), capture_output=True, check=True).stdout.decode().split()
     assert "bin/vsock-relay" in listing
     assert f"lib/modules/{kernel.kernel_version}/vsock_loopback.ko" in listing
+    # the module mvm builds for command-line virtio-mmio devices, for this very kernel
+    mmio = f"lib/modules/{kernel.kernel_version}/mvm_mmio_cmdline.ko"
+    assert mmio in listing
+    with tempfile.TemporaryDirectory() as d:
+        subprocess.run(["cpio", "-i", "-d", "--quiet", mmio], cwd=d, check=True,
+                       input=gzip.decompress(kernel.initrd.read_bytes()))
+        info = modinfo(Path(d) / mmio)
+    assert info["license"] == "GPL"
+    assert info["vermagic"].split()[0] == kernel.kernel_version
     check_firecracker_kernel(kernel.vmlinux)  # the vmlinux beside it is one Firecracker loads
 
 
-def test_without_acpi_the_default_kernel_says_why_it_finds_no_devices(
+def test_without_acpi_the_default_kernel_boots_from_the_command_lines_devices(
         kernel: KernelInfo, rootfs: Path, tmp_path: Path) -> None:
     g = NoAcpiGuest(kernel, tmp_path, [(rootfs, True)])
+    try:
+        g.start()
+        console = g.console()
+        # QEMU put the devices on the command line only, as Firecracker does ...
+        cmdline = g.sh("cat /proc/cmdline")
+        assert "virtio_mmio.device=512@0x" in cmdline
+        assert "FATAL" not in console, console
+        assert g.sh("[ -d /sys/firmware/acpi/tables ] && echo acpi || echo none") == "none\n"
+        # ... the initrd's module registered them, and the root disk is /dev/vda on one
+        assert g.sh("awk '$2 == \"/\" {print $1}' /proc/mounts").split() == ["/dev/vda"]
+        assert g.sh("hostname").strip() == "guest1"
+        assert "mvm_mmio_cmdline" in g.sh("cat /proc/modules")
+        dmesg = g.sh("dmesg")
+        registered = [ln for ln in dmesg.splitlines()
+                      if "mvm_mmio_cmdline: registering virtio-mmio." in ln]
+        assert len(registered) == cmdline.count("virtio_mmio.device="), dmesg
+        # loaded cleanly: an out-of-tree, unsigned module only taints the kernel
+        assert "mvm_mmio_cmdline: loading out-of-tree module taints kernel." in dmesg
+        assert not [ln for ln in dmesg.splitlines() if "mvm_mmio_cmdline" in ln and
+                    ("rejected" in ln or "Unknown symbol" in ln or "disagrees" in ln)], dmesg
+    finally:
+        g.kill()  # (a guest without ACPI halts on poweroff: QEMU stays until killed)
+
+
+def test_devices_in_acpi_and_on_the_command_line_are_registered_once(
+        kernel: KernelInfo, rootfs: Path, tmp_path: Path) -> None:
+    """A VM that announces its devices both ways (ACPI and `virtio_mmio.device=`): the
+    module is not loaded, ACPI's devices are the only ones."""
+    g = Guest(kernel, tmp_path, [(rootfs, True)],
+              append="virtio_mmio.device=512@0xfeb00e00:12")  # QEMU's first device, again
+    try:
+        g.start()
+        assert "mvm_mmio_cmdline" not in g.sh("cat /proc/modules")
+        assert g.sh("awk '$2 == \"/\" {print $1}' /proc/mounts").split() == ["/dev/vda"]
+    finally:
+        g.kill()
+
+
+def test_without_acpi_and_a_failing_module_the_initrd_says_why(
+        kernel: KernelInfo, rootfs: Path, tmp_path: Path) -> None:
+    """A command line entry the module refuses: one FATAL line, not a wait for the root."""
+    g = NoAcpiGuest(kernel, tmp_path, [(rootfs, True)], append="virtio_mmio.device=bogus")
     g.proc = subprocess.Popen(g.argv(), stdin=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 90
@@ -88,16 +141,14 @@ def test_without_acpi_the_default_kernel_says_why_it_finds_no_devices(
             assert time.monotonic() < deadline, f"no verdict from the initrd:\n{g.console()}"
             time.sleep(0.2)
         console = g.console()
-        # QEMU put the devices on the command line, as Firecracker does ...
-        assert "virtio_mmio.device=512@0x" in console
-        # ... and the initrd says at once why they cannot be used, in one line
         fatal = [ln for ln in console.splitlines() if ln.startswith("mvm-initrd: FATAL:")]
         assert len(fatal) == 1, console
         assert ("this kernel ignores virtio_mmio.device= (built without "
-                "CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES) and the VM has no ACPI tables") in fatal[0]
+                "CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES), mvm_mmio_cmdline could not register "
+                "them") in fatal[0]
         assert "did not appear" not in console  # not after waiting for the root disk
     finally:
-        g.kill()  # (a guest without ACPI halts on poweroff: QEMU stays until killed)
+        g.kill()
 
 
 BRIDGE_PORT = "mvm.test-bridge"

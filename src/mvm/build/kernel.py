@@ -11,6 +11,12 @@ For Firecracker the initrd also loads vsock and its virtio transport, and carrie
 guest agent's vsock relay (a small static C program compiled here: BusyBox cannot open
 AF_VSOCK), which /init leaves in /run/mvm for `/mvm/agent vsock`. Modules in
 `OPTIONAL_MODULES` ride along and are loaded only when `mvm.modules=` names them.
+
+Firecracker without ACPI (before 1.8) names its virtio-mmio devices only on the command line
+(`virtio_mmio.device=`), which this kernel ignores (no CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES).
+So the initrd also carries `mvm_mmio_cmdline.ko`, a tiny module built here with gcc and make
+against the `linux-headers` packages of the very kernel shipped, which registers those
+devices; /init loads it only when the entries are there and no device came through ACPI.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from mvm.util.hashing import file_sha256
 
 METAPACKAGE = "linux-image-cloud-amd64"
 # Bump when the initrd layout or /init changes, so installed kernels are rebuilt.
-BUILDER_VERSION = 5
+BUILDER_VERSION = 6
 # Drivers the guest needs before its root can be mounted; dependencies are added from
 # each module's own `depends=` (the package ships no modules.dep: depmod runs at install).
 WANTED_MODULES = ("virtio_mmio", "virtio_blk", "virtio_net", "virtio_console",
@@ -49,6 +55,9 @@ OPTIONAL_MODULES = ("vsock_loopback",)
 #: In mvm/data/kernel, not data/guest: it goes into the initrd (whose bytes a revision's hash
 #: covers), while data/guest is what every image carries (hashed as the guest files).
 VSOCK_RELAY_SOURCE = "vsock-relay.c"
+#: The module that registers the command line's virtio-mmio devices (also in mvm/data/kernel).
+MMIO_CMDLINE_SOURCE = "mvm_mmio_cmdline.c"
+MMIO_CMDLINE_MODULE = "mvm_mmio_cmdline"
 FIXED_MTIME = 0
 
 LZ4_LEGACY_MAGIC = b"\x02\x21\x4c\x18"
@@ -95,7 +104,9 @@ def install_default_kernel(dest: Path) -> KernelInfo:
     busybox_sha = file_sha256(static_busybox())
     relay_source = vsock_relay_source()
     relay_sha = hashlib.sha256(relay_source).hexdigest()
-    current = _installed(dest, package, version, busybox_sha, relay_sha)
+    mmio_source = mmio_cmdline_source()
+    mmio_sha = hashlib.sha256(mmio_source).hexdigest()
+    current = _installed(dest, package, version, busybox_sha, relay_sha, mmio_sha)
     if current is not None:
         return current
 
@@ -116,9 +127,11 @@ def install_default_kernel(dest: Path) -> KernelInfo:
                     if n not in loaded]
         relay = tmp / "vsock-relay"
         build_vsock_relay(relay_source, relay, tmp)
+        mmio = tmp / f"{MMIO_CMDLINE_MODULE}.ko"
+        build_mmio_cmdline_module(mmio_source, mmio, _fetch_headers(kver, version, tmp), tmp)
         initrd = tmp / "initrd"
         initrd.write_bytes(build_initrd(kver, modules, static_busybox(), optional=optional,
-                                        vsock_relay=relay))
+                                        vsock_relay=relay, mmio_cmdline=mmio))
 
         info = KernelInfo(
             dir=dest,
@@ -130,8 +143,8 @@ def install_default_kernel(dest: Path) -> KernelInfo:
             modules=tuple(m for m, _ in modules),
         )
         manifest = tmp / "manifest.json"
-        manifest.write_text(json.dumps(_manifest_dict(info, busybox_sha, relay_sha), indent=2)
-                            + "\n")
+        manifest.write_text(json.dumps(_manifest_dict(info, busybox_sha, relay_sha, mmio_sha),
+                                       indent=2) + "\n")
         for f in (vmlinux, initrd):
             f.chmod(0o644)
             os.replace(f, dest / f.name)
@@ -331,6 +344,63 @@ def build_vsock_relay(source: bytes, out: Path, workdir: Path) -> None:
                                   "apt-get install gcc libc6-dev") from e
 
 
+# ---------------------------------------------------------------------------- mmio module
+
+
+def mmio_cmdline_source() -> bytes:
+    return resources.files("mvm").joinpath("data", "kernel", MMIO_CMDLINE_SOURCE).read_bytes()
+
+
+def headers_packages(kver: str) -> list[str]:
+    """The packages `make -C <headers> M=...` needs for kernel `kver`: its flavour's headers
+    and what those depend on among Debian's kernel packages (the common headers, kbuild)."""
+    package = f"linux-headers-{kver}"
+    try:
+        out = proc.output(["apt-cache", "depends", package], timeout=60)
+    except CommandFailed as e:
+        raise KernelInstallFailed(f"cannot resolve {package}: {e.message}",
+                                  "run `apt-get update`") from e
+    deps = re.findall(r"^\s*Depends:\s*(linux-(?:headers|kbuild)-[^\s<>]+)", out, re.M)
+    return [package, *dict.fromkeys(deps)]
+
+
+def _fetch_headers(kver: str, version: str, workdir: Path) -> Path:
+    """Download and unpack the headers of kernel `kver` (package version `version`, the
+    kernel's own); the flavour's build directory, made usable where it was unpacked."""
+    root = workdir / "headers"
+    for deb in _download_all([f"{p}={version}" for p in headers_packages(kver)], workdir):
+        proc.run(["dpkg-deb", "-x", deb, root], timeout=300)
+    build = root / "usr" / "src" / f"linux-headers-{kver}"
+    makefile = build / "Makefile"
+    if not makefile.is_file():
+        raise KernelInstallFailed(f"linux-headers-{kver} has no usr/src/linux-headers-{kver}"
+                                  "/Makefile", "check the package with `dpkg -c`")
+    # Its Makefile includes the common headers' by absolute path (/usr/src/...)
+    text = makefile.read_text()
+    makefile.write_text(text.replace(" /usr/src/", f" {root}/usr/src/"))
+    return build
+
+
+def build_mmio_cmdline_module(source: bytes, out: Path, headers: Path, workdir: Path) -> None:
+    """Compile mvm_mmio_cmdline.ko against a kernel's headers build directory; reproducible
+    (no debug info, no build id: both carry the build's temporary paths)."""
+    src = workdir / "mmio-module"
+    src.mkdir()
+    (src / MMIO_CMDLINE_SOURCE).write_bytes(source)
+    (src / "Kbuild").write_text(f"obj-m := {MMIO_CMDLINE_MODULE}.o\n")
+    hint = "apt-get install gcc make libc6-dev"
+    try:
+        proc.run(["make", "-s", "-C", headers, f"M={src}", "modules"], timeout=600)
+        proc.run(["strip", "--strip-debug", "--remove-section=.note.gnu.build-id", "-o", out,
+                  src / f"{MMIO_CMDLINE_MODULE}.ko"], timeout=60)
+    except CommandFailed as e:
+        if e.returncode == 127:
+            raise HostUnsupported("make, gcc or strip is not installed (mvm builds a kernel "
+                                  "module for the guest's initrd)", hint) from e
+        raise KernelInstallFailed(f"cannot build the {MMIO_CMDLINE_MODULE} kernel module: "
+                                  f"{e.message}", hint) from e
+
+
 # ---------------------------------------------------------------------------- initrd
 
 INIT_TEMPLATE = r"""#!/bin/busybox sh
@@ -385,16 +455,27 @@ load() {  # load <name> <file>: insmod with any <name>.<param>= from the command
 asked() { case $asked in *,"$1",*) return 0 ;; esac; return 1; }
 @LOADS@
 
-# Firecracker (and QEMU's microvm with acpi=off) name their virtio-mmio devices on the
-# command line; a kernel built without CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES ignores that,
-# and finds them only in ACPI tables (Firecracker >= 1.8 on x86-64 has them).
-case " $CMDLINE " in
-*" virtio_mmio.device="*)
-	[ -e /sys/module/virtio_mmio/parameters/device ] || [ -d /sys/firmware/acpi/tables ] ||
+# Firecracker without ACPI (and QEMU's microvm with acpi=off) name their virtio-mmio devices
+# only on the command line; a kernel built without CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES ignores
+# that, so mvm_mmio_cmdline (built by mvm for this kernel) registers them, unless the kernel
+# did itself or some device came through ACPI (Firecracker >= 1.8, QEMU microvm's default).
+mmio=
+set -f
+for arg in $CMDLINE; do
+	case $arg in virtio_mmio.device=*) mmio="$mmio device=${arg#virtio_mmio.device=}" ;; esac
+done
+set +f
+mmio_bound=
+for d in /sys/bus/platform/drivers/virtio-mmio/*; do
+	case ${d##*/} in bind | unbind | uevent | module | new_id | remove_id | "*") ;; *) mmio_bound=1 ;; esac
+done
+if [ -n "$mmio" ] && [ -z "$mmio_bound" ] && [ ! -e /sys/module/virtio_mmio/parameters/device ]; then
+	$B insmod /lib/modules/@KVER@/mvm_mmio_cmdline.ko $mmio ||
 		fail "this kernel ignores virtio_mmio.device= (built without" \
-			"CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES) and the VM has no ACPI tables: boot it" \
-			"with ACPI (Firecracker >= 1.8, QEMU microvm's default) or a kernel with that option" ;;
-esac
+			"CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES), mvm_mmio_cmdline could not register them" \
+			"and the VM has no ACPI tables: boot it with ACPI (Firecracker >= 1.8, QEMU" \
+			"microvm's default) or a kernel with that option"
+fi
 
 uptime_cs() {  # centiseconds since boot
 	read -r up _ </proc/uptime
@@ -446,9 +527,9 @@ def render_init(kver: str, modules: list[tuple[str, Path]],
 
 def build_initrd(kver: str, modules: list[tuple[str, Path]], busybox: Path, *,
                  optional: Sequence[tuple[str, Path]] = (),
-                 vsock_relay: Path | None = None) -> bytes:
+                 vsock_relay: Path | None = None, mmio_cmdline: Path | None = None) -> bytes:
     """A gzip'd newc cpio: /init, static BusyBox, the modules (and the optional ones), the
-    vsock relay. Byte-for-byte reproducible."""
+    vsock relay, mvm_mmio_cmdline.ko. Byte-for-byte reproducible."""
     cpio = CpioWriter()
     for d in ("bin", "dev", "lib", "lib/modules", f"lib/modules/{kver}", "newroot", "proc",
               "sys"):
@@ -462,6 +543,9 @@ def build_initrd(kver: str, modules: list[tuple[str, Path]], busybox: Path, *,
     cpio.add_file("init", render_init(kver, modules, optional).encode(), 0o755)
     for name, path in [*modules, *optional]:
         cpio.add_file(f"lib/modules/{kver}/{name}.ko", path.read_bytes(), 0o644)
+    if mmio_cmdline is not None:
+        cpio.add_file(f"lib/modules/{kver}/{MMIO_CMDLINE_MODULE}.ko", mmio_cmdline.read_bytes(),
+                      0o644)
     raw = cpio.finish()
     buf = io.BytesIO()
     with gzip.GzipFile(fileobj=buf, mode="wb", compresslevel=9, mtime=FIXED_MTIME) as gz:
@@ -511,6 +595,23 @@ class CpioWriter:
 # ---------------------------------------------------------------------------- helpers
 
 
+def _download_all(packages: Sequence[str], workdir: Path) -> list[Path]:
+    dl = workdir / "deb-headers"
+    dl.mkdir()
+    try:
+        proc.run(["apt-get", "download", "-q", *packages], cwd=dl, timeout=600)
+    except CommandFailed as e:
+        raise KernelInstallFailed(
+            f"cannot download {' '.join(packages)}: {e.message}",
+            "the host needs a reachable Debian mirror for apt-get",
+        ) from e
+    debs = sorted(dl.glob("*.deb"))
+    if len(debs) != len(packages):
+        raise KernelInstallFailed(f"apt-get download {' '.join(packages)} produced "
+                                  f"{len(debs)} .deb files")
+    return debs
+
+
 def _download(package: str, workdir: Path) -> Path:
     dl = workdir / "deb"
     dl.mkdir()
@@ -535,7 +636,8 @@ def _kernel_version(root: Path) -> str:
     raise KernelInstallFailed("the kernel package has no boot/vmlinuz-* with matching modules")
 
 
-def _manifest_dict(info: KernelInfo, busybox_sha: str, relay_sha: str) -> dict[str, object]:
+def _manifest_dict(info: KernelInfo, busybox_sha: str, relay_sha: str,
+                   mmio_sha: str) -> dict[str, object]:
     return {
         "builder": BUILDER_VERSION,
         "kernel_version": info.kernel_version,
@@ -543,6 +645,7 @@ def _manifest_dict(info: KernelInfo, busybox_sha: str, relay_sha: str) -> dict[s
         "package_version": info.package_version,
         "busybox_sha256": busybox_sha,
         "vsock_relay_source_sha256": relay_sha,
+        "mmio_cmdline_source_sha256": mmio_sha,
         "modules": list(info.modules),
         "vmlinux": {"file": "vmlinux", "sha256": info.vmlinux_sha256},
         "initrd": {"file": "initrd", "sha256": info.initrd_sha256},
@@ -567,7 +670,7 @@ def _info_from_manifest(dest: Path, data: dict[str, object]) -> KernelInfo:
 
 
 def _installed(dest: Path, package: str, version: str, busybox_sha: str,
-               relay_sha: str) -> KernelInfo | None:
+               relay_sha: str, mmio_sha: str) -> KernelInfo | None:
     """The installed kernel if it is exactly what we would build now, else None."""
     try:
         data = json.loads((dest / "manifest.json").read_text())
@@ -576,7 +679,8 @@ def _installed(dest: Path, package: str, version: str, busybox_sha: str,
         return None
     if (data.get("builder") != BUILDER_VERSION or info.package != package
             or info.package_version != version or data.get("busybox_sha256") != busybox_sha
-            or data.get("vsock_relay_source_sha256") != relay_sha):
+            or data.get("vsock_relay_source_sha256") != relay_sha
+            or data.get("mmio_cmdline_source_sha256") != mmio_sha):
         return None
     try:
         if (file_sha256(info.vmlinux) != info.vmlinux_sha256
