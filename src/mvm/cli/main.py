@@ -745,6 +745,14 @@ def events(
     if not shown and follow:  # (nothing shown: follow from the newest there is)
         newest = st.events(tenant, limit=1)
         last = int(newest[0]["id"]) if newest else 0  # type: ignore[call-overload]
+    if follow:  # Ctrl-C or SIGTERM end it, even where the shell started it with SIGINT ignored
+        import signal
+
+        def stop(signum: int, frame: object) -> None:
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGTERM, stop)
     try:
         if not json_:
             sys.stdout.write(EVENTS_HEADER + "\n")
