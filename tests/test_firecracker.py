@@ -377,6 +377,12 @@ def test_pool_create_backend_firecracker_is_refused_here_in_one_line(mvm: Mvm) -
     assert "acme/w" not in mvm.ok("pool", "list").out  # nothing was created
     r = mvm("pool", "create", "acme/w", "--backend", "xen")
     assert r.rc != 0 and r.errors == ["error: unknown backend 'xen' (use one of qemu, firecracker)"], r.err
+    # the host's setting is the pool's backend when it names none: checked the same way
+    mvm.ok("config", "set", "backend", "firecracker")
+    r = mvm("pool", "create", "acme/w")
+    assert r.rc != 0 and r.errors[0].startswith("error: this host cannot run Firecracker VMs"), r.err
+    assert "acme/w" not in mvm.ok("pool", "list").out
+    assert mvm.ok("pool", "create", "acme/w", "--backend", "qemu").rc == 0
 
 
 def test_select_makes_the_firecracker_runtime_and_refuses_it_without_the_binary(tmp_path: Path) -> None:

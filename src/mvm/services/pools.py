@@ -46,10 +46,11 @@ def create(ctx: Host, ref: PoolRef, flake: str | None, profile: str, cpus: int, 
            backend: str = "") -> Pool:
     store = ctx.store
     _check_policy(idle_warm, idle_sleep, min_running)
-    if backend:  # asked for: refused here, with one line, when this host cannot run it
-        from mvm.runtime import select
+    # The pool's backend (its own, else the host's setting): refused here, with one line, when
+    # this host cannot run it.
+    from mvm.runtime import select
 
-        select.check_backend(select.parse_backend(backend), ctx.layout)
+    select.check_backend(select.parse_backend(backend) if backend else ctx.settings.backend, ctx.layout)
     tenant = store.tenant(ref.tenant)
     if cpus < 1 or cpus > MAX_CPUS:
         raise InvalidInput(f"--cpus must be between 1 and {MAX_CPUS} (got {cpus})")
