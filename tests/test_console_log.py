@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,7 +27,9 @@ def loggers_of(log: Path) -> list[int]:
                 cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if str(log).encode() in cmd and any(b"console_logger" in a for a in cmd):
+            # (not `setsid --fork` itself, nor its child before it has called setsid() and exec'd)
+            if str(log).encode() in cmd and any(b"console_logger" in a for a in cmd) \
+                    and not cmd[0].endswith(b"setsid"):
                 out.append(int(pid))
     return out
 
@@ -68,7 +71,9 @@ def test_the_console_stays_within_twice_its_cap_keeping_the_latest(log: Path) ->
 def test_the_logger_outlives_its_command_and_appends_after_a_restore(log: Path) -> None:
     w = start(log, 1 << 20)
     os.write(w, b"boot\n")
-    pids = loggers_of(log)
+    deadline = time.monotonic() + 30
+    while len(pids := loggers_of(log)) != 1 and time.monotonic() < deadline:
+        time.sleep(0.01)  # (`setsid --fork` returns as soon as it forked)
     assert len(pids) == 1
     stat = Path(f"/proc/{pids[0]}/stat").read_text().rsplit(")", 1)[1].split()
     assert int(stat[1]) != os.getpid()  # not our child: reparented at once

@@ -133,7 +133,8 @@ class Pool:
     min_running: int = 0
     pinned: bool = False
     #: The hypervisor backend its instances and builder run on ("qemu", "firecracker");
-    #: "": the host's (setting `backend`).
+    #: recorded at create (the host's setting `backend` when none is asked for); "": the host's
+    #: (pools made before backends were per pool).
     backend: str = ""
 
     @property

@@ -50,7 +50,10 @@ def create(ctx: Host, ref: PoolRef, flake: str | None, profile: str, cpus: int, 
     # this host cannot run it.
     from mvm.runtime import select
 
-    select.check_backend(select.parse_backend(backend) if backend else ctx.settings.backend, ctx.layout)
+    # Recorded as it is now: a later change of the host's setting must not move a pool's running
+    # instances to a runtime that cannot see their hypervisors.
+    backend = (select.parse_backend(backend) if backend else ctx.settings.backend).value
+    select.check_backend(select.Backend(backend), ctx.layout)
     tenant = store.tenant(ref.tenant)
     if cpus < 1 or cpus > MAX_CPUS:
         raise InvalidInput(f"--cpus must be between 1 and {MAX_CPUS} (got {cpus})")
