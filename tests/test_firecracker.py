@@ -8,6 +8,7 @@ Also: the jailer's command line and chroot, and the pool's backend selection.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -383,6 +384,12 @@ def test_pool_create_backend_firecracker_is_refused_here_in_one_line(mvm: Mvm) -
     assert r.rc != 0 and r.errors[0].startswith("error: this host cannot run Firecracker VMs"), r.err
     assert "acme/w" not in mvm.ok("pool", "list").out
     assert mvm.ok("pool", "create", "acme/w", "--backend", "qemu").rc == 0
+    # a pool made without --backend records the host's backend of the time: a later change of
+    # the setting leaves its instances on the runtime that sees their hypervisors
+    mvm.ok("config", "set", "backend", "qemu")
+    mvm.ok("pool", "create", "acme/v")
+    mvm.ok("config", "set", "backend", "firecracker")
+    assert json.loads(mvm.ok("pool", "info", "acme/v", "--json").out)["backend"] == "qemu"
 
 
 def test_select_makes_the_firecracker_runtime_and_refuses_it_without_the_binary(tmp_path: Path) -> None:
