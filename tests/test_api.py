@@ -472,3 +472,18 @@ def test_agent_serve_runs_the_loop_and_the_api_and_leaves_vms_on_sigterm(world: 
     assert "hypervisors left running" in err and not sock.exists()
     for iid, pid in pids.items():
         assert pid is not None and os.path.exists(f"/proc/{pid}"), f"{iid}'s VM did not outlive the agent"
+
+
+def test_an_operations_progress_is_bounded() -> None:
+    """A build's progress carries what a tenant's flake prints: the agent keeps the newest lines,
+    each cut, and says how many it dropped."""
+    from mvm.api.app import PROGRESS_KEEP, PROGRESS_LINE, Operation
+
+    op = Operation("op-1", "build", "acme/w")
+    for n in range(PROGRESS_KEEP + 5):
+        op.line(f"line {n} " + "x" * (PROGRESS_LINE * (n % 2)))
+    out = op.out().progress
+    assert len(out) == PROGRESS_KEEP + 1
+    assert out[0] == "(5 earlier progress lines not kept)"
+    assert out[1].startswith("line 5 ") and out[-1].startswith(f"line {PROGRESS_KEEP + 4} ")
+    assert max(len(x) for x in out) <= PROGRESS_LINE + len(" …(cut)")

@@ -8,6 +8,7 @@ answered with its one line and hint (`ErrorOut`) and a 4xx status; malformed req
 from __future__ import annotations
 
 import base64
+import collections
 import hmac
 import json
 import threading
@@ -76,24 +77,36 @@ def error_body(e: MvmError) -> dict[str, Any]:
     return {"error": e.message, "hint": e.hint, "kind": kind, "exit_code": e.exit_code}
 
 
+#: Progress lines an operation keeps (the newest), and characters kept of each: a build's
+#: progress carries what a tenant's flake prints, which must not grow the agent without bound.
+PROGRESS_KEEP = 1000
+PROGRESS_LINE = 2000
+
+
 class Operation:
-    """A long operation run in a thread of its own; its progress lines are kept."""
+    """A long operation run in a thread of its own; its last progress lines are kept."""
 
     def __init__(self, oid: str, kind: Literal["build", "scale"], target: str) -> None:
         self.id, self.kind, self.target = oid, kind, target
         self.status: Literal["running", "succeeded", "failed"] = "running"
-        self.progress: list[str] = []
+        self.progress: collections.deque[str] = collections.deque(maxlen=PROGRESS_KEEP)
+        self.dropped = 0
         self.started = time.time()
         self.finished: float | None = None
         self.result: Any = None
         self.error: dict[str, Any] | None = None
 
     def line(self, text: str) -> None:
-        self.progress.append(text)
+        if len(self.progress) == PROGRESS_KEEP:
+            self.dropped += 1
+        self.progress.append(text if len(text) <= PROGRESS_LINE else text[:PROGRESS_LINE] + " …(cut)")
 
     def out(self) -> OperationOut:
+        lines = list(self.progress)
+        if self.dropped:
+            lines.insert(0, f"({self.dropped} earlier progress lines not kept)")
         return OperationOut(id=self.id, kind=self.kind, target=self.target, status=self.status,
-                            progress=list(self.progress), started=self.started, finished=self.finished,
+                            progress=lines, started=self.started, finished=self.finished,
                             result=self.result, error=ErrorOut(**self.error) if self.error else None)
 
 
