@@ -42,10 +42,10 @@ from typing import Any
 
 import httpx
 
-from mvm.errors import HostUnsupported, InvalidInput, RuntimeFailure
+from mvm.errors import HostUnsupported, RuntimeFailure
 from mvm.guest.agent_client import AgentClient
 from mvm.guest.channels import VSOCK_AGENT_PORT, VsockChannel
-from mvm.runtime import console, jail
+from mvm.runtime import console, jail, rundir
 from mvm.runtime.base import (
     MANIFEST,
     Progress,
@@ -208,12 +208,6 @@ class Api:
 
     def send(self, req: Request) -> Any:
         return self.call(*req)
-
-
-def _unlink(*paths: Path) -> None:
-    for p in paths:
-        with contextlib.suppress(FileNotFoundError):
-            p.unlink()
 
 
 def _tail(path: Path, lines: int = 3, max_bytes: int = 4096) -> str:
@@ -419,38 +413,11 @@ class FirecrackerRuntime(Runtime):
             raise
 
     def _check_inputs(self, spec: VmSpec) -> None:
-        needed = [("kernel", spec.kernel)]
-        if spec.initrd is not None:
-            needed.append(("initrd", spec.initrd))
-        needed += [(f"disk {d.id!r}", d.path) for d in spec.disks]
-        for what, path in needed:
-            if not path.is_file():
-                raise RuntimeFailure(f"{spec.name}: {what} {path} does not exist",
-                                     "rebuild the pool or restore the missing file")
-        if spec.vcpus < 1 or spec.mem_mib < 16:
-            raise InvalidInput(f"{spec.name}: {spec.vcpus} vCPUs / {spec.mem_mib} MiB is not a runnable VM")
+        rundir.check_inputs(spec)
 
     def _prepare_run_dir(self, spec: VmSpec, steps: Steps, fresh: bool) -> None:
-        pid = self._pid(spec)
-        if pid is not None:
-            raise RuntimeFailure(f"{spec.name} already runs (Firecracker pid {pid})", "stop the instance first")
-        created = not spec.run_dir.exists()
-        private.mkdirs(spec.run_dir)
-        console_existed = self.console_log(spec).exists() and not fresh
-
-        def undo() -> None:
-            self._cleanup(spec)
-            _unlink(self.fc_log(spec))
-            if not console_existed:
-                console.remove(self.console_log(spec))
-            if created:
-                with contextlib.suppress(OSError):
-                    spec.run_dir.rmdir()
-
-        steps.on_undo("run-dir", undo)
-        self._cleanup(spec)  # leftovers of a crashed hypervisor
-        if fresh:
-            console.remove(self.console_log(spec))
+        rundir.prepare(spec, steps, fresh, hypervisor="Firecracker", pid=self._pid(spec), log=self.fc_log(spec),
+                       console_log=self.console_log(spec), cleanup=lambda: self._cleanup(spec))
 
     def _start(self, spec: VmSpec, steps: Steps, snap_dir: Path | None = None) -> Paths:
         """Spawn Firecracker (jailed or not) and wait for its API; returns how it names files."""
@@ -533,8 +500,8 @@ class FirecrackerRuntime(Runtime):
 
     def _prepare_snap_dir(self, snap_dir: Path, steps: Steps) -> None:
         private.mkdirs(snap_dir)
-        _unlink(snap_dir / MANIFEST)  # a manifest must never describe a half-written file
-        steps.on_undo("prepare", lambda: _unlink(
+        rundir.unlink(snap_dir / MANIFEST)  # a manifest must never describe a half-written file
+        steps.on_undo("prepare", lambda: rundir.unlink(
             *(snap_dir / f"{n}{t}" for n in (STATE_FILE, MEMORY_FILE) for t in ("", ".tmp")),
             snap_dir / MANIFEST))
 
@@ -574,7 +541,7 @@ class FirecrackerRuntime(Runtime):
         """Remove what a dead Firecracker leaves (sockets, pid file, FIFO, chroot, cgroup)."""
         if self._pid(spec) is not None:
             return
-        _unlink(self.api_socket(spec), self.agent_socket(spec), self.pid_file(spec))
+        rundir.unlink(self.api_socket(spec), self.agent_socket(spec), self.pid_file(spec))
         console.settle(self.console_log(spec))
         console.remove_pipe(self.console_log(spec))
         base = spec.run_dir / JAIL_DIR

@@ -21,7 +21,7 @@ from pathlib import Path
 from mvm.errors import CommandFailed, HostUnsupported, InvalidInput, RuntimeFailure
 from mvm.guest.agent_client import AgentClient
 from mvm.guest.channels import VirtioSerialChannel
-from mvm.runtime import console, jail, qmp
+from mvm.runtime import console, jail, qmp, rundir
 from mvm.runtime.base import (
     MANIFEST,
     Progress,
@@ -241,12 +241,6 @@ def _tail(path: Path, lines: int = 8, max_bytes: int = 4096) -> str:
     return "\n".join(text.strip().splitlines()[-lines:])
 
 
-def _unlink(*paths: Path) -> None:
-    for p in paths:
-        with contextlib.suppress(FileNotFoundError):
-            p.unlink()
-
-
 def qemu_message(text: str) -> str:
     """What QEMU said went wrong, without its program-name prefix: the first explicit
     `error:` line if there is one, else the last few non-warning lines."""
@@ -445,40 +439,11 @@ class QemuRuntime(Runtime):
     # -- steps ------------------------------------------------------------------------------
 
     def _check_inputs(self, spec: VmSpec) -> None:
-        needed = [("kernel", spec.kernel)]
-        if spec.initrd is not None:
-            needed.append(("initrd", spec.initrd))
-        needed += [(f"disk {d.id!r}", d.path) for d in spec.disks]
-        for what, path in needed:
-            if not path.is_file():
-                raise RuntimeFailure(f"{spec.name}: {what} {path} does not exist",
-                                     "rebuild the pool or restore the missing file")
-        if spec.vcpus < 1 or spec.mem_mib < 16:
-            raise InvalidInput(f"{spec.name}: {spec.vcpus} vCPUs / {spec.mem_mib} MiB is "
-                               "not a runnable VM")
+        rundir.check_inputs(spec)
 
     def _prepare_run_dir(self, spec: VmSpec, steps: Steps, fresh: bool) -> None:
-        pid = self._pid(spec)
-        if pid is not None:
-            raise RuntimeFailure(f"{spec.name} already runs (QEMU pid {pid})",
-                                 "stop the instance first")
-        created = not spec.run_dir.exists()
-        private.mkdirs(spec.run_dir)
-        console_existed = self.console_log(spec).exists() and not fresh
-
-        def undo() -> None:
-            self._cleanup(spec)
-            _unlink(self.qemu_log(spec))
-            if not console_existed:
-                console.remove(self.console_log(spec))
-            if created:
-                with contextlib.suppress(OSError):
-                    spec.run_dir.rmdir()
-
-        steps.on_undo("run-dir", undo)
-        self._cleanup(spec)  # leftovers of a crashed hypervisor
-        if fresh:
-            console.remove(self.console_log(spec))
+        rundir.prepare(spec, steps, fresh, hypervisor="QEMU", pid=self._pid(spec), log=self.qemu_log(spec),
+                       console_log=self.console_log(spec), cleanup=lambda: self._cleanup(spec))
 
     # -- the jail ---------------------------------------------------------------------------
 
@@ -613,10 +578,10 @@ class QemuRuntime(Runtime):
     def _prepare_snap_dir(self, snap_dir: Path, steps: Steps) -> None:
         private.mkdirs(snap_dir)
         # Uncommit any older snapshot first: a manifest must never describe a half-written file.
-        _unlink(snap_dir / MANIFEST)
+        rundir.unlink(snap_dir / MANIFEST)
         # On failure no snapshot is left at all: the VM runs on, so its disks move on.
-        steps.on_undo("prepare", lambda: _unlink(snap_dir / (MEMORY_FILE + ".tmp"),
-                                                 snap_dir / MEMORY_FILE, snap_dir / MANIFEST))
+        steps.on_undo("prepare", lambda: rundir.unlink(snap_dir / (MEMORY_FILE + ".tmp"),
+                                                       snap_dir / MEMORY_FILE, snap_dir / MANIFEST))
 
     def _save(self, spec: VmSpec, q: Qmp, tmp: Path) -> None:
         q.execute("migrate-set-parameters", {"max-bandwidth": SNAPSHOT_BANDWIDTH})
@@ -705,7 +670,7 @@ class QemuRuntime(Runtime):
     def _cleanup(self, spec: VmSpec) -> None:
         """Remove the files and the jail's cgroup a dead hypervisor leaves; never while it lives."""
         if self._pid(spec) is None:
-            _unlink(self.qmp_socket(spec), self.agent_socket(spec), self.pid_file(spec))
+            rundir.unlink(self.qmp_socket(spec), self.agent_socket(spec), self.pid_file(spec))
             console.settle(self.console_log(spec))  # its logger writes the last lines and ends
             console.remove_pipe(self.console_log(spec))
             with contextlib.suppress(OSError):
