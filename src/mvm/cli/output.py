@@ -7,32 +7,22 @@ in a path would crash the print), no `:emoji:` codes. Styling is applied with `T
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 import time
 from collections.abc import Sequence
-from enum import Enum
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from mvm.util.jsonable import jsonable as to_jsonable
+
 out = Console(soft_wrap=True, markup=False, emoji=False)
 err = Console(stderr=True, soft_wrap=True, markup=False, emoji=False, highlight=False)
 
 
-def to_jsonable(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {k: to_jsonable(v) for k, v in dataclasses.asdict(obj).items()}
-    if isinstance(obj, Enum):
-        return obj.value
-    if isinstance(obj, dict):
-        return {k: to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [to_jsonable(v) for v in obj]
-    return obj
 
 
 def emit_json(obj: Any) -> None:

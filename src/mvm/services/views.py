@@ -4,27 +4,13 @@ writes the store."""
 
 from __future__ import annotations
 
-import dataclasses
-from enum import Enum
 from typing import Any
 
 from mvm.config.host import Host
 from mvm.lifecycle import specs
 from mvm.model import Instance, InstanceRef, PoolRef, check_id
 from mvm.services import instances, pools, tenants
-
-
-def jsonable(obj: Any) -> Any:
-    """Dataclasses, enums and tuples as JSON values (the form `--json` prints)."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {k: jsonable(v) for k, v in dataclasses.asdict(obj).items()}
-    if isinstance(obj, Enum):
-        return obj.value
-    if isinstance(obj, dict):
-        return {k: jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [jsonable(v) for v in obj]
-    return obj
+from mvm.util.jsonable import jsonable
 
 
 def tenant_list(ctx: Host) -> list[dict[str, Any]]:
