@@ -529,13 +529,7 @@ class FirecrackerRuntime(Runtime):
         self._kill(spec)
 
     def _kill(self, spec: VmSpec) -> None:
-        pid = self._pid(spec)
-        if pid is not None:
-            pids.kill(pid)
-            if not pids.wait_gone(pid, KILL_TIMEOUT):
-                raise RuntimeFailure(f"Firecracker pid {pid} of {spec.name} survived SIGKILL",
-                                     "the host may be in trouble; check `dmesg`")
-        self._cleanup(spec)
+        rundir.kill(spec, "Firecracker", self._pid(spec), KILL_TIMEOUT, cleanup=lambda: self._cleanup(spec))
 
     def _cleanup(self, spec: VmSpec) -> None:
         """Remove what a dead Firecracker leaves (sockets, pid file, FIFO, chroot, cgroup)."""

@@ -659,13 +659,7 @@ class QemuRuntime(Runtime):
         self._cleanup(spec)
 
     def _kill(self, spec: VmSpec) -> None:
-        pid = self._pid(spec)
-        if pid is not None:
-            pids.kill(pid)
-            if not pids.wait_gone(pid, KILL_TIMEOUT):
-                raise RuntimeFailure(f"QEMU pid {pid} of {spec.name} survived SIGKILL",
-                                     "the host may be in trouble; check `dmesg`")
-        self._cleanup(spec)
+        rundir.kill(spec, "QEMU", self._pid(spec), KILL_TIMEOUT, cleanup=lambda: self._cleanup(spec))
 
     def _cleanup(self, spec: VmSpec) -> None:
         """Remove the files and the jail's cgroup a dead hypervisor leaves; never while it lives."""

@@ -1,5 +1,6 @@
-"""What every backend does the same before it boots or restores a VM: check that the files a
-VM is made of exist, and make its run directory, registering the undo that leaves it as it was."""
+"""What every backend does the same around a VM: before it boots or restores, check that the
+files it is made of exist and make its run directory, registering the undo that leaves it as it
+was; at the end, kill its hypervisor and clear what it left."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 from mvm.errors import InvalidInput, RuntimeFailure
 from mvm.runtime import console
 from mvm.runtime.base import Steps, VmSpec
-from mvm.util import private
+from mvm.util import pids, private
 
 
 def unlink(*paths: Path) -> None:
@@ -57,3 +58,13 @@ def prepare(spec: VmSpec, steps: Steps, fresh: bool, *, hypervisor: str, pid: in
     cleanup()  # leftovers of a crashed hypervisor
     if fresh:
         console.remove(console_log)
+
+
+def kill(spec: VmSpec, hypervisor: str, pid: int | None, timeout: float, *, cleanup: Callable[[], None]) -> None:
+    """SIGKILL the VM's hypervisor (`pid`, if it runs), wait until it is gone, then `cleanup`."""
+    if pid is not None:
+        pids.kill(pid)
+        if not pids.wait_gone(pid, timeout):
+            raise RuntimeFailure(f"{hypervisor} pid {pid} of {spec.name} survived SIGKILL",
+                                 "the host may be in trouble; check `dmesg`")
+    cleanup()
