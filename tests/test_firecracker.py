@@ -162,7 +162,7 @@ def test_start_warm_resume_sleep_wake_stop(world: World) -> None:
     _no_firecracker_of(w, ref)
     assert not snap.exists()  # the consumed snapshot went once no hypervisor mapped it
     console = (w.spec(ref).run_dir / "console.log").read_text()
-    assert "reboot: Restarting system" in console or w.rt.command != DOUBLE
+    assert "reboot: Restarting system" in console, console  # the guest heard Ctrl-Alt-Del
 
 
 def test_the_runtimes_stop_of_a_paused_vm_powers_the_guest_off(world: World) -> None:

@@ -169,19 +169,27 @@ def test_a_guest_that_never_listens_ends_at_the_timeout(sock_path: Path) -> None
 
 
 def test_agent_client_pings_over_vsock(sock_path: Path) -> None:
+    nonces: list[bytes] = []
+
     def agent(conn: socket.socket, line: bytes) -> None:
         conn.sendall(b"OK 1073741825\n")
         f = conn.makefile("rb")
         for req in f:
             parts = req.strip(b"\x01\n").split(b" ")
             if len(parts) == 3 and parts[1] == b"ping":
+                nonces.append(parts[2])
                 conn.sendall(parts[0] + b" ok " + parts[2] + b"\n")
 
     srv = VsockSocket(sock_path, agent)
     try:
         with AgentClient(VsockChannel(sock_path, VSOCK_AGENT_PORT)) as c:
             c.wait_ready(timeout=20)
-            assert c.ping() >= 0
+            before = len(nonces)
+            c.ping()
+            # the ping crossed the channel after the CONNECT handshake, with a fresh nonce each time
+            assert len(nonces) == before + 1
+            c.ping()
+            assert len(nonces) == before + 2 and nonces[-1] != nonces[-2]
     finally:
         srv.close()
 
