@@ -296,6 +296,7 @@ print(json.dumps({"ppid": os.getppid(), "before": before, "ok": sup.ok, "reason"
 """
 
 
+@pytest.mark.net
 @pytest.mark.skipif(os.geteuid() != 0 or not jail.detect_cgroups().roots, reason="needs root and cgroups")
 def test_under_ip_netns_exec_with_pid_1_as_parent_mvm_mounts_the_cgroups_it_needs(netns: str, tmp_path: Path) -> None:
     """`ip netns exec` mounts a /sys without cgroups; a service's parent is PID 1 (whose view

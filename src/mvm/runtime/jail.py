@@ -11,7 +11,9 @@ by path, needs no privilege, and an escape lands in an unprivileged, empty, limi
 
 This module is the description (`plan`: pure, so it can be read and tested), the cgroups (v2
 where the host has the controllers on its unified hierarchy, else v1; any root, so a fake tree
-tests v2) and `spawn`, which runs `jail_exec.py` (the launcher; see its docstring for why one).
+tests v2; mounted by mvm where its own view has none: `cgroups`), `spawn`, which runs
+`jail_exec.py` (the launcher; see its docstring for why one), and the decision both backends
+take at each start (`decide`), held to the host's verdict recorded once (`Verdict`).
 """
 
 from __future__ import annotations
@@ -605,13 +607,20 @@ def decide_host(cgroup_root: Path | None = None, *, qemu: str = "qemu-system-x86
 
 
 def host_verdict(cfg: Config) -> Verdict:
-    """The recorded verdict (`cfg.record`), else one decided now — and recorded there."""
-    if cfg.record is not None and (v := Verdict.load(cfg.record)) is not None:
+    """The recorded verdict (`cfg.record`), else one decided now — and recorded there (without
+    a record: once per process)."""
+    if cfg.record is None:
+        if cfg.cgroup_root not in _DECIDED:
+            _DECIDED[cfg.cgroup_root] = decide_host(cfg.cgroup_root)
+        return _DECIDED[cfg.cgroup_root]
+    if (v := Verdict.load(cfg.record)) is not None:
         return v
     v = decide_host(cfg.cgroup_root)
-    if cfg.record is not None:
-        v.save(cfg.record)
+    v.save(cfg.record)
     return v
+
+
+_DECIDED: dict[Path | None, Verdict] = {}
 
 
 @dataclass(frozen=True)
