@@ -488,3 +488,52 @@ def test_a_wake_killed_after_a_step_is_finished_by_the_next_command(world: World
         assert i.snapshot == snap
         apply(w.ctx, ref, Action.WAKE)
     assert w.recall(ref) == "in-memory\n"
+
+
+def _start_events(w: World, kind: str) -> list[str]:
+    return [str(e["message"]) for e in reversed(w.ctx.store.events("acme")) if e["kind"] == kind]
+
+
+def test_every_start_and_wake_says_whether_it_is_jailed_and_a_jail_lost_is_refused(
+        world: World, tmp_path: Path) -> None:
+    """Firecracker's jailer path holds to the host's verdict as QEMU's jail does: on a host that
+    cannot jail, `auto` runs it unjailed and the start's and wake's events and `instance info`
+    say so and why; on a host recorded as able to jail, a start whose jailer or cgroups are
+    missing is refused with one line naming what, and nothing runs."""
+    from mvm.services import views
+
+    w = world
+    record = tmp_path / "jail.json"
+    jail.Verdict(False, "mvm does not run as root", "cgroup v1 (cpu, memory, pids)", {}, 1.0).save(record)
+    w.rt.jailer = "jailer"
+    w.rt.jail_config = jail.Config(jail.Mode.AUTO, record=record)
+    ref = w.new()
+    apply(w.ctx, ref, Action.START)
+    line = "unjailed: this host cannot jail Firecracker: mvm does not run as root"
+    assert _start_events(w, "instance.start") == [f"running revision {REV}; {line}"]
+    assert views.instance_info(w.ctx, ref)["jail"] == line
+    apply(w.ctx, ref, Action.SLEEP)
+    assert views.instance_info(w.ctx, ref)["jail"] is None  # no hypervisor, no jail to speak of
+    apply(w.ctx, ref, Action.WAKE)
+    assert _start_events(w, "instance.wake") == [f"restored from snapshot; {line}"]
+    assert views.instance_info(w.ctx, ref)["jail"] == line
+    apply(w.ctx, ref, Action.STOP)
+
+    able = jail.Verdict(True, "", "cgroup v1 (cpu, memory, pids)", {"qemu": None, "firecracker": None}, 1.0)
+    able.save(record)
+    hint = ("(this host was found able to jail (see `mvm doctor`): restore what is missing, or run "
+            "`mvm setup` to decide again; `mvm config set jail off` runs hypervisors unjailed)")
+    w.rt.jailer = "no-such-jailer"
+    with pytest.raises(HostUnsupported) as e:
+        apply(w.ctx, ref, Action.START)
+    assert e.value.line() == f"cannot jail the hypervisor: no-such-jailer is not on PATH {hint}"
+    w.rt.jailer = "true"  # (on PATH) but this process sees no cgroup controllers now
+    empty = tmp_path / "cg"
+    empty.mkdir()
+    (empty / "cgroup.controllers").write_text("hugetlb\n")
+    w.rt.jail_config = jail.Config(jail.Mode.AUTO, cgroup_root=empty, record=record)
+    with pytest.raises(HostUnsupported) as e:
+        apply(w.ctx, ref, Action.START)
+    assert e.value.line() == f"cannot jail the hypervisor: cgroup v2: missing controllers cpu, memory, pids {hint}"
+    assert w.state(ref) is State.STOPPED and len(_start_events(w, "instance.start")) == 1
+    _no_firecracker_of(w, ref)

@@ -4,8 +4,12 @@ and a required jail refused on a host that cannot set it up."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -184,18 +188,133 @@ def test_share_with_group_makes_a_private_file_readable_by_the_tenant_group_only
 
 
 def test_jail_settings_and_doctor(mvm) -> None:  # type: ignore[no-untyped-def]
-    import json
-
     r = mvm("config", "set", "jail", "maybe")
     assert r.rc == 2 and r.lines[0].startswith("error: setting jail: 'maybe' is not one of auto, required, off")
     assert mvm("config", "set", "jail-uid-base", "12").rc == 2
     assert mvm.ok("config", "get", "jail").out.strip() == "auto"
     mvm.ok("config", "set", "jail", "required")
     assert mvm.ok("config", "get", "jail").out.strip() == "required"
-    checks = {c["check"]: c for c in json.loads(mvm.ok("doctor", "--json").out)}
-    row = checks["jail"]
-    assert row["mode"] == "required" and row["required"] is True
-    assert row["detail"].startswith(("on; uids/gids 1900000001-", "UNAVAILABLE: "))
-    if jail.support().ok and shutil.which("qemu-system-x86_64"):
-        assert row["ok"] and row["seccomp"] and row["controllers"] == ["cpu", "memory", "pids"]
-        assert row["cgroup_version"] == jail.detect_cgroups().version
+    row = doctor_row(mvm)
+    assert row["mode"] == "required" and row["required"] is True and row["host_can_jail"] is None
+    assert row["detail"].startswith("not decided yet (`mvm setup` decides it; else the first start): ")
+    if jail.support().ok:
+        assert row["ok"] and row["now_ok"] and row["controllers"] == ["cpu", "memory", "pids"]
+        assert row["cgroup_version"] == jail.cgroups().version
+
+
+def doctor_row(mvm, *, rc: int = 0) -> dict:  # type: ignore[no-untyped-def,type-arg]
+    r = mvm("doctor", "--json")
+    assert r.rc == rc, r.err
+    return {c["check"]: c for c in json.loads(r.out)}["jail"]  # type: ignore[no-any-return]
+
+
+CAN = jail.Verdict(True, "", "cgroup v1 (cpu, memory, pids)", {"qemu": None, "firecracker": None}, 1.0)
+CANNOT = jail.Verdict(False, "mvm does not run as root", "cgroup v1 (cpu, memory, pids)", {}, 1.0)
+
+
+def test_setup_records_whether_the_host_can_jail_and_doctor_shows_it(mvm, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from mvm.config.paths import Layout
+    from mvm.services import host_setup
+
+    layout = Layout(mvm.home)
+    v = host_setup.record_jail(layout)  # (what `mvm setup` runs)
+    assert jail.Verdict.load(layout.jail_verdict()) == v
+    if not shutil.which("qemu-system-x86_64") or not jail.support().ok:
+        pytest.skip(f"this host cannot jail: {v.line()}")
+    assert v.ok and v.backends["qemu"] is None, v
+    assert v.backends["firecracker"] == (None if shutil.which("jailer") else "jailer is not on PATH")
+    row = doctor_row(mvm)
+    assert row["ok"] and row["required"] and row["host_can_jail"] is True and row["decided"] == v.decided
+    assert row["detail"].startswith("on: this host can jail")
+
+    # recorded as able, but this process cannot now: doctor fails the check and says starts are refused
+    (mvm.home / "config.json").write_text(json.dumps({**json.loads((mvm.home / "config.json").read_text()),
+                                                      "jail": "auto"}))
+    CANNOT.save(layout.jail_verdict())
+    row = doctor_row(mvm)  # a host that cannot jail: a warning under auto, hypervisors run unjailed
+    assert (row["ok"], row["required"], row["host_can_jail"]) == (False, False, False)
+    assert row["detail"].startswith("UNAVAILABLE: this host cannot jail: mvm does not run as root; "
+                                    "hypervisors run unjailed (setting jail=auto); uids/gids ")
+    mvm.ok("config", "set", "jail", "required")
+    row = doctor_row(mvm, rc=1)  # ... and a failure when the jail is required
+    assert row["detail"].startswith("UNAVAILABLE: this host cannot jail: mvm does not run as root; "
+                                    "starts are refused (setting jail=required)")
+
+
+def test_a_host_recorded_as_able_to_jail_refuses_a_hypervisor_it_cannot_jail_now(tmp_path: Path) -> None:
+    """The jail never goes away without a word: under `auto` too, a start that cannot be jailed
+    on a host that can jail is refused with one line naming what is missing, leaving nothing."""
+    s = spec(tmp_path, net=None)
+    for f in (s.kernel, s.initrd, *(d.path for d in s.disks)):
+        assert f is not None
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(b"x")
+    record = tmp_path / "jail.json"
+    CAN.save(record)
+    empty = fake_v2(tmp_path / "cg", "hugetlb")  # this process sees no cpu, memory, pids now
+    for mode in (jail.Mode.AUTO, jail.Mode.REQUIRED):
+        rt = QemuRuntime("tcg", jail_config=jail.Config(mode, cgroup_root=empty, record=record))
+        with pytest.raises(HostUnsupported) as e:
+            rt.boot(s)
+        assert e.value.line().splitlines() == [
+            "cannot jail the hypervisor: cgroup v2: missing controllers cpu, memory, pids (this host "
+            "was found able to jail (see `mvm doctor`): restore what is missing, or run `mvm setup` "
+            "to decide again; `mvm config set jail off` runs hypervisors unjailed)"]
+        assert not s.run_dir.exists() and not rt.is_alive(s)
+    # recorded as unable: auto runs it unjailed, and says why; required refuses; off is off
+    CANNOT.save(record)
+    how = jail.decide(jail.Config(jail.Mode.AUTO, cgroup_root=empty, record=record), "qemu")
+    assert how.line() == "unjailed: this host cannot jail QEMU: mvm does not run as root"
+    with pytest.raises(HostUnsupported, match=r"required .* cannot be set up here: mvm does not run as root"):
+        jail.decide(jail.Config(jail.Mode.REQUIRED, record=record), "qemu")
+    assert jail.decide(jail.Config(jail.Mode.OFF, record=record), "qemu").line() == "unjailed: setting jail=off"
+    # no record (a home where setup has not run): decided at the first start, and recorded
+    fresh = tmp_path / "fresh.json"
+    assert not jail.decide(jail.Config(jail.Mode.AUTO, cgroup_root=empty, record=fresh), "qemu").jailed
+    assert jail.Verdict.load(fresh) is not None and not jail.Verdict.load(fresh).ok  # type: ignore[union-attr]
+
+
+def start_as_a_service(argv: list[str], out: Path, env: dict[str, str]) -> int:
+    """Start a command as a service manager leaves it: its launching shell exits at once (its
+    parent is then PID 1), stdin from /dev/null, stdout and stderr to a file. Its pid."""
+    r = subprocess.run(["sh", "-c", 'exec "$@" </dev/null >"$OUT" 2>&1 & echo $!', "sh", *argv],
+                       env={**env, "OUT": str(out)}, check=True, timeout=30, capture_output=True, text=True)
+    return int(r.stdout)
+
+
+SEES = """
+import json, os, sys, time
+from mvm.runtime import jail
+deadline = time.monotonic() + 10
+while os.getppid() != 1 and time.monotonic() < deadline:
+    time.sleep(0.01)
+before = [l.split()[1] for l in open("/proc/self/mounts") if l.split()[2] in ("cgroup", "cgroup2")]
+sup = jail.support()
+mounts = {o for l in open("/proc/self/mounts") if l.split()[2] == "cgroup" for o in l.split()[3].split(",")}
+print(json.dumps({"ppid": os.getppid(), "before": before, "ok": sup.ok, "reason": sup.reason,
+                  "roots": {c: str(d) for c, d in sup.cgroups.roots.items()}, "mounts": sorted(mounts)}))
+"""
+
+
+@pytest.mark.net
+@pytest.mark.skipif(os.geteuid() != 0 or not jail.detect_cgroups().roots, reason="needs root and cgroups")
+def test_under_ip_netns_exec_with_pid_1_as_parent_mvm_mounts_the_cgroups_it_needs(netns: str, tmp_path: Path) -> None:
+    """`ip netns exec` mounts a /sys without cgroups; a service's parent is PID 1 (whose view
+    proves nothing about this process's): mvm mounts the hierarchies itself, in the namespace
+    `ip netns exec` made, where the jail (and Firecracker's jailer, which reads /proc/mounts)
+    finds them. The host's view is untouched."""
+    out = tmp_path / "out.json"
+    start_as_a_service(["ip", "netns", "exec", netns, sys.executable, "-c", SEES], out, dict(os.environ))
+    deadline = time.monotonic() + 30
+    while not out.read_text().strip().endswith("}"):
+        assert time.monotonic() < deadline, out.read_text()
+        time.sleep(0.05)
+    seen = json.loads(out.read_text())
+    assert seen["ppid"] == 1 and seen["before"] == []  # a service's view: no cgroup mounts at all
+    assert (seen["ok"], seen["reason"]) == (True, ""), seen
+    assert all(Path(d).parent == jail.PRIVATE_ROOT for d in seen["roots"].values()), seen
+    assert {"cpu", "memory", "pids"} <= set(seen["mounts"])
+    host_mounts = Path("/proc/self/mounts").read_text()
+    assert str(jail.PRIVATE_ROOT) not in host_mounts  # mounted in that namespace only
+
+

@@ -4,9 +4,12 @@ restore, a crash and stop work jailed and leave nothing behind. The cgroups are 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +22,7 @@ from mvm.runtime.base import JailIds, VmSpec, VmStatus
 from mvm.runtime.qemu import QemuRuntime
 from mvm.util import pids
 from tests.conftest import Mvm, instances_by_state, needs_assets, sh
+from tests.test_agent import _events, _pool
 from tests.test_instances import setup_pool
 from tests.test_qemu_runtime import (  # noqa: F401
     Vms,
@@ -222,3 +226,53 @@ def test_pool_scale_runs_jailed_instances(gmvm: Mvm, flake_copy, tmp_path: Path)
     gmvm.ok("pool", "scale", "acme/workers", "--running", "0")
     assert processes_of(uid) == []
     assert not any(iid in p.name for p in Path("/sys/fs/cgroup/memory/mvm").iterdir())
+
+
+@needs_assets("kernel", "builtin-flake", "nixpkgs-offline")
+@pytest.mark.nix
+@pytest.mark.net
+def test_an_agent_started_as_a_service_jails_its_hypervisors(gmvm: Mvm, tmp_path: Path) -> None:
+    """`ip netns exec NS mvm agent serve` as a service manager starts it (its parent PID 1, a /sys
+    without cgroup mounts): the QEMUs it starts and wakes are jailed, and their events and
+    `instance info` (directly and through the agent) say so."""
+    from tests.test_jail import start_as_a_service
+
+    _pool(gmvm, "acme/w")
+    assert gmvm.ns
+    argv = ["ip", "netns", "exec", gmvm.ns, sys.executable, "-m", "mvm.cli.main", "agent", "serve",
+            "--interval", "1"]
+    log = tmp_path / "agent.log"
+    agent = start_as_a_service(argv, log, gmvm.env)
+    try:
+        sock = gmvm.home / "agent" / "api.sock"
+        deadline = time.monotonic() + 60
+        while not sock.exists():
+            assert pids.is_running(agent) and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        assert status(agent)["PPid"] == "1"
+        through = Mvm(gmvm.home, ns=gmvm.ns)
+        through.env["MVM_AGENT"] = str(sock)
+        through.ok("pool", "scale", "acme/w", "--running", "1")
+        inst = instances_by_state(gmvm, "acme/w")["running"][0]
+        idir = gmvm.home / "tenants/acme/pools/w/instances" / inst.split("/")[-1]
+        for woken in (False, True):
+            pid = pids.read_pid(idir / "run" / "qemu.pid")
+            assert pid is not None
+            st = status(pid)
+            assert int(st["Uid"].split()[0]) > BASE and st["CapEff"] == "0000000000000000", st
+            assert st["Seccomp"] == "2" and len(st["NSpid"].split()) == 2, st  # pid 1 of its own
+            cg = cgroup_dirs(pid)
+            assert set(cg) == {"cpu", "memory", "pids"} and all(d.parent.name == "mvm" for d in cg.values())
+            assert int((cg["memory"] / "memory.limit_in_bytes").read_text()) == (256 + 128 + 64) << 20
+            for m in (gmvm, through):  # the CLI's view and the API's
+                assert json.loads(m.ok("instance", "info", inst, "--json").out)["jail"] == "jailed"
+            kind = "instance.wake" if woken else "instance.start"
+            assert [msg.endswith("; jailed") for _, msg, _ in _events(gmvm, kind)] == [True], _events(gmvm, kind)
+            if not woken:  # (the agent holds the pool at its counts: scaled, not slept by hand)
+                through.ok("pool", "scale", "acme/w", "--running", "0", "--sleeping", "1")
+                through.ok("pool", "scale", "acme/w", "--running", "1")
+                assert instances_by_state(gmvm, "acme/w") == {"running": [inst]}
+        assert sh(gmvm, inst, "echo ok").out == "ok\n"
+    finally:
+        os.kill(agent, signal.SIGTERM)
+        assert pids.wait_gone(agent, 60)

@@ -180,6 +180,8 @@ class InstanceView(InstanceOut):
 class InstanceInfo(InstanceView):
     data_disk: str | None
     pool_current_revision: str | None
+    #: Its running hypervisor: "jailed" or "unjailed: <why>"; null when none runs.
+    jail: str | None
 
 
 class TransitionOut(BaseModel):

@@ -62,6 +62,10 @@ class Layout:
         """Where the KVM speed verdict is kept (re-probed after each host reboot)."""
         return self.home / "kvm-probe.json"
 
+    def jail_verdict(self) -> Path:
+        """Whether this host can jail hypervisors, as `mvm setup` decided (runtime/jail.Verdict)."""
+        return self.home / "jail.json"
+
     def secrets_runtime_dir(self) -> Path:
         """Memory-backed storage for clear-text secrets images (never on disk)."""
         return (self.runtime_root or Path("/dev/shm")) / f"mvm-{self._tag()}"

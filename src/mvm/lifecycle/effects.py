@@ -63,8 +63,11 @@ def _recovered(run: Run, state: State, how: str, exc: BaseException | None,
 def _running(run: Run, kind: str, message: str, reason: Reason | None, cause: str | None = None,
              **fields: object) -> Instance:
     """End a start or a wake with the guest up: no clear-text secrets image left (the hypervisor
-    holds it open), the secrets version it got recorded, older snapshots swept."""
+    holds it open), the secrets version it got recorded, older snapshots swept. Its event says
+    whether the hypervisor is jailed (and if not, why)."""
     secrets_disk.remove(run.ctx.layout, run.i.id)
+    if (jail := run.rt.jail_of(run.control)) is not None:
+        message = f"{message}; {jail}"
     i = run.end(State.RUNNING, kind, message, reason, cause=cause, error=None,
                 secrets_version=int(run.op.data["secrets_version"]), **fields)
     sweep_snapshots(run, True)

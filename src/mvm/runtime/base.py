@@ -312,6 +312,11 @@ class Runtime(ABC):
         time: the agent's idle policy); None when the backend cannot tell."""
         return None
 
+    def jail_of(self, spec: VmSpec) -> str | None:
+        """Whether this VM's running hypervisor is jailed, as decided at its start: "jailed" or
+        "unjailed: <why>"; None when none runs, or the backend cannot tell."""
+        return None
+
     def mem_overhead(self) -> int:
         """MiB a VM's hypervisor holds beyond guest RAM (admission counts it with the RAM).
         A backend that knows better (QEMU: its jail's figure, with the TCG cache) says so."""

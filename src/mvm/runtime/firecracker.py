@@ -42,7 +42,7 @@ from typing import Any
 
 import httpx
 
-from mvm.errors import HostUnsupported, RuntimeFailure
+from mvm.errors import RuntimeFailure
 from mvm.guest.agent_client import AgentClient
 from mvm.guest.channels import VSOCK_AGENT_PORT, VsockChannel
 from mvm.runtime import console, jail, rundir
@@ -239,7 +239,6 @@ class FirecrackerRuntime(Runtime):
         self.command = [binary] if isinstance(binary, str) else list(binary)
         self.jailer = jailer
         self.jail_config = jail_config or jail.Config(jail.Mode.OFF)
-        self._jail_support: jail.Support | None = None
         #: The console FIFO's writer mvm holds while a jailed Firecracker has not opened it yet.
         self._writer: int | None = None
 
@@ -422,8 +421,10 @@ class FirecrackerRuntime(Runtime):
     def _start(self, spec: VmSpec, steps: Steps, snap_dir: Path | None = None) -> Paths:
         """Spawn Firecracker (jailed or not) and wait for its API; returns how it names files."""
         steps.on_undo("spawn", lambda: self._kill(spec))
-        if self.jailed():
-            return self._spawn_jailed(spec, snap_dir)
+        how = self.jailing()
+        rundir.note_jail(spec, how.line())
+        if how.cgroups is not None:
+            return self._spawn_jailed(spec, snap_dir, how.cgroups)
         reader = console.open_pipe(self.console_log(spec))
         try:
             writer = os.open(console.pipe_path(self.console_log(spec)),
@@ -535,7 +536,8 @@ class FirecrackerRuntime(Runtime):
         """Remove what a dead Firecracker leaves (sockets, pid file, FIFO, chroot, cgroup)."""
         if self._pid(spec) is not None:
             return
-        rundir.unlink(self.api_socket(spec), self.agent_socket(spec), self.pid_file(spec))
+        rundir.unlink(self.api_socket(spec), self.agent_socket(spec), self.pid_file(spec),
+                      rundir.jail_note_path(spec))
         console.settle(self.console_log(spec))
         console.remove_pipe(self.console_log(spec))
         base = spec.run_dir / JAIL_DIR
@@ -543,7 +545,7 @@ class FirecrackerRuntime(Runtime):
             unbind_chroot(self._jail_root(spec))
             shutil.rmtree(base, ignore_errors=True)
             with contextlib.suppress(RuntimeFailure):
-                jail.remove_cgroup(jail.detect_cgroups(self.jail_config.cgroup_root), jail.cgroup_name(spec))
+                jail.remove_cgroup(jail.cgroups(self.jail_config.cgroup_root), jail.cgroup_name(spec))
 
     def _last_words(self, spec: VmSpec) -> str:
         parts = []
@@ -562,28 +564,25 @@ class FirecrackerRuntime(Runtime):
 
     # -- the jailer -------------------------------------------------------------------------
 
+    def jailing(self) -> jail.Jailing:
+        """Whether the Firecracker starting now runs under its jailer: the setting, the host's
+        recorded verdict (which says whether the jailer was on PATH), the jailer and what this
+        process can do now; refuses as `jail.decide` says. `jailer=None`: never jailed."""
+        if self.jailer is None:
+            return jail.Jailing(False, "this runtime was made without Firecracker's jailer")
+        now = None if proc_which(self.jailer) else f"{self.jailer} is not on PATH"
+        return jail.decide(self.jail_config, self.name, now)
+
     def jailed(self) -> bool:
-        """Whether to run Firecracker under its jailer: the setting allows it, the jailer is
-        on PATH and the host can jail (root, cgroups). Refuses when required but impossible."""
-        mode = self.jail_config.mode
-        if mode is jail.Mode.OFF or self.jailer is None:
-            return False
-        if self._jail_support is None:
-            self._jail_support = jail.support(self.jail_config.cgroup_root)
-        why = None if proc_which(self.jailer) else f"{self.jailer} is not on PATH"
-        why = why or (None if self._jail_support.ok else self._jail_support.reason)
-        if why and mode is jail.Mode.REQUIRED:
-            raise HostUnsupported(f"the hypervisor jail is required (setting jail=required) but cannot "
-                                  f"be set up here: {why}",
-                                  "install Firecracker's jailer, or `mvm config set jail auto`")
-        return why is None
+        return self.jailing().jailed
+
+    def jail_of(self, spec: VmSpec) -> str | None:
+        return rundir.jail_note(spec) if self.is_alive(spec) else None
 
     def _jail_root(self, spec: VmSpec) -> Path:
         return chroot_dir(spec.run_dir / JAIL_DIR, Path(self.command[0]).name, vm_id(spec))
 
-    def _spawn_jailed(self, spec: VmSpec, snap_dir: Path | None) -> Paths:
-        sup = self._jail_support
-        assert sup is not None
+    def _spawn_jailed(self, spec: VmSpec, snap_dir: Path | None, cgroups: jail.Cgroups) -> Paths:
         desc = jail.describe(spec, self.jail_config.uid_base, jail.MEM_OVERHEAD_MIB)
         root = self._jail_root(spec)
         root.mkdir(parents=True, mode=0o700)
@@ -602,7 +601,7 @@ class FirecrackerRuntime(Runtime):
         link_into_chroot(root, links, desc.ids.uid, desc.ids.gid)
         netns = None  # the instance's TAP lives in the host's namespace
         args = jailer_argv(self.jailer or JAILER, proc_which(self.command[0]) or self.command[0], spec, desc,
-                           sup.cgroups.version, spec.run_dir / JAIL_DIR, netns)
+                           cgroups.version, spec.run_dir / JAIL_DIR, netns)
         with open(self.fc_log(spec), "ab") as out:
             run(args, timeout=SPAWN_TIMEOUT, stdout=out.fileno())
         pid_in_chroot = root / f"{Path(self.command[0]).name}.pid"

@@ -11,7 +11,9 @@ by path, needs no privilege, and an escape lands in an unprivileged, empty, limi
 
 This module is the description (`plan`: pure, so it can be read and tested), the cgroups (v2
 where the host has the controllers on its unified hierarchy, else v1; any root, so a fake tree
-tests v2) and `spawn`, which runs `jail_exec.py` (the launcher; see its docstring for why one).
+tests v2; mounted by mvm where its own view has none: `cgroups`), `spawn`, which runs
+`jail_exec.py` (the launcher; see its docstring for why one), and the decision both backends
+take at each start (`decide`), held to the host's verdict recorded once (`Verdict`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from pathlib import Path
 
 from mvm.errors import CommandFailed, HostUnsupported, RuntimeFailure
 from mvm.runtime.base import JailIds, VmSpec
+from mvm.util import private
 from mvm.util.proc import run
 
 LAUNCHER = Path(__file__).with_name("jail_exec.py")
@@ -78,8 +81,10 @@ UID_BASE = 1_900_000_000
 class Config:
     mode: Mode = Mode.AUTO
     uid_base: int = UID_BASE
-    #: None: /sys/fs/cgroup, or the host init's view of it when this process has none
+    #: None: /sys/fs/cgroup, or the hierarchies mvm mounts where this process sees none there
     cgroup_root: Path | None = None
+    #: Where the host's verdict (can it jail?) is recorded; None: decided anew, not recorded
+    record: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -123,32 +128,91 @@ class Cgroups:
         return f"cgroup v{self.version} ({', '.join(sorted(self.roots))})"
 
 
-def detect_cgroups(root: Path | None = None) -> Cgroups:
-    """v2 when the unified hierarchy at `root` offers every controller, else v1 hierarchies
-    mounted as `root/<controller>` (as this host and systemd's hybrid layout have them).
-    Without a root: /sys/fs/cgroup — or, where this process has no cgroup mounts there (a
-    command run by `ip netns exec`, as the tests and the benchmark run mvm, gets a /sys of its
-    own), the tree as its nearest ancestor sees it (`/proc/<ppid>/root/sys/fs/cgroup`)."""
+def detect_cgroups(root: Path = CGROUP_ROOT) -> Cgroups:
+    """The hierarchies as found at `root`, mounting nothing: v2 when the unified hierarchy
+    there offers every controller, else v1 hierarchies mounted as `root/<controller>` (as this
+    host and systemd's hybrid layout have them)."""
+    return _detect(root)
+
+
+def cgroups(root: Path | None = None) -> Cgroups:
+    """The hierarchies the jail uses. Given a root: as found there (a fake tree, in tests).
+    Else /sys/fs/cgroup — or, where this process's view has no cgroup mounts there, the
+    kernel's hierarchies mounted by mvm itself at PRIVATE_ROOT: `ip netns exec` (how a service
+    manager or a test runs mvm inside a network namespace) mounts a /sys of its own without
+    them, in a mount namespace of its own, where mvm's mounts stay. What any other process
+    sees (its parent, PID 1) is never consulted: it proves nothing about this one."""
     if root is not None:
         return _detect(root)
     found = _detect(CGROUP_ROOT)
-    pid = os.getppid()
-    for _ in range(8):
-        if not found.missing or pid <= 1:
-            break
-        with contextlib.suppress(OSError):
-            seen = _detect(Path(f"/proc/{pid}/root") / CGROUP_ROOT.relative_to("/"))
-            if not seen.missing:
-                return seen
-        pid = _ppid(pid)
-    return found
+    if not found.missing:
+        return found
+    mounted = mount_private()
+    return mounted if mounted is not None else found
 
 
-def _ppid(pid: int) -> int:
+#: Where mvm mounts the hierarchies it needs when its view of /sys/fs/cgroup has none.
+PRIVATE_ROOT = Path("/run/mvm/cgroup")
+
+
+def mount_private(base: Path = PRIVATE_ROOT) -> Cgroups | None:
+    """Mount the hierarchies holding the jail's controllers under `base` (each once: a mount
+    already there is reused) and describe them; None if the kernel lacks one of them or a
+    mount fails (then the caller's own view says what is missing). v1 where the kernel has
+    the controllers bound to v1 hierarchies (/proc/cgroups names a hierarchy; controllers
+    bound together are mounted together), else v2."""
+    hierarchies = kernel_hierarchies()
+    if hierarchies is None or any(c not in hierarchies for c in CONTROLLERS):
+        return None
     try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
-        return 0
+        if all(hierarchies[c] == 0 for c in CONTROLLERS):  # on the unified hierarchy
+            _mount(base / "unified", "cgroup2", None)
+            cg = _detect(base / "unified")
+            return cg if not cg.missing else None
+        if any(hierarchies[c] == 0 for c in CONTROLLERS):
+            return None  # split between v1 and v2: the jail uses one version
+        roots = {}
+        for c in CONTROLLERS:
+            together = sorted(k for k, h in hierarchies.items() if h == hierarchies[c])
+            d = base / ",".join(together)
+            _mount(d, "cgroup", ",".join(together))
+            roots[c] = d
+    except (OSError, CommandFailed):
+        return None
+    return Cgroups(1, roots)
+
+
+def kernel_hierarchies() -> dict[str, int] | None:
+    """Enabled controller -> its v1 hierarchy's number (0: the unified hierarchy), from
+    /proc/cgroups; None without it."""
+    try:
+        lines = Path("/proc/cgroups").read_text().splitlines()
+    except OSError:
+        return None
+    out = {}
+    for line in lines:
+        f = line.split()
+        if len(f) == 4 and not line.startswith("#") and f[3] == "1":
+            out[f[0]] = int(f[1])
+    return out
+
+
+def _mount(d: Path, fstype: str, options: str | None) -> None:
+    if _mounted_here(d, fstype):
+        return
+    private.mkdirs(d.parent.parent, 0o711)  # /run/mvm, as the runtime root is made
+    private.mkdirs(d)
+    run(["mount", "-t", fstype, *(["-o", options] if options else []), fstype, str(d)], timeout=10)
+
+
+def _mounted_here(d: Path, fstype: str) -> bool:
+    """Whether this process sees a mount of `fstype` at d (/proc/self/mountinfo)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/mountinfo").read_text().splitlines():
+            fields = line.split(" - ", 1)
+            if len(fields) == 2 and fields[0].split()[4] == str(d) and fields[1].split()[0] == fstype:
+                return True
+    return False
 
 
 def _detect(root: Path) -> Cgroups:
@@ -453,25 +517,16 @@ def spawn(p: Plan) -> None:
 
 @dataclass(frozen=True)
 class Support:
-    """Whether this host can jail hypervisors, and what it has for it (for `doctor`)."""
+    """Whether this process can jail hypervisors now (root, the cgroup controllers — mounted
+    by mvm where its view has none —, PID namespaces), and the cgroups it has for it."""
 
     ok: bool
     reason: str
     cgroups: Cgroups
 
-    def line(self, mode: Mode, uid_base: int) -> str:
-        state = ("off (setting jail=off)" if mode is Mode.OFF
-                 else "on" if self.ok else f"UNAVAILABLE: {self.reason}")
-        kvm = ""
-        with contextlib.suppress(OSError):
-            if os.stat("/dev/kvm").st_mode & 0o060 != 0o060:
-                kvm = "; /dev/kvm is root's only, so jailed QEMUs cannot use KVM (make it 0660 root:kvm)"
-        return (f"{state}; uids/gids {uid_base + 1}-{uid_base + 2 * IDS - 1}; "
-                f"{self.cgroups.describe()}; pid/mount/net namespaces; QEMU's seccomp sandbox{kvm}")
-
 
 def support(cgroup_root: Path | None = None) -> Support:
-    cg = detect_cgroups(cgroup_root)
+    cg = cgroups(cgroup_root) if os.geteuid() == 0 else detect_cgroups(cgroup_root or CGROUP_ROOT)
     if os.geteuid() != 0:
         return Support(False, "mvm does not run as root", cg)
     if cg.missing:
@@ -479,6 +534,152 @@ def support(cgroup_root: Path | None = None) -> Support:
     if not Path("/proc/self/ns/pid").exists():
         return Support(False, "the kernel has no PID namespaces", cg)
     return Support(True, "", cg)
+
+
+# -- once per host: can it jail? --------------------------------------------------------------
+
+#: What each backend's jail needs beyond the host's support, in the verdict's words.
+BACKENDS = {"qemu": "QEMU", "firecracker": "Firecracker"}
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Whether this host can jail hypervisors, decided once — at `mvm setup` (or the first
+    start of a state home where it has not run) — and recorded. On a host that can, a
+    hypervisor that cannot be jailed at its start is refused: the jail never goes away
+    without a word. On one that cannot, `jail auto` runs hypervisors unjailed and says so."""
+
+    ok: bool
+    reason: str  # why not, when not ok
+    cgroups: str  # Cgroups.describe() when decided
+    #: per backend: None when its own part of the jail works (QEMU's seccomp sandbox starts,
+    #: Firecracker's jailer is on PATH), else why not
+    backends: dict[str, str | None] = field(default_factory=dict)
+    decided: float = 0.0
+
+    def why_not(self, backend: str) -> str | None:
+        """Why this host cannot jail `backend`'s hypervisors; None if it can."""
+        if not self.ok:
+            return self.reason
+        return self.backends.get(backend)
+
+    def line(self) -> str:
+        if not self.ok:
+            return f"this host cannot jail: {self.reason}"
+        cannot = [f"{BACKENDS.get(b, b)}: {why}" for b, why in self.backends.items() if why]
+        return "this host can jail" + (f" (but not {'; '.join(cannot)})" if cannot else "")
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__, indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def load(cls, path: Path) -> Verdict | None:
+        """The recorded verdict; None if there is none (or it cannot be read)."""
+        try:
+            raw = json.loads(path.read_text())
+            return cls(bool(raw["ok"]), str(raw["reason"]), str(raw["cgroups"]),
+                       {str(k): (None if v is None else str(v)) for k, v in raw["backends"].items()},
+                       float(raw["decided"]))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        with os.fdopen(private.create(tmp), "w") as f:
+            f.write(self.to_json())
+        os.replace(tmp, path)
+
+
+def decide_host(cgroup_root: Path | None = None, *, qemu: str = "qemu-system-x86_64",
+                jailer: str = "jailer") -> Verdict:
+    """Find out whether this host can jail (costs a QEMU start: its seccomp sandbox)."""
+    from mvm.util.proc import which
+
+    sup = support(cgroup_root)
+    backends: dict[str, str | None] = {}
+    if sup.ok:
+        binary = which(qemu)
+        why = seccomp_works(binary) if binary else f"{qemu} is not on PATH"
+        backends["qemu"] = None if why is None else f"QEMU's seccomp sandbox does not work: {why}"
+        backends["firecracker"] = None if which(jailer) else f"{jailer} is not on PATH"
+    return Verdict(sup.ok, sup.reason, sup.cgroups.describe(), backends, time.time())
+
+
+def host_verdict(cfg: Config) -> Verdict:
+    """The recorded verdict (`cfg.record`), else one decided now — and recorded there (without
+    a record: once per process)."""
+    if cfg.record is None:
+        if cfg.cgroup_root not in _DECIDED:
+            _DECIDED[cfg.cgroup_root] = decide_host(cfg.cgroup_root)
+        return _DECIDED[cfg.cgroup_root]
+    if (v := Verdict.load(cfg.record)) is not None:
+        return v
+    v = decide_host(cfg.cgroup_root)
+    v.save(cfg.record)
+    return v
+
+
+_DECIDED: dict[Path | None, Verdict] = {}
+
+
+@dataclass(frozen=True)
+class Jailing:
+    """What a runtime does about the jail of a hypervisor it starts now."""
+
+    jailed: bool
+    why: str = ""  # why unjailed
+    cgroups: Cgroups | None = None
+
+    def line(self) -> str:
+        return "jailed" if self.jailed else f"unjailed: {self.why}"
+
+
+def decide(cfg: Config, backend: str, needs: str | None = None) -> Jailing:
+    """Jailed, or unjailed and why, for a hypervisor of `backend` starting now; `needs`: what
+    the backend itself misses now (Firecracker's jailer). Refuses (HostUnsupported, one line)
+    when the jail is required and the host cannot jail, and whenever the host can jail — as
+    recorded — but this start cannot be jailed: what is missing is named, nothing runs."""
+    if cfg.mode is Mode.OFF:
+        return Jailing(False, "setting jail=off")
+    verdict = host_verdict(cfg)
+    if (why := verdict.why_not(backend)) is not None:
+        if cfg.mode is Mode.REQUIRED:
+            raise HostUnsupported(f"the hypervisor jail is required (setting jail=required) but "
+                                  f"cannot be set up here: {why}",
+                                  "see `mvm doctor`; or `mvm config set jail auto` to run unjailed "
+                                  "where the jail is unavailable")
+        return Jailing(False, f"this host cannot jail {BACKENDS.get(backend, backend)}: {why}")
+    now = support(cfg.cgroup_root)
+    missing = needs if now.ok else now.reason
+    if missing:
+        raise HostUnsupported(f"cannot jail the hypervisor: {missing}",
+                              "this host was found able to jail (see `mvm doctor`): restore what is "
+                              "missing, or run `mvm setup` to decide again; `mvm config set jail off` "
+                              "runs hypervisors unjailed")
+    return Jailing(True, cgroups=now.cgroups)
+
+
+def describe_host(mode: Mode, uid_base: int, verdict: Verdict | None, now: Support) -> str:
+    """The jail as `doctor` shows it: the setting, the host's recorded verdict, what it sees now."""
+    kvm = ""
+    with contextlib.suppress(OSError):
+        if os.stat("/dev/kvm").st_mode & 0o060 != 0o060:
+            kvm = "; /dev/kvm is root's only, so jailed QEMUs cannot use KVM (make it 0660 root:kvm)"
+    if mode is Mode.OFF:
+        state = "off (setting jail=off): hypervisors run unjailed"
+    elif verdict is None:
+        state = (f"not decided yet (`mvm setup` decides it; else the first start): "
+                 f"{'this host can jail now' if now.ok else f'now UNAVAILABLE: {now.reason}'}")
+    elif not verdict.ok:
+        state = (f"UNAVAILABLE: {verdict.line()}; " + ("starts are refused (setting jail=required)"
+                 if mode is Mode.REQUIRED else "hypervisors run unjailed (setting jail=auto)"))
+    else:
+        state = f"on: {verdict.line()}"
+        if not now.ok:
+            state += f"; but NOT NOW: {now.reason}: starts are refused"
+    return (f"{state}; uids/gids {uid_base + 1}-{uid_base + 2 * IDS - 1}; "
+            f"{now.cgroups.describe()}; pid/mount/net namespaces; QEMU's seccomp sandbox{kvm}")
 
 
 def seccomp_works(binary: str) -> str | None:

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from mvm.errors import CommandFailed, HostUnsupported, InvalidInput, RuntimeFailure
+from mvm.errors import CommandFailed, InvalidInput, RuntimeFailure
 from mvm.guest.agent_client import AgentClient
 from mvm.guest.channels import VirtioSerialChannel
 from mvm.runtime import console, jail, qmp, rundir
@@ -278,7 +278,6 @@ class QemuRuntime(Runtime):
         self.binary = binary
         self.tb_size_mib = tb_size_mib
         self.jail_config = jail_config or jail.Config(jail.Mode.OFF)
-        self._jail_support: jail.Support | None = None
 
     @property
     def accel(self) -> str:
@@ -447,21 +446,16 @@ class QemuRuntime(Runtime):
 
     # -- the jail ---------------------------------------------------------------------------
 
+    def jailing(self) -> jail.Jailing:
+        """Whether the hypervisor starting now is jailed (setting `jail`, the host's recorded
+        verdict, what this process can do now), or refuses: see `jail.decide`."""
+        return jail.decide(self.jail_config, self.name)
+
     def jailed(self) -> bool:
-        """Whether this runtime jails the hypervisors it starts (setting `jail`). Refuses, with
-        the reason, when the jail is required but this host cannot set it up."""
-        mode = self.jail_config.mode
-        if mode is jail.Mode.OFF:
-            return False
-        if self._jail_support is None:
-            self._jail_support = jail.support(self.jail_config.cgroup_root)
-        sup = self._jail_support
-        if not sup.ok and mode is jail.Mode.REQUIRED:
-            raise HostUnsupported(f"the hypervisor jail is required (setting jail=required) but "
-                                  f"cannot be set up here: {sup.reason}",
-                                  "see `mvm doctor`; or `mvm config set jail auto` to run unjailed "
-                                  "where the jail is unavailable")
-        return sup.ok
+        return self.jailing().jailed
+
+    def jail_of(self, spec: VmSpec) -> str | None:
+        return rundir.jail_note(spec) if self.is_alive(spec) else None
 
     def mem_overhead_mib(self, accel: str) -> int:
         """What the jail's memory limit allows beyond guest RAM: QEMU itself and, under TCG,
@@ -474,11 +468,14 @@ class QemuRuntime(Runtime):
         return self.mem_overhead_mib(self.accel)
 
     def _start(self, spec: VmSpec, accel: str, incoming: bool, steps: Steps) -> int:
-        if not self.jailed():
+        how = self.jailing()
+        rundir.note_jail(spec, how.line())
+        if how.cgroups is None:
             return self._spawn(spec, self.argv(spec, accel, incoming), steps)
-        return self._spawn_jailed(spec, accel, incoming, steps)
+        return self._spawn_jailed(spec, accel, incoming, steps, how.cgroups)
 
-    def _spawn_jailed(self, spec: VmSpec, accel: str, incoming: bool, steps: Steps) -> int:
+    def _spawn_jailed(self, spec: VmSpec, accel: str, incoming: bool, steps: Steps,
+                      cgroups: jail.Cgroups) -> int:
         steps.on_undo("spawn", lambda: self._kill(spec))
         cfg = self.jail_config
         desc = jail.describe(spec, cfg.uid_base, self.mem_overhead_mib(accel))  # (shared with Firecracker's jailer)
@@ -487,9 +484,7 @@ class QemuRuntime(Runtime):
             for f in (spec.kernel, spec.initrd):
                 if f is not None:
                     jail.share_with_group(f, ids.groups[0])
-        sup = self._jail_support
-        assert sup is not None
-        procs = jail.create_cgroup(sup.cgroups, desc.cgroup, desc.limits)
+        procs = jail.create_cgroup(cgroups, desc.cgroup, desc.limits)
         binary = proc_which(self.binary) or self.binary
         # The console's descriptor is the write end of the FIFO the logger reads (runtime/console.py).
         reader = console.open_pipe(self.console_log(spec))
@@ -664,15 +659,15 @@ class QemuRuntime(Runtime):
     def _cleanup(self, spec: VmSpec) -> None:
         """Remove the files and the jail's cgroup a dead hypervisor leaves; never while it lives."""
         if self._pid(spec) is None:
-            rundir.unlink(self.qmp_socket(spec), self.agent_socket(spec), self.pid_file(spec))
+            rundir.unlink(self.qmp_socket(spec), self.agent_socket(spec), self.pid_file(spec),
+                          rundir.jail_note_path(spec))
             console.settle(self.console_log(spec))  # its logger writes the last lines and ends
             console.remove_pipe(self.console_log(spec))
             with contextlib.suppress(OSError):
                 jail.jail_root(spec).rmdir()
             # (whatever the setting says now: the VM may have been started jailed)
             with contextlib.suppress(RuntimeFailure):
-                jail.remove_cgroup(jail.detect_cgroups(self.jail_config.cgroup_root),
-                                   jail.cgroup_name(spec))
+                jail.remove_cgroup(jail.cgroups(self.jail_config.cgroup_root), jail.cgroup_name(spec))
 
 
 #: Outgoing migration states in which QEMU still writes the stream (and stops the vCPUs

@@ -20,6 +20,27 @@ def unlink(*paths: Path) -> None:
             p.unlink()
 
 
+#: What the runtime decided about the jail of the hypervisor it started last in a run
+#: directory ("jailed", or "unjailed: why"): `Runtime.jail_of` reads it while that one lives.
+JAIL_NOTE = "jail.state"
+
+
+def jail_note_path(spec: VmSpec) -> Path:
+    return spec.run_dir / JAIL_NOTE
+
+
+def note_jail(spec: VmSpec, line: str) -> None:
+    with open(private.create(jail_note_path(spec)), "w") as f:
+        f.write(line + "\n")
+
+
+def jail_note(spec: VmSpec) -> str | None:
+    try:
+        return jail_note_path(spec).read_text().strip() or None
+    except OSError:
+        return None
+
+
 def check_inputs(spec: VmSpec) -> None:
     """The kernel, initrd and disks exist, and the VM has a vCPU and memory to run."""
     needed = [("kernel", spec.kernel)]

@@ -15,7 +15,8 @@ from mvm.runtime.base import Runtime
 def runtime(settings: Settings, layout: Layout) -> Runtime:
     from mvm.runtime import jail
 
-    jail_config = jail.Config(jail.Mode(settings.jail.value), settings.jail_uid_base)
+    jail_config = jail.Config(jail.Mode(settings.jail.value), settings.jail_uid_base,
+                              record=layout.jail_verdict())
     if settings.backend is Backend.QEMU:
         from mvm.runtime.qemu import QemuRuntime
 

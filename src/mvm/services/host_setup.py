@@ -8,13 +8,16 @@ import shutil
 import socket
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mvm.config import settings
 from mvm.config.paths import Layout
 from mvm.config.settings import Settings
 from mvm.errors import CommandFailed
 from mvm.util import proc
+
+if TYPE_CHECKING:
+    from mvm.runtime.jail import Verdict
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 Progress = Callable[[str, str], None]
@@ -94,7 +97,19 @@ def setup(layout: Layout, offline: bool | None, progress: Progress) -> None:
     progress("accelerator", "…")
     probe = accel.probe_kvm(cache=layout.kvm_probe_cache())
     progress("accelerator", f"{'kvm' if probe.fast else 'tcg'} ({probe.reason})")
+    progress("jail", "…")
+    progress("jail", record_jail(layout).line())
     setup_builder(layout, progress)
+
+
+def record_jail(layout: Layout) -> Verdict:
+    """Decide, once for this host, whether it can jail hypervisors, and record it (`doctor`
+    shows it; every start holds to it: see runtime/jail.Verdict)."""
+    from mvm.runtime import jail
+
+    verdict = jail.decide_host()
+    verdict.save(layout.jail_verdict())
+    return verdict
 
 
 def setup_builder(layout: Layout, progress: Progress) -> None:
@@ -217,7 +232,7 @@ def doctor(layout: Layout) -> list[dict[str, Any]]:
     have_kernel = (kdir / "vmlinux").is_file() and (kdir / "initrd").is_file()
     checks.append(_check("guest kernel", have_kernel,
                          str(kdir) if have_kernel else f"missing in {kdir}: run `mvm setup`"))
-    checks.append(_jail_check(settings_, qemu))
+    checks.append(_jail_check(settings_, layout))
     checks += _firecracker_checks(settings_)
     return checks
 
@@ -235,17 +250,31 @@ def _firecracker_checks(settings_: Settings) -> list[dict[str, Any]]:
     return rows
 
 
-def _jail_check(settings_: Settings, qemu: str | None) -> dict[str, Any]:
-    """The hypervisor jail: whether it is on, its uid range, cgroups, seccomp."""
+def _jail_check(settings_: Settings, layout: Layout) -> dict[str, Any]:
+    """The hypervisor jail: the setting, the host's verdict as `mvm setup` recorded it (can it
+    jail, and if not why), what this process can do now, its uid range, cgroups."""
     from mvm.runtime import jail
 
     mode = jail.Mode(settings_.jail.value)
-    sup = jail.support()
-    seccomp = jail.seccomp_works(qemu) if qemu and mode is not jail.Mode.OFF else None
-    if seccomp is not None:
-        sup = jail.Support(False, f"QEMU's seccomp sandbox does not work: {seccomp}", sup.cgroups)
-    ok = mode is jail.Mode.OFF or sup.ok
-    return _check("jail", ok, sup.line(mode, settings_.jail_uid_base),
-                  required=mode is jail.Mode.REQUIRED, mode=mode.value,
-                  cgroup_version=sup.cgroups.version, controllers=sorted(sup.cgroups.roots),
-                  seccomp=seccomp is None and mode is not jail.Mode.OFF)
+    verdict = jail.Verdict.load(layout.jail_verdict())
+    now = jail.support()
+    backend = settings_.backend.value
+    why = verdict.why_not(backend) if verdict is not None else None
+    # ok: starts are jailed (or the setting says off); a start that would be refused fails a
+    # required check, one that runs unjailed because the host cannot jail is a warning
+    if mode is jail.Mode.OFF:
+        ok, required = True, False
+    elif verdict is None:  # the first start decides (and records) it
+        ok, required = now.ok, mode is jail.Mode.REQUIRED
+    elif why is not None:
+        ok, required = False, mode is jail.Mode.REQUIRED
+    else:
+        ok, required = now.ok, True
+    return _check("jail", ok, jail.describe_host(mode, settings_.jail_uid_base, verdict, now),
+                  required=required, mode=mode.value,
+                  host_can_jail=None if verdict is None else why is None,
+                  host_reason=None if verdict is None else (why or ""),
+                  decided=None if verdict is None else verdict.decided,
+                  now_ok=now.ok, now_reason=now.reason,
+                  cgroup_version=now.cgroups.version, controllers=sorted(now.cgroups.roots),
+                  seccomp=None if verdict is None else verdict.backends.get("qemu", "") is None)

@@ -97,4 +97,6 @@ def instance_info(ctx: Host, ref: InstanceRef) -> dict[str, Any]:
     disk = specs.data_disk_path(ctx.layout, i)
     info["data_disk"] = str(disk) if disk.exists() else None
     info["pool_current_revision"] = ctx.store.pool(i.tenant, i.pool).current
+    # the running hypervisor's jail, as its start decided: "jailed" or "unjailed: why"
+    info["jail"] = specs.runtime(ctx, i).jail_of(specs.control_spec(ctx.layout, i))
     return info
