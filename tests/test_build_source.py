@@ -341,3 +341,28 @@ def test_pool_build_refuses_a_flake_directory_swapped_after_create(mvm: Mvm, tmp
         ran.unlink()
     pools = {p["id"]: p for p in json.loads(mvm.ok("pool", "list", "acme", "--json").out)}
     assert pools["old"]["flake_id"] == pools["p"]["flake_id"]
+
+
+@pytest.mark.parametrize("name", ["absolute path:", "git+file", "computed"])
+def test_the_builder_vm_gets_a_local_flake_only_after_its_inputs_are_checked(
+        tmp_path: Path, layout: Layout, name: str) -> None:
+    """The builder microVM's input disk is made from a flake whose inputs the host checked
+    first, as for the host builder (issue 16 item 4): no disk is made for one naming a host path."""
+    from mvm.build import builder_image, vm_build
+    from mvm.model import Pool
+
+    (layout.kernel_dir()).mkdir(parents=True)
+    (layout.kernel_dir() / "vmlinux").write_bytes(b"\x7fELF\x02")
+    image = builder_image.BuilderInfo(tmp_path / "img", "v1", "", {}, 0, "", 0.0)
+    net = {"address": "10.0.0.2/24", "gateway": "10.0.0.1", "dns": []}
+    victim = layout.tenant_dir("victim")
+    d = flake(tmp_path / "f", BAD_INPUTS[name].replace("@VICTIM@", str(victim)))
+    ref = source.check_ref(str(d), layout)
+    pool = Pool("acme", "w", ref, "p", 1, 256, flake_id=source.identity(ref))
+    with pytest.raises(source.SourceRefused) as e:
+        vm_build.prepare(layout, "", pool, image, net)
+    assert "\n" not in e.value.line()
+    assert not list(vm_build.workdir(layout, pool).rglob("input.tar"))
+    (d / "flake.nix").write_text(GOOD_INPUTS[0])  # the guide's flake: its input disk is made
+    prep = vm_build.prepare(layout, "", pool, image, net)
+    assert prep.input.is_file() and prep.source is not None
