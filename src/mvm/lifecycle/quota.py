@@ -157,8 +157,8 @@ def check_build(store: Store, layout: Layout, ref: PoolRef, needed: int, record:
         raise QuotaExceeded(
             f"building {ref} would exceed tenant {ref.tenant}'s disk quota: {used} MiB used"
             f" + {need} MiB needed > max-disk {q.max_disk} MiB",
-            "the current revision stays; remove old revisions (`mvm pool gc --keep 0`),"
-            " instances' data disks, or other pools, or give the tenant a larger --max-disk")
+            "the current revision stays; free room with `mvm pool gc --keep 0`, or by"
+            " destroying instances' data disks or other pools")
     free = disks.free_mib(layout.pool_dir(ref.tenant, ref.pool))
     if free - disks.RESERVE_MIB < need:
         raise QuotaExceeded(
