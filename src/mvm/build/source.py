@@ -3,9 +3,12 @@
 Sources: a local directory (`./my-flake`, `/abs/dir`, `path:/abs/dir`), a local git repository
 (`git+file:///repo[?dir=sub&ref=…&rev=…]`: its committed tree) and URL refs (`github:`,
 `https:`, …, fetched by Nix). At `pool create` only the reference's form and the directory are
-checked (`check_ref`). At build time the source is copied into a directory of mvm's own
-(`stage`): only the flake directory's own tree, no link that leaves it, no `secrets.json` next
-to `flake.nix`, nothing from mvm's state home. Its inputs are then read from `flake.lock` and
+checked (`check_ref`: a local directory or repository is recorded resolved), and the directory's
+device and inode recorded (`identity`). At build time that directory is opened again without
+following any link (`open_dir`), refused if another one is there, and the source is copied
+through the opened descriptors into a directory of mvm's own (`stage`): only the flake
+directory's own tree, no link that leaves it, no `secrets.json` next to `flake.nix`, nothing
+from mvm's state home. Its inputs are then read from `flake.lock` and
 `flake.nix` without evaluating anything (`check_inputs`): an input naming a host path outside
 the flake (`path:/…`, `git+file:`, `file:`) is refused before Nix fetches anything. Nix builds
 the staged copy (`path:<copy>`); the builder microVM takes the same copy as its source disk.
@@ -124,6 +127,9 @@ def open_dir(path: Path, expect: str = "") -> int:
             last = i == len(parts) - 1
             try:
                 nxt = os.open(name, (os.O_RDONLY if last else os.O_PATH) | flags, dir_fd=fd)
+            except FileNotFoundError as e:
+                raise SourceRefused(f"no flake at {str(path)!r}: {path}/flake.nix does not exist",
+                                    "point the pool at a directory holding flake.nix") from e
             except OSError as e:
                 where = "it" if last else str(Path(*parts[:i + 1]))
                 raise _changed(path, f"{where} is now a link, or not a directory ({e.strerror})") from e
@@ -227,10 +233,11 @@ def stage(ref: str, dest: Path, layout: Layout, fetch: Callable[[str], str] | No
                 return _stage_git(fd, d, _git_ref(ref)[1], dest)
             try:
                 st = os.lstat("flake.nix", dir_fd=fd)
-            except FileNotFoundError:
-                st = None
-            if st is None or not stat.S_ISREG(st.st_mode):
-                raise SourceRefused(f"{d}/flake.nix is not a regular file (missing, or a link?)",
+            except FileNotFoundError as e:
+                raise SourceRefused(f"no flake at {str(d)!r}: {d}/flake.nix does not exist",
+                                    "point the pool at a directory holding flake.nix") from e
+            if not stat.S_ISREG(st.st_mode):
+                raise SourceRefused(f"{d}/flake.nix is not a regular file (a link?)",
                                     "make flake.nix a file in the flake's directory")
             copy_tree(d, dest, root_fd=fd)
         finally:

@@ -185,7 +185,10 @@ def _flake_recorded(ctx: Host, pool: Pool) -> Pool:
     a link put in that path since is refused all the same."""
     if pool.flake_id or source.local_dir(pool.flake) is None:
         return pool
-    flake_id = source.identity(pool.flake)
+    try:
+        flake_id = source.identity(pool.flake)
+    except source.SourceRefused:
+        return pool  # (not recorded: the build refuses it, with the same line)
     ctx.store.set_pool_flake_id(pool.tenant, pool.id, flake_id)
     return dataclasses.replace(pool, flake_id=flake_id)
 
