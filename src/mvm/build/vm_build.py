@@ -119,28 +119,32 @@ def prepare(layout: Layout, nixpkgs: str, pool: Pool, builder: builder_image.Bui
         shutil.rmtree(stale, ignore_errors=True)
     run = wdir / f"run-{os.getpid()}"
     run.mkdir(mode=0o700)
-    fetched = source.is_url_ref(pool.flake)
-    src = None if fetched else _flake_dir(pool.flake, run / "source", layout, nixpkgs,
-                                          pool.flake_id)
-    if pkgs is not None:
-        export, paths = nixpkgs_export(layout, pkgs)
-    else:  # no package set to import: an empty disk in its place
-        export, paths = run / "no-imports", []
-        export.write_bytes(bytes(512))
-    kernel_sha = file_sha256(kdir / "vmlinux")
-    initrd_sha = file_sha256(kdir / "initrd") if (kdir / "initrd").is_file() else ""
-    key = hashlib.sha256()
-    for part in (pool.profile, builder.version, kernel_sha, initrd_sha, rootfs.PACKER_VERSION):
-        key.update(part.encode() + b"\0")
-    tar_path = run / "input.tar"
-    job = {"profile": pool.profile, "imports": paths, "imports_device": "/dev/vdc",
-           "output_device": "/dev/vde", "kernel_sha256": kernel_sha,
-           "initrd_sha256": initrd_sha, "log_limit": LOG_LIMIT,
-           "flake": pool.flake if fetched else None, "net": net,
-           "nixpkgs": "offline" if pkgs is not None else nixpkgs}
-    if networked:  # what it fetches may change: never a cache hit decided on the host
-        key.update(f"fetched {pool.flake} {nixpkgs} {time.time_ns()} {os.getpid()}\0".encode())
-    _input_tar(tar_path, key, job, src, pkgs)
+    try:  # (a source or input refused: nothing of this run stays)
+        fetched = source.is_url_ref(pool.flake)
+        src = None if fetched else _flake_dir(pool.flake, run / "source", layout, nixpkgs,
+                                              pool.flake_id)
+        if pkgs is not None:
+            export, paths = nixpkgs_export(layout, pkgs)
+        else:  # no package set to import: an empty disk in its place
+            export, paths = run / "no-imports", []
+            export.write_bytes(bytes(512))
+        kernel_sha = file_sha256(kdir / "vmlinux")
+        initrd_sha = file_sha256(kdir / "initrd") if (kdir / "initrd").is_file() else ""
+        key = hashlib.sha256()
+        for part in (pool.profile, builder.version, kernel_sha, initrd_sha, rootfs.PACKER_VERSION):
+            key.update(part.encode() + b"\0")
+        tar_path = run / "input.tar"
+        job = {"profile": pool.profile, "imports": paths, "imports_device": "/dev/vdc",
+               "output_device": "/dev/vde", "kernel_sha256": kernel_sha,
+               "initrd_sha256": initrd_sha, "log_limit": LOG_LIMIT,
+               "flake": pool.flake if fetched else None, "net": net,
+               "nixpkgs": "offline" if pkgs is not None else nixpkgs}
+        if networked:  # what it fetches may change: never a cache hit decided on the host
+            key.update(f"fetched {pool.flake} {nixpkgs} {time.time_ns()} {os.getpid()}\0".encode())
+        _input_tar(tar_path, key, job, src, pkgs)
+    except BaseException:
+        shutil.rmtree(run, ignore_errors=True)
+        raise
     return Prepared(key.hexdigest()[:32], builder.image, tar_path, export,
                     wdir / "store.ext4", run / "output.img", run, src, fetched, networked)
 
