@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -219,3 +220,40 @@ def test_a_killed_build_shows_as_interrupted(mvm: Mvm, flake_copy) -> None:  # t
     last_two = builds()[-2:]
     assert [b["status"] for b in last_two] == ["interrupted", "ok"]
     assert last_two[0]["error"] == "the command running it died"
+
+
+def test_builds_count_in_the_disk_quota_and_keep_the_newest_three(mvm: Mvm, flake_copy) -> None:  # type: ignore[no-untyped-def]
+    """Issue 16 item 3, with the host builder's real revisions (~80 MiB each here: the rootfs,
+    and the default kernel copied in)."""
+    flake = flake_copy("guide-flake")
+    text = (flake / "flake.nix").read_text()
+    mvm.ok("tenant", "create", "acme", "--max-disk", "1000")
+    mvm.ok("pool", "create", "acme/w", "--flake", str(flake), "--profile", "minimal")
+    made = []
+    for n in range(4):
+        (flake / "flake.nix").write_text(text.replace('"mvm-minimal"', f'"mvm-minimal-{n}"'))
+        mvm.ok("pool", "build", "acme/w")
+        made.append(current(mvm, "acme/w").split("/")[-1])
+    assert len(set(made)) == 4 and revisions(mvm, "acme/w") == sorted(made[-3:])  # the newest 3
+    info = json.loads(mvm.ok("pool", "info", "acme/w", "--json").out)
+    held = sum(os.lstat(p).st_blocks * 512 for p in (mvm.home / "tenants/acme/pools/w/artifacts/revisions").rglob("*"))
+    assert info["build_disk"] * 2**20 >= held > 0
+    tenant = json.loads(mvm.ok("tenant", "info", "acme", "--json").out)
+    assert tenant["disk_used"] == info["build_disk"]
+
+    # data disks take most of the rest: the next revision does not fit
+    mvm.ok("pool", "create", "acme/d", "--data-disk", "700", "--network", "none")
+    mvm.ok("instance", "create", "acme/d")
+    (flake / "flake.nix").write_text(text.replace('"mvm-minimal"', '"mvm-minimal-big"'))
+    r = mvm("pool", "build", "acme/w")
+    assert r.rc == 5 and len(r.errors) == 1, r.err
+    assert re.search(rf"error: building acme/w would exceed tenant acme's disk quota: "
+                     rf"{700 + info['build_disk']} MiB used \+ \d+ MiB needed > max-disk 1000 MiB",
+                     r.errors[0]), r.errors
+    assert current(mvm, "acme/w").split("/")[-1] == made[-1] and revisions(mvm, "acme/w") == sorted(made[-3:])
+    assert not [p for p in (mvm.home / "tenants/acme/pools/w/artifacts/revisions").iterdir()
+                if p.name.startswith(".")]
+    # room made by `pool gc --keep 0` (the current revision stays): it builds
+    assert "removed 2" in mvm.ok("pool", "gc", "acme/w", "--keep", "0").out
+    mvm.ok("pool", "build", "acme/w")
+    assert len(revisions(mvm, "acme/w")) == 2

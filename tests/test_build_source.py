@@ -193,3 +193,176 @@ def test_pool_create_checks_the_form_and_evaluates_nothing(mvm: Mvm, tmp_path: P
     r = mvm.ok("pool", "create", "acme/p", "--flake", str(broken), "--profile", "nope")
     assert str(broken) in r.out
     shutil.rmtree(broken)
+
+
+# -- the directory recorded at pool create, swapped afterwards (issue 16 item 2) ----------------
+
+def _root_only(d: Path, secret: str) -> Path:
+    """A directory only root reads, holding a flake and a private file."""
+    flake(d)
+    (d / "private.key").write_text(secret)
+    os.chmod(d, 0o700)
+    return d
+
+
+@pytest.mark.parametrize("swap", ["flake-dir-link", "parent-link", "other-dir-moved-in"])
+def test_a_flake_directory_swapped_after_create_is_refused(tmp_path: Path, layout: Layout,
+                                                           swap: str) -> None:
+    user = tmp_path / "user"  # a directory a local user owns, holding the flake
+    flake(user / "f")
+    (user / "f" / "mine").write_text("the tenant's own file")
+    ref = source.check_ref(str(user / "f"), layout)
+    recorded = source.identity(ref)
+    victim = _root_only(tmp_path / "root-only" / "f", "root's private key")
+    if swap == "flake-dir-link":  # the flake's directory replaced by a link to a root-only one
+        os.rename(user / "f", user / "f.old")
+        (user / "f").symlink_to(victim)
+    elif swap == "parent-link":  # a directory above it replaced by a link
+        os.rename(user, tmp_path / "user.old")
+        user.symlink_to(victim.parent)
+    else:  # another real directory moved into its place
+        os.rename(user / "f", user / "f.old")
+        flake(user / "f")
+        (user / "f" / "other").write_text("x")
+    dest = tmp_path / "copy"
+    for expect in (recorded, ""):  # "": a pool made before the record (its path is still opened
+        with pytest.raises(source.SourceRefused) as e:  # without following any link)
+            source.stage(ref, dest, layout, expect=expect)
+        assert "not the one recorded at pool create" in e.value.line() and "\n" not in e.value.line()
+        assert not dest.exists()
+        if swap == "other-dir-moved-in":
+            break  # (without a record, a real directory there is the flake's directory)
+    # put back: built as before, the tenant's own files only
+    if swap == "parent-link":
+        user.unlink()
+        os.rename(tmp_path / "user.old", user)
+    else:
+        shutil.rmtree(user / "f") if not (user / "f").is_symlink() else (user / "f").unlink()
+        os.rename(user / "f.old", user / "f")
+    assert source.stage(ref, dest, layout, expect=recorded) == dest
+    assert sorted(p.name for p in dest.iterdir()) == ["flake.nix", "mine"]
+
+
+def test_a_git_repository_swapped_after_create_is_refused(tmp_path: Path, layout: Layout) -> None:
+    def repo(d: Path, text: str) -> Path:
+        flake(d, text)
+        git = ["git", "-C", str(d), "-c", "user.name=t", "-c", "user.email=t@t"]
+        subprocess.run(["git", "init", "-q", str(d)], check=True)
+        subprocess.run([*git, "add", "-A"], check=True)
+        subprocess.run([*git, "commit", "-qm", "one"], check=True)
+        return d
+
+    (tmp_path / "user").mkdir()
+    repo(tmp_path / "user" / "repo", "{ outputs = _: { mine = 1; }; }")
+    (tmp_path / "user" / "link").symlink_to("repo")
+    ref = source.check_ref(f"git+file://{tmp_path}/user/link?dir=", layout)
+    assert ref == f"git+file://{tmp_path}/user/repo?dir="  # recorded resolved
+    recorded = source.identity(ref)
+    victim = repo(tmp_path / "root-only", "{ outputs = _: { roots = 1; }; }")
+    os.chmod(victim, 0o700)
+    os.rename(tmp_path / "user" / "repo", tmp_path / "user" / "repo.old")
+    (tmp_path / "user" / "repo").symlink_to(victim)
+    with pytest.raises(source.SourceRefused, match="not the one recorded at pool create"):
+        source.stage(ref, tmp_path / "copy", layout, expect=recorded)
+    assert not (tmp_path / "copy").exists()
+
+
+def test_a_git_repository_is_read_as_its_owner(tmp_path: Path, layout: Layout) -> None:
+    """A repository's `.git` may name any directory (a `gitdir:` file, linked objects or refs):
+    git reads it as the repository directory's owner, so a local user's repository leading to a
+    root-only one yields nothing of it."""
+    uid = 4242
+    victim = tmp_path / "root-only"
+    flake(victim, "{ outputs = _: { roots = 1; }; }")
+    (victim / "private.key").write_text("root's private key")
+    subprocess.run(["git", "init", "-q", str(victim)], check=True)
+    git = ["git", "-C", str(victim), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-qm", "root"], check=True)
+    os.chmod(victim, 0o700)
+    user = tmp_path / "user"
+    os.chmod(tmp_path, 0o755)
+    user.mkdir(mode=0o755)
+    mine = user / "repo"
+    flake(mine, "{ outputs = _: { mine = 1; }; }")
+    subprocess.run(["git", "init", "-q", str(mine)], check=True)
+    subprocess.run(["git", "-C", str(mine), "-c", "user.name=u", "-c", "user.email=u@u", "add", "-A"],
+                   check=True)
+    subprocess.run(["git", "-C", str(mine), "-c", "user.name=u", "-c", "user.email=u@u", "commit",
+                    "-qm", "mine"], check=True)
+    subprocess.run(["chown", "-R", f"{uid}:{uid}", str(user)], check=True)
+    ref = source.check_ref(f"git+file://{mine}", layout)
+    got = source.stage(ref, tmp_path / "copy", layout, expect=source.identity(ref))
+    assert (got / "flake.nix").read_text() == "{ outputs = _: { mine = 1; }; }"  # its own: fine
+    shutil.rmtree(mine / ".git")
+    (mine / ".git").write_text(f"gitdir: {victim}/.git\n")  # the user's .git names root's
+    with pytest.raises(source.SourceRefused) as e:
+        source.stage(ref, tmp_path / "copy2", layout, expect=source.identity(ref))
+    assert "\n" not in e.value.line()
+    assert not (tmp_path / "copy2").exists()
+
+
+def test_pool_build_refuses_a_flake_directory_swapped_after_create(mvm: Mvm, tmp_path: Path) -> None:
+    nix = tmp_path / "no-nix"  # no real build: whatever reaches Nix is recorded, and fails
+    nix.mkdir()
+    ran = tmp_path / "nix-ran"
+    (nix / "nix").write_text(f"#!/bin/sh\necho \"$@\" >> {ran}\nexit 99\n")
+    os.chmod(nix / "nix", 0o755)
+    mvm.env["PATH"] = f"{nix}:{os.environ['PATH']}"
+    user = tmp_path / "user"
+    flake(user / "f")
+    victim = _root_only(tmp_path / "root-only", "root's private key")
+    mvm.ok("tenant", "create", "acme")
+    mvm.ok("pool", "create", "acme/p", "--flake", str(user / "f"), "--profile", "minimal")
+    mvm.ok("pool", "create", "acme/old", "--flake", str(user / "f"), "--profile", "minimal")
+    pools = {p["id"]: p for p in json.loads(mvm.ok("pool", "list", "acme", "--json").out)}
+    st = os.stat(user / "f")
+    assert pools["p"]["flake_id"] == f"{st.st_dev}:{st.st_ino}"
+    # acme/old: made before mvm recorded the directory
+    subprocess.run(["sqlite3", str(mvm.home / "mvm.db"),
+                    "UPDATE pools SET flake_id='' WHERE id='old'"], check=True)
+    os.rename(user / "f", user / "f.old")
+    (user / "f").symlink_to(victim)
+    for pool in ("acme/p", "acme/old"):
+        r = mvm("pool", "build", pool)
+        assert r.rc != 0 and len(r.errors) == 1, r.err
+        assert f"flake directory {user / 'f'} is not the one recorded at pool create" in r.errors[0]
+        assert not ran.exists()  # refused before Nix saw anything
+        info = json.loads(mvm.ok("pool", "info", pool, "--json").out)
+        assert info["current"] is None and info["builds"][-1]["status"] == "failed"
+    assert not any(b"root's private key" in p.read_bytes() for p in mvm.home.rglob("*")
+                   if p.is_file() and not p.is_symlink())
+    # put back: both pools build their own directory again (acme/old records it now)
+    (user / "f").unlink()
+    os.rename(user / "f.old", user / "f")
+    for pool in ("acme/p", "acme/old"):
+        r = mvm("pool", "build", pool)
+        assert r.rc != 0 and ran.exists(), r.err  # (this time the fake Nix is reached)
+        ran.unlink()
+    pools = {p["id"]: p for p in json.loads(mvm.ok("pool", "list", "acme", "--json").out)}
+    assert pools["old"]["flake_id"] == pools["p"]["flake_id"]
+
+
+@pytest.mark.parametrize("name", ["absolute path:", "git+file", "computed"])
+def test_the_builder_vm_gets_a_local_flake_only_after_its_inputs_are_checked(
+        tmp_path: Path, layout: Layout, name: str) -> None:
+    """The builder microVM's input disk is made from a flake whose inputs the host checked
+    first, as for the host builder (issue 16 item 4): no disk is made for one naming a host path."""
+    from mvm.build import builder_image, vm_build
+    from mvm.model import Pool
+
+    (layout.kernel_dir()).mkdir(parents=True)
+    (layout.kernel_dir() / "vmlinux").write_bytes(b"\x7fELF\x02")
+    image = builder_image.BuilderInfo(tmp_path / "img", "v1", "", {}, 0, "", 0.0)
+    net = {"address": "10.0.0.2/24", "gateway": "10.0.0.1", "dns": []}
+    victim = layout.tenant_dir("victim")
+    d = flake(tmp_path / "f", BAD_INPUTS[name].replace("@VICTIM@", str(victim)))
+    ref = source.check_ref(str(d), layout)
+    pool = Pool("acme", "w", ref, "p", 1, 256, flake_id=source.identity(ref))
+    with pytest.raises(source.SourceRefused) as e:
+        vm_build.prepare(layout, "", pool, image, net)
+    assert "\n" not in e.value.line()
+    assert not list(vm_build.workdir(layout, pool).glob("run-*"))  # nothing of it stays
+    (d / "flake.nix").write_text(GOOD_INPUTS[0])  # the guide's flake: its input disk is made
+    prep = vm_build.prepare(layout, "", pool, image, net)
+    assert prep.input.is_file() and prep.source is not None

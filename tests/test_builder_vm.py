@@ -301,23 +301,23 @@ def test_output_archive_round_trip_and_kernel_formats(tmp_path: Path) -> None:
 HOSTILE = """{
   inputs.nixpkgs.url = "github:NixOS/nixpkgs/nixos-24.05";
   inputs.v = { url = "@INPUT@"; flake = false; };
-  outputs = { self, nixpkgs, v }: let pkgs = nixpkgs.legacyPackages.x86_64-linux; in {
+  outputs = { self, nixpkgs, ... }@args: let pkgs = nixpkgs.legacyPackages.x86_64-linux; in {
     packages.x86_64-linux.p = pkgs.runCommand "hostile-@NONCE@" { } ''
       @SCRIPT@
     '';
   };
 }
 """
-# One build, each attack seen on its own: a host path as an input (in the builder, /etc is the
-# builder's own), the derivation reading /etc/shadow and leaving a process behind, /usr and
-# /tmp linked to host directories (kept as links; mvm's own /tmp).
+# One build, each attack seen on its own: the derivation reading /etc/shadow and leaving a
+# process behind, /usr and /tmp linked to host directories (kept as links; mvm's own /tmp).
+# (A host path as an input is refused on the host before any builder boots: INPUT_ATTACK.)
 ATTACKS = r"""
   mkdir -p $out/bin; echo good > $out/bin/good
-  cat ${v}/shadow > $out/input-shadow 2>&1 || echo "no input shadow" > $out/input-shadow
   cat /etc/shadow > $out/read-shadow 2>&1 || echo "no /etc/shadow" >> $out/read-shadow
   ( exec -a leftover-@NONCE@ sleep 100000 ) </dev/null >/dev/null 2>&1 &
   ln -s @HOSTTMP@ $out/tmp; ln -s @HOSTDIR@ $out/usr
 """
+INPUT_ATTACK = "mkdir $out; cat ${args.v}/shadow > $out/input-shadow"
 # Each refused inside the builder (which has an /etc of its own to lead to), with the line the
 # host builder gives (tests/test_build_hostile.py) and no trace of a crash.
 VM_REFUSED = {
@@ -352,7 +352,8 @@ def _hostile(flake: Path, script: str, input_url: str, **subst: str) -> None:
     for k, v in subst.items():
         script = script.replace(f"@{k}@", v)
     flake.mkdir(exist_ok=True)
-    (flake / "flake.nix").write_text(HOSTILE.replace("@SCRIPT@", script)
+    text = HOSTILE if input_url else "\n".join(ln for ln in HOSTILE.splitlines() if "@INPUT@" not in ln)
+    (flake / "flake.nix").write_text(text.replace("@SCRIPT@", script)
                                      .replace("@INPUT@", input_url)
                                      .replace("@NONCE@", secrets.token_hex(6)))
 
@@ -377,7 +378,7 @@ def _hostile_builds(mvm: Mvm, tmp_path: Path, victim: tuple[Path, str]) -> None:
     watched = modes(vdir, hostdir, hosttmp)
     etc = (Path("/etc").stat().st_mode, shadow.stat().st_mode, shadow.stat().st_mtime_ns)
     flake = tmp_path / "evil"
-    _hostile(flake, ATTACKS, "path:/etc", HOSTTMP=str(hosttmp), HOSTDIR=str(hostdir))
+    _hostile(flake, ATTACKS, "", HOSTTMP=str(hosttmp), HOSTDIR=str(hostdir))
     nonce = (flake / "flake.nix").read_text().split("hostile-")[1][:12]
     (flake / "secrets.json").write_text(json.dumps({"api_key": token + "-own"}))
     mvm.ok("tenant", "create", "evil")
@@ -391,26 +392,28 @@ def _hostile_builds(mvm: Mvm, tmp_path: Path, victim: tuple[Path, str]) -> None:
     assert tmp_line.split()[1] == "41777"  # mvm's own /tmp, a directory
     usr_line = next(ln for ln in root.splitlines() if ln.split()[-1:] == ["usr"])
     assert usr_line.split()[1].startswith("120")  # the profile's link, kept as a link
-    # what the derivation could read: the builder's /etc as its input, no /etc/shadow at all
-    read = {name: subprocess.run(["debugfs", "-R", f"cat /{name}", str(image)], capture_output=True,
-                                 check=True).stdout for name in ("input-shadow", "read-shadow")}
-    assert read["read-shadow"].endswith(b"no /etc/shadow\n"), read
-    assert read["input-shadow"] and read["input-shadow"] != host_shadow, read
+    # what the derivation could read: no /etc/shadow at all
+    read = subprocess.run(["debugfs", "-R", "cat /read-shadow", str(image)], capture_output=True,
+                          check=True).stdout
+    assert read.endswith(b"no /etc/shadow\n") and host_shadow not in read, read
 
     for name, script in VM_REFUSED.items():
-        _hostile(flake, script, "path:/etc")
+        _hostile(flake, script, "")
         r = mvm("pool", "build", "evil/p", "--builder", "vm")
         assert r.rc == 7 and len(r.errors) == 1, (name, r.err)
         assert "outside the build's closure (a profile's files must be in its own closure" \
             in r.errors[0] and "the builder failed" not in r.err, (name, r.errors)
         assert "Traceback" not in r.err, (name, r.err)
         assert os.readlink(arts / "current") == good, name
-    # an input naming another tenant's directory: the builder has no such path
-    _hostile(flake, ATTACKS, f"path:{vdir}", HOSTTMP=str(hosttmp), HOSTDIR=str(hostdir))
-    r = mvm("pool", "build", "evil/p", "--builder", "vm")
-    assert r.rc != 0 and f"{vdir}': No such file or directory" in r.err, r.err
-    assert os.readlink(arts / "current") == good
-    assert [s for _, s in _builds(mvm, "evil/p")] == ["ok", "failed", "failed", "failed"]
+    # an input naming a host path (another tenant's directory, /etc): refused on the host, in
+    # one line, before any builder boots (issue 16 item 4)
+    for url in (f"path:{vdir}", "path:/etc"):
+        _hostile(flake, INPUT_ATTACK, url)
+        r = mvm("pool", "build", "evil/p", "--builder", "vm")
+        assert r.rc != 0 and len(r.errors) == 1, r.err
+        assert "names a host path outside the flake's directory" in r.errors[0], r.err
+        assert os.readlink(arts / "current") == good
+    assert [s for _, s in _builds(mvm, "evil/p")] == ["ok", "failed", "failed", "failed", "failed"]
 
     # no host file or mode changed, no process left, no byte of the host or the victim anywhere
     assert modes(vdir, hostdir, hosttmp) == watched

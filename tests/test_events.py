@@ -80,7 +80,7 @@ def test_builds_and_rollbacks_are_events_with_duration_and_cause(
     ref = PoolRef("acme", "w")
     outcome: list[BaseException | None] = [None]
 
-    def run_build(layout, nixpkgs, pool, force, log, progress):  # type: ignore[no-untyped-def]
+    def run_build(layout, nixpkgs, pool, force, log, progress, room=None):  # type: ignore[no-untyped-def]
         time.sleep(0.2)
         if outcome[0] is not None:
             raise outcome[0]

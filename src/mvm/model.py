@@ -88,7 +88,7 @@ class Quotas:
     max_pools: int = 16
     max_instances: int = 32
     max_data_disk: int = 16384  # MiB of data disk per instance
-    max_disk: int = 65536  # MiB of data disks of all the tenant's instances
+    max_disk: int = 65536  # MiB of data disks of all the tenant's instances and of its pools' builds
 
 
 @dataclass(frozen=True)
@@ -136,6 +136,13 @@ class Pool:
     #: recorded at create (the host's setting `backend` when none is asked for); "": the host's
     #: (pools made before backends were per pool).
     backend: str = ""
+    #: "<device>:<inode>" of the local flake directory (or git repository) at `pool create`:
+    #: a build refuses another directory in its place; "" for a URL ref (and, until their next
+    #: build records it, pools made before it was recorded).
+    flake_id: str = ""
+    #: MiB of host disk the pool's builds hold (its builder's store and its revisions, in
+    #: allocated blocks), as measured at its last build or gc: part of the tenant's max-disk.
+    build_disk: int = 0
 
     @property
     def ref(self) -> PoolRef:

@@ -67,6 +67,7 @@ class TenantInfo(BaseModel):
     subnet: str
     egress: EgressOut
     quotas: Quotas
+    disk_used: int  # MiB of max-disk in use (data disks and builds)
     pools: list[str]
     instances: dict[str, int]
     secret_keys: list[str]

@@ -38,6 +38,7 @@ LIMITS: dict[str, int] = {
 }
 _HEADER = re.compile(rb"([a-z0-9.]{1,32}) ([0-9]{1,12}) ([0-9a-f]{64})\n")
 _CHUNK = MiB
+_ZEROS = bytes(_CHUNK)
 
 ELF_MAGIC = b"\x7fELF"
 EXT4_MAGIC_OFFSET = 1080  # the superblock (at 1024) + s_magic (at 56)
@@ -147,7 +148,30 @@ def read_archive(src: Path, dest: Path) -> tuple[dict[str, Any], dict[str, str]]
     return result, written
 
 
+def sizes(src: Path) -> dict[str, int]:
+    """{name: size} of the archive's entries, read from their headers only (skipping their
+    bytes): what collecting it will write. Stops quietly at anything malformed, which
+    `read_archive` then refuses."""
+    out: dict[str, int] = {}
+    with open(src, "rb") as f:
+        total = os.fstat(f.fileno()).st_size
+        if f.read(len(MAGIC)) != MAGIC:
+            return out
+        while len(out) <= len(LIMITS):
+            m = _HEADER.fullmatch(f.readline(128))
+            if not m or m.group(1).decode() not in LIMITS:
+                break
+            size = int(m.group(2))
+            if f.tell() + size > total:
+                break
+            out[m.group(1).decode()] = size
+            f.seek(size, os.SEEK_CUR)
+    return out
+
+
 def _copy_exact(f: IO[bytes], target: Path, size: int) -> str:
+    """Copy `size` bytes into a new file, sparse: a chunk of zeros is skipped, not written (a
+    rootfs image is mostly free space, which would otherwise take host disk)."""
     h = hashlib.sha256()
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "wb") as out:
@@ -157,6 +181,10 @@ def _copy_exact(f: IO[bytes], target: Path, size: int) -> str:
             if not chunk:
                 raise BadOutput(f"{target.name} in the builder's output is cut short")
             h.update(chunk)
-            out.write(chunk)
+            if chunk == _ZEROS:
+                out.seek(len(chunk), os.SEEK_CUR)
+            else:
+                out.write(chunk)
             left -= len(chunk)
+        out.truncate(size)
     return h.hexdigest()

@@ -25,6 +25,9 @@ from mvm.util import private
 from mvm.util.hashing import file_sha256
 
 Progress = Callable[[str, str], None]  # (step, message)
+#: `room(needed_bytes)`: raises when a new revision of that size would not fit the tenant's
+#: disk quota or the host's free space (lifecycle.quota.check_build, given by the caller).
+Room = Callable[[int], None]
 DATA = Path(__file__).resolve().parent.parent / "data"
 
 
@@ -47,6 +50,7 @@ class BuildContext:
     cache_hit: bool = False
     closure_size: int = 0
     timings: dict[str, float] = field(default_factory=dict)
+    room: Room = lambda needed: None
 
 
 def guest_files_hash() -> str:
@@ -67,7 +71,7 @@ def step_source(ctx: BuildContext) -> None:
     paths, all before Nix reads or fetches anything (build.source)."""
     assert ctx.workdir
     ctx.source_dir = source.stage(ctx.pool.flake, ctx.workdir / "source", ctx.layout,
-                                  fetch=nix.prefetch)
+                                  fetch=nix.prefetch, expect=ctx.pool.flake_id)
     source.check_inputs(ctx.source_dir, mvm_flakes(ctx.layout, ctx.nixpkgs))
     ctx.progress("source", f"{ctx.pool.flake} checked and copied")
 
@@ -131,6 +135,9 @@ def step_pack(ctx: BuildContext) -> None:
     assert ctx.result and ctx.kernel
     from mvm.guest.layout import install_guest_files
 
+    # The image, kernel and initrd the revision will hold must fit before any is written.
+    ctx.room(rootfs.estimate_bytes(ctx.closure) + ctx.kernel.stat().st_size
+             + (ctx.initrd.stat().st_size if ctx.initrd else 0))
     revs = ctx.layout.revisions_dir(ctx.pool.tenant, ctx.pool.id)
     with revdir.staging(revs, ctx.revision) as tmp:
         started = time.monotonic()
@@ -194,9 +201,9 @@ def read_manifest(layout: Layout, tenant: str, pool: str, rev: str) -> dict[str,
 
 
 def run_build(layout: Layout, nixpkgs: str, pool: Pool, force: bool, log: Path,
-              progress: Progress) -> tuple[Revision, bool]:
+              progress: Progress, room: Room = lambda needed: None) -> tuple[Revision, bool]:
     """Run the recipe. `current` is not touched here: the caller switches it on success."""
-    ctx = BuildContext(layout, nixpkgs, pool, force, log, progress)
+    ctx = BuildContext(layout, nixpkgs, pool, force, log, progress, room=room)
     started = time.monotonic()
     # We hold the pool's lock: scratch directories of a build that crashed are garbage.
     for stale in log.parent.glob(".work-*"):

@@ -152,10 +152,25 @@ def tree_size(root: Path) -> tuple[int, int]:
     return total, inodes
 
 
+def image_mib(tree_bytes: int) -> int:
+    """The size of the image `mkfs` makes for a tree of `tree_bytes` (`tree_size`)."""
+    return max(MIN_SIZE_MIB, int(tree_bytes * 1.15 / 2**20) + 16)
+
+
+def estimate_bytes(closure: list[str]) -> int:
+    """At most the bytes `pack_closure` will write for this closure (before it stages it):
+    the image's size, with room for mvm's guest files."""
+    size = 16 * 2**20
+    for p in closure:
+        st = os.lstat(p)
+        size += tree_size(Path(p))[0] + (st.st_size + 4095) // 4096 * 4096
+    return image_mib(size) * 2**20
+
+
 def mkfs(staging: Path, image: Path, label: str, seed: str, size_mib: int | None = None) -> None:
     """mkfs.ext4 -d with every source of randomness pinned, so equal trees give equal bytes."""
     size, inodes = tree_size(staging)
-    mib = size_mib or max(MIN_SIZE_MIB, int(size * 1.15 / 2**20) + 16)
+    mib = size_mib or image_mib(size)
     fs_uuid = str(uuid.uuid5(uuid.NAMESPACE_URL, f"mvm:{seed}"))
     if image.exists():
         image.unlink()

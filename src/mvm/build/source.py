@@ -3,9 +3,12 @@
 Sources: a local directory (`./my-flake`, `/abs/dir`, `path:/abs/dir`), a local git repository
 (`git+file:///repo[?dir=sub&ref=…&rev=…]`: its committed tree) and URL refs (`github:`,
 `https:`, …, fetched by Nix). At `pool create` only the reference's form and the directory are
-checked (`check_ref`). At build time the source is copied into a directory of mvm's own
-(`stage`): only the flake directory's own tree, no link that leaves it, no `secrets.json` next
-to `flake.nix`, nothing from mvm's state home. Its inputs are then read from `flake.lock` and
+checked (`check_ref`: a local directory or repository is recorded resolved), and the directory's
+device and inode recorded (`identity`). At build time that directory is opened again without
+following any link (`open_dir`), refused if another one is there, and the source is copied
+through the opened descriptors into a directory of mvm's own (`stage`): only the flake
+directory's own tree, no link that leaves it, no `secrets.json` next to `flake.nix`, nothing
+from mvm's state home. Its inputs are then read from `flake.lock` and
 `flake.nix` without evaluating anything (`check_inputs`): an input naming a host path outside
 the flake (`path:/…`, `git+file:`, `file:`) is refused before Nix fetches anything. Nix builds
 the staged copy (`path:<copy>`); the builder microVM takes the same copy as its source disk.
@@ -62,7 +65,8 @@ def check_ref(ref: str, layout: Layout, base: Path | None = None) -> str:
         if not (repo / ".git").exists():
             raise SourceRefused(f"{repo} is not a git repository (no .git)",
                                 "use git+file:///path/to/repo, or --flake with the directory")
-        return ref
+        query = urllib.parse.urlparse(ref).query
+        return f"git+file://{repo.resolve()}" + (f"?{query}" if query else "")
     if scheme in URL_SCHEMES:
         return ref
     raise SourceRefused(f"flake reference {ref!r}: scheme {scheme!r} is not supported",
@@ -72,6 +76,80 @@ def check_ref(ref: str, layout: Layout, base: Path | None = None) -> str:
 def is_url_ref(ref: str) -> bool:
     """A reference Nix fetches over the network (one of URL_SCHEMES)."""
     return _scheme(ref) in URL_SCHEMES
+
+
+# -- the directory recorded at pool create, opened again at each build -----------------------
+
+def local_dir(ref: str) -> Path | None:
+    """The host directory a pool's (normalized) reference reads: the flake's directory, or
+    the git repository's; None for a URL ref."""
+    scheme = _scheme(ref)
+    if scheme is None or scheme == "path":
+        return Path(ref.removeprefix("path:"))
+    if scheme == "git+file":
+        return _git_ref(ref)[0]
+    return None
+
+
+def identity(ref: str) -> str:
+    """"<device>:<inode>" of the directory `ref` reads (opened without following any link),
+    "" for a URL ref: recorded at `pool create`, compared at every build."""
+    d = local_dir(ref)
+    if d is None:
+        return ""
+    fd = open_dir(d)
+    try:
+        return _identity(fd)
+    finally:
+        os.close(fd)
+
+
+def _identity(fd: int) -> str:
+    st = os.fstat(fd)
+    return f"{st.st_dev}:{st.st_ino}"
+
+
+def open_dir(path: Path, expect: str = "") -> int:
+    """A descriptor (O_RDONLY) of the directory at `path`, an absolute path without `.` or `..`,
+    opened from `/` one component at a time without following a link: a component that is (now)
+    a link, or not a directory, is refused, and so is a directory that is not `expect`
+    ("<device>:<inode>", when given). Whatever the tenant does to the path afterwards, the
+    descriptor stays on the directory that was checked."""
+    parts = path.parts
+    if not path.is_absolute() or any(p in (".", "..") for p in parts[1:]) \
+            or os.path.normpath(path) != str(path):
+        raise SourceRefused(f"flake directory {path} is not an absolute, normalized path",
+                            "create the pool again with --flake naming the directory")
+    flags = os.O_NOFOLLOW | os.O_DIRECTORY | os.O_CLOEXEC
+    fd = os.open("/", os.O_PATH | flags)
+    try:
+        for i, name in enumerate(parts[1:], start=1):
+            last = i == len(parts) - 1
+            try:
+                nxt = os.open(name, (os.O_RDONLY if last else os.O_PATH) | flags, dir_fd=fd)
+            except FileNotFoundError as e:
+                raise SourceRefused(f"no flake at {str(path)!r}: {path}/flake.nix does not exist",
+                                    "point the pool at a directory holding flake.nix") from e
+            except OSError as e:
+                where = "it" if last else str(Path(*parts[:i + 1]))
+                raise _changed(path, f"{where} is now a link, or not a directory ({e.strerror})") from e
+            os.close(fd)
+            fd = nxt
+        if not stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise _changed(path, "it is not a directory")
+        if expect and _identity(fd) != expect:
+            raise _changed(path, "another directory is in its place")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _changed(path: Path, why: str) -> SourceRefused:
+    return SourceRefused(f"flake directory {path} is not the one recorded at pool create: {why};"
+                         " nothing was built",
+                         "put the flake's directory back, or destroy the pool and create it again"
+                         " with --flake")
 
 
 def _scheme(ref: str) -> str | None:
@@ -136,18 +214,36 @@ def _git_ref(ref: str) -> tuple[Path, dict[str, str]]:
 
 # -- build: copy the source into a directory of mvm's own ---------------------
 
-def stage(ref: str, dest: Path, layout: Layout, fetch: Callable[[str], str] | None = None) -> Path:
+def stage(ref: str, dest: Path, layout: Layout, fetch: Callable[[str], str] | None = None,
+          expect: str = "") -> Path:
     """Copy the flake's source tree to `dest` (which must not exist) and return the directory
     holding its flake.nix. `fetch(ref) -> store path` fetches a URL ref (the host builder
-    uses Nix); the checks are the same whatever the source."""
-    ref = check_ref(ref, layout)
-    scheme = _scheme(ref)
-    if scheme is None:
-        copy_tree(Path(ref), dest, layout=layout)
+    uses Nix); the checks are the same whatever the source.
+
+    A local directory or repository is the pool's recorded one (`ref` as `check_ref` made it
+    at create: resolved, absolute): opened again without following any link and, with
+    `expect` (its `identity` at create), refused if another directory is there now. Every
+    file is then read through that descriptor, never by its path again."""
+    d = local_dir(ref)
+    if d is not None:
+        fd = open_dir(d, expect)
+        try:
+            _check_allowed_place(Path(os.readlink(f"/proc/self/fd/{fd}")), layout)
+            if _scheme(ref) == "git+file":
+                return _stage_git(fd, d, _git_ref(ref)[1], dest)
+            try:
+                st = os.lstat("flake.nix", dir_fd=fd)
+            except FileNotFoundError as e:
+                raise SourceRefused(f"no flake at {str(d)!r}: {d}/flake.nix does not exist",
+                                    "point the pool at a directory holding flake.nix") from e
+            if not stat.S_ISREG(st.st_mode):
+                raise SourceRefused(f"{d}/flake.nix is not a regular file (a link?)",
+                                    "make flake.nix a file in the flake's directory")
+            copy_tree(d, dest, root_fd=fd)
+        finally:
+            os.close(fd)
         return dest
-    if scheme == "git+file":
-        repo, params = _git_ref(ref)
-        return _stage_git(repo, params, dest)
+    ref = check_ref(ref, layout)
     if fetch is None:
         raise SourceRefused(f"flake reference {ref!r} must be fetched, and nothing fetches here")
     copy_tree(Path(fetch(ref)), dest, exclude_top=())
@@ -157,7 +253,7 @@ def stage(ref: str, dest: Path, layout: Layout, fetch: Callable[[str], str] | No
 
 
 def copy_tree(src: Path, dest: Path, exclude_top: Iterable[str] = EXCLUDED_TOP,
-              layout: Layout | None = None) -> None:
+              layout: Layout | None = None, root_fd: int | None = None) -> None:
     """Copy `src`'s own tree: files (bytes and the executable bit), directories, and links
     that resolve inside it; a link leaving it, or a device, socket or FIFO, is refused.
     Top-level `exclude_top` names and `nix build` result links are left out.
@@ -165,10 +261,12 @@ def copy_tree(src: Path, dest: Path, exclude_top: Iterable[str] = EXCLUDED_TOP,
     The source may be changed while it is read (it is the tenant's): every directory and file
     is opened relative to its parent's descriptor without following links, so a directory
     swapped for a link is never entered; links are checked on the copy, which is mvm's alone.
-    With `layout`, the directory actually opened is checked again to be outside mvm's state."""
+    With `layout`, the directory actually opened is checked again to be outside mvm's state.
+    With `root_fd` (`open_dir`'s, which the caller keeps), that directory is copied, and `src`
+    only names it in messages."""
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
-        root = os.open(src, flags | os.O_DIRECTORY)
+        root = os.open(src, flags | os.O_DIRECTORY) if root_fd is None else os.dup(root_fd)
     except OSError as e:
         raise SourceRefused(f"flake source {src} is not a directory ({e.strerror})") from e
     try:
@@ -271,16 +369,20 @@ def _inside(path: Path, root: Path, what: str) -> None:
         raise SourceRefused(f"{what}: no flake.nix in the fetched source at that dir")
 
 
-def _stage_git(repo: Path, params: dict[str, str], dest: Path) -> Path:
+def _stage_git(repo_fd: int, repo: Path, params: dict[str, str], dest: Path) -> Path:
     """The committed tree (HEAD, or `ref`/`rev`) of the flake's directory in the repository,
-    read as objects (`git ls-tree`, `git cat-file`): no checkout, no filter or hook runs."""
+    read as objects (`git ls-tree`, `git cat-file`): no checkout, no filter or hook runs.
+
+    Git works in the directory `repo_fd` holds (never the path again), with the repository's
+    `.git`, and as the repository directory's owner: whatever `.git` links to or names
+    (`gitdir:`, alternates, linked refs or objects), it reads only what that user could."""
     sub = params.get("dir", "").strip("/")
     if ".." in Path(sub).parts:
         raise SourceRefused(f"git+file ref: dir={sub!r} leaves the repository")
     rev = params.get("rev") or params.get("ref") or "HEAD"
-    git = ["git", "-C", str(repo), "-c", "core.fsmonitor=false"]
-    commit = _git([*git, "rev-parse", "--verify", "--end-of-options", f"{rev}^{{commit}}"]).strip()
-    listing = _git([*git, "ls-tree", "-r", "-z", "--full-tree", commit, *(["--", sub] if sub else [])])
+    git = _Git(repo_fd, repo)
+    commit = git.text(["rev-parse", "--verify", "--end-of-options", f"{rev}^{{commit}}"]).strip()
+    listing = git.text(["ls-tree", "-r", "-z", "--full-tree", commit, *(["--", sub] if sub else [])])
     entries = []
     for item in listing.split("\0"):
         if not item:
@@ -300,8 +402,7 @@ def _stage_git(repo: Path, params: dict[str, str], dest: Path) -> Path:
                 continue  # submodules are not part of the tree (as for Nix)
             d = tree / rel
             d.parent.mkdir(parents=True, exist_ok=True)
-            data = subprocess.run(["git", "-C", str(repo), "cat-file", "blob", obj],
-                                  capture_output=True, check=True, timeout=300).stdout
+            data = git.run(["cat-file", "blob", obj]).stdout
             if mode == "120000":
                 os.symlink(os.fsdecode(data), d)
             else:
@@ -313,12 +414,34 @@ def _stage_git(repo: Path, params: dict[str, str], dest: Path) -> Path:
     return dest
 
 
-def _git(argv: list[str]) -> str:
-    p = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
-    if p.returncode != 0:
-        msg = (p.stderr.strip().splitlines() or ["git failed"])[-1]
-        raise SourceRefused(f"git: {msg}", "check the repository and the ref")
-    return p.stdout
+class _Git:
+    """git in the repository directory held by `fd`, as that directory's owner, reading no
+    system or user configuration."""
+
+    def __init__(self, fd: int, repo: Path) -> None:
+        self.fd = fd
+        self.repo = repo
+        st = os.fstat(fd)
+        self.uid, self.gid = st.st_uid, st.st_gid
+        self.env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": "/nonexistent",
+                    "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": "/dev/null",
+                    "GIT_TERMINAL_PROMPT": "0", "LC_ALL": "C"}
+
+    def run(self, args: list[str]) -> subprocess.CompletedProcess[bytes]:
+        argv = ["git", "--git-dir=.git", "-c", "core.fsmonitor=false", *args]
+        user = {} if self.uid == 0 else {"user": self.uid, "group": self.gid, "extra_groups": []}
+        # (the child changes into the directory through /proc/self/fd as root, before it
+        # becomes the owner: the directory's path is not looked up again)
+        p = subprocess.run(argv, capture_output=True, timeout=300, check=False,
+                           cwd=f"/proc/self/fd/{self.fd}", pass_fds=(self.fd,), env=self.env,
+                           stdin=subprocess.DEVNULL, **user)  # type: ignore[call-overload]
+        if p.returncode != 0:
+            msg = (p.stderr.decode(errors="replace").strip().splitlines() or ["git failed"])[-1]
+            raise SourceRefused(f"git in {self.repo}: {msg}", "check the repository and the ref")
+        return p
+
+    def text(self, args: list[str]) -> str:
+        return self.run(args).stdout.decode(errors="surrogateescape")
 
 
 # -- inputs: read, never evaluated --------------------------------------------

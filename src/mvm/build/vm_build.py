@@ -119,27 +119,32 @@ def prepare(layout: Layout, nixpkgs: str, pool: Pool, builder: builder_image.Bui
         shutil.rmtree(stale, ignore_errors=True)
     run = wdir / f"run-{os.getpid()}"
     run.mkdir(mode=0o700)
-    fetched = source.is_url_ref(pool.flake)
-    src = None if fetched else _flake_dir(pool.flake, run / "source", layout)
-    if pkgs is not None:
-        export, paths = nixpkgs_export(layout, pkgs)
-    else:  # no package set to import: an empty disk in its place
-        export, paths = run / "no-imports", []
-        export.write_bytes(bytes(512))
-    kernel_sha = file_sha256(kdir / "vmlinux")
-    initrd_sha = file_sha256(kdir / "initrd") if (kdir / "initrd").is_file() else ""
-    key = hashlib.sha256()
-    for part in (pool.profile, builder.version, kernel_sha, initrd_sha, rootfs.PACKER_VERSION):
-        key.update(part.encode() + b"\0")
-    tar_path = run / "input.tar"
-    job = {"profile": pool.profile, "imports": paths, "imports_device": "/dev/vdc",
-           "output_device": "/dev/vde", "kernel_sha256": kernel_sha,
-           "initrd_sha256": initrd_sha, "log_limit": LOG_LIMIT,
-           "flake": pool.flake if fetched else None, "net": net,
-           "nixpkgs": "offline" if pkgs is not None else nixpkgs}
-    if networked:  # what it fetches may change: never a cache hit decided on the host
-        key.update(f"fetched {pool.flake} {nixpkgs} {time.time_ns()} {os.getpid()}\0".encode())
-    _input_tar(tar_path, key, job, src, pkgs)
+    try:  # (a source or input refused: nothing of this run stays)
+        fetched = source.is_url_ref(pool.flake)
+        src = None if fetched else _flake_dir(pool.flake, run / "source", layout, nixpkgs,
+                                              pool.flake_id)
+        if pkgs is not None:
+            export, paths = nixpkgs_export(layout, pkgs)
+        else:  # no package set to import: an empty disk in its place
+            export, paths = run / "no-imports", []
+            export.write_bytes(bytes(512))
+        kernel_sha = file_sha256(kdir / "vmlinux")
+        initrd_sha = file_sha256(kdir / "initrd") if (kdir / "initrd").is_file() else ""
+        key = hashlib.sha256()
+        for part in (pool.profile, builder.version, kernel_sha, initrd_sha, rootfs.PACKER_VERSION):
+            key.update(part.encode() + b"\0")
+        tar_path = run / "input.tar"
+        job = {"profile": pool.profile, "imports": paths, "imports_device": "/dev/vdc",
+               "output_device": "/dev/vde", "kernel_sha256": kernel_sha,
+               "initrd_sha256": initrd_sha, "log_limit": LOG_LIMIT,
+               "flake": pool.flake if fetched else None, "net": net,
+               "nixpkgs": "offline" if pkgs is not None else nixpkgs}
+        if networked:  # what it fetches may change: never a cache hit decided on the host
+            key.update(f"fetched {pool.flake} {nixpkgs} {time.time_ns()} {os.getpid()}\0".encode())
+        _input_tar(tar_path, key, job, src, pkgs)
+    except BaseException:
+        shutil.rmtree(run, ignore_errors=True)
+        raise
     return Prepared(key.hexdigest()[:32], builder.image, tar_path, export,
                     wdir / "store.ext4", run / "output.img", run, src, fetched, networked)
 
@@ -358,16 +363,32 @@ def nixpkgs_export(layout: Layout, pkgs: Path) -> tuple[Path, list[str]]:
     return export, paths
 
 
-def _flake_dir(flake: str, dest: Path, layout: Layout) -> Path:
+def _flake_dir(flake: str, dest: Path, layout: Layout, nixpkgs: str, expect: str = "") -> Path:
     """mvm's own copy of the flake's source, made by the same rules as for the host builder
-    (`source.stage`: the directory's own tree without secrets.json, links leaving it refused;
-    a git repository's committed tree). Nothing fetches here: URL refs are fetched by the
-    builder itself (`needs_network`)."""
-    src = source.stage(flake, dest, layout)
+    (`source.stage`: the directory recorded at pool create, its own tree without secrets.json,
+    links leaving it refused; a git repository's committed tree), its inputs checked on the
+    host as for the host builder (`source.check_inputs`) before the builder sees them.
+    Nothing fetches here: URL refs are fetched by the builder itself (`needs_network`), which
+    checks their inputs the same way."""
+    src = source.stage(flake, dest, layout, expect=expect)
     if not (src / "flake.nix").is_file():
         raise InvalidInput(f"no flake at {flake}: flake.nix does not exist",
                            "point the pool at a directory holding flake.nix")
+    from mvm.build import pipeline
+
+    source.check_inputs(src, pipeline.mvm_flakes(layout, nixpkgs))
     return src
+
+
+def output_bytes(layout: Layout, prep: Prepared) -> int:
+    """At most the bytes `collect` will write for the builder's output: its files (as their
+    archive headers say) and, when it holds no kernel, the default kernel and initrd."""
+    sizes = archive.sizes(prep.output)
+    total = sum(v for k, v in sizes.items() if k != archive.RESULT)
+    if "vmlinux" not in sizes:
+        kdir = layout.kernel_dir()
+        total += sum((kdir / n).stat().st_size for n in ("vmlinux", "initrd") if (kdir / n).is_file())
+    return total
 
 
 def _nixpkgs_dir(nixpkgs: str) -> Path | None:

@@ -8,11 +8,17 @@ counts at least its desired counts (a `pool scale` at work boots without the ten
 
 from __future__ import annotations
 
+import os
 from collections import Counter
+from pathlib import Path
 
+from mvm.config.paths import Layout
 from mvm.errors import QuotaExceeded
+from mvm.lifecycle import disks
 from mvm.model import Instance, PoolRef, Quotas, State
 from mvm.store import Store
+
+MiB = 2**20
 
 
 def check(store: Store, ref: PoolRef, running: int, warm: int, sleeping: int) -> None:
@@ -85,9 +91,80 @@ def check_create(store: Store, ref: PoolRef) -> None:
 
 
 def disk_in_use(store: Store, tenant: str) -> int:
-    """MiB of data disks the tenant's instances have (each was made at its pool's size)."""
-    return sum(p.data_disk * len(store.instances(tenant, p.id)) for p in store.pools(tenant)
-               if p.data_disk)
+    """MiB of the tenant's disk quota in use: its instances' data disks (each made at its
+    pool's size) and what its pools' builds hold (`Pool.build_disk`, measured at each build
+    and gc: their builder stores and revisions)."""
+    pools = store.pools(tenant)
+    return sum(p.data_disk * len(store.instances(tenant, p.id)) for p in pools if p.data_disk) \
+        + sum(p.build_disk for p in pools)
+
+
+# -- builds: the pool's builder store and revisions count in max-disk --------------------------
+
+def allocated(path: Path) -> int:
+    """Bytes the filesystem allocated to a file, or to every file under a directory (blocks,
+    not apparent size: a builder's store disk is a 16 GiB sparse file that takes what Nix
+    writes into it); each inode counted once, links not followed; 0 when absent."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return 0
+    entries = [st]
+    if os.path.isdir(path) and not os.path.islink(path):
+        for dirpath, dirnames, filenames in os.walk(path):
+            for name in dirnames + filenames:
+                try:
+                    entries.append(os.lstat(os.path.join(dirpath, name)))
+                except FileNotFoundError:
+                    continue
+    for e in entries:
+        if (e.st_dev, e.st_ino) not in seen:
+            seen.add((e.st_dev, e.st_ino))
+            total += e.st_blocks * 512
+    return total
+
+
+def build_storage(layout: Layout, tenant: str, pool: str) -> int:
+    """Bytes a pool's builds hold on the host: its builder's Nix store disk and its revisions
+    (the build's scratch files are counted by the build itself while it runs)."""
+    return allocated(layout.pool_dir(tenant, pool) / "builder" / "store.ext4") \
+        + allocated(layout.revisions_dir(tenant, pool))
+
+
+def measure_builds(store: Store, layout: Layout, tenant: str, record: bool = True) -> int:
+    """Measure every pool of the tenant's builds again and (with `record`) record what changed
+    (`Pool.build_disk`); returns the MiB of the tenant's disk quota in use, as `disk_in_use`."""
+    used = 0
+    for p in store.pools(tenant):
+        mib = -(-build_storage(layout, tenant, p.id) // MiB)
+        if record and mib != p.build_disk:
+            store.set_pool_build_disk(tenant, p.id, mib)
+        used += mib + (p.data_disk * len(store.instances(tenant, p.id)) if p.data_disk else 0)
+    return used
+
+
+def check_build(store: Store, layout: Layout, ref: PoolRef, needed: int, record: bool = True) -> None:
+    """A build of `ref` may add `needed` bytes (its new revision) to the tenant's disk: within
+    max-disk (counting data disks and every pool's builds as they are now) and within the
+    host's free space less the data disks' reserve; else QuotaExceeded with one line: used,
+    needed and the quota (or the free space)."""
+    q = store.tenant(ref.tenant).quotas
+    used = measure_builds(store, layout, ref.tenant, record)
+    need = -(-needed // MiB)
+    if used + need > q.max_disk:
+        raise QuotaExceeded(
+            f"building {ref} would exceed tenant {ref.tenant}'s disk quota: {used} MiB used"
+            f" + {need} MiB needed > max-disk {q.max_disk} MiB",
+            "the current revision stays; free room with `mvm pool gc --keep 0`, or by"
+            " destroying instances' data disks or other pools")
+    free = disks.free_mib(layout.pool_dir(ref.tenant, ref.pool))
+    if free - disks.RESERVE_MIB < need:
+        raise QuotaExceeded(
+            f"building {ref} needs {need} MiB of host disk; the host has {free} MiB free there,"
+            f" less the {disks.RESERVE_MIB} MiB reserve",
+            "the current revision stays; free host space, or remove old revisions (`mvm pool gc`)")
 
 
 def _disk_problems(store: Store, tenant: str, mib: int, count: int, q: Quotas) -> list[str]:
@@ -95,6 +172,8 @@ def _disk_problems(store: Store, tenant: str, mib: int, count: int, q: Quotas) -
     if mib > q.max_data_disk:
         out.append(f"a {mib} MiB data disk > max-data-disk {q.max_data_disk} MiB")
     used = disk_in_use(store, tenant)
+    builds = sum(p.build_disk for p in store.pools(tenant))
     if used + count * mib > q.max_disk:
-        out.append(f"{used + count * mib} MiB of data disks > max-disk {q.max_disk} MiB")
+        out.append(f"{used - builds + count * mib} MiB of data disks"
+                   + (f" + {builds} MiB of builds" if builds else "") + f" > max-disk {q.max_disk} MiB")
     return out

@@ -28,7 +28,12 @@ from mvm.model import Pool, Revision
 from mvm.runtime.base import Disk, NetIf, VmSpec
 
 Progress = Callable[[str, str], None]
+#: `room(needed_bytes, record)`: raises QuotaExceeded when a revision of that size would not fit
+#: the tenant's disk quota or the host's free space (`lifecycle.quota.check_build`).
+Room = Callable[[int, bool], None]
 POLL = 0.2
+#: How often a running builder's disks are measured against the quota (seconds).
+DISK_WATCH = 1.0
 #: The console may exceed the job's own log limit by kernel messages and step lines only.
 CONSOLE_LIMIT = 2 * vm_build.LOG_LIMIT + 64 * 1024
 MIN_MEM, MAX_MEM = 512, 16384
@@ -68,8 +73,11 @@ def info(ctx: Host) -> builder_image.BuilderInfo:
 
 
 def build(ctx: Host, pool: Pool, force: bool, log: Path, progress: Progress,
-          opts: Options) -> tuple[Revision, bool]:
-    """Build pool in a builder microVM (or find the revision its unchanged inputs made)."""
+          opts: Options, room: Room | None = None) -> tuple[Revision, bool]:
+    """Build pool in a builder microVM (or find the revision its unchanged inputs made).
+    With `room`, the builder's disks are measured while it runs (its store and its output
+    count in the tenant's disk quota: it is stopped when they cross it) and its output is
+    checked to fit before it is collected."""
     opts.check()
     started = time.monotonic()
     image = info(ctx)
@@ -95,9 +103,12 @@ def build(ctx: Host, pool: Pool, force: bool, log: Path, progress: Progress,
         seed = None if prep.store.is_file() or not vm_build.offline(ctx.settings.nixpkgs) \
             else _seed(ctx, image, log, progress, opts)
         vm_build.disks(prep, seed)
+        watch = None if room is None else _DiskWatch(prep, room)
         with _network(ctx, pool, opts, prep.networked) as netif:
-            _run(ctx, spec(ctx, pool, prep, opts, netif), log, progress, opts, pool.backend)
+            _run(ctx, spec(ctx, pool, prep, opts, netif), log, progress, opts, pool.backend, watch)
         progress("collect", "…")
+        if room is not None:
+            room(vm_build.output_bytes(ctx.layout, prep), True)
         try:
             revision = vm_build.collect(ctx.layout, pool, prep, image, log, started)
         except archive.BadOutput as e:
@@ -184,8 +195,29 @@ def _initrd(ctx: Host) -> Path | None:
     return initrd if initrd.is_file() else None
 
 
+class _DiskWatch:
+    """Measures a running builder's store disk (through `room`, with the pool's other build
+    storage) and its output so far (the revision to be) against the quota and the host's free
+    space, at most every DISK_WATCH seconds: a builder that would cross either is stopped,
+    so its store's growth is bounded by the quota, not by its 16 GiB disk."""
+
+    def __init__(self, prep: vm_build.Prepared, room: Room) -> None:
+        self.prep = prep
+        self.room = room
+        self.next = 0.0
+
+    def __call__(self) -> None:
+        now = time.monotonic()
+        if now < self.next:
+            return
+        self.next = now + DISK_WATCH
+        from mvm.lifecycle import quota
+
+        self.room(quota.allocated(self.prep.output), False)
+
+
 def _run(ctx: Host, vm: VmSpec, log: Path, progress: Progress, opts: Options,
-         backend: str = "") -> None:
+         backend: str = "", watch: Callable[[], None] | None = None) -> None:
     runtime = ctx.runtime_for(backend)  # the pool's backend (the seed's: the host's)
     progress("builder", "…")  # ended by the builder's own "@mvm builder up"
     console = _Console(runtime.console_log(vm), log, progress)
@@ -193,6 +225,8 @@ def _run(ctx: Host, vm: VmSpec, log: Path, progress: Progress, opts: Options,
         runtime.boot(vm)
         deadline = time.monotonic() + opts.timeout
         while runtime.is_alive(vm):
+            if watch is not None:
+                watch()
             console.pump()
             if console.size > CONSOLE_LIMIT:
                 raise BuildFailed("the builder wrote more log than allowed; it was stopped",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import re
 import shutil
 import time
@@ -10,7 +12,7 @@ from collections.abc import Callable
 from mvm.build import pipeline, source
 from mvm.config.host import Host
 from mvm.errors import Conflict, InvalidInput, NotFound, QuotaExceeded
-from mvm.lifecycle import disks
+from mvm.lifecycle import disks, quota
 from mvm.model import (
     MAX_CPUS,
     MAX_MEM_MIB,
@@ -29,6 +31,8 @@ from mvm.util import private
 BUILTIN_PROFILES = ("minimal", "baseline", "python")
 MIN_DATA_DISK_MIB = 8
 NETWORK_MODES = ("tenant", "none")
+#: Revisions a successful build keeps besides the current one and those instances use.
+KEEP_REVISIONS = 3
 PROFILE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_'-]*")
 
 
@@ -87,9 +91,12 @@ def create(ctx: Host, ref: PoolRef, flake: str | None, profile: str, cpus: int, 
     if flake is None and profile not in BUILTIN_PROFILES:
         raise InvalidInput(f"no built-in profile {profile!r}",
                            f"built-in profiles: {', '.join(BUILTIN_PROFILES)}; or pass --flake")
+    # The directory as it is now (resolved by check_ref, opened without following links):
+    # every build opens the same path the same way and refuses another directory there.
+    flake_id = source.identity(flake_ref)
     pool = Pool(ref.tenant, ref.pool, flake_ref, profile, cpus, mem, data_disk, network,
                 created=time.time(), idle_warm=idle_warm, idle_sleep=idle_sleep,
-                min_running=min_running, pinned=pinned, backend=backend)
+                min_running=min_running, pinned=pinned, backend=backend, flake_id=flake_id)
     # Counted and added under the tenant's lock: concurrent creates cannot both pass the count.
     with ctx.locks.lock(tenant_lock_name(ref.tenant)):
         _check_new(store, ref, q.max_pools)
@@ -136,28 +143,54 @@ def build(ctx: Host, ref: PoolRef, force: bool = False,
         store.event(Event("pool.build-start", f"building {pool.flake}#{pool.profile} with the "
                           f"{kind} builder{' (forced)' if force else ''}", Reason.BUILD,
                           ref.tenant, ref.pool))
+
+        def room(needed: int, record: bool = True) -> None:  # the new revision's bytes fit
+            quota.check_build(store, ctx.layout, ref, needed, record)
+
         try:
+            pool = _flake_recorded(ctx, pool)
             if kind == "vm":
-                rev, cached = builder.build(ctx, pool, force, log, progress, opts)
+                rev, cached = builder.build(ctx, pool, force, log, progress, opts, room)
             else:
                 rev, cached = pipeline.run_build(ctx.layout, ctx.settings.nixpkgs, pool, force,
-                                                 log, progress)
+                                                 log, progress, room)
             check_backend_kernel(ctx, pool, rev.hash)
             store.add_revision(rev)
             pipeline.switch_current(ctx.layout, ref.tenant, ref.pool, rev.hash)
             store.set_pool_current(ref.tenant, ref.pool, rev.hash)
         except BaseException as e:
+            with contextlib.suppress(Exception):  # what the builder's store grew by counts
+                quota.measure_builds(store, ctx.layout, ref.tenant)
             store.finish_build(build_id, "failed", error=str(e).splitlines()[-1] if str(e) else "")
             cause = (str(e).splitlines() or [type(e).__name__])[-1]
             store.event(Event("pool.build-failed", f"build failed: {e}", Reason.BUILD, ref.tenant,
                               ref.pool, cause=cause, duration=max(0.0, ctx.clock() - started)))
             raise
+        removed = _gc(ctx, ref, KEEP_REVISIONS)
+        if removed:
+            progress("gc", f"removed {len(removed)} old revision(s), kept the newest {KEEP_REVISIONS}"
+                     " and those in use")
+        quota.measure_builds(store, ctx.layout, ref.tenant)
         store.finish_build(build_id, "ok", rev.hash, cached)
         store.event(Event("pool.build", f"revision {rev.hash}{' (cached)' if cached else ''}",
                           Reason.BUILD, ref.tenant, ref.pool,
                           duration=max(0.0, ctx.clock() - started)))
         progress("current", rev.hash)
         return rev, cached
+
+
+def _flake_recorded(ctx: Host, pool: Pool) -> Pool:
+    """The pool with its flake directory's identity recorded. A pool made before mvm recorded
+    it gets it now, from its path (resolved at its create) opened without following any link:
+    a link put in that path since is refused all the same."""
+    if pool.flake_id or source.local_dir(pool.flake) is None:
+        return pool
+    try:
+        flake_id = source.identity(pool.flake)
+    except source.SourceRefused:
+        return pool  # (not recorded: the build refuses it, with the same line)
+    ctx.store.set_pool_flake_id(pool.tenant, pool.id, flake_id)
+    return dataclasses.replace(pool, flake_id=flake_id)
 
 
 def check_backend_kernel(ctx: Host, pool: Pool, rev: str) -> None:
@@ -211,26 +244,37 @@ def revisions_in_use(ctx: Host, ref: PoolRef) -> set[str]:
     return {i.revision for i in store.instances(ref.tenant, ref.pool) if i.revision}
 
 
-def gc(ctx: Host, ref: PoolRef, keep: int = 3) -> list[str]:
-    """Delete old revisions; never `current`, never one an instance uses. Returns what went."""
+def gc(ctx: Host, ref: PoolRef, keep: int = KEEP_REVISIONS) -> list[str]:
+    """Delete old revisions; never `current`, never one an instance uses. Returns what went.
+    (Every successful build does the same with KEEP_REVISIONS.)"""
     store = ctx.store
     if keep < 0:
         raise InvalidInput(f"--keep must not be negative (got {keep})")
-    pool = store.pool(ref.tenant, ref.pool)
+    store.pool(ref.tenant, ref.pool)
     with ctx.locks.lock(pool_lock_name(ref.tenant, ref.pool)):
-        revs = store.revisions(ref.tenant, ref.pool)
-        protected = revisions_in_use(ctx, ref) | {pool.current}
-        newest = {r.hash for r in revs[-keep:]} if keep else set()
-        removed = []
-        for r in revs:
-            if r.hash in protected or r.hash in newest:
-                continue
-            shutil.rmtree(ctx.layout.revision_dir(ref.tenant, ref.pool, r.hash), ignore_errors=True)
-            store.remove_revision(ref.tenant, ref.pool, r.hash)
-            removed.append(r.hash)
-        if removed:
-            store.event(Event("pool.gc", f"removed {', '.join(removed)}", tenant=ref.tenant, pool=ref.pool))
+        removed = _gc(ctx, ref, keep)
+        quota.measure_builds(store, ctx.layout, ref.tenant)
         return removed
+
+
+def _gc(ctx: Host, ref: PoolRef, keep: int) -> list[str]:
+    """(The caller holds the pool's lock.) All but the newest `keep` revisions, the current
+    one and those instances use."""
+    store = ctx.store
+    pool = store.pool(ref.tenant, ref.pool)
+    revs = store.revisions(ref.tenant, ref.pool)
+    protected = revisions_in_use(ctx, ref) | {pool.current}
+    newest = {r.hash for r in revs[-keep:]} if keep else set()
+    removed = []
+    for r in revs:
+        if r.hash in protected or r.hash in newest:
+            continue
+        shutil.rmtree(ctx.layout.revision_dir(ref.tenant, ref.pool, r.hash), ignore_errors=True)
+        store.remove_revision(ref.tenant, ref.pool, r.hash)
+        removed.append(r.hash)
+    if removed:
+        store.event(Event("pool.gc", f"removed {', '.join(removed)}", tenant=ref.tenant, pool=ref.pool))
+    return removed
 
 
 def destroy(ctx: Host, ref: PoolRef, force: bool = False) -> None:

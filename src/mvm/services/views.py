@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from mvm.config.host import Host
-from mvm.lifecycle import specs
+from mvm.lifecycle import quota, specs
 from mvm.model import Instance, InstanceRef, PoolRef, check_id
 from mvm.services import instances, pools, tenants
 from mvm.util.jsonable import jsonable
@@ -25,6 +25,8 @@ def tenant_info(ctx: Host, tenant: str) -> dict[str, Any]:
         "id": t.id, "net_id": t.net_id, "subnet": t.subnet,
         "egress": {"allow": list(t.egress_allow), "deny": list(t.egress_deny)},
         "quotas": jsonable(t.quotas),
+        # MiB of max-disk in use: data disks, and builds as measured at their last build or gc
+        "disk_used": quota.disk_in_use(store, t.id),
         "pools": [p.id for p in store.pools(t.id)],
         "instances": {s: sum(1 for i in insts if i.state.value == s)
                       for s in sorted({i.state.value for i in insts})},

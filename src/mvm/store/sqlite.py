@@ -65,6 +65,8 @@ MIGRATIONS = (
     ("events", "cause", "TEXT"),  # what caused it: an error, the hypervisor's exit, a measurement
     ("events", "duration", "REAL"),  # seconds the transition or build it ends took
     ("pools", "backend", "TEXT NOT NULL DEFAULT ''"),  # qemu, firecracker, or '' (the host's)
+    ("pools", "flake_id", "TEXT NOT NULL DEFAULT ''"),  # device:inode of the flake's directory
+    ("pools", "build_disk", "INTEGER NOT NULL DEFAULT 0"),  # MiB its builder store and revisions hold
 )
 #: What `events()` returns of each event, in this order.
 EVENT_KEYS = ("id", "ts", "tenant", "pool", "instance", "kind", "message", "reason", "cause",
@@ -196,10 +198,11 @@ class SqliteStore:
             with self.tx() as db:
                 db.execute(
                     "INSERT INTO pools (tenant,id,flake,profile,cpus,mem,data_disk,network,created,"
-                    "idle_warm,idle_sleep,min_running,pinned,backend) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    "idle_warm,idle_sleep,min_running,pinned,backend,flake_id)"
+                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     (p.tenant, p.id, p.flake, p.profile, p.cpus, p.mem, p.data_disk, p.network,
                      p.created or time.time(), p.idle_warm, p.idle_sleep, p.min_running,
-                     int(p.pinned), p.backend),
+                     int(p.pinned), p.backend, p.flake_id),
                 )
         except sqlite3.IntegrityError as e:
             raise Conflict(f"pool {p.tenant}/{p.id} already exists",
@@ -245,7 +248,9 @@ class SqliteStore:
                     r["desired_warm"], r["desired_sleeping"], r["created"],
                     policy.get("idle_warm"), policy.get("idle_sleep"),
                     policy.get("min_running") or 0, bool(policy.get("pinned")),
-                    r["backend"] if "backend" in cols else "")
+                    r["backend"] if "backend" in cols else "",
+                    r["flake_id"] if "flake_id" in cols else "",
+                    r["build_disk"] if "build_disk" in cols else 0)
 
     def set_pool_policy(self, tenant: str, pid: str, idle_warm: float | None,
                         idle_sleep: float | None, min_running: int, pinned: bool) -> None:
@@ -253,6 +258,14 @@ class SqliteStore:
             db.execute("UPDATE pools SET idle_warm=?, idle_sleep=?, min_running=?, pinned=?"
                        " WHERE tenant=? AND id=?",
                        (idle_warm, idle_sleep, min_running, int(pinned), tenant, pid))
+
+    def set_pool_flake_id(self, tenant: str, pid: str, flake_id: str) -> None:
+        with self.tx() as db:
+            db.execute("UPDATE pools SET flake_id=? WHERE tenant=? AND id=?", (flake_id, tenant, pid))
+
+    def set_pool_build_disk(self, tenant: str, pid: str, mib: int) -> None:
+        with self.tx() as db:
+            db.execute("UPDATE pools SET build_disk=? WHERE tenant=? AND id=?", (mib, tenant, pid))
 
     def version(self) -> int:
         """A number that changes when another connection commits a change (SQLite's
