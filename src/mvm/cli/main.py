@@ -366,11 +366,11 @@ def pool_info(pool: str, json_: JsonOpt = False) -> None:
     """Show a pool."""
     ref = PoolRef.parse(pool)
     if (a := agent()) is not None:
-        present.show(a.pool_info(str(ref)), json_)
+        present.pool_info(a.pool_info(str(ref)), json_)
         return
     from mvm.services import views
 
-    present.show(views.pool_info(ctx(), ref), json_)
+    present.pool_info(views.pool_info(ctx(), ref), json_)
 
 
 @pool_app.command("build")
