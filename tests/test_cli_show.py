@@ -10,11 +10,14 @@ import datetime as dt
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 
+from mvm.lifecycle import specs
 from mvm.model import State
 from tests.conftest import REPO, Result
+from tests.doubles.fake_runtime import FakeRuntime
 from tests.test_lifecycle_faults import World, world  # noqa: F401 (a fixture)
 
 # What printing a Python value shows: a dict or list repr, None, an epoch float.
@@ -73,3 +76,23 @@ def test_pool_info_is_readable_and_its_json_unchanged(world: World) -> None:  # 
         assert [ln for ln in r.out.splitlines() if PYTHON_REPR.search(ln)] == [], r.out
     tenant = cli(world, "tenant", "info", "acme").out.splitlines()
     assert tenant[tenant.index("quotas:") + 1].startswith("  max_")
+
+
+def test_a_stopped_instance_no_longer_shows_why_it_had_failed(world: World) -> None:  # noqa: F811
+    ref = world.new(State.RUNNING)
+    pid = FakeRuntime(world.ledger).pid(specs.control_spec(world.ctx.layout, world.instance(ref)))
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)  # the hypervisor dies
+    assert cli(world, "instance", "observe", "acme/w").rc == 0
+    failed = cli(world, "instance", "list", "acme/w").out.splitlines()[1].split(None, 4)
+    assert failed[1] == "failed" and failed[4] == "hypervisor process exited unexpectedly"
+
+    r = cli(world, "instance", "stop", str(ref))
+    assert r.rc == 0, r.err
+    row = cli(world, "instance", "list", "acme/w").out.splitlines()[1].split()
+    assert row[:2] == [str(ref), "stopped"] and len(row) == 4, row  # nothing in `observed`
+    assert json.loads(cli(world, "instance", "info", str(ref), "--json").out)["error"] is None
+    # why it had failed stays where it happened: in its events
+    r = cli(world, "events", "acme", "--json", "-n", "100")
+    assert any(e["kind"] == "instance.failed" and e["cause"] == "hypervisor process exited unexpectedly"
+               for e in json.loads(r.out))
