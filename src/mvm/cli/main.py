@@ -6,7 +6,7 @@ import os
 import re
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -864,7 +864,7 @@ class _HelpFormatter(click.HelpFormatter):
     adds to a parameter's help for Rich whenever Rich is installed, even when Rich does not
     render the help (`rich_markup_mode=None`): undone here, or `--help` shows `\\[required]`."""
 
-    def write_dl(self, rows: Sequence[tuple[str, str]], col_max: int = 30, col_spacing: int = 2) -> None:
+    def write_dl(self, rows: Iterable[tuple[str, str]], col_max: int = 30, col_spacing: int = 2) -> None:
         super().write_dl([(term, _unescape(text)) for term, text in rows], col_max, col_spacing)
 
 
