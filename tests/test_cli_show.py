@@ -55,15 +55,15 @@ def test_pool_info_is_readable_and_its_json_unchanged(world: World) -> None:  # 
     assert (r.rc, r.err) == (0, ""), r.err
     lines = r.out.splitlines()
     assert [ln for ln in lines if PYTHON_REPR.search(ln)] == []
-    assert f"created: {local(info['created'])} (" in r.out
+    assert f"created: {local(info['created'])}" in lines
     assert "flake: path:/nonexistent" in lines and "current: abc123" in lines
     assert "desired: running=0 warm=0 sleeping=0" in lines and "idle policy: none" in lines
     b1, b2 = info["builds"]
     at = lines.index("builds:")
-    assert lines[at + 1].startswith(f"  #{b1['id']} succeeded {local(b1['started'])} (")
+    assert lines[at + 1].startswith(f"  #{b1['id']} succeeded {local(b1['started'])}, took ")
     assert lines[at + 1].endswith("builder vm: revision abc123 (no change, cache hit)")
     assert lines[at + 2] == "    log: /var/log/b1.log"
-    assert lines[at + 3].startswith(f"  #{b2['id']} failed {local(b2['started'])} (")
+    assert lines[at + 3].startswith(f"  #{b2['id']} failed {local(b2['started'])}, took ")
     # an error of several lines, each on its own line under its build
     assert lines[at + 4:at + 7] == ["    error: nix build failed", "      error: attribute 'nope' missing",
                                     "    log: /var/log/b2.log"]

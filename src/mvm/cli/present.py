@@ -6,27 +6,20 @@ from __future__ import annotations
 
 import datetime as dt
 import sys
-import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from mvm.cli import output
 from mvm.cli.output import emit_json, table
 
-#: Fields that hold a time as seconds since the epoch: shown as local time and how long ago.
+#: Fields that hold a time as seconds since the epoch: shown as local time.
 TIME_KEYS = frozenset({"created", "started", "finished", "updated", "ts"})
 
 
 def when(ts: float) -> str:
-    """`2026-12-08 14:03:09 (5 min ago)`: local time, to the second, and how long ago."""
-    stamp = dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
-    ago = time.time() - ts
-    if ago < 0:
-        return stamp
-    for unit, secs in (("d", 86400), ("h", 3600), ("min", 60)):
-        if ago >= secs:
-            return f"{stamp} ({int(ago // secs)} {unit} ago)"
-    return f"{stamp} ({int(ago)} s ago)"
+    """`2026-12-08 14:03:09`: local time, to the second (not "5 min ago": what a command prints
+    does not change with the moment it is asked)."""
+    return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
 
 
 def seconds(value: float) -> str:
@@ -124,7 +117,7 @@ def pool_info(info: Mapping[str, Any], json_: bool) -> None:
 
 
 def _build_line(b: Mapping[str, Any]) -> str:
-    """`#3 succeeded 2026-12-08 14:03:09 (5 min ago), took 31.2s, builder vm: revision ab12…`."""
+    """`#3 succeeded 2026-12-08 14:03:09, took 31.2s, builder vm: revision ab12…`."""
     line = f"#{b.get('id')} {b.get('status')}"
     if b.get("started"):
         line += f" {when(b['started'])}"
@@ -160,7 +153,7 @@ def revisions(revs: Sequence[Mapping[str, Any]], json_: bool) -> None:
         return
     table(["", "revision", "built", "closure", "in use"],
           [("*" if r["current"] else "", r["revision"],
-            dt.datetime.fromtimestamp(r["created"]).strftime("%Y-%m-%d %H:%M:%S"),
+            when(r["created"]),
             f"{int(r['manifest'].get('closure_size', 0)) // 2**20} MiB",
             "yes" if r["in_use"] else "") for r in revs])
 
