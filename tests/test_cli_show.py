@@ -16,6 +16,7 @@ import sys
 
 from mvm.lifecycle import specs
 from mvm.model import State
+from mvm.util import pids
 from tests.conftest import REPO, Result
 from tests.doubles.fake_runtime import FakeRuntime
 from tests.test_lifecycle_faults import World, world  # noqa: F401 (a fixture)
@@ -83,6 +84,7 @@ def test_a_stopped_instance_no_longer_shows_why_it_had_failed(world: World) -> N
     pid = FakeRuntime(world.ledger).pid(specs.control_spec(world.ctx.layout, world.instance(ref)))
     assert pid is not None
     os.kill(pid, signal.SIGKILL)  # the hypervisor dies
+    assert pids.wait_gone(pid, 30)
     assert cli(world, "instance", "observe", "acme/w").rc == 0
     failed = cli(world, "instance", "list", "acme/w").out.splitlines()[1].split(None, 4)
     assert failed[1] == "failed" and failed[4] == "hypervisor process exited unexpectedly"
