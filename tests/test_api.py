@@ -474,6 +474,47 @@ def test_agent_serve_runs_the_loop_and_the_api_and_leaves_vms_on_sigterm(world: 
         assert pid is not None and os.path.exists(f"/proc/{pid}"), f"{iid}'s VM did not outlive the agent"
 
 
+def test_sigterm_ends_an_events_stream_cleanly_and_the_agent_at_once(world: World) -> None:
+    """A client following /events/stream does not hold the agent's exit: SIGTERM ends the
+    stream (its response complete, not cut) and the agent, without a traceback."""
+    sock = world.ctx.layout.agent_socket()
+    agent = subprocess.Popen([sys.executable, "-m", "mvm.cli.main", "agent", "serve", "--interval", "1"],
+                             env=env_of(world), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    following = threading.Event()
+    ended: list[str] = []
+
+    def follow() -> None:
+        try:
+            with httpx.Client(transport=httpx.HTTPTransport(uds=str(sock)), base_url="http://agent",
+                              timeout=60) as c, c.stream("GET", "/events/stream") as stream:
+                assert stream.status_code == 200
+                following.set()
+                for _line in stream.iter_lines():
+                    pass
+            ended.append("complete")
+        except Exception as e:  # (e.g. the connection cut in the middle of the chunked body)
+            ended.append(repr(e))
+        finally:
+            following.set()
+
+    try:
+        deadline = time.monotonic() + 120
+        while not sock.exists():
+            assert agent.poll() is None and time.monotonic() < deadline, agent.communicate()
+            time.sleep(0.1)
+        follower = threading.Thread(target=follow)
+        follower.start()
+        assert following.wait(60) and not ended, ended
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        _out, err = agent.communicate(timeout=120)
+    follower.join(60)
+    assert ended == ["complete"]
+    assert agent.returncode == 0, err
+    assert "Traceback" not in err and "Cancel" not in err, err
+    assert err.splitlines()[-1].startswith("agent: stopped after "), err
+
+
 def test_an_operations_progress_is_bounded() -> None:
     """A build's progress carries what a tenant's flake prints: the agent keeps the newest lines,
     each cut, and says how many it dropped."""

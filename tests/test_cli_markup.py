@@ -4,9 +4,12 @@ printed literally: never read as Rich markup or emoji codes, and never a crash."
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
+import click
 import pytest
+import typer
 
 from mvm.cli import main as cli
 from mvm.cli import output
@@ -117,6 +120,39 @@ def test_pool_scale_reports_markup_error_literally(tmp_path: Path,
     assert any(ln.endswith(": created") for ln in r.lines)
     # progress lines name the step literally too
     assert any(" secrets: " in ln for ln in r.lines), r.err
+
+
+def command_paths() -> list[list[str]]:
+    """Every command and group of the CLI, as the words that name it."""
+    out: list[list[str]] = []
+    todo: list[tuple[click.Command, list[str]]] = [(typer.main.get_command(cli.app), [])]
+    while todo:
+        cmd, path = todo.pop()
+        out.append(path)
+        if isinstance(cmd, click.Group):
+            todo += [(sub, [*path, name]) for name, sub in cmd.commands.items()]
+    return out
+
+
+def test_no_help_shows_a_markup_escape(capsys: pytest.CaptureFixture[str]) -> None:
+    """Typer escapes `[required]`, `[default: …]` and `[env var: …]` for Rich even when Rich
+    does not print the help: every command's --help shows them as they are."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    helps: dict[str, str] = {}
+    try:
+        for path in command_paths():
+            assert cli.main([*path, "--help"]) == 0, path
+            helps[" ".join(path)] = capsys.readouterr().out
+    finally:
+        os.umask(umask)  # (main sets mvm's own)
+    assert len(helps) >= 40
+    escaped = {cmd: [ln for ln in text.splitlines() if "\\[" in ln] for cmd, text in helps.items()}
+    assert {cmd: lines for cmd, lines in escaped.items() if lines} == {}
+    create = [ln.split() for ln in helps["pool create"].splitlines()]
+    assert ["POOL", "[required]"] in create
+    assert ["--profile", "TEXT", "the", "flake's", "package", "to", "build", "[default:", "minimal]"] in create
+    assert "[env var: MVM_AGENT]" in " ".join(helps[""].split())
 
 
 # -- the error edge and the output helpers, in process ---------------------------------

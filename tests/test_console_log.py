@@ -15,7 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from mvm.errors import GuestError
 from mvm.runtime import console
+from mvm.runtime.base import Disk, Steps, VmSpec
+from mvm.runtime.qemu import QemuRuntime
 from mvm.util.text import printable
 
 
@@ -97,6 +100,49 @@ def test_what_a_hypervisor_wrote_before_dying_at_once_is_kept(log: Path) -> None
     console.settle(log, timeout=30)
     assert console.tail(log) == b"Kernel panic - not syncing\n"
     assert loggers_of(log) == []
+
+
+def hypervisor_writes(log: Path, data: bytes, cap: int = console.CAP) -> None:
+    """A hypervisor that writes `data` on its console and exits, its logger done with it."""
+    w = start(log, cap)
+    os.write(w, data)
+    os.close(w)
+    console.settle(log, timeout=30)
+
+
+def test_tail_reads_only_what_followed_the_mark_even_across_a_rotation(log: Path) -> None:
+    hypervisor_writes(log, b"earlier boot: login:\n")
+    console.mark(log)  # a restore starts its hypervisor on the same console
+    woken = b"".join(b"woken %02d\n" % n for n in range(10))  # 90 bytes: rotates at 64
+    hypervisor_writes(log, woken, cap=64)
+    assert console.old_log(log).read_bytes().startswith(b"earlier boot")  # all kept for `logs`
+    assert console.tail(log) == woken
+    assert console.tail(log, 20) == woken[-20:]
+    console.remove(log)  # a cold boot: a new console, all of it this boot's
+    hypervisor_writes(log, b"booted\n")
+    assert console.tail(log) == b"booted\n"
+
+
+def test_a_failed_wake_shows_its_own_console_and_the_hint_on_a_line_of_its_own(tmp_path: Path) -> None:
+    """The wake's restore prepares the run dir as it does (QemuRuntime's own step), a new
+    hypervisor appends to the console of the boot before the sleep and dies: the error shows
+    what this one's guest said, not the earlier boot's last lines, and its hint after them."""
+    rt = QemuRuntime("tcg")
+    spec = VmSpec(name="acme/w/i-1", vcpus=1, mem_mib=128, kernel=tmp_path / "vmlinux", initrd=None,
+                  cmdline="", disks=(Disk("rootfs", tmp_path / "rootfs.ext4", True),), net=None,
+                  run_dir=tmp_path / "run")
+    log = rt.console_log(spec)
+    spec.run_dir.mkdir()
+    hypervisor_writes(log, b"".join(b"boot line %d\n" % n for n in range(8)) + b"login:\n")
+    with Steps("restore", None) as steps:
+        rt._prepare_run_dir(spec, steps, fresh=False)
+    hypervisor_writes(log, b"restored: clocksource unstable\n")
+    with pytest.raises(GuestError) as e:
+        rt.agent(spec).wake(timeout=1)  # its hypervisor is gone
+    assert e.value.line() == ("the hypervisor exited during wake\n"
+                              "console:\n"
+                              "restored: clocksource unstable\n"
+                              "(look at `mvm instance logs` for the guest's console)")
 
 
 @pytest.mark.parametrize(("raw", "shown"), [

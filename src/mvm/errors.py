@@ -14,7 +14,12 @@ class MvmError(Exception):
         self.hint = hint
 
     def line(self) -> str:
-        return f"{self.message} ({self.hint})" if self.hint else self.message
+        """The message and its hint; a hint after a message of several lines (one ending in
+        the lines a console or a log said) goes on a line of its own."""
+        if not self.hint:
+            return self.message
+        sep = "\n" if "\n" in self.message else " "
+        return f"{self.message}{sep}({self.hint})"
 
 
 class InvalidInput(MvmError):

@@ -211,10 +211,13 @@ def exec_for_work(ctx: Host, ref: InstanceRef, body: ExecIn) -> ExecOut:
     raise AssertionError("unreachable")
 
 
-def create_app(ctx_factory: Callable[[], Host], token: str | None = None) -> FastAPI:
+def create_app(ctx_factory: Callable[[], Host], token: str | None = None,
+               closing: threading.Event | None = None) -> FastAPI:
     """The API over the host `ctx_factory` composes (called once per worker thread).
-    `token`: requests with a client address (TCP) must carry it as a bearer token."""
+    `token`: requests with a client address (TCP) must carry it as a bearer token.
+    `closing`: set when the server shuts down; the events streams then end (cleanly, at once)."""
     local = threading.local()
+    closing = closing or threading.Event()
 
     def host() -> Host:
         h: Host | None = getattr(local, "host", None)
@@ -421,13 +424,13 @@ def create_app(ctx_factory: Callable[[], Host], token: str | None = None) -> Fas
 
         def follow() -> Iterator[str]:
             cursor = after
-            while True:
+            while not closing.is_set():
                 rows = events_after(host().store, tenant, cursor, 500)
                 for r in rows:
                     cursor = int(r["id"])
                     yield json.dumps(jsonable_encoder(EventOut(**r))) + "\n"
                 if not rows:
-                    time.sleep(POLL_SECONDS)
+                    closing.wait(POLL_SECONDS)
 
         return StreamingResponse(follow(), media_type="application/x-ndjson")
 

@@ -61,6 +61,20 @@ class PeerCheckedH11(H11Protocol):
         super().data_received(data)
 
 
+class Server(uvicorn.Server):
+    """uvicorn's server, which ends the responses that never end by themselves (the events
+    streams, through `closing`) as soon as its shutdown begins: otherwise it waits out its
+    graceful timeout for them and then cancels them, with a traceback."""
+
+    def __init__(self, config: uvicorn.Config, closing: threading.Event) -> None:
+        super().__init__(config)
+        self.closing = closing
+
+    async def shutdown(self, sockets: list[sockets.socket] | None = None) -> None:
+        self.closing.set()
+        await super().shutdown(sockets)
+
+
 def unix_socket(path: Path, private_dir: bool) -> sockets.socket:
     """A listening socket at `path`, mode 0600; its directory is made 0700 when mvm owns it
     (`private_dir`) or when it is new. A live agent already there is an error; a stale file
@@ -144,10 +158,11 @@ def serve(ctx_factory: Callable[[], Host], *, socket: Path | None = None, listen
     try:
         if listen is not None:
             listeners.append(tcp_socket(listen))
-        app = create_app(ctx_factory, token)
+        closing = threading.Event()
+        app = create_app(ctx_factory, token, closing)
         config = uvicorn.Config(app, http=PeerCheckedH11, lifespan="off", log_level="warning", log_config=None,
                                 access_log=False, timeout_graceful_shutdown=2, ws="none")
-        server = uvicorn.Server(config)
+        server = Server(config, closing)
 
         def watch() -> None:
             while not server.started and not server.should_exit:

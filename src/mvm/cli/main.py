@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 import traceback
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -364,11 +366,11 @@ def pool_info(pool: str, json_: JsonOpt = False) -> None:
     """Show a pool."""
     ref = PoolRef.parse(pool)
     if (a := agent()) is not None:
-        present.show(a.pool_info(str(ref)), json_)
+        present.pool_info(a.pool_info(str(ref)), json_)
         return
     from mvm.services import views
 
-    present.show(views.pool_info(ctx(), ref), json_)
+    present.pool_info(views.pool_info(ctx(), ref), json_)
 
 
 @pool_app.command("build")
@@ -849,13 +851,46 @@ def agent_serve(
                 " hypervisors left running")
 
 
+#: What Rich's `markup.escape` puts before a `[tag]`: a backslash (and each backslash before it doubled).
+_RICH_ESCAPED = re.compile(r"(\\*)\\(\[[a-z#/@][^[]*?])")
+
+
+def _unescape(text: str) -> str:
+    return _RICH_ESCAPED.sub(lambda m: m.group(1)[:len(m.group(1)) // 2] + m.group(2), text)
+
+
+class _HelpFormatter(click.HelpFormatter):
+    """Click's plain help. Typer escapes the `[default: …]`, `[required]` and `[env var: …]` it
+    adds to a parameter's help for Rich whenever Rich is installed, even when Rich does not
+    render the help (`rich_markup_mode=None`): undone here, or `--help` shows `\\[required]`."""
+
+    def write_dl(self, rows: Iterable[tuple[str, str]], col_max: int = 30, col_spacing: int = 2) -> None:
+        super().write_dl([(term, _unescape(text)) for term, text in rows], col_max, col_spacing)
+
+
+class _Context(click.Context):
+    formatter_class = _HelpFormatter
+
+
+def command() -> click.Command:
+    """The click command tree of `app`, every command's help printed by `_HelpFormatter`."""
+    root = typer.main.get_command(app)
+    todo = [root]
+    while todo:
+        cmd = todo.pop()
+        cmd.context_class = _Context
+        if isinstance(cmd, click.Group):
+            todo += cmd.commands.values()
+    return root
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: every error becomes one clear line and a non-zero exit code."""
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args
     os.umask(PRIVATE_UMASK)  # what mvm and the programs it starts create, only root reads
     try:
-        rc = app(args=args, prog_name="mvm", standalone_mode=False)
+        rc = command().main(args=args, prog_name="mvm", standalone_mode=False)
         return rc if isinstance(rc, int) else 0
     except MvmError as e:
         if debug:

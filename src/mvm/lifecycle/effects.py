@@ -268,7 +268,8 @@ def stop_do(run: Run) -> Instance:
     graceful = run.op.source in (State.RUNNING, State.WARM)
     run.step("halt", lambda: halt(run, graceful))
     run.step("release", lambda: release_guest(run))
-    i = run.end(State.STOPPED, "instance.stop", "stopped", pid=None, snapshot=None)
+    # (a stopped instance has no hypervisor to report on: a failed one's cause is in its events)
+    i = run.end(State.STOPPED, "instance.stop", "stopped", pid=None, snapshot=None, error=None)
     sweep_snapshots(run, False)
     return i
 
@@ -276,7 +277,7 @@ def stop_do(run: Run) -> Instance:
 def stop_recover(run: Run, error: BaseException | None) -> Instance:
     halt(run, graceful=False)
     release_guest(run)
-    i = _recovered(run, State.STOPPED, "finished", error, pid=None, snapshot=None)
+    i = _recovered(run, State.STOPPED, "finished", error, pid=None, snapshot=None, error=None)
     sweep_snapshots(run, False)
     return i
 

@@ -18,6 +18,10 @@ While the logger runs it holds an exclusive `flock` on `console.lock` (taken by 
 the logger starts, and inherited), so `settle` can wait until everything the hypervisor wrote
 before it exited is in the log: a boot failure's last console lines are read after that.
 
+A restored VM appends to the console of the boot it was snapshotted from; each hypervisor's
+start is marked (`console.start`: the log's inode and size then), so that the last words of
+a failed wake are what this hypervisor's guest wrote, never an earlier boot's lines.
+
 The logger itself is `console_logger.py`, a script with no mvm import.
 """
 
@@ -31,12 +35,13 @@ import sys
 import time
 from pathlib import Path
 
-from mvm.util import proc
+from mvm.util import private, proc
 
 #: Default cap of console.log (and of console.log.1): at most twice this on disk per instance.
 CAP = 1 << 20
 PIPE = "console.pipe"
 LOCK = "console.lock"
+MARK = "console.start"
 #: The kernel's pipe buffer for the console FIFO (the default is 64 KiB): room for bursts while
 #: the logger sleeps between batches. pipe-max-size (1 MiB by default) bounds it.
 PIPE_BYTES = 1 << 20
@@ -124,28 +129,51 @@ def read(log: Path) -> bytes:
     return out
 
 
+def mark(log: Path) -> None:
+    """Note where the console of the hypervisor about to start begins (before it starts, with
+    no logger writing): `tail` reads no further back. A console not there yet begins at 0."""
+    try:
+        st = log.stat()
+        where = f"{st.st_ino} {st.st_size}\n"
+    except FileNotFoundError:
+        where = "0 0\n"
+    private.write(log.parent / MARK, where.encode())
+
+
+def _mark(log: Path) -> tuple[int, int] | None:
+    try:
+        ino, size = (log.parent / MARK).read_text().split()
+        return int(ino), int(size)
+    except (OSError, ValueError):
+        return None  # unmarked: the whole console is this hypervisor's
+
+
 def tail(log: Path, max_bytes: int = 4096) -> bytes:
-    """The last `max_bytes` of the console (reaching into console.log.1 when the log was
-    just rotated)."""
+    """The last `max_bytes` the console's current hypervisor wrote (see `mark`), reaching into
+    console.log.1 when the log was rotated since."""
+    start = _mark(log)
     out = b""
     for f in (log, old_log(log)):
         try:
             with open(f, "rb") as fh:
-                if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+                st = os.fstat(fh.fileno())
+                if not stat.S_ISREG(st.st_mode):
                     continue
-                fh.seek(0, os.SEEK_END)
-                fh.seek(max(0, fh.tell() - (max_bytes - len(out))))
+                # the file this hypervisor's console began in: only what follows the mark
+                began_here = start is not None and st.st_ino == start[0] and st.st_size >= start[1]
+                first = start[1] if start is not None and began_here else 0
+                fh.seek(max(first, st.st_size - (max_bytes - len(out))))
                 out = fh.read(max_bytes - len(out)) + out
         except OSError:
             continue
-        if len(out) >= max_bytes:
+        if len(out) >= max_bytes or began_here:
             break
     return out
 
 
 def remove(log: Path) -> None:
     """Forget a console (a fresh boot starts a new one)."""
-    for f in (log, old_log(log)):
+    for f in (log, old_log(log), log.parent / MARK):
         with contextlib.suppress(FileNotFoundError):
             f.unlink()
 

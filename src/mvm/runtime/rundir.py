@@ -79,6 +79,7 @@ def prepare(spec: VmSpec, steps: Steps, fresh: bool, *, hypervisor: str, pid: in
     cleanup()  # leftovers of a crashed hypervisor
     if fresh:
         console.remove(console_log)
+    console.mark(console_log)  # a failure's last words are this hypervisor's console only
 
 
 def kill(spec: VmSpec, hypervisor: str, pid: int | None, timeout: float, *, cleanup: Callable[[], None]) -> None:
