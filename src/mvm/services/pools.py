@@ -6,6 +6,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 from mvm.build import pipeline, source
 from mvm.config.host import Host
@@ -91,11 +92,11 @@ def create(ctx: Host, ref: PoolRef, flake: str | None, profile: str, cpus: int, 
                 created=time.time(), idle_warm=idle_warm, idle_sleep=idle_sleep,
                 min_running=min_running, pinned=pinned, backend=backend)
     # Counted and added under the tenant's lock: concurrent creates cannot both pass the count.
-    with ctx.locks.lock(tenant_lock_name(ref.tenant)):
+    with ctx.locks.lock(tenant_lock_name(ref.tenant)) as lease:
         _check_new(store, ref, q.max_pools)
-        store.add_pool(pool)
+        store.add_pool(pool, Event("pool.create", f"pool {ref} from {flake_ref}#{profile}",
+                                   tenant=ref.tenant, pool=ref.pool), fence=lease)
     private.mkdirs(ctx.layout.artifacts_dir(ref.tenant, ref.pool))
-    store.event(Event("pool.create", f"pool {ref} from {flake_ref}#{profile}", tenant=ref.tenant, pool=ref.pool))
     return pool
 
 
@@ -120,22 +121,22 @@ def build(ctx: Host, ref: PoolRef, force: bool = False,
         raise InvalidInput(f"--builder must be vm or host (got {kind!r})")
     opts = options or builder.Options()
     opts.check()
-    with ctx.locks.lock(pool_lock_name(ref.tenant, ref.pool)):
+    with ctx.locks.lock(pool_lock_name(ref.tenant, ref.pool)) as lease:
         bdir = ctx.layout.builds_dir(ref.tenant, ref.pool)
         private.mkdirs(bdir)
         log = bdir / f"{time.strftime('%Y%m%dT%H%M%S')}-{time.time_ns() % 10**9:09d}.log"
         with private.open_new(log):  # 0600 before Nix writes a line to it
             pass
-        interrupted = store.interrupt_builds(ref.tenant, ref.pool)
+        interrupted = sum(b["status"] == "interrupted" for b in store.builds(ref.tenant, ref.pool))
         if interrupted:
-            store.event(Event("pool.build-interrupted", f"{interrupted} earlier build(s) recorded as"
-                              " interrupted", Reason.CRASH, ref.tenant, ref.pool,
-                              cause="the command running it died"))
-        build_id = store.start_build(ref.tenant, ref.pool, str(log), builder=kind)
+            store.interrupt_builds(ref.tenant, ref.pool, Event(
+                "pool.build-interrupted", f"{interrupted} earlier build(s) recorded as interrupted",
+                Reason.CRASH, ref.tenant, ref.pool, cause="the command running it died"),
+                fence=lease)
+        build_id = store.start_build(ref.tenant, ref.pool, str(log), builder=kind, event=Event(
+            "pool.build-start", f"building {pool.flake}#{pool.profile} with the {kind} builder"
+            f"{' (forced)' if force else ''}", Reason.BUILD, ref.tenant, ref.pool), fence=lease)
         started = ctx.clock()
-        store.event(Event("pool.build-start", f"building {pool.flake}#{pool.profile} with the "
-                          f"{kind} builder{' (forced)' if force else ''}", Reason.BUILD,
-                          ref.tenant, ref.pool))
         try:
             if kind == "vm":
                 rev, cached = builder.build(ctx, pool, force, log, progress, opts)
@@ -143,19 +144,20 @@ def build(ctx: Host, ref: PoolRef, force: bool = False,
                 rev, cached = pipeline.run_build(ctx.layout, ctx.settings.nixpkgs, pool, force,
                                                  log, progress)
             check_backend_kernel(ctx, pool, rev.hash)
-            store.add_revision(rev)
+            store.add_revision(rev, fence=lease)
             pipeline.switch_current(ctx.layout, ref.tenant, ref.pool, rev.hash)
-            store.set_pool_current(ref.tenant, ref.pool, rev.hash)
+            store.set_pool_current(ref.tenant, ref.pool, rev.hash, fence=lease)
         except BaseException as e:
-            store.finish_build(build_id, "failed", error=str(e).splitlines()[-1] if str(e) else "")
             cause = (str(e).splitlines() or [type(e).__name__])[-1]
-            store.event(Event("pool.build-failed", f"build failed: {e}", Reason.BUILD, ref.tenant,
-                              ref.pool, cause=cause, duration=max(0.0, ctx.clock() - started)))
+            store.finish_build(build_id, "failed", error=str(e).splitlines()[-1] if str(e) else "",
+                               event=Event("pool.build-failed", f"build failed: {e}", Reason.BUILD,
+                                           ref.tenant, ref.pool, cause=cause,
+                                           duration=max(0.0, ctx.clock() - started)),
+                               fence=lease)
             raise
-        store.finish_build(build_id, "ok", rev.hash, cached)
-        store.event(Event("pool.build", f"revision {rev.hash}{' (cached)' if cached else ''}",
-                          Reason.BUILD, ref.tenant, ref.pool,
-                          duration=max(0.0, ctx.clock() - started)))
+        store.finish_build(build_id, "ok", rev.hash, cached, event=Event(
+            "pool.build", f"revision {rev.hash}{' (cached)' if cached else ''}", Reason.BUILD,
+            ref.tenant, ref.pool, duration=max(0.0, ctx.clock() - started)), fence=lease)
         progress("current", rev.hash)
         return rev, cached
 
@@ -180,7 +182,7 @@ def revisions(ctx: Host, ref: PoolRef) -> list[Revision]:
 def rollback(ctx: Host, ref: PoolRef, revision: str | None = None) -> str:
     store = ctx.store
     pool = store.pool(ref.tenant, ref.pool)
-    with ctx.locks.lock(pool_lock_name(ref.tenant, ref.pool)):
+    with ctx.locks.lock(pool_lock_name(ref.tenant, ref.pool)) as lease:
         revs = store.revisions(ref.tenant, ref.pool)
         hashes = [r.hash for r in revs]
         if revision is None:
@@ -200,9 +202,9 @@ def rollback(ctx: Host, ref: PoolRef, revision: str | None = None) -> str:
             raise NotFound(f"revision {target} of {ref} has no artifacts on disk",
                            "rebuild it with `mvm pool build --force`")
         pipeline.switch_current(ctx.layout, ref.tenant, ref.pool, target)
-        store.set_pool_current(ref.tenant, ref.pool, target)
-        store.event(Event("pool.rollback", f"current {pool.current or '-'} -> {target}",
-                          tenant=ref.tenant, pool=ref.pool))
+        store.set_pool_current(ref.tenant, ref.pool, target,
+                               Event("pool.rollback", f"current {pool.current or '-'} -> {target}",
+                                     tenant=ref.tenant, pool=ref.pool), fence=lease)
         return target
 
 
@@ -217,7 +219,7 @@ def gc(ctx: Host, ref: PoolRef, keep: int = 3) -> list[str]:
     if keep < 0:
         raise InvalidInput(f"--keep must not be negative (got {keep})")
     pool = store.pool(ref.tenant, ref.pool)
-    with ctx.locks.lock(pool_lock_name(ref.tenant, ref.pool)):
+    with ctx.locks.lock(pool_lock_name(ref.tenant, ref.pool)) as lease:
         revs = store.revisions(ref.tenant, ref.pool)
         protected = revisions_in_use(ctx, ref) | {pool.current}
         newest = {r.hash for r in revs[-keep:]} if keep else set()
@@ -226,17 +228,18 @@ def gc(ctx: Host, ref: PoolRef, keep: int = 3) -> list[str]:
             if r.hash in protected or r.hash in newest:
                 continue
             shutil.rmtree(ctx.layout.revision_dir(ref.tenant, ref.pool, r.hash), ignore_errors=True)
-            store.remove_revision(ref.tenant, ref.pool, r.hash)
             removed.append(r.hash)
         if removed:
-            store.event(Event("pool.gc", f"removed {', '.join(removed)}", tenant=ref.tenant, pool=ref.pool))
+            store.remove_revisions(ref.tenant, ref.pool, removed,
+                                   Event("pool.gc", f"removed {', '.join(removed)}",
+                                         tenant=ref.tenant, pool=ref.pool), fence=lease)
         return removed
 
 
 def destroy(ctx: Host, ref: PoolRef, force: bool = False) -> None:
     store = ctx.store
     store.pool(ref.tenant, ref.pool)
-    with ctx.locks.lock(pool_lock_name(ref.tenant, ref.pool)):
+    with ctx.locks.lock(pool_lock_name(ref.tenant, ref.pool)) as lease:
         live = store.instances(ref.tenant, ref.pool)
         if live and not force:
             raise Conflict(f"pool {ref} still has {len(live)} instance(s)",
@@ -246,11 +249,11 @@ def destroy(ctx: Host, ref: PoolRef, force: bool = False) -> None:
             from mvm.model import Action
 
             for i in live:
-                apply(ctx, i.ref, Action.DESTROY, locked=True)
+                apply(ctx, i.ref, Action.DESTROY, lease=lease)
         builder.end_stale(ctx, store.pool(ref.tenant, ref.pool))
-        store.remove_pool(ref.tenant, ref.pool)
+        store.remove_pool(ref.tenant, ref.pool, Event("pool.destroy", f"pool {ref} destroyed",
+                                                      tenant=ref.tenant, pool=ref.pool), fence=lease)
         shutil.rmtree(ctx.layout.pool_dir(ref.tenant, ref.pool), ignore_errors=True)
-        store.event(Event("pool.destroy", f"pool {ref} destroyed", tenant=ref.tenant, pool=ref.pool))
         ctx.locks.remove(pool_lock_name(ref.tenant, ref.pool))  # (we hold it)
 
 
@@ -293,7 +296,7 @@ def update_policy(ctx: Host, ref: PoolRef, idle_warm: object = _UNSET,
     """Change a pool's idle policy; what is not given stays (`idle_warm`, `idle_sleep`:
     seconds, or None for never). The agent applies it at its next pass."""
     store = ctx.store
-    with ctx.locks.lock(pool_lock_name(ref.tenant, ref.pool)):
+    with ctx.locks.lock(pool_lock_name(ref.tenant, ref.pool)) as lease:
         p = store.pool(ref.tenant, ref.pool)
         warm = p.idle_warm if idle_warm is _UNSET else idle_warm
         sleep = p.idle_sleep if idle_sleep is _UNSET else idle_sleep
@@ -302,11 +305,11 @@ def update_policy(ctx: Host, ref: PoolRef, idle_warm: object = _UNSET,
         keep = p.min_running if min_running is None else min_running
         pin = p.pinned if pinned is None else pinned
         _check_policy(warm, sleep, keep)
-        store.set_pool_policy(ref.tenant, ref.pool, warm, sleep, keep, pin)
-        out = store.pool(ref.tenant, ref.pool)
-        store.event(Event("pool.policy", f"idle policy of {ref}: {describe_policy(out)}",
-                          tenant=ref.tenant, pool=ref.pool))
-    return out
+        out = replace(p, idle_warm=warm, idle_sleep=sleep, min_running=keep, pinned=pin)
+        store.set_pool_policy(ref.tenant, ref.pool, warm, sleep, keep, pin,
+                              Event("pool.policy", f"idle policy of {ref}: {describe_policy(out)}",
+                                    tenant=ref.tenant, pool=ref.pool), fence=lease)
+        return store.pool(ref.tenant, ref.pool)
 
 
 def _fmt(seconds: float | None) -> str:
