@@ -144,7 +144,7 @@ def scale(ctx: Host, ref: PoolRef, running: int, warm: int, sleeping: int,
         moves = []
         for inst, target in p.moves:
             if inst is None:  # created one by one: addresses are allocated in order
-                inst = create(ctx, ref, Reason.SCALE, locked=True)  # (under the tenant's lock)
+                inst = create(ctx, ref, Reason.SCALE, locked=True)
                 report(f"{inst.id}: created")
             if inst.state is not target:
                 moves.append((inst, target))
