@@ -21,7 +21,7 @@ from mvm.errors import HostUnsupported
 from mvm.lifecycle import apply, create, specs
 from mvm.model import Action, Pool, PoolRef, State
 from mvm.services import context, tenants
-from mvm.store import FileLocks, SqliteStore
+from mvm.store import FileLocks, SqliteFences, SqliteStore
 from mvm.util import private
 from tests.conftest import Mvm, instances_by_state, needs_assets
 from tests.doubles.fake_runtime import _DETACHED, FakeRuntime
@@ -60,7 +60,7 @@ class Home:
         self.layout = Layout(root / "home")  # /run/mvm/<tag> and /dev/shm/mvm-<tag>
         self.ctx = Host(layout=self.layout, settings=Settings(),
                         store=SqliteStore(self.layout.db_path()),
-                        locks=FileLocks(self.layout.locks_dir()),
+                        locks=FileLocks(self.layout.locks_dir(), SqliteFences(self.layout.db_path())),
                         runtime_factory=lambda: FakeRuntime(self.ledger))
 
     def pool(self, data_disk: int = 8) -> None:

@@ -28,7 +28,7 @@ from mvm.runtime import firecracker, jail
 from mvm.runtime.base import Disk, JailIds, NetIf, SnapshotInfo, VmSpec, VmStatus
 from mvm.runtime.firecracker import FirecrackerRuntime
 from mvm.services import builder, tenants
-from mvm.store import FileLocks, SqliteStore
+from mvm.store import FileLocks, SqliteFences, SqliteStore
 from mvm.util import pids
 from tests.conftest import REPO, Mvm
 
@@ -61,7 +61,8 @@ class World:
         self.rt = rt
         home = root / "home"
         self.ctx = Host(layout=Layout(home, run), settings=Settings(),
-                        store=SqliteStore(home / "mvm.db"), locks=FileLocks(home / "locks"),
+                        store=SqliteStore(home / "mvm.db"),
+                        locks=FileLocks(home / "locks", SqliteFences(home / "mvm.db")),
                         runtime_factory=lambda: rt, store_factory=lambda: SqliteStore(home / "mvm.db"))
 
     def new(self) -> InstanceRef:
@@ -480,8 +481,8 @@ def test_a_wake_killed_after_a_step_is_finished_by_the_next_command(world: World
             os._exit(1)
     _, status = os.waitpid(pid, 0)
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
-    with pool_locked(w.ctx, ref.pool_ref, False):
-        i = observe.instance(w.ctx, ref)
+    with pool_locked(w.ctx, ref.pool_ref, None) as lease:
+        i = observe.instance(w.ctx, ref, lease)
     assert i is not None and i.state is after and i.op is None
     if after is State.SLEEPING:
         _no_firecracker_of(w, ref)

@@ -20,13 +20,13 @@ import pytest
 from mvm.config.host import Host
 from mvm.config.paths import Layout
 from mvm.config.settings import Settings
-from mvm.errors import MvmError, NotFound, QuotaExceeded
+from mvm.errors import Conflict, MvmError, NotFound, QuotaExceeded
 from mvm.lifecycle import apply, create, observe, secrets_disk, specs
 from mvm.lifecycle.apply import pool_locked
 from mvm.model import Action, Instance, InstanceRef, Op, Pool, PoolRef, State
 from mvm.runtime.base import SnapshotInfo, VmStatus
 from mvm.services import tenants
-from mvm.store import FileLocks, SqliteStore
+from mvm.store import FileLocks, SqliteFences, SqliteStore
 from tests.doubles.fake_runtime import FakeRuntime
 
 REF = PoolRef("acme", "w")
@@ -43,7 +43,7 @@ class World:
     def host(self, **kw: object) -> Host:
         home = self.root / "home"
         return Host(layout=Layout(home, self.root / "run"), settings=Settings(),
-                    store=SqliteStore(home / "mvm.db"), locks=FileLocks(home / "locks"),
+                    store=SqliteStore(home / "mvm.db"), locks=FileLocks(home / "locks", SqliteFences(home / "mvm.db")),
                     runtime_factory=lambda: FakeRuntime(self.ledger),
                     store_factory=lambda: SqliteStore(home / "mvm.db"), **kw)  # type: ignore[arg-type]
 
@@ -81,9 +81,9 @@ class World:
 
     def next_command(self, ref: InstanceRef) -> Instance | None:
         """What any next command does first: observe the instance under the pool's lock."""
-        with pool_locked(self.ctx, ref.pool_ref, False):
+        with pool_locked(self.ctx, ref.pool_ref, None) as lease:
             try:
-                return observe.instance(self.ctx, ref)
+                return observe.instance(self.ctx, ref, lease)
             except NotFound:
                 return None
 
@@ -284,8 +284,8 @@ def test_a_dead_hypervisor_or_a_disk_error_is_failed_with_its_cause(world: World
     assert seen[gone.instance] == "hypervisor gone"
     assert seen[stuck.instance].startswith("io-error")
     assert world.instance(gone).state is State.RUNNING  # a view only looks
-    with pool_locked(world.ctx, REF, False):
-        done = observe.pool(world.ctx, REF)
+    with pool_locked(world.ctx, REF, None) as lease:
+        done = observe.pool(world.ctx, REF, lease)
     assert any("exited unexpectedly" in d for d in done) and any("disk write failed" in d for d in done)
     assert world.check(gone).state is State.FAILED and world.check(stuck).state is State.FAILED
     assert "disk write failed" in (world.instance(stuck).error or "")
@@ -376,4 +376,35 @@ def test_ctrl_c_during_wake_keeps_a_snapshot_the_guest_never_ran_from(
     else:  # the guest had been let run: it runs on, and the snapshot is spent
         assert (i.state, i.snapshot) == (State.RUNNING, None)
     world.run_and_read(ref)
+    world.check(ref)
+
+
+def test_a_command_that_lost_the_pools_lock_stops_and_writes_nothing(world: World) -> None:
+    """Its pool's lock file is removed under it and another command takes the lock while it
+    boots: its next write is refused (fenced), it undoes nothing (the transition is the new
+    holder's now), and the next command finishes the transition it left."""
+    import contextlib
+
+    ref = world.new()
+    home = world.root / "home"
+    ctx = world.host()
+    other = contextlib.ExitStack()
+
+    def lose_the_lock(action: str, step: str) -> None:
+        if (action, step) == ("start", "boot"):
+            (home / "locks" / "pool-acme--w.lock").unlink()
+            locks = FileLocks(home / "locks", SqliteFences(home / "mvm.db"), "pid 2 (mvm pool scale)")
+            other.enter_context(locks.lock("pool-acme--w", timeout=5))
+
+    ctx.fail_point = lose_the_lock  # type: ignore[method-assign]
+    with other, pytest.raises(Conflict, match="lost its lock pool-acme--w") as err:
+        apply(ctx, ref, Action.START)
+    assert err.value.exit_code == 4
+    i = world.instance(ref)
+    assert i.state is State.CREATED and i.op is not None and i.op.steps == ("network", "secrets")
+    assert world.ctx.runtime().is_alive(specs.control_spec(world.ctx.layout, i))  # (left as it was)
+    kinds = [e["kind"] for e in world.ctx.store.events("acme") if e["instance"] == ref.instance]
+    assert kinds == ["instance.create"]  # no start, no failure, no recovery written
+    after = world.next_command(ref)  # the lock is free again: the transition left is finished
+    assert after is not None and after.state is State.CREATED
     world.check(ref)

@@ -34,6 +34,12 @@ class Conflict(MvmError):
     exit_code = 4
 
 
+class Superseded(Conflict):
+    """A command no longer owns what it was changing: its lease was granted to another (it
+    lost its lock), or another command took over its transition. Its write was refused and
+    nothing was written; it must not go on, nor undo anything (the new owner does)."""
+
+
 class QuotaExceeded(MvmError):
     exit_code = 5
 

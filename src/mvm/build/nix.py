@@ -57,11 +57,10 @@ def effective_settings(nixpkgs: str) -> dict[str, Any]:
 
 
 def _override_args(nixpkgs: str) -> list[str]:
+    """(An offline package set's host files are the caller's to import first:
+    `offline_nixpkgs.ensure_imported`.)"""
     if not nixpkgs:
         return []
-    from mvm.build import offline_nixpkgs
-
-    offline_nixpkgs.ensure_imported(nixpkgs)
     return ["--override-input", "nixpkgs", nixpkgs]
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mvm.build import nix, outputs, revdir, revision, rootfs, source
+from mvm.build import nix, offline_nixpkgs, outputs, revdir, revision, rootfs, source
 from mvm.config.paths import Layout
 from mvm.errors import BuildFailed, HostUnsupported, MvmError
 from mvm.guest.layout import static_busybox
@@ -78,6 +78,8 @@ def step_source(ctx: BuildContext) -> None:
 
 def step_nix_build(ctx: BuildContext) -> None:
     assert ctx.source_dir
+    if ctx.nixpkgs:  # the offline package set's host files, back in the store if they left it
+        offline_nixpkgs.ensure_imported(ctx.nixpkgs)
     ctx.result = nix.build(f"path:{ctx.source_dir}", ctx.pool.profile, ctx.log, ctx.nixpkgs,
                            cwd=ctx.source_dir)
     ctx.progress("nix-build", ctx.result.out_path)

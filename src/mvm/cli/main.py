@@ -599,8 +599,8 @@ def instance_observe(pool: str) -> None:
 
     ref = PoolRef.parse(pool)
     store().pool(ref.tenant, ref.pool)
-    with pool_locked(ctx(), ref, False):
-        done = observe.pool(ctx(), ref)
+    with pool_locked(ctx(), ref, None) as lease:
+        done = observe.pool(ctx(), ref, lease)
     for line in done:
         print(line)
     if not done:

@@ -16,12 +16,13 @@ from collections.abc import Iterator
 from typing import Protocol
 
 from mvm.config.host import Host
-from mvm.errors import MvmError, NotFound, QuotaExceeded
+from mvm.errors import MvmError, NotFound, QuotaExceeded, Superseded
 from mvm.lifecycle import admission as memory
 from mvm.lifecycle import observe, quota, specs
 from mvm.lifecycle.effects import EFFECTS
 from mvm.lifecycle.run import Progress, Run, noop
 from mvm.model import Action, Event, Instance, InstanceRef, Op, PoolRef, Reason, State, transition
+from mvm.store.base import Lease
 from mvm.store.locks import pool_lock_name, quota_lock_name
 
 # Actions that may take more of the tenant's quota: checked, and their intent recorded, under
@@ -41,42 +42,45 @@ class Admission(Protocol):
 
 
 @contextlib.contextmanager
-def pool_locked(ctx: Host, ref: PoolRef, locked: bool) -> Iterator[None]:
-    if locked:
-        yield
+def pool_locked(ctx: Host, ref: PoolRef, held: Lease | None) -> Iterator[Lease]:
+    """The pool's lease: `held` (the caller holds it), else taken here."""
+    if held is not None:
+        yield held
     else:
-        with ctx.locks.lock(pool_lock_name(ref.tenant, ref.pool)):
-            yield
+        with ctx.locks.lock(pool_lock_name(ref.tenant, ref.pool)) as lease:
+            yield lease
 
 
 def apply(ctx: Host, ref: InstanceRef, action: Action, *, reason: Reason = Reason.USER,
           progress: Progress = noop, revision: str | None = None, keep_data: bool = False,
-          locked: bool = False, admission: Admission | None = None,
+          lease: Lease | None = None, admission: Admission | None = None,
           cause: str | None = None) -> Instance:
     """Take `ref` through `action`.
 
     `cause`: what made the caller act (e.g. the idle measurement behind a policy move), kept
     in the event that ends the transition.
 
-    `locked`: the caller holds the pool's lock. Lock order is always tenant, pool, quota; the
-    quota lock is held only while quotas are checked and the intent recorded, never across a
-    boot, so every hypervisor that starts was counted against the quota before it did.
+    `lease`: the pool's lease, which the caller holds (else apply takes it). Every write of
+    the transition is made under it (fenced): once another command got the pool's lock, this
+    one writes nothing more. Lock order is always tenant, pool, quota; the quota lock is held
+    only while quotas are checked and the intent recorded, never across a boot, so every
+    hypervisor that starts was counted against the quota before it did.
     """
-    with pool_locked(ctx, ref.pool_ref, locked):
-        i = observe.instance(ctx, ref)
+    with pool_locked(ctx, ref.pool_ref, lease) as fence:
+        i = observe.instance(ctx, ref, fence)
         target = transition(i.state, action)
         op = _intent(ctx, i, action, target, revision, keep_data)
-        i = _begin(ctx, i, op, admission)
-        return _run(ctx, i, progress, reason, cause)
+        i = _begin(ctx, i, op, admission, fence)
+        return _run(ctx, i, progress, reason, cause, fence)
 
 
-def _begin(ctx: Host, i: Instance, op: Op, admission: Admission | None) -> Instance:
+def _begin(ctx: Host, i: Instance, op: Op, admission: Admission | None, fence: Lease) -> Instance:
     """Record the intent: for an action that takes more, only when the tenant's quota has room
     for the instance in its target state, checked and recorded in one critical section; for a
     start or wake, only when the host has the memory (`lifecycle.admission`: a refusal fails
     at once, even in a scale, and records nothing but its event)."""
     if op.action not in TAKES_MORE:
-        return ctx.store.begin_op(i.id, op)
+        return ctx.store.begin_op(i.id, op, fence=fence)
     while True:
         with ctx.locks.lock(quota_lock_name(i.tenant)):
             try:
@@ -85,7 +89,7 @@ def _begin(ctx: Host, i: Instance, op: Op, admission: Admission | None) -> Insta
                 refused = e
             else:
                 memory.check(ctx, i, op.action)
-                begun = ctx.store.begin_op(i.id, op)
+                begun = ctx.store.begin_op(i.id, op, fence=fence)
                 if admission is not None:
                     admission.admitted()
                 return begun
@@ -96,13 +100,15 @@ def _begin(ctx: Host, i: Instance, op: Op, admission: Admission | None) -> Insta
             raise refused
 
 
-def _run(ctx: Host, i: Instance, progress: Progress, reason: Reason,
-         cause: str | None = None) -> Instance:
+def _run(ctx: Host, i: Instance, progress: Progress, reason: Reason, cause: str | None,
+         fence: Lease) -> Instance:
     assert i.op is not None
-    run = Run(ctx, i, progress, reason, cause)
+    run = Run(ctx, i, progress, reason, cause, fence)
     effect = EFFECTS[i.op.action]
     try:
         return effect.do(run)
+    except Superseded:
+        raise  # (the transition is no longer this command's: its new owner finishes it)
     except BaseException as e:
         # Ctrl-C too: the same recovery the next command would run after a crash (a kill
         # leaves the recorded transition for that next command).
@@ -111,15 +117,6 @@ def _run(ctx: Host, i: Instance, progress: Progress, reason: Reason,
         except BaseException as again:
             e.add_note(f"recovery failed too: {again}; the next command on it retries")
         raise
-
-
-def recover(ctx: Host, i: Instance, progress: Progress = noop) -> Instance | None:
-    """Finish a transition a dead command left (the caller holds the pool's lock). Returns the
-    instance as it now is, or None if it was being destroyed and now is."""
-    assert i.op is not None
-    run = Run(ctx, i, progress, Reason.CRASH)
-    out = EFFECTS[i.op.action].recover(run, None)
-    return None if i.op.action is Action.DESTROY else out
 
 
 def _intent(ctx: Host, i: Instance, action: Action, target: State, revision: str | None,

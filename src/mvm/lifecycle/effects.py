@@ -20,11 +20,13 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from mvm.config.host import Host
 from mvm.errors import GuestError, MvmError
 from mvm.lifecycle import netops, secrets_disk, specs
-from mvm.lifecycle.run import Run
+from mvm.lifecycle.run import Progress, Run, noop
 from mvm.model import Action, Instance, Reason, State
 from mvm.runtime.base import SnapshotInfo, VmStatus
+from mvm.store.base import Lease
 from mvm.util import private
 
 AGENT_READY_TIMEOUT = 120.0
@@ -302,7 +304,7 @@ def _destroy_rest(run: Run) -> Instance:
     shutil.rmtree(specs.instance_dir(run.ctx.layout, i), ignore_errors=True)
     shutil.rmtree(run.ctx.layout.runtime_dir() / i.id, ignore_errors=True)
     note = f" (data kept at {run.ctx.layout.tenant_dir(i.tenant) / kept})" if kept else ""
-    run.store.remove_instance(i.id, run.event("instance.destroy", f"destroyed{note}"))
+    run.store.remove_instance(i.id, run.event("instance.destroy", f"destroyed{note}"), fence=run.fence)
     return i
 
 
@@ -320,3 +322,13 @@ EFFECTS: dict[Action, Effect] = {
     Action.STOP: Effect(stop_do, stop_recover),
     Action.DESTROY: Effect(destroy_do, destroy_recover),
 }
+
+
+def recover(ctx: Host, i: Instance, progress: Progress = noop,
+            fence: Lease | None = None) -> Instance | None:
+    """Finish a transition a dead command left (the caller holds the pool's lease, `fence`).
+    Returns the instance as it now is, or None if it was being destroyed and now is."""
+    assert i.op is not None
+    run = Run(ctx, i, progress, Reason.CRASH, fence=fence)
+    out = EFFECTS[i.op.action].recover(run, None)
+    return None if i.op.action is Action.DESTROY else out

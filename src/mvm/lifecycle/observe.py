@@ -14,14 +14,17 @@ correct state under a command at work.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 from mvm.config.host import Host
-from mvm.errors import Conflict, MvmError, NotFound
+from mvm.errors import Conflict, MvmError, NotFound, Superseded
 from mvm.lifecycle import netops, secrets_disk, specs
+from mvm.lifecycle.effects import recover
 from mvm.model import Event, Instance, InstanceRef, PoolRef, Reason, State
 from mvm.network import plan
 from mvm.runtime.base import VmStatus
+from mvm.store.base import Lease
 from mvm.util import pids
 
 CAUSES = {
@@ -31,59 +34,59 @@ CAUSES = {
 }
 
 
-def instance(ctx: Host, ref: InstanceRef) -> Instance:
-    """The instance, observed and repaired (the caller holds the pool's lock)."""
+def instance(ctx: Host, ref: InstanceRef, fence: Lease | None = None) -> Instance:
+    """The instance, observed and repaired (the caller holds the pool's lease, `fence`: what
+    is written is written under it)."""
     i = ctx.store.instance(ref.tenant, ref.pool, ref.instance)
-    fixed = _observe(ctx, i, [])
+    fixed = _observe(ctx, i, [], fence)
     if fixed is None:
         raise NotFound(f"no instance {ref}", f"it was being destroyed; see `mvm instance list {ref.pool_ref}`")
     return fixed
 
 
-def pool(ctx: Host, ref: PoolRef) -> list[str]:
-    """Observe every instance of a pool (the caller holds its lock); returns what was done."""
+def pool(ctx: Host, ref: PoolRef, fence: Lease | None = None) -> list[str]:
+    """Observe every instance of a pool (the caller holds its lease, `fence`); returns what
+    was done."""
     done: list[str] = []
     for i in ctx.store.instances(ref.tenant, ref.pool):
-        _observe(ctx, i, done)
+        _observe(ctx, i, done, fence)
     return done
 
 
-def _observe(ctx: Host, i: Instance, done: list[str]) -> Instance | None:
+def _observe(ctx: Host, i: Instance, done: list[str], fence: Lease | None) -> Instance | None:
     if i.op is not None:
-        from mvm.lifecycle.apply import recover
-
         action = i.op.action.value
-        recovered = recover(ctx, i)
+        recovered = recover(ctx, i, fence=fence)
         done.append(f"{i.id}: finished an interrupted {action}"
                     + (f" (now {recovered.state.value})" if recovered else " (destroyed)"))
         if recovered is None:
             return None
         i = recovered
-    return _reconcile(ctx, i, done)
+    return _reconcile(ctx, i, done, fence)
 
 
 def _event(i: Instance, kind: str, message: str, cause: str | None = None) -> Event:
     return Event(kind, message, Reason.CRASH, i.tenant, i.pool, i.id, cause=cause)
 
 
-def _reconcile(ctx: Host, i: Instance, done: list[str]) -> Instance:
+def _reconcile(ctx: Host, i: Instance, done: list[str], fence: Lease | None) -> Instance:
     rt = specs.runtime(ctx, i)
     spec = specs.control_spec(ctx.layout, i)
     alive = rt.is_alive(spec)
     if i.state.is_live():
         if not alive:
             rt.stop(spec, 0)  # what the dead hypervisor left: sockets, pid file, its jail's cgroup
-            return _fail(ctx, i, "hypervisor process exited unexpectedly", done)
+            return _fail(ctx, i, "hypervisor process exited unexpectedly", done, fence)
         try:
             status = rt.status(spec)
         except MvmError:
             return i  # alive but not answering (busy, or its sockets were removed): keep what we know
         if status.is_error():
             rt.stop(spec, 0)
-            return _fail(ctx, i, CAUSES[status], done)
+            return _fail(ctx, i, CAUSES[status], done, fence)
         seen = {VmStatus.RUNNING: State.RUNNING, VmStatus.PAUSED: State.WARM}.get(status)
         if seen is not None and seen is not i.state:
-            return _set(ctx, i, seen, f"the hypervisor reports the vCPUs {status.value}", done)
+            return _set(ctx, i, seen, f"the hypervisor reports the vCPUs {status.value}", done, fence)
         return i
     if alive:
         rt.stop(spec, 0)
@@ -109,20 +112,34 @@ def _note(ctx: Host, i: Instance, kind: str, message: str, done: list[str],
     done.append(f"{i.id}: {message}")
 
 
-def _set(ctx: Host, i: Instance, state: State, why: str, done: list[str]) -> Instance:
-    with contextlib.suppress(Conflict):
-        ctx.store.update_instance(i.id, expect=i.state, state=state,
+@contextlib.contextmanager
+def _unless_changed() -> Iterator[None]:
+    """A correction of a state another command changed meanwhile is dropped; one made after this
+    command lost the pool's lease is an error (it must stop)."""
+    try:
+        yield
+    except Superseded:
+        raise
+    except Conflict:
+        pass
+
+
+def _set(ctx: Host, i: Instance, state: State, why: str, done: list[str],
+         fence: Lease | None) -> Instance:
+    with _unless_changed():
+        ctx.store.update_instance(i.id, expect=i.state, fence=fence, state=state,
                                   event=_event(i, "instance.observed", f"now {state.value}: {why}",
                                                why))
     done.append(f"{i.id}: {i.state.value} -> {state.value} ({why})")
     return ctx.store.instance(i.tenant, i.pool, i.id)
 
 
-def _fail(ctx: Host, i: Instance, cause: str, done: list[str]) -> Instance:
+def _fail(ctx: Host, i: Instance, cause: str, done: list[str], fence: Lease | None) -> Instance:
     netops.instance_down(ctx, i)
     secrets_disk.remove(ctx.layout, i.id)
-    with contextlib.suppress(Conflict):
-        ctx.store.update_instance(i.id, expect=i.state, state=State.FAILED, pid=None, error=cause,
+    with _unless_changed():
+        ctx.store.update_instance(i.id, expect=i.state, fence=fence, state=State.FAILED, pid=None,
+                                  error=cause,
                                   event=_event(i, "instance.failed", cause, cause))
     done.append(f"{i.id}: failed: {cause}")
     return ctx.store.instance(i.tenant, i.pool, i.id)

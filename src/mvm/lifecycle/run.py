@@ -11,6 +11,7 @@ from mvm.errors import MvmError, NotFound
 from mvm.lifecycle import specs
 from mvm.model import Event, Instance, Op, Reason, State
 from mvm.runtime.base import Runtime, VmSpec
+from mvm.store.base import Lease
 
 T = TypeVar("T")
 Progress = Callable[[str, str], None]
@@ -22,14 +23,17 @@ def noop(step: str, message: str) -> None:
 
 class Run:
     """The context of one transition: the host, the instance as the store has it (with its
-    `op`), its VM and runtime. `step()` runs one idempotent step, then records it, so that
-    whoever comes next knows how far it got."""
+    `op`), its VM and runtime, and the pool's lease it runs under (`fence`). `step()` runs one
+    idempotent step, then records it, so that whoever comes next knows how far it got. Each
+    write is compare-and-set on the transition this run holds, under the pool's lease: a run
+    whose transition another command took over, or whose lease was lost, writes nothing."""
 
     def __init__(self, ctx: Host, i: Instance, progress: Progress = noop, reason: Reason = Reason.USER,
-                 cause: str | None = None) -> None:
+                 cause: str | None = None, fence: Lease | None = None) -> None:
         assert i.op is not None
         self.ctx = ctx
         self.i = i
+        self.fence = fence
         self.progress = progress
         self.reason = reason
         self.cause = cause  # what made the caller act, for the end event
@@ -73,7 +77,8 @@ class Run:
         t0 = time.monotonic()
         self.ctx.fail_point(self.op.action.value, name)
         result = fn()
-        self.i = self.ctx.store.op_step(self.i.id, name, **fields)
+        self.i = self.ctx.store.op_step(self.i.id, name, expect=self.op, fence=self.fence,
+                                        **fields)
         self.progress(name, f"{time.monotonic() - t0:.2f}s")
         self.ctx.crash_point(self.op.action.value, name)
         return result
@@ -90,5 +95,5 @@ class Run:
             cause: str | None = None, **fields: object) -> Instance:
         """The transition is over: its end state and its event, in one transaction."""
         self.i = self.ctx.store.end_op(self.i.id, state, self.event(kind, message, reason, cause),
-                                       **fields)
+                                       expect=self.op, fence=self.fence, **fields)
         return self.i

@@ -43,6 +43,7 @@ from mvm.lifecycle import create, observe, quota, specs
 from mvm.model import Event, Instance, Pool, PoolRef, Reason, State
 from mvm.network import plan as netplan
 from mvm.services import scale
+from mvm.store.base import Lease
 from mvm.store.locks import pool_lock_name, tenant_lock_name
 
 #: Idle thresholds. An idle guest under TCG still costs its hypervisor ~1.1-1.5 % of a core
@@ -137,14 +138,12 @@ class _Busy(Exception):
         self.conflict = conflict
 
 
-def _lease(ctx: Host, name: str) -> contextlib.ExitStack:
-    """A lease taken with a short wait (held: `_Busy`), to be left by closing what is returned."""
-    held = contextlib.ExitStack()
+def _lease(ctx: Host, stack: contextlib.ExitStack, name: str) -> Lease:
+    """A lease taken with a short wait (held: `_Busy`), left when `stack` closes."""
     try:
-        held.enter_context(ctx.locks.lock(name, timeout=LOCK_WAIT))
+        return stack.enter_context(ctx.locks.lock(name, timeout=LOCK_WAIT))
     except Conflict as e:
         raise _Busy(e) from None
-    return held
 
 
 class Agent:
@@ -278,9 +277,9 @@ class Agent:
         store = ctx.store
         with contextlib.ExitStack() as outer:
             tenant = outer.enter_context(contextlib.ExitStack())
-            tenant.enter_context(_lease(ctx, tenant_lock_name(ref.tenant)))
-            outer.enter_context(_lease(ctx, pool_lock_name(ref.tenant, ref.pool)))
-            done += [f"{ref} {line}" for line in observe.pool(ctx, ref)]
+            _lease(ctx, tenant, tenant_lock_name(ref.tenant))
+            lease = _lease(ctx, outer, pool_lock_name(ref.tenant, ref.pool))
+            done += [f"{ref} {line}" for line in observe.pool(ctx, ref, lease)]
             pool = store.pool(ref.tenant, ref.pool)
             current = store.instances(ref.tenant, ref.pool)
             want: tuple[int, int, int] = (pool.desired_running, pool.desired_warm, pool.desired_sleeping)
@@ -300,7 +299,8 @@ class Agent:
             errors = scale.execute(ctx, moves, lambda s: done.append(f"{ref}/{s}"),
                                    reason=lambda i: Reason.CRASH if i.state is State.FAILED
                                    else Reason.SCALE,
-                                   cause=lambda i: i.error if i.state is State.FAILED else None)
+                                   cause=lambda i: i.error if i.state is State.FAILED else None,
+                                   lease=lease)
             replaced = 0
             for inst, target in moves:
                 if inst.state is State.FAILED and target is not State.STOPPED:
@@ -313,7 +313,7 @@ class Agent:
                                           ref.pool, inst.id, cause=inst.error))
                         done.append(f"{inst.ref}: {msg}")
             if pool.has_idle_policy and not errors:
-                errors += self._idle(ctx, pool, done)
+                errors += self._idle(ctx, pool, done, lease)
             if errors:
                 raise combined(errors, f"reconciling {ref}")
             return replaced
@@ -349,7 +349,7 @@ class Agent:
         self._seen[i.id] = _Seen(usage, now, i.state, began, measured)
         return 0.0 if began is None else now - began
 
-    def _idle(self, ctx: Host, pool: Pool, done: list[str]) -> list[MvmError]:
+    def _idle(self, ctx: Host, pool: Pool, done: list[str], lease: Lease) -> list[MvmError]:
         now = ctx.clock()
         current = ctx.store.instances(pool.tenant, pool.id)
         running = [i for i in current if i.state is State.RUNNING and i.op is None]
@@ -360,7 +360,7 @@ class Agent:
         def move(i: Instance, target: State, why: str) -> None:
             done.append(f"{i.ref}: {why} -> {target.value}")
             errors.extend(scale.execute(ctx, [(i, target)], reason=lambda i: Reason.POLICY,
-                                        cause=lambda i: why))
+                                        cause=lambda i: why, lease=lease))
             if target is State.WARM:
                 self._seen[i.id] = _Seen(Usage(0, 0.0, 0), now, State.WARM, now)
 

@@ -15,7 +15,7 @@ from mvm.errors import InvalidInput
 from mvm.lifecycle.specs import RUNTIME_MODE
 from mvm.runtime.base import Runtime
 from mvm.services.tenants import TENANTS_MODE
-from mvm.store import FileLocks, SqliteStore, Store
+from mvm.store import FileLocks, SqliteFences, SqliteStore, Store
 from mvm.store.sqlite import HOME_MODE
 from mvm.util import private
 
@@ -40,7 +40,7 @@ def host(store: Store | None = None, layout: Layout | None = None) -> Host:
         return select.runtime_for_backend(backend, settings, layout)
 
     return Host(layout=layout, settings=settings, store=store or SqliteStore(db),
-                locks=FileLocks(layout.locks_dir()), runtime_factory=runtime,
+                locks=FileLocks(layout.locks_dir(), SqliteFences(db)), runtime_factory=runtime,
                 backend_factory=None if test_runtime else backend_runtime,  # (the double runs every pool)
                 store_factory=lambda: SqliteStore(db),
                 crash_after=os.environ.get("MVM_TEST_CRASH_AFTER") or None,

@@ -8,6 +8,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 from mvm.build import pipeline, source
 from mvm.config.host import Host
@@ -25,7 +26,7 @@ from mvm.model import (
     check_revision,
 )
 from mvm.services import builder
-from mvm.store import Store, pool_lock_name, tenant_lock_name
+from mvm.store import Lease, Store, pool_lock_name, tenant_lock_name
 from mvm.util import private
 
 BUILTIN_PROFILES = ("minimal", "baseline", "python")
@@ -98,11 +99,11 @@ def create(ctx: Host, ref: PoolRef, flake: str | None, profile: str, cpus: int, 
                 created=time.time(), idle_warm=idle_warm, idle_sleep=idle_sleep,
                 min_running=min_running, pinned=pinned, backend=backend, flake_id=flake_id)
     # Counted and added under the tenant's lock: concurrent creates cannot both pass the count.
-    with ctx.locks.lock(tenant_lock_name(ref.tenant)):
+    with ctx.locks.lock(tenant_lock_name(ref.tenant)) as lease:
         _check_new(store, ref, q.max_pools)
-        store.add_pool(pool)
+        store.add_pool(pool, Event("pool.create", f"pool {ref} from {flake_ref}#{profile}",
+                                   tenant=ref.tenant, pool=ref.pool), fence=lease)
     private.mkdirs(ctx.layout.artifacts_dir(ref.tenant, ref.pool))
-    store.event(Event("pool.create", f"pool {ref} from {flake_ref}#{profile}", tenant=ref.tenant, pool=ref.pool))
     return pool
 
 
@@ -127,22 +128,22 @@ def build(ctx: Host, ref: PoolRef, force: bool = False,
         raise InvalidInput(f"--builder must be vm or host (got {kind!r})")
     opts = options or builder.Options()
     opts.check()
-    with ctx.locks.lock(pool_lock_name(ref.tenant, ref.pool)):
+    with ctx.locks.lock(pool_lock_name(ref.tenant, ref.pool)) as lease:
         bdir = ctx.layout.builds_dir(ref.tenant, ref.pool)
         private.mkdirs(bdir)
         log = bdir / f"{time.strftime('%Y%m%dT%H%M%S')}-{time.time_ns() % 10**9:09d}.log"
         with private.open_new(log):  # 0600 before Nix writes a line to it
             pass
-        interrupted = store.interrupt_builds(ref.tenant, ref.pool)
+        interrupted = sum(b["status"] == "interrupted" for b in store.builds(ref.tenant, ref.pool))
         if interrupted:
-            store.event(Event("pool.build-interrupted", f"{interrupted} earlier build(s) recorded as"
-                              " interrupted", Reason.CRASH, ref.tenant, ref.pool,
-                              cause="the command running it died"))
-        build_id = store.start_build(ref.tenant, ref.pool, str(log), builder=kind)
+            store.interrupt_builds(ref.tenant, ref.pool, Event(
+                "pool.build-interrupted", f"{interrupted} earlier build(s) recorded as interrupted",
+                Reason.CRASH, ref.tenant, ref.pool, cause="the command running it died"),
+                fence=lease)
+        build_id = store.start_build(ref.tenant, ref.pool, str(log), builder=kind, event=Event(
+            "pool.build-start", f"building {pool.flake}#{pool.profile} with the {kind} builder"
+            f"{' (forced)' if force else ''}", Reason.BUILD, ref.tenant, ref.pool), fence=lease)
         started = ctx.clock()
-        store.event(Event("pool.build-start", f"building {pool.flake}#{pool.profile} with the "
-                          f"{kind} builder{' (forced)' if force else ''}", Reason.BUILD,
-                          ref.tenant, ref.pool))
 
         def room(needed: int, record: bool = True) -> None:  # the new revision's bytes fit
             quota.check_build(store, ctx.layout, ref, needed, record)
@@ -155,26 +156,27 @@ def build(ctx: Host, ref: PoolRef, force: bool = False,
                 rev, cached = pipeline.run_build(ctx.layout, ctx.settings.nixpkgs, pool, force,
                                                  log, progress, room)
             check_backend_kernel(ctx, pool, rev.hash)
-            store.add_revision(rev)
+            store.add_revision(rev, fence=lease)
             pipeline.switch_current(ctx.layout, ref.tenant, ref.pool, rev.hash)
-            store.set_pool_current(ref.tenant, ref.pool, rev.hash)
+            store.set_pool_current(ref.tenant, ref.pool, rev.hash, fence=lease)
         except BaseException as e:
             with contextlib.suppress(Exception):  # what the builder's store grew by counts
                 quota.measure_builds(store, ctx.layout, ref.tenant)
-            store.finish_build(build_id, "failed", error=str(e).splitlines()[-1] if str(e) else "")
             cause = (str(e).splitlines() or [type(e).__name__])[-1]
-            store.event(Event("pool.build-failed", f"build failed: {e}", Reason.BUILD, ref.tenant,
-                              ref.pool, cause=cause, duration=max(0.0, ctx.clock() - started)))
+            store.finish_build(build_id, "failed", error=str(e).splitlines()[-1] if str(e) else "",
+                               event=Event("pool.build-failed", f"build failed: {e}", Reason.BUILD,
+                                           ref.tenant, ref.pool, cause=cause,
+                                           duration=max(0.0, ctx.clock() - started)),
+                               fence=lease)
             raise
-        removed = _gc(ctx, ref, KEEP_REVISIONS)
+        removed = _gc(ctx, ref, KEEP_REVISIONS, lease)
         if removed:
             progress("gc", f"removed {len(removed)} old revision(s), kept the newest {KEEP_REVISIONS}"
                      " and those in use")
         quota.measure_builds(store, ctx.layout, ref.tenant)
-        store.finish_build(build_id, "ok", rev.hash, cached)
-        store.event(Event("pool.build", f"revision {rev.hash}{' (cached)' if cached else ''}",
-                          Reason.BUILD, ref.tenant, ref.pool,
-                          duration=max(0.0, ctx.clock() - started)))
+        store.finish_build(build_id, "ok", rev.hash, cached, event=Event(
+            "pool.build", f"revision {rev.hash}{' (cached)' if cached else ''}", Reason.BUILD,
+            ref.tenant, ref.pool, duration=max(0.0, ctx.clock() - started)), fence=lease)
         progress("current", rev.hash)
         return rev, cached
 
@@ -213,7 +215,7 @@ def revisions(ctx: Host, ref: PoolRef) -> list[Revision]:
 def rollback(ctx: Host, ref: PoolRef, revision: str | None = None) -> str:
     store = ctx.store
     pool = store.pool(ref.tenant, ref.pool)
-    with ctx.locks.lock(pool_lock_name(ref.tenant, ref.pool)):
+    with ctx.locks.lock(pool_lock_name(ref.tenant, ref.pool)) as lease:
         revs = store.revisions(ref.tenant, ref.pool)
         hashes = [r.hash for r in revs]
         if revision is None:
@@ -233,9 +235,9 @@ def rollback(ctx: Host, ref: PoolRef, revision: str | None = None) -> str:
             raise NotFound(f"revision {target} of {ref} has no artifacts on disk",
                            "rebuild it with `mvm pool build --force`")
         pipeline.switch_current(ctx.layout, ref.tenant, ref.pool, target)
-        store.set_pool_current(ref.tenant, ref.pool, target)
-        store.event(Event("pool.rollback", f"current {pool.current or '-'} -> {target}",
-                          tenant=ref.tenant, pool=ref.pool))
+        store.set_pool_current(ref.tenant, ref.pool, target,
+                               Event("pool.rollback", f"current {pool.current or '-'} -> {target}",
+                                     tenant=ref.tenant, pool=ref.pool), fence=lease)
         return target
 
 
@@ -251,13 +253,13 @@ def gc(ctx: Host, ref: PoolRef, keep: int = KEEP_REVISIONS) -> list[str]:
     if keep < 0:
         raise InvalidInput(f"--keep must not be negative (got {keep})")
     store.pool(ref.tenant, ref.pool)
-    with ctx.locks.lock(pool_lock_name(ref.tenant, ref.pool)):
-        removed = _gc(ctx, ref, keep)
+    with ctx.locks.lock(pool_lock_name(ref.tenant, ref.pool)) as lease:
+        removed = _gc(ctx, ref, keep, lease)
         quota.measure_builds(store, ctx.layout, ref.tenant)
         return removed
 
 
-def _gc(ctx: Host, ref: PoolRef, keep: int) -> list[str]:
+def _gc(ctx: Host, ref: PoolRef, keep: int, lease: Lease) -> list[str]:
     """(The caller holds the pool's lock.) All but the newest `keep` revisions, the current
     one and those instances use."""
     store = ctx.store
@@ -270,17 +272,18 @@ def _gc(ctx: Host, ref: PoolRef, keep: int) -> list[str]:
         if r.hash in protected or r.hash in newest:
             continue
         shutil.rmtree(ctx.layout.revision_dir(ref.tenant, ref.pool, r.hash), ignore_errors=True)
-        store.remove_revision(ref.tenant, ref.pool, r.hash)
         removed.append(r.hash)
     if removed:
-        store.event(Event("pool.gc", f"removed {', '.join(removed)}", tenant=ref.tenant, pool=ref.pool))
+        store.remove_revisions(ref.tenant, ref.pool, removed,
+                               Event("pool.gc", f"removed {', '.join(removed)}",
+                                     tenant=ref.tenant, pool=ref.pool), fence=lease)
     return removed
 
 
 def destroy(ctx: Host, ref: PoolRef, force: bool = False) -> None:
     store = ctx.store
     store.pool(ref.tenant, ref.pool)
-    with ctx.locks.lock(pool_lock_name(ref.tenant, ref.pool)):
+    with ctx.locks.lock(pool_lock_name(ref.tenant, ref.pool)) as lease:
         live = store.instances(ref.tenant, ref.pool)
         if live and not force:
             raise Conflict(f"pool {ref} still has {len(live)} instance(s)",
@@ -290,11 +293,11 @@ def destroy(ctx: Host, ref: PoolRef, force: bool = False) -> None:
             from mvm.model import Action
 
             for i in live:
-                apply(ctx, i.ref, Action.DESTROY, locked=True)
+                apply(ctx, i.ref, Action.DESTROY, lease=lease)
         builder.end_stale(ctx, store.pool(ref.tenant, ref.pool))
-        store.remove_pool(ref.tenant, ref.pool)
+        store.remove_pool(ref.tenant, ref.pool, Event("pool.destroy", f"pool {ref} destroyed",
+                                                      tenant=ref.tenant, pool=ref.pool), fence=lease)
         shutil.rmtree(ctx.layout.pool_dir(ref.tenant, ref.pool), ignore_errors=True)
-        store.event(Event("pool.destroy", f"pool {ref} destroyed", tenant=ref.tenant, pool=ref.pool))
         ctx.locks.remove(pool_lock_name(ref.tenant, ref.pool))  # (we hold it)
 
 
@@ -337,7 +340,7 @@ def update_policy(ctx: Host, ref: PoolRef, idle_warm: object = _UNSET,
     """Change a pool's idle policy; what is not given stays (`idle_warm`, `idle_sleep`:
     seconds, or None for never). The agent applies it at its next pass."""
     store = ctx.store
-    with ctx.locks.lock(pool_lock_name(ref.tenant, ref.pool)):
+    with ctx.locks.lock(pool_lock_name(ref.tenant, ref.pool)) as lease:
         p = store.pool(ref.tenant, ref.pool)
         warm = p.idle_warm if idle_warm is _UNSET else idle_warm
         sleep = p.idle_sleep if idle_sleep is _UNSET else idle_sleep
@@ -346,11 +349,11 @@ def update_policy(ctx: Host, ref: PoolRef, idle_warm: object = _UNSET,
         keep = p.min_running if min_running is None else min_running
         pin = p.pinned if pinned is None else pinned
         _check_policy(warm, sleep, keep)
-        store.set_pool_policy(ref.tenant, ref.pool, warm, sleep, keep, pin)
-        out = store.pool(ref.tenant, ref.pool)
-        store.event(Event("pool.policy", f"idle policy of {ref}: {describe_policy(out)}",
-                          tenant=ref.tenant, pool=ref.pool))
-    return out
+        out = replace(p, idle_warm=warm, idle_sleep=sleep, min_running=keep, pinned=pin)
+        store.set_pool_policy(ref.tenant, ref.pool, warm, sleep, keep, pin,
+                              Event("pool.policy", f"idle policy of {ref}: {describe_policy(out)}",
+                                    tenant=ref.tenant, pool=ref.pool), fence=lease)
+        return store.pool(ref.tenant, ref.pool)
 
 
 def _fmt(seconds: float | None) -> str:

@@ -31,6 +31,7 @@ from mvm.lifecycle import admission, apply, create, disks, observe, quota
 from mvm.lifecycle.apply import TAKES_MORE
 from mvm.lifecycle.run import Progress, noop
 from mvm.model import TRANSITIONS, Action, Event, Instance, PoolRef, Reason, State
+from mvm.store.base import Lease
 from mvm.store.locks import pool_lock_name, quota_lock_name, tenant_lock_name
 from mvm.util import pids
 
@@ -119,8 +120,8 @@ def scale(ctx: Host, ref: PoolRef, running: int, warm: int, sleeping: int,
     with contextlib.ExitStack() as outer:
         tenant = outer.enter_context(contextlib.ExitStack())
         tenant.enter_context(ctx.locks.lock(tenant_lock_name(ref.tenant)))
-        outer.enter_context(ctx.locks.lock(pool_lock_name(ref.tenant, ref.pool)))
-        for line in observe.pool(ctx, ref):  # what dead commands and hypervisors left
+        lease = outer.enter_context(ctx.locks.lock(pool_lock_name(ref.tenant, ref.pool)))
+        for line in observe.pool(ctx, ref, lease):  # what dead commands and hypervisors left
             report(line)
         p = plan(store.instances(ref.tenant, ref.pool), running, warm, sleeping)
         _check_memory(ctx, ref, p)
@@ -133,10 +134,11 @@ def scale(ctx: Host, ref: PoolRef, running: int, warm: int, sleeping: int,
                 store.event(Event("pool.scale-refused", e.message, Reason.QUOTA, ref.tenant, ref.pool))
                 raise
             was = store.pool(ref.tenant, ref.pool)
-            store.set_pool_desired(ref.tenant, ref.pool, running, warm, sleeping)
-            if (was.desired_running, was.desired_warm, was.desired_sleeping) != (running, warm, sleeping):
-                store.event(Event("pool.scale", f"desired running={running} warm={warm} "
-                                  f"sleeping={sleeping}", tenant=ref.tenant, pool=ref.pool))
+            changed = (was.desired_running, was.desired_warm, was.desired_sleeping) != (running, warm, sleeping)
+            store.set_pool_desired(ref.tenant, ref.pool, running, warm, sleeping,
+                                   Event("pool.scale", f"desired running={running} warm={warm} "
+                                         f"sleeping={sleeping}", tenant=ref.tenant, pool=ref.pool)
+                                   if changed else None, fence=lease)
         if not p.actions():
             report(f"{ref}: already at running={running} warm={warm} sleeping={sleeping}")
         moves = []
@@ -147,7 +149,7 @@ def scale(ctx: Host, ref: PoolRef, running: int, warm: int, sleeping: int,
             if inst.state is not target:
                 moves.append((inst, target))
         tenant.close()  # the desired counts now reserve the quota; boots need only the pool's lock
-        failed = execute(ctx, moves, report, progress)
+        failed = execute(ctx, moves, report, progress, lease=lease)
         if failed:
             raise combined(failed, f"scaling {ref}")
         return store.instances(ref.tenant, ref.pool)
@@ -156,21 +158,22 @@ def scale(ctx: Host, ref: PoolRef, running: int, warm: int, sleeping: int,
 def execute(ctx: Host, moves: list[tuple[Instance, State]], report: Report = lambda s: None,
             progress: Progress = noop,
             reason: Callable[[Instance], Reason] = lambda i: Reason.SCALE,
-            cause: Callable[[Instance], str | None] = lambda i: None) -> list[MvmError]:
-    """Take each instance to its target state (the caller holds the pool's lock); returns the
-    errors of the moves that failed (the others went on). Used by `scale` and the agent."""
+            cause: Callable[[Instance], str | None] = lambda i: None, *,
+            lease: Lease) -> list[MvmError]:
+    """Take each instance to its target state (the caller holds the pool's `lease`); returns
+    the errors of the moves that failed (the others went on). Used by `scale` and the agent."""
     getattr(ctx.runtime(), "accel", None)  # once: a KVM probe, if due, runs here, not per worker
     # What frees resources goes first, one by one; boots and wakes then run side by side,
     # each admitted by the quota when it has room (see `Room`): instances headed for sleep
     # first (they need a hypervisor only for a while), then warm, then running.
     freeing = [m for m in moves if path(m[0].state, m[1])[0] in FREEING]
-    errors = [_converge(ctx, inst, target, report, progress, reason=reason(inst), cause=cause(inst))
-              for inst, target in freeing]
+    errors = [_converge(ctx, inst, target, report, progress, lease, reason=reason(inst),
+                        cause=cause(inst)) for inst, target in freeing]
     rest = sorted((m for m in moves if m not in freeing), key=lambda m: HOLDS[m[1]])
     room = Room()
     with ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="scale") as workers:
         errors += workers.map(lambda n: _in_thread(ctx, rest[n][0], rest[n][1], report,
-                                                   progress, room, n, reason(rest[n][0]),
+                                                   progress, lease, room, n, reason(rest[n][0]),
                                                    cause(rest[n][0])),
                               range(len(rest)))
     return [e for e in errors if e is not None]
@@ -318,7 +321,7 @@ def _in_flight(ctx: Host, tenant: str) -> bool:
 
 
 def _converge(ctx: Host, inst: Instance, target: State, report: Report, progress: Progress,
-              room: Room | None = None, n: int = 0, reason: Reason = Reason.SCALE,
+              lease: Lease, room: Room | None = None, n: int = 0, reason: Reason = Reason.SCALE,
               cause: str | None = None) -> MvmError | None:
     """Take one instance to its target state (the caller holds the pool's lock); with `room`,
     as move `n` of a scale whose actions that take more are admitted in order."""
@@ -335,7 +338,7 @@ def _converge(ctx: Host, inst: Instance, target: State, report: Report, progress
                 room.pass_turn(n)
                 working = True
             try:
-                i = apply(ctx, inst.ref, action, reason=reason, locked=True, cause=cause,
+                i = apply(ctx, inst.ref, action, reason=reason, lease=lease, cause=cause,
                           admission=admission,
                           progress=lambda step, msg: progress(f"{inst.id} {step}", msg))
             finally:
@@ -356,11 +359,11 @@ def _converge(ctx: Host, inst: Instance, target: State, report: Report, progress
 
 
 def _in_thread(ctx: Host, inst: Instance, target: State, report: Report,
-               progress: Progress, room: Room, n: int, reason: Reason,
+               progress: Progress, lease: Lease, room: Room, n: int, reason: Reason,
                cause: str | None) -> MvmError | None:
     """The same, on a store connection of the worker thread's own."""
     mine = ctx.for_thread()
     try:
-        return _converge(mine, inst, target, report, progress, room, n, reason, cause)
+        return _converge(mine, inst, target, report, progress, lease, room, n, reason, cause)
     finally:
         mine.store.close()

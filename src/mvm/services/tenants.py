@@ -36,7 +36,7 @@ def create(ctx: Host, tid: str, net_id: int | None = None, subnet: str | None = 
         if value < 0:
             raise InvalidInput(f"--{name.replace('_', '-')} must not be negative (got {value})")
     store = ctx.store
-    with ctx.locks.lock("tenants"):
+    with ctx.locks.lock("tenants") as lease:
         existing = store.tenants()
         if any(t.id == tid for t in existing):
             raise Conflict(f"tenant {tid!r} already exists", "see `mvm tenant info " + tid + "`")
@@ -65,10 +65,10 @@ def create(ctx: Host, tid: str, net_id: int | None = None, subnet: str | None = 
                                    "pick another /24, or omit --subnet to have one allocated")
             subnet = str(net)
         t = Tenant(tid, net_id, subnet, q, 0, time.time(), egress_allow=allow, egress_deny=deny)
-        store.add_tenant(t)
+        store.add_tenant(t, Event("tenant.create", f"tenant {tid} net-id {net_id} subnet {subnet}",
+                                  tenant=tid), fence=lease)
         private.mkdirs(ctx.layout.tenant_dir(tid).parent, TENANTS_MODE)
         private.mkdirs(ctx.layout.tenant_dir(tid))
-        store.event(Event("tenant.create", f"tenant {tid} net-id {net_id} subnet {subnet}", tenant=tid))
     return t
 
 
@@ -93,18 +93,18 @@ def set_egress(ctx: Host, tid: str, allow: Iterable[str] | None = None,
         tuple(str(n) for n in firewall.parse_egress(allow, "allow"))
     new_deny = t.egress_deny if deny is None else \
         tuple(str(n) for n in firewall.parse_egress(deny, "deny"))
-    with ctx.locks.lock(tenant_lock_name(tid)):
-        t = store.set_tenant_egress(tid, new_allow, new_deny)
+    with ctx.locks.lock(tenant_lock_name(tid)) as lease:
+        t = store.set_tenant_egress(tid, new_allow, new_deny,
+                                    Event("tenant.egress", f"egress allow {list(new_allow) or 'any'}, "
+                                          f"deny {list(new_deny) or 'none'}", tenant=tid), fence=lease)
         netops.refresh_tenant(ctx, t)
-        store.event(Event("tenant.egress", f"egress allow {list(new_allow) or 'any'}, "
-                          f"deny {list(new_deny) or 'none'}", tenant=tid))
     return t
 
 
 def destroy(ctx: Host, tid: str, force: bool = False) -> None:
     store = ctx.store
     store.tenant(tid)
-    with ctx.locks.lock(tenant_lock_name(tid)):
+    with ctx.locks.lock(tenant_lock_name(tid)) as lease:
         pools = store.pools(tid)
         if pools and not force:
             raise Conflict(f"tenant {tid} still has {len(pools)} pool(s): "
@@ -117,13 +117,13 @@ def destroy(ctx: Host, tid: str, force: bool = False) -> None:
         from mvm.lifecycle import netops
 
         netops.teardown_tenant(ctx, store.tenant(tid))
-        store.remove_tenant(tid)
+        store.remove_tenant(tid, Event("tenant.destroy", f"tenant {tid} destroyed", tenant=tid),
+                            fence=lease)
         shutil.rmtree(ctx.layout.tenant_dir(tid), ignore_errors=True)
         if not store.tenants():  # the last one: this home's runtime dirs go too (when empty)
             for d in (ctx.layout.runtime_dir(), ctx.layout.secrets_runtime_dir()):
                 with contextlib.suppress(OSError):
                     d.rmdir()
-        store.event(Event("tenant.destroy", f"tenant {tid} destroyed", tenant=tid))
         ctx.locks.remove(quota_lock_name(tid))
         ctx.locks.remove(tenant_lock_name(tid))  # (we hold it)
 
@@ -131,7 +131,8 @@ def destroy(ctx: Host, tid: str, force: bool = False) -> None:
 def set_secrets(ctx: Host, tid: str, source: Path) -> int:
     """Store the tenant's secrets (a JSON object) 0600; returns the new secrets version.
 
-    What is accepted here fits the secrets disk every start and wake builds (same limit)."""
+    What is accepted here fits the secrets disk every start and wake builds (same limit). Under
+    the tenant's lease: two at once each get a version of their own."""
     store = ctx.store
     store.tenant(tid)
     hint = "secrets must be a JSON object, e.g. {\"API_KEY\": \"...\"}"
@@ -142,12 +143,13 @@ def set_secrets(ctx: Host, tid: str, source: Path) -> int:
     stored = json.dumps(data, indent=2, sort_keys=True).encode() + b"\n"
     secrets_disk.check_size(tid, len(stored))
     dest = ctx.layout.secrets_file(tid)
-    private.mkdirs(dest.parent)
-    private.write(dest, stored)
-    version = store.bump_secrets_version(tid)
-    store.event(Event("tenant.secrets", f"secrets set ({len(data)} keys), version {version}",
-                      tenant=tid))
-    return version
+    with ctx.locks.lock(tenant_lock_name(tid)) as lease:
+        version = store.tenant(tid).secrets_version + 1
+        private.mkdirs(dest.parent)
+        private.write(dest, stored)
+        return store.bump_secrets_version(
+            tid, Event("tenant.secrets", f"secrets set ({len(data)} keys), version {version}",
+                       tenant=tid), fence=lease)
 
 
 def secret_keys(ctx: Host, tid: str) -> list[str]:

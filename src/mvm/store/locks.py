@@ -4,6 +4,10 @@ A lease ends when its holder closes the file, exits or is killed: a crashed comm
 leaves a lock held. A waiter that does not get the lease at once is told who holds it (a
 silent wait of minutes looks like a hang). The lock of something destroyed is removed by its
 holder; a waiter that then gets the old, unlinked file notices and locks the new one.
+
+Each grant takes the lock's next fencing token from the store's database (a `Fencer`): a
+holder whose lock file was removed under it, so that another command got the lock, holds an
+older token, and the store refuses its writes.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from mvm.errors import Conflict
-from mvm.store.base import Waiting
+from mvm.store.base import Fencer, Lease, Waiting
 
 TELL_AFTER = 1.0  # seconds of waiting before the waiter is told who holds the lock
 
@@ -28,8 +32,9 @@ def _me() -> str:
 
 
 class FileLocks:
-    def __init__(self, directory: Path, owner: str | None = None) -> None:
+    def __init__(self, directory: Path, fences: Fencer, owner: str | None = None) -> None:
         self.dir = directory
+        self.fences = fences
         self.owner = owner or _me()
         self.waiting: Waiting | None = None  # default for lock(): e.g. the CLI prints it
 
@@ -43,7 +48,7 @@ class FileLocks:
             return "another command"
 
     @contextlib.contextmanager
-    def lock(self, name: str, timeout: float = 600.0, waiting: Waiting | None = None) -> Iterator[None]:
+    def lock(self, name: str, timeout: float = 600.0, waiting: Waiting | None = None) -> Iterator[Lease]:
         waiting = waiting or self.waiting
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         path = self._path(name)
@@ -73,9 +78,10 @@ class FileLocks:
                 continue
             break
         try:
+            token = self.fences.grant(name)  # (only a real grant: after the inode check)
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{self.owner}\n".encode(), 0)
-            yield
+            yield Lease(name, token)
         finally:
             os.close(fd)
 

@@ -1,8 +1,10 @@
 """Desired and observed state in one embedded SQLite database (WAL): the `Store` protocol.
 
 The only module that speaks SQL. Compare-and-set on an instance's state and transition in
-flight; each event goes in the same transaction as the change it describes. Reading never
-writes (a full disk must not stop `list` or `info`): schema changes happen only when missing.
+flight; each event goes in the same transaction as the change it describes; a change made under
+a lease checks the lease's fencing token (table `fences`, where `SqliteFences` grants them to
+the flock leases) in that transaction. Reading never writes (a full disk must not stop `list`
+or `info`): schema changes happen only when missing.
 """
 
 from __future__ import annotations
@@ -11,13 +13,15 @@ import contextlib
 import json
 import os
 import sqlite3
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from mvm.errors import Conflict, HostUnsupported, NotFound
+from mvm.errors import Conflict, HostUnsupported, NotFound, Superseded
 from mvm.model import Action, Event, Instance, Op, Pool, Quotas, Revision, State, Tenant
+from mvm.store.base import Lease
 from mvm.util import private
 
 SCHEMA = """
@@ -49,6 +53,7 @@ CREATE TABLE IF NOT EXISTS events (
   id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, tenant TEXT, pool TEXT,
   instance TEXT, kind TEXT NOT NULL, message TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS jail_ids (owner TEXT PRIMARY KEY, n INTEGER NOT NULL UNIQUE);
+CREATE TABLE IF NOT EXISTS fences (name TEXT PRIMARY KEY, token INTEGER NOT NULL);
 """
 # Columns added after the first schema: (table, column, declaration).
 MIGRATIONS = (
@@ -108,7 +113,7 @@ class SqliteStore:
         if self.read_only:
             return
         tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        if not {"tenants", "pools", "revisions", "builds", "instances", "events"} <= tables:
+        if not {"tenants", "pools", "revisions", "builds", "instances", "events", "fences"} <= tables:
             self.db.executescript(SCHEMA)
         for table, col, decl in MIGRATIONS:
             cols = {r[1] for r in self.db.execute(f"PRAGMA table_info({table})")}
@@ -119,12 +124,15 @@ class SqliteStore:
         self.db.close()
 
     @contextlib.contextmanager
-    def tx(self) -> Iterator[sqlite3.Connection]:
+    def tx(self, fence: Lease | None = None) -> Iterator[sqlite3.Connection]:
+        """One write transaction; with `fence`, only while that lease is the lock's last grant."""
         try:
             self.db.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as e:
             raise self._unwritable(e) from e
         try:
+            if fence is not None:
+                _check_fence(self.db, fence)
             yield self.db
         except sqlite3.OperationalError as e:
             self.db.execute("ROLLBACK")
@@ -147,15 +155,17 @@ class SqliteStore:
         return e
 
     # -- tenants ---------------------------------------------------------
-    def add_tenant(self, t: Tenant) -> None:
+    def add_tenant(self, t: Tenant, event: Event | None = None, *,
+                   fence: Lease | None = None) -> None:
         try:
-            with self.tx() as db:
+            with self.tx(fence) as db:
                 db.execute(
                     "INSERT INTO tenants (id, net_id, subnet, quotas, secrets_version, created,"
                     " egress) VALUES (?,?,?,?,?,?,?)",
                     (t.id, t.net_id, t.subnet, json.dumps(asdict(t.quotas)), t.secrets_version,
                      t.created or time.time(), _egress_json(t.egress_allow, t.egress_deny)),
                 )
+                self._event(db, event)
         except sqlite3.IntegrityError as e:
             raise Conflict(f"tenant {t.id!r} conflicts with an existing tenant ({e})") from e
 
@@ -168,20 +178,26 @@ class SqliteStore:
             raise NotFound(f"no tenant {tid!r}", "see `mvm tenant list`, or create it with `mvm tenant create`")
         return self._tenant(row)
 
-    def bump_secrets_version(self, tid: str) -> int:
-        with self.tx() as db:
+    def bump_secrets_version(self, tid: str, event: Event | None = None, *,
+                             fence: Lease | None = None) -> int:
+        with self.tx(fence) as db:
             db.execute("UPDATE tenants SET secrets_version = secrets_version + 1 WHERE id=?", (tid,))
-        return self.tenant(tid).secrets_version
+            self._event(db, event)
+            return self.tenant(tid).secrets_version
 
-    def remove_tenant(self, tid: str) -> None:
-        with self.tx() as db:
+    def remove_tenant(self, tid: str, event: Event | None = None, *,
+                      fence: Lease | None = None) -> None:
+        with self.tx(fence) as db:
             db.execute("DELETE FROM tenants WHERE id=?", (tid,))
             db.execute("DELETE FROM jail_ids WHERE owner=?", (f"tenant:{tid}",))
+            self._event(db, event)
 
-    def set_tenant_egress(self, tid: str, allow: tuple[str, ...], deny: tuple[str, ...]) -> Tenant:
-        with self.tx() as db:
+    def set_tenant_egress(self, tid: str, allow: tuple[str, ...], deny: tuple[str, ...],
+                          event: Event | None = None, *, fence: Lease | None = None) -> Tenant:
+        with self.tx(fence) as db:
             db.execute("UPDATE tenants SET egress=? WHERE id=?", (_egress_json(allow, deny), tid))
-        return self.tenant(tid)
+            self._event(db, event)
+            return self.tenant(tid)
 
     @staticmethod
     def _tenant(r: sqlite3.Row) -> Tenant:
@@ -193,9 +209,10 @@ class SqliteStore:
                       egress_deny=tuple(egress.get("deny", ())))
 
     # -- pools -----------------------------------------------------------
-    def add_pool(self, p: Pool) -> None:
+    def add_pool(self, p: Pool, event: Event | None = None, *,
+                 fence: Lease | None = None) -> None:
         try:
-            with self.tx() as db:
+            with self.tx(fence) as db:
                 db.execute(
                     "INSERT INTO pools (tenant,id,flake,profile,cpus,mem,data_disk,network,created,"
                     "idle_warm,idle_sleep,min_running,pinned,backend,flake_id)"
@@ -204,6 +221,7 @@ class SqliteStore:
                      p.created or time.time(), p.idle_warm, p.idle_sleep, p.min_running,
                      int(p.pinned), p.backend, p.flake_id),
                 )
+                self._event(db, event)
         except sqlite3.IntegrityError as e:
             raise Conflict(f"pool {p.tenant}/{p.id} already exists",
                            "choose another name or `mvm pool destroy` it first") from e
@@ -222,21 +240,27 @@ class SqliteStore:
                            f"see `mvm pool list {tenant}`, or create it with `mvm pool create`")
         return self._pool(row)
 
-    def set_pool_current(self, tenant: str, pid: str, rev: str | None) -> None:
-        with self.tx() as db:
+    def set_pool_current(self, tenant: str, pid: str, rev: str | None,
+                         event: Event | None = None, *, fence: Lease | None = None) -> None:
+        with self.tx(fence) as db:
             db.execute("UPDATE pools SET current=? WHERE tenant=? AND id=?", (rev, tenant, pid))
+            self._event(db, event)
 
-    def set_pool_desired(self, tenant: str, pid: str, running: int, warm: int, sleeping: int) -> None:
-        with self.tx() as db:
+    def set_pool_desired(self, tenant: str, pid: str, running: int, warm: int, sleeping: int,
+                         event: Event | None = None, *, fence: Lease | None = None) -> None:
+        with self.tx(fence) as db:
             db.execute(
                 "UPDATE pools SET desired_running=?, desired_warm=?, desired_sleeping=?"
                 " WHERE tenant=? AND id=?", (running, warm, sleeping, tenant, pid))
+            self._event(db, event)
 
-    def remove_pool(self, tenant: str, pid: str) -> None:
-        with self.tx() as db:
+    def remove_pool(self, tenant: str, pid: str, event: Event | None = None, *,
+                    fence: Lease | None = None) -> None:
+        with self.tx(fence) as db:
             db.execute("DELETE FROM revisions WHERE tenant=? AND pool=?", (tenant, pid))
             db.execute("DELETE FROM builds WHERE tenant=? AND pool=?", (tenant, pid))
             db.execute("DELETE FROM pools WHERE tenant=? AND id=?", (tenant, pid))
+            self._event(db, event)
 
     @staticmethod
     def _pool(r: sqlite3.Row) -> Pool:
@@ -253,11 +277,13 @@ class SqliteStore:
                     r["build_disk"] if "build_disk" in cols else 0)
 
     def set_pool_policy(self, tenant: str, pid: str, idle_warm: float | None,
-                        idle_sleep: float | None, min_running: int, pinned: bool) -> None:
-        with self.tx() as db:
+                        idle_sleep: float | None, min_running: int, pinned: bool,
+                        event: Event | None = None, *, fence: Lease | None = None) -> None:
+        with self.tx(fence) as db:
             db.execute("UPDATE pools SET idle_warm=?, idle_sleep=?, min_running=?, pinned=?"
                        " WHERE tenant=? AND id=?",
                        (idle_warm, idle_sleep, min_running, int(pinned), tenant, pid))
+            self._event(db, event)
 
     def set_pool_flake_id(self, tenant: str, pid: str, flake_id: str) -> None:
         with self.tx() as db:
@@ -273,10 +299,12 @@ class SqliteStore:
         return int(self.db.execute("PRAGMA data_version").fetchone()[0])
 
     # -- revisions and builds ---------------------------------------------
-    def add_revision(self, r: Revision) -> None:
-        with self.tx() as db:
+    def add_revision(self, r: Revision, event: Event | None = None, *,
+                     fence: Lease | None = None) -> None:
+        with self.tx(fence) as db:
             db.execute("INSERT OR REPLACE INTO revisions VALUES (?,?,?,?,?,?)",
                        (r.tenant, r.pool, r.hash, r.out_path, json.dumps(r.manifest), r.created))
+            self._event(db, event)
 
     def revisions(self, tenant: str, pid: str) -> list[Revision]:
         rows = self.db.execute(
@@ -284,22 +312,29 @@ class SqliteStore:
         return [Revision(r["tenant"], r["pool"], r["hash"], r["out_path"], json.loads(r["manifest"]),
                          r["created"]) for r in rows]
 
-    def remove_revision(self, tenant: str, pid: str, rev: str) -> None:
-        with self.tx() as db:
-            db.execute("DELETE FROM revisions WHERE tenant=? AND pool=? AND hash=?", (tenant, pid, rev))
+    def remove_revisions(self, tenant: str, pid: str, revs: Sequence[str],
+                         event: Event | None = None, *, fence: Lease | None = None) -> None:
+        with self.tx(fence) as db:
+            db.executemany("DELETE FROM revisions WHERE tenant=? AND pool=? AND hash=?",
+                           [(tenant, pid, rev) for rev in revs])
+            self._event(db, event)
 
-    def start_build(self, tenant: str, pid: str, log: str, builder: str = "host") -> int:
-        with self.tx() as db:
+    def start_build(self, tenant: str, pid: str, log: str, builder: str = "host",
+                    event: Event | None = None, *, fence: Lease | None = None) -> int:
+        with self.tx(fence) as db:
             cur = db.execute("INSERT INTO builds (tenant,pool,started,status,log,owner,builder)"
                              " VALUES (?,?,?,?,?,?,?)",
                              (tenant, pid, time.time(), "running", log, os.getpid(), builder))
+            self._event(db, event)
         return int(cur.lastrowid or 0)
 
     def finish_build(self, build_id: int, status: str, revision: str | None = None,
-                     cache_hit: bool = False, error: str | None = None) -> None:
-        with self.tx() as db:
+                     cache_hit: bool = False, error: str | None = None,
+                     event: Event | None = None, *, fence: Lease | None = None) -> None:
+        with self.tx(fence) as db:
             db.execute("UPDATE builds SET finished=?, status=?, revision=?, cache_hit=?, error=?"
                        " WHERE id=?", (time.time(), status, revision, int(cache_hit), error, build_id))
+            self._event(db, event)
 
     def builds(self, tenant: str, pid: str) -> list[dict[str, object]]:
         """The pool's builds; one still `running` whose command is gone shows as `interrupted`
@@ -311,20 +346,25 @@ class SqliteStore:
                 b["status"] = "interrupted"
         return out
 
-    def interrupt_builds(self, tenant: str, pid: str) -> int:
-        """Record builds whose command died as interrupted (the caller holds the pool's lock)."""
+    def interrupt_builds(self, tenant: str, pid: str, event: Event | None = None, *,
+                         fence: Lease | None = None) -> int:
+        """Record builds whose command died as interrupted, and `event` when there were any
+        (the caller holds the pool's lock)."""
         gone = [b["id"] for b in self.builds(tenant, pid) if b["status"] == "interrupted"]
-        with self.tx() as db:
+        with self.tx(fence) as db:
             for bid in gone:
                 db.execute("UPDATE builds SET status='interrupted', finished=?,"
                            " error='the command running it died' WHERE id=?", (time.time(), bid))
+            if gone:
+                self._event(db, event)
         return len(gone)
 
     # -- instances -------------------------------------------------------
-    def add_instance(self, i: Instance, event: Event | None = None) -> None:
+    def add_instance(self, i: Instance, event: Event | None = None, *,
+                     fence: Lease | None = None) -> None:
         now = time.time()
         try:
-            with self.tx() as db:
+            with self.tx(fence) as db:
                 db.execute(
                     f"INSERT INTO instances ({','.join(_INSTANCE_COLS)}) VALUES"
                     f" ({','.join('?' * len(_INSTANCE_COLS))})",
@@ -360,9 +400,9 @@ class SqliteStore:
         return self._instance(row)
 
     def update_instance(self, iid: str, *, expect: State | None = None, event: Event | None = None,
-                        **fields: object) -> None:
+                        fence: Lease | None = None, **fields: object) -> None:
         """Set fields; with `expect`, only if the instance is in that state (else Conflict)."""
-        with self.tx() as db:
+        with self.tx(fence) as db:
             if expect is not None:
                 cur = self._by_id(db, iid)
                 if cur.state is not expect:
@@ -371,16 +411,18 @@ class SqliteStore:
             self._set(db, iid, fields)
             self._event(db, event)
 
-    def remove_instance(self, iid: str, event: Event | None = None) -> None:
-        with self.tx() as db:
+    def remove_instance(self, iid: str, event: Event | None = None, *,
+                        fence: Lease | None = None) -> None:
+        with self.tx(fence) as db:
             db.execute("DELETE FROM instances WHERE id=?", (iid,))
             db.execute("DELETE FROM jail_ids WHERE owner=?", (f"instance:{iid}",))
             self._event(db, event)
 
     # -- transitions in flight ---------------------------------------------
-    def begin_op(self, iid: str, op: Op, event: Event | None = None) -> Instance:
+    def begin_op(self, iid: str, op: Op, event: Event | None = None, *,
+                 fence: Lease | None = None) -> Instance:
         """Record a transition before it acts: only from `op.source` and with none in flight."""
-        with self.tx() as db:
+        with self.tx(fence) as db:
             cur = self._by_id(db, iid)
             if cur.op is not None:
                 raise Conflict(f"instance {iid} is in the middle of {cur.op.action.value} "
@@ -393,19 +435,22 @@ class SqliteStore:
             self._event(db, event)
             return self._by_id(db, iid)
 
-    def op_step(self, iid: str, step: str, **fields: object) -> Instance:
-        """Record one completed step of the transition in flight, with the fields it changed."""
-        with self.tx() as db:
-            cur = self._by_id(db, iid)
-            if cur.op is None:
-                raise Conflict(f"instance {iid} has no transition in flight")
-            op = replace(cur.op, steps=(*cur.op.steps, step))
+    def op_step(self, iid: str, step: str, *, expect: Op, fence: Lease | None = None,
+                **fields: object) -> Instance:
+        """Record one completed step of the transition in flight, with the fields it changed:
+        only while `expect` is the one in flight."""
+        with self.tx(fence) as db:
+            cur = _in_flight(self._by_id(db, iid), expect)
+            op = replace(cur, steps=(*cur.steps, step))
             self._set(db, iid, {**fields, "op": _op_json(op)})
             return self._by_id(db, iid)
 
-    def end_op(self, iid: str, state: State, event: Event | None = None, **fields: object) -> Instance:
-        """The transition is over (done, rolled back or resumed): its end state, its event."""
-        with self.tx() as db:
+    def end_op(self, iid: str, state: State, event: Event | None = None, *, expect: Op,
+               fence: Lease | None = None, **fields: object) -> Instance:
+        """The transition is over (done, rolled back or resumed): its end state, its event;
+        only while `expect` is the one in flight."""
+        with self.tx(fence) as db:
+            _in_flight(self._by_id(db, iid), expect)
             self._set(db, iid, {**fields, "state": state, "op": None})
             self._event(db, event)
             return self._by_id(db, iid)
@@ -471,6 +516,57 @@ class SqliteStore:
         rows = [dict(r) for r in self.db.execute(q, (*args, max(0, limit)))]
         # (a read-only view of an older database may lack the newer columns)
         return [{k: r.get(k) for k in EVENT_KEYS} for r in rows]
+
+
+def _check_fence(db: sqlite3.Connection, lease: Lease) -> None:
+    """In the write's own transaction: the lock was not granted again since `lease`."""
+    row = db.execute("SELECT token FROM fences WHERE name=?", (lease.name,)).fetchone()
+    last = int(row[0]) if row is not None else 0
+    if last != lease.token:
+        raise Superseded(f"this command lost its lock {lease.name} (granted again since: token "
+                       f"{last}, not {lease.token}); nothing was written",
+                       "another command holds it now: see `mvm events`, then retry")
+
+
+def _in_flight(i: Instance, expect: Op) -> Op:
+    """The transition in flight, if it is the one the caller holds (its action, owner and
+    start); else a Conflict."""
+    cur = i.op
+    if cur is None:
+        raise Superseded(f"instance {i.id} has no {expect.action.value} in flight any more "
+                       "(another command finished it)", "see `mvm instance info`, then retry")
+    if (cur.action, cur.owner, cur.started) != (expect.action, expect.owner, expect.started):
+        raise Superseded(f"instance {i.id} is in the middle of another transition: "
+                       f"{cur.action.value} ({cur.owner}), not this command's "
+                       f"{expect.action.value} ({expect.owner})",
+                       "another command took it over; see `mvm instance info`, then retry")
+    return cur
+
+
+class SqliteFences:
+    """The fencing tokens of the flock leases (`FileLocks`), in the store's database: a grant
+    increments its lock's token in a transaction, and a write under a lease compares it in the
+    write's own transaction. One connection per thread and process (shared by nothing)."""
+
+    def __init__(self, db: Path) -> None:
+        self.path = db
+        self._local = threading.local()
+
+    def grant(self, name: str) -> int:
+        with self._store().tx() as db:
+            row = db.execute("INSERT INTO fences (name, token) VALUES (?, 1) ON CONFLICT(name)"
+                             " DO UPDATE SET token = token + 1 RETURNING token", (name,)).fetchone()
+            return int(row[0])
+
+    def _store(self) -> SqliteStore:
+        mine: tuple[int, SqliteStore] | None = getattr(self._local, "store", None)
+        if mine is None or mine[0] != os.getpid():  # (a forked child never uses its parent's)
+            mine = (os.getpid(), SqliteStore(self.path))
+            # A grant need not survive a power loss (no holder does), only stay in order: no
+            # fsync of its own (WAL keeps the order).
+            mine[1].db.execute("PRAGMA synchronous=NORMAL")
+            self._local.store = mine
+        return mine[1]
 
 
 def _running(pid: object) -> bool:
