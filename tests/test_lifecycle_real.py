@@ -123,6 +123,41 @@ def test_wake_killed_after_each_step(gmvm: Mvm, flake_copy, tmp_path: Path) -> N
     assert sh(gmvm, inst, "cat /data/log").out.split() == lines  # no write lost, none undone
 
 
+@pytest.mark.net
+def test_start_and_wake_killed_while_mkfs_makes_the_secrets_disk_leave_no_secrets(  # type: ignore[no-untyped-def]
+        gmvm: Mvm, flake_copy, tmp_path: Path) -> None:
+    from mvm.config.paths import Layout
+    from mvm.util.retry import until
+    from tests.test_instances import SECRETS
+    from tests.test_lifecycle_faults import killing_mkfs
+
+    setup_pool(gmvm, flake_copy("app-flake"), tmp_path)
+    gmvm.ok("pool", "scale", "acme/workers", "--sleeping", "1")
+    inst = instances_by_state(gmvm, "acme/workers")["sleeping"][0]
+    shm = Layout(gmvm.home).secrets_runtime_dir()
+    secret = SECRETS["API_KEY"].encode()
+    bin_dir, done = killing_mkfs(tmp_path)
+    for action, before in (("wake", "sleeping"), ("start", "stopped")):
+        if action == "start":
+            gmvm.ok("instance", "stop", inst)
+        saved = gmvm.env
+        gmvm.env = dict(saved, PATH=f"{bin_dir}:{saved['PATH']}")
+        try:
+            r = gmvm("instance", action, inst)
+        finally:
+            gmvm.env = saved
+        assert r.rc == -9, f"{action} was not killed while mkfs ran: rc={r.rc} {r.err}"
+        until(lambda: done.exists() or None, 30, what="the orphaned mkfs")
+        done.unlink()
+        assert [p for p in shm.rglob("*") if p.is_file() and secret in p.read_bytes()] == []
+        gmvm.ok("instance", "observe", "acme/workers")
+        assert consistent(gmvm, inst) == before
+        gmvm.ok("instance", action, inst)
+        assert consistent(gmvm, inst) == "running"
+        assert SECRETS["API_KEY"] in sh(gmvm, inst, "cat /run/secrets/secrets.json").out
+        assert os.listdir(shm) == []  # the running hypervisor holds its image unlinked
+
+
 def test_scale_killed_mid_boot_hides_nothing(gmvm: Mvm, flake_copy, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     setup_pool(gmvm, flake_copy("app-flake"), tmp_path)
     crash(gmvm, "start:boot", "pool", "scale", "acme/workers", "--running", "2")

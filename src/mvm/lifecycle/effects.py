@@ -113,13 +113,20 @@ def sweep_snapshots(run: Run, hypervisor_alive: bool) -> None:
                 d.unlink(missing_ok=True)
 
 
+def _holding_secrets(run: Run, open_vm: Callable[[], None]) -> None:
+    """Boot or restore, then unlink the clear-text secrets image: the hypervisor holds it open
+    (a restore re-delivers one built by the wake, at the same path)."""
+    open_vm()
+    secrets_disk.remove(run.ctx.layout, run.i.id)
+
+
 # -- start ----------------------------------------------------------------------------------------
 
 def start_do(run: Run) -> Instance:
     spec = run.spec
     run.step("network", lambda: netops.instance_up(run.ctx, run.i))
     run.step("secrets", lambda: secrets_disk.build(run.ctx.layout, run.i.tenant, run.i.id))
-    run.step("boot", lambda: run.rt.boot(spec))
+    run.step("boot", lambda: _holding_secrets(run, lambda: run.rt.boot(spec)))
     run.step("agent", lambda: run.rt.agent(spec).wait_ready(AGENT_READY_TIMEOUT))
     rev = run.op.data["revision"]
     return _running(run, "instance.start", f"running revision {rev}", None, revision=rev, snapshot=None)
@@ -230,7 +237,8 @@ def wake_do(run: Run) -> Instance:
     fresh = run.op.data.get("fresh_secrets") == "1"
     run.step("network", lambda: netops.instance_up(run.ctx, run.i))  # the TAP kept at sleep
     run.step("secrets", lambda: secrets_disk.build(run.ctx.layout, run.i.tenant, run.i.id))
-    run.step("restore", lambda: run.rt.restore(spec, specs.snapshot_dir(run.ctx.layout, run.i, name)))  # paused
+    run.step("restore", lambda: _holding_secrets(  # paused
+        run, lambda: run.rt.restore(spec, specs.snapshot_dir(run.ctx.layout, run.i, name))))
     # The point of no return, before the guest runs: the snapshot can never be restored again.
     run.step("consume", lambda: None, snapshot=None)
     run.step("resume", lambda: run.rt.resume(spec))
