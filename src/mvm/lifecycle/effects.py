@@ -249,11 +249,13 @@ def wake_do(run: Run) -> Instance:
 def wake_recover(run: Run, error: BaseException | None) -> Instance:
     name = run.op.data["snapshot"]
     if not run.op.done("consume"):
-        # The restored guest never ran: end its hypervisor, keep the snapshot for the next wake.
+        # The restored guest never ran: end its hypervisor, keep the snapshot for the next wake
+        # (or, when it was refused as damaged, for inspection: its failure stays on the instance).
         halt(run, graceful=False)
         secrets_disk.remove(run.ctx.layout, run.i.id)
+        failed = {"error": f"wake failed: {_why(error)}"} if error is not None else {}
         return _recovered(run, State.SLEEPING, f"rolled back: snapshot {name} kept", error,
-                          snapshot=name)
+                          snapshot=name, **failed)
     if not run.alive():
         return gone(run, error, "its hypervisor is gone after the snapshot was consumed")
     try:
