@@ -151,3 +151,16 @@ def instances_by_state(m: Mvm, pool: str) -> dict[str, list[str]]:
 def sh(m: Mvm, inst: str, script: str, **kw: object) -> Result:
     """Run a shell script in a guest through `mvm instance exec`."""
     return m("instance", "exec", inst, "--", "sh", "-c", script, **kw)  # type: ignore[arg-type]
+
+
+def corrupt(path: Path, blocks: int = 10, size: int = 512) -> None:
+    """Flip every bit of `blocks` runs of `size` bytes spread inside the file, as a failing
+    disk might (the size stays)."""
+    total = path.stat().st_size
+    assert total >= blocks * size
+    with open(path, "r+b") as f:
+        for k in range(blocks):
+            f.seek((k + 1) * (total - size) // (blocks + 1))
+            run = f.read(size)
+            f.seek(-len(run), os.SEEK_CUR)
+            f.write(bytes(b ^ 0xFF for b in run))

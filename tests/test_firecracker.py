@@ -538,3 +538,36 @@ def test_every_start_and_wake_says_whether_it_is_jailed_and_a_jail_lost_is_refus
     assert e.value.line() == f"cannot jail the hypervisor: cgroup v2: missing controllers cpu, memory, pids {hint}"
     assert w.state(ref) is State.STOPPED and len(_start_events(w, "instance.start")) == 1
     _no_firecracker_of(w, ref)
+
+
+def test_a_damaged_snapshot_is_refused_and_kept_and_the_instance_stays_sleeping(world: World) -> None:
+    from mvm.errors import RuntimeFailure
+    from mvm.runtime.base import checksum
+    from mvm.services import instances
+    from tests.conftest import corrupt
+
+    w = world
+    ref = w.new()
+    apply(w.ctx, ref, Action.START)
+    w.remember(ref, "in-memory")
+    apply(w.ctx, ref, Action.SLEEP)
+    name = w.ctx.store.instance(ref.tenant, ref.pool, ref.instance).snapshot
+    assert name
+    snap = specs.snapshot_dir(w.ctx.layout, w.ctx.store.instance(ref.tenant, ref.pool, ref.instance), name)
+    info = SnapshotInfo.load(snap)  # every file's checksum, taken as it was committed
+    assert info.checksums == {n: checksum(snap / n) for n in ("memory", "vmstate")}
+    corrupt(snap / "memory")  # 10 x 512 bytes inside it (the double's guest would not notice)
+    kept = {p.name: p.read_bytes() for p in snap.iterdir()}
+    with pytest.raises(RuntimeFailure) as err:
+        apply(w.ctx, ref, Action.WAKE)
+    assert err.value.message == (f"the snapshot of {w.spec(ref).name} is damaged: {snap / 'memory'} "
+                                 "does not match the checksum taken when it was written")
+    assert "\n" not in err.value.line()
+    i = w.ctx.store.instance(ref.tenant, ref.pool, ref.instance)
+    assert (i.state, i.snapshot, i.op) == (State.SLEEPING, name, None)
+    assert {p.name: p.read_bytes() for p in snap.iterdir()} == kept  # kept for inspection
+    _no_firecracker_of(w, ref)
+    event = w.ctx.store.events("acme")[0]
+    assert event["kind"] == "instance.wake-failed" and "is damaged" in str(event["cause"])
+    view = instances.view(w.ctx, ref)  # what `instance info` shows
+    assert view.observed == "" and "is damaged" in (view.instance.error or "")

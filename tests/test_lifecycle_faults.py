@@ -408,3 +408,126 @@ def test_a_command_that_lost_the_pools_lock_stops_and_writes_nothing(world: Worl
     after = world.next_command(ref)  # the lock is free again: the transition left is finished
     assert after is not None and after.state is State.CREATED
     world.check(ref)
+
+
+# -- clear-text secrets of a killed command --------------------------------------------------------
+
+SECRET = "hunter2-7f3c9a"
+
+
+def killing_mkfs(where: Path) -> tuple[Path, Path]:
+    """A test seam: an `mkfs.ext4` first on PATH that, when it makes the secrets disk, SIGKILLs
+    the command that runs it (its parent: the secrets are handed over by then), then makes the
+    image all the same, as the real one left running would, and touches a marker when done."""
+    from mvm.util import proc
+
+    real = proc.which("mkfs.ext4")
+    assert real
+    bin_dir, done = where / "seam-bin", where / "mkfs-done"
+    bin_dir.mkdir()
+    wrapper = bin_dir / "mkfs.ext4"
+    wrapper.write_text("#!/bin/sh\n"
+                       'case "$*" in *mvm-secrets*) kill -KILL "$PPID";; esac\n'
+                       f'{real} "$@"\nrc=$?\ntouch {done}\nexit $rc\n')
+    wrapper.chmod(0o755)
+    return bin_dir, done
+
+
+def readable_secrets(root: Path) -> list[str]:
+    """Every file under root (the secrets' runtime directory) that holds the secret in clear."""
+    if not root.exists():
+        return []
+    return [str(p) for p in root.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
+
+
+def _wait_for(path: Path, timeout: float = 30.0) -> None:
+    from mvm.util.retry import until
+
+    until(lambda: path.exists() or None, timeout, interval=0.02, what=str(path))
+
+
+@pytest.mark.parametrize("source", [State.CREATED, State.SLEEPING], ids=["start", "wake"])
+def test_a_command_killed_while_mkfs_makes_the_secrets_disk_leaves_no_secrets(
+        world: World, tmp_path: Path, source: State) -> None:
+    secrets = tmp_path / "secrets.json"
+    secrets.write_text(f'{{"API_KEY": "{SECRET}"}}')
+    tenants.set_secrets(world.ctx, "acme", secrets)
+    ref = world.new(source)
+    action = Action.START if source is State.CREATED else Action.WAKE
+    bin_dir, done = killing_mkfs(tmp_path)
+    pid = os.fork()
+    if pid == 0:
+        os.environ["PATH"] = f"{bin_dir}:{os.environ['PATH']}"
+        try:
+            apply(world.host(), ref, action)
+        finally:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, status
+    _wait_for(done)  # the orphaned mkfs finished too
+    shm = world.ctx.layout.secrets_runtime_dir()
+    assert readable_secrets(shm) == [] and os.listdir(shm) == []
+    left = world.instance(ref)
+    assert left.op is not None and left.op.done("network") and not left.op.done("secrets")
+    after = world.next_command(ref)
+    assert after is not None and after.state is source
+    world.check(ref)
+    apply(world.ctx, ref, action)  # and the next start or wake builds it and runs
+    assert world.check(ref).state is State.RUNNING
+    assert readable_secrets(shm) == []  # (the hypervisor holds the image it opened, unlinked)
+
+
+def _leftovers(world: World) -> tuple[Path, Path]:
+    """What killed commands left: an older mvm's staging directory, and the image of an
+    instance since destroyed."""
+    shm = world.ctx.layout.secrets_runtime_dir()
+    secrets_disk.build(world.ctx.layout, "acme", "i-gone0000")
+    stage = shm / "stage-k2j4h5"
+    stage.mkdir()
+    (stage / "secrets.json").write_text(f'{{"API_KEY": "{SECRET}"}}')
+    return stage, secrets_disk.image_path(world.ctx.layout, "i-gone0000")
+
+
+def _swept(world: World, *paths: Path) -> None:
+    assert not any(p.exists() for p in paths)
+    swept = [e for e in world.ctx.store.events() if e["kind"] == "host.secrets-swept"]
+    assert swept and "stage-k2j4h5" in swept[0]["message"] and "i-gone0000.img" in swept[0]["message"]
+
+
+def test_the_next_command_sweeps_clear_text_secrets_killed_commands_left(world: World) -> None:
+    ref = world.new(State.CREATED)
+    leftovers = _leftovers(world)
+    apply(world.ctx, ref, Action.START)
+    _swept(world, *leftovers)
+
+
+def test_observe_sweeps_clear_text_secrets_but_not_a_transition_at_work(world: World) -> None:
+    busy = world.new(State.CREATED)
+    # another command is starting `busy`: its image is built, its hypervisor not booted yet
+    world.ctx.store.begin_op(busy.instance, Op(Action.START, State.RUNNING, State.CREATED,
+                                               owner=f"pid {os.getpid()} (mvm instance start)"))
+    mine = secrets_disk.build(world.ctx.layout, "acme", busy.instance)
+    leftovers = _leftovers(world)
+    lines = observe.sweep(world.ctx)
+    _swept(world, *leftovers)
+    assert mine.exists() and len(lines) == 1
+
+
+def test_tenant_destroy_sweeps_clear_text_secrets(world: World) -> None:
+    leftovers = _leftovers(world)
+    tenants.destroy(world.ctx, "acme", force=True)
+    _swept(world, *leftovers)
+
+
+def test_the_agent_sweeps_clear_text_secrets_when_it_starts(world: World) -> None:
+    import threading
+
+    from mvm.services.agent import Agent
+
+    leftovers = _leftovers(world)
+    lines: list[str] = []
+    stop = threading.Event()
+    stop.set()  # (started and stopped: what it does before its first pass)
+    Agent(world.ctx, 3600.0, report=lines.append).run(stop)
+    _swept(world, *leftovers)
+    assert any("removed clear-text secrets" in ln for ln in lines), lines

@@ -123,6 +123,81 @@ def test_wake_killed_after_each_step(gmvm: Mvm, flake_copy, tmp_path: Path) -> N
     assert sh(gmvm, inst, "cat /data/log").out.split() == lines  # no write lost, none undone
 
 
+@pytest.mark.net
+def test_start_and_wake_killed_while_mkfs_makes_the_secrets_disk_leave_no_secrets(  # type: ignore[no-untyped-def]
+        gmvm: Mvm, flake_copy, tmp_path: Path) -> None:
+    from mvm.config.paths import Layout
+    from mvm.util.retry import until
+    from tests.test_instances import SECRETS
+    from tests.test_lifecycle_faults import killing_mkfs
+
+    setup_pool(gmvm, flake_copy("app-flake"), tmp_path)
+    gmvm.ok("pool", "scale", "acme/workers", "--sleeping", "1")
+    inst = instances_by_state(gmvm, "acme/workers")["sleeping"][0]
+    shm = Layout(gmvm.home).secrets_runtime_dir()
+    secret = SECRETS["API_KEY"].encode()
+    bin_dir, done = killing_mkfs(tmp_path)
+    for action, before in (("wake", "sleeping"), ("start", "stopped")):
+        if action == "start":
+            gmvm.ok("instance", "stop", inst)
+        saved = gmvm.env
+        gmvm.env = dict(saved, PATH=f"{bin_dir}:{saved['PATH']}")
+        try:
+            r = gmvm("instance", action, inst)
+        finally:
+            gmvm.env = saved
+        assert r.rc == -9, f"{action} was not killed while mkfs ran: rc={r.rc} {r.err}"
+        until(lambda: done.exists() or None, 30, what="the orphaned mkfs")
+        done.unlink()
+        assert [p for p in shm.rglob("*") if p.is_file() and secret in p.read_bytes()] == []
+        gmvm.ok("instance", "observe", "acme/workers")
+        assert consistent(gmvm, inst) == before
+        gmvm.ok("instance", action, inst)
+        assert consistent(gmvm, inst) == "running"
+        assert SECRETS["API_KEY"] in sh(gmvm, inst, "cat /run/secrets/secrets.json").out
+        assert os.listdir(shm) == []  # the running hypervisor holds its image unlinked
+
+
+@pytest.mark.net
+def test_a_damaged_snapshot_is_refused_and_kept_and_the_instance_stays_sleeping(  # type: ignore[no-untyped-def]
+        gmvm: Mvm, flake_copy, tmp_path: Path) -> None:
+    from mvm.config.paths import Layout
+
+    setup_pool(gmvm, flake_copy("app-flake"), tmp_path)
+    gmvm.ok("pool", "scale", "acme/workers", "--running", "1")
+    inst = instances_by_state(gmvm, "acme/workers")["running"][0]
+    assert sh(gmvm, inst, "echo before-sleep >> /data/log && sync").rc == 0
+    # a file in the guest's RAM (tmpfs) whose pages are easy to find in the snapshot
+    assert sh(gmvm, inst, "yes MVMPATTERN | head -c 1048576 > /run/pattern").rc == 0
+    gmvm.ok("instance", "sleep", inst)
+    name = info(gmvm, inst)["snapshot"]
+    snap = Layout(gmvm.home).instance_dir("acme", "workers", inst.split("/")[-1]) / "snapshot" / str(name)
+    memory = snap / "memory"
+    # 10 x 512 bytes of guest pages, QEMU's stream around them intact: without the checksum,
+    # this woke a guest whose /run/pattern is damaged
+    data = bytearray(memory.read_bytes())
+    run, at = b"MVMPATTERN\n" * 50, 0
+    for _ in range(10):
+        at = data.index(run, at + 8192)
+        data[at:at + 512] = bytes(b ^ 0xFF for b in data[at:at + 512])
+    memory.write_bytes(data)
+    kept = bytes(data)
+    r = gmvm("instance", "wake", inst)
+    assert r.rc == 9 and len(r.errors) == 1 and r.lines[-1] == r.errors[0], r.err
+    assert "is damaged" in r.errors[0] and "kept for inspection" in r.errors[0]
+    assert consistent(gmvm, inst) == "sleeping"  # no QEMU left, nothing in flight
+    i = info(gmvm, inst)
+    assert i["snapshot"] == name and "is damaged" in str(i["error"])
+    assert memory.read_bytes() == kept  # kept for inspection
+    events = json.loads(gmvm.ok("events", "acme", "--json").out)
+    assert events[-1]["kind"] == "instance.wake-failed" and "is damaged" in events[-1]["cause"]
+    # what the hint says: stop discards it, a cold start keeps the data disk
+    gmvm.ok("instance", "stop", inst)
+    assert not snap.exists()
+    gmvm.ok("instance", "start", inst)
+    assert sh(gmvm, inst, "cat /data/log").out == "before-sleep\n"
+
+
 def test_scale_killed_mid_boot_hides_nothing(gmvm: Mvm, flake_copy, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     setup_pool(gmvm, flake_copy("app-flake"), tmp_path)
     crash(gmvm, "start:boot", "pool", "scale", "acme/workers", "--running", "2")

@@ -384,13 +384,21 @@ def test_a_failed_restore_leaves_nothing_and_keeps_the_snapshot(vms: Vms) -> Non
     vms.rt.snapshot(spec, snap)
     memory = snap / "memory"
     good = memory.read_bytes()
-    # Same size and magic, garbage after: only QEMU can tell, and it exits.
+    # Same size and magic, garbage after: the checksum tells (QEMU exits on this garbage too,
+    # but a damaged file is the cause to tell)
     memory.write_bytes(good[:4] + os.urandom(4096) + good[4100:])
+    with pytest.raises(RuntimeFailure, match="the snapshot of vm is damaged"):
+        vms.rt.restore(spec, snap)
+    assert leftovers(vms, spec) == []
+    assert (snap / MANIFEST).exists() and memory.exists()
+    # A manifest without checksums (an older mvm's): only QEMU can tell, and it exits.
+    info = SnapshotInfo.load(snap)
+    replace(info, checksums={}).write(snap)
     with pytest.raises(RuntimeFailure, match="could not load the snapshot") as e:
         vms.rt.restore(spec, snap)
     assert "QEMU: " in e.value.message  # QEMU's own reason, from its log
     assert leftovers(vms, spec) == []
-    assert (snap / MANIFEST).exists() and memory.exists()
+    info.write(snap)
     memory.write_bytes(good)
     vms.rt.restore(spec, snap)
     vms.rt.resume(spec)

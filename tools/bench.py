@@ -14,6 +14,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -117,6 +118,7 @@ def bench_build(h: Home) -> None:
 def bench_runtime(h: Home) -> dict[str, float]:
     from mvm.lifecycle import apply, create, netops, specs
     from mvm.model import Action, PoolRef
+    from mvm.runtime.base import CHECKSUM, SnapshotInfo, checksum
     from mvm.services import context, instances
 
     ctx = context.host()
@@ -128,6 +130,7 @@ def bench_runtime(h: Home) -> dict[str, float]:
     h.mvm("pool", "build", "rt/vm")
     ref = PoolRef("rt", "vm")
     cold, resume, qmp_resume, wake, snap, used = [], [], [], [], [], []
+    sleep, hashing, wake_unchecked = [], [], []
     for _ in range(RUNS):
         i = create(ctx, ref)
         cold.append(timed(partial(apply, ctx, i.ref, Action.START)))
@@ -141,10 +144,24 @@ def bench_runtime(h: Home) -> dict[str, float]:
         resume.append(timed(partial(apply, ctx, i.ref, Action.RESUME)))
         rt.pause(spec)
         qmp_resume.append(timed(partial(rt.resume, spec)))
-        i = apply(ctx, i.ref, Action.SLEEP)
-        assert i.snapshot
-        snap.append(sum(f.stat().st_size for f in specs.snapshot_dir(ctx.layout, i, i.snapshot).iterdir()))
-        wake.append(timed(partial(apply, ctx, i.ref, Action.WAKE)))
+        # each wake twice: checked, and unchecked (a manifest without checksums, as an older
+        # mvm wrote it), each first in turn (neither gains from its place)
+        for checked in (True, False) if len(cold) % 2 else (False, True):
+            t0 = time.perf_counter()
+            i = apply(ctx, i.ref, Action.SLEEP)
+            took = time.perf_counter() - t0
+            assert i.snapshot
+            d = specs.snapshot_dir(ctx.layout, i, i.snapshot)
+            if not checked:
+                replace(SnapshotInfo.load(d), checksums={}).write(d)
+                wake_unchecked.append(timed(partial(apply, ctx, i.ref, Action.WAKE)))
+                continue
+            sleep.append(took)
+            snap.append(sum(f.stat().st_size for f in d.iterdir()))
+            # one pass over the file: what a wake checks before it restores, a sleep at commit
+            hashing.append(median_of(lambda d=d: timed(  # type: ignore[misc]
+                partial(checksum, d / SnapshotInfo.load(d).memory_file)), 3))
+            wake.append(timed(partial(apply, ctx, i.ref, Action.WAKE)))
 
         apply(ctx, i.ref, Action.DESTROY)
     # network set-up: a tenant's first instance (bridge + rules + TAP), then a further one (TAP)
@@ -165,6 +182,12 @@ def bench_runtime(h: Home) -> dict[str, float]:
     line("snapshot / memory in use", f"{statistics.median(snap) / statistics.median(used):.2f}")
     line("resume / cold boot", f"{r / c:.4f}")
     line("wake / cold boot", f"{w / c:.3f}")
+    hs, wu, sl = (statistics.median(x) for x in (hashing, wake_unchecked, sleep))
+    line(f"snapshot checksum, one pass ({CHECKSUM}), median", f"{hs * 1000:.1f} ms")
+    line("checksum pass / wake (verify before restoring)", f"{hs / w:.3f}")
+    paired = statistics.median(a / b for a, b in zip(wake, wake_unchecked, strict=True))
+    line("wake checked / unchecked, median of pairs", f"{paired:.3f} (medians {w:.3f} s / {wu:.3f} s)")
+    line("checksum at commit / sleep", f"{hs / sl:.3f} (sleep {sl:.3f} s)")
     n1, n2 = statistics.median(first), statistics.median(further)
     line("network set-up, tenant's first instance", f"{n1 * 1000:.1f} ms (bridge + rules + TAP)")
     line("network set-up, further instance", f"{n2 * 1000:.1f} ms (TAP)")

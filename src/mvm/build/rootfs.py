@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mvm.build import outputs
+from mvm.errors import CommandFailed
 from mvm.util import private, proc
 
 # Bump when the layout of the image changes, so revisions built by an older packer differ.
@@ -171,19 +172,47 @@ def mkfs(staging: Path, image: Path, label: str, seed: str, size_mib: int | None
     """mkfs.ext4 -d with every source of randomness pinned, so equal trees give equal bytes."""
     size, inodes = tree_size(staging)
     mib = size_mib or image_mib(size)
-    fs_uuid = str(uuid.uuid5(uuid.NAMESPACE_URL, f"mvm:{seed}"))
     if image.exists():
         image.unlink()
     with os.fdopen(private.create(image, exclusive=True), "wb") as f:  # 0600 from the start
         f.truncate(mib * 2**20)
-    proc.run(
-        ["mkfs.ext4", "-q", "-F", "-L", label, "-U", fs_uuid,
-         "-E", f"hash_seed={fs_uuid},root_owner=0:0,lazy_itable_init=0",
-         "-O", "^has_journal", "-b", "4096", "-N", str(inodes + 1024 + inodes // 4), "-m", "0",
-         "-d", str(staging), str(image)],
-        env={"E2FSPROGS_FAKE_TIME": str(FIXED_MTIME)}, timeout=1800,
-    )
+    proc.run(_mkfs_argv(label, seed, inodes, str(image), ["-d", str(staging)]),
+             env={"E2FSPROGS_FAKE_TIME": str(FIXED_MTIME)}, timeout=1800)
     _pin_inode_times(staging, image)
+
+
+def _mkfs_argv(label: str, seed: str, inodes: int, target: str, source: list[str]) -> list[str]:
+    fs_uuid = str(uuid.uuid5(uuid.NAMESPACE_URL, f"mvm:{seed}"))
+    return ["mkfs.ext4", "-q", "-F", "-L", label, "-U", fs_uuid,
+            "-E", f"hash_seed={fs_uuid},root_owner=0:0,lazy_itable_init=0",
+            "-O", "^has_journal", "-b", "4096", "-N", str(inodes + 1024 + inodes // 4), "-m", "0",
+            *source, target]
+
+
+def mkfs_one_file(image_fd: int, name: str, data_fd: int, label: str, seed: str,
+                  size_mib: int) -> None:
+    """An image holding one read-only file (mode 0400, root's), made without any named file
+    on the host: the image is the open file `image_fd`, the content the open file `data_fd`
+    (both reached as /proc/self/fd/N by mkfs and debugfs). Byte for byte what `mkfs` makes of
+    a staging directory (0755) holding that one file: `mkfs -d` writes files the same way."""
+    if not name or "/" in name or '"' in name or any(c.isspace() for c in name):
+        raise ValueError(f"unsupported file name {name!r}")
+    os.ftruncate(image_fd, 0)
+    os.ftruncate(image_fd, size_mib * 2**20)
+    image = f"/proc/self/fd/{image_fd}"
+    env = {"E2FSPROGS_FAKE_TIME": str(FIXED_MTIME)}
+    proc.run(_mkfs_argv(label, seed, 1, image, []), env=env, timeout=60, pass_fds=(image_fd,))
+    cmds = [f"write /proc/self/fd/{data_fd} {name}", f"sif {name} mode 0100400",
+            *(f"sif {where} {field} {FIXED_MTIME}" for where in (name, "/")
+              for field in ("atime", "ctime", "mtime")),
+            "ssv kbytes_written 0"]
+    out = proc.run(["debugfs", "-w", "-f", "-", image], input="\n".join(cmds).encode() + b"\n",
+                   env=env, timeout=60, pass_fds=(image_fd, data_fd))
+    # (debugfs reports a failed command on stderr and still exits 0)
+    err = [ln for ln in out.stderr.decode(errors="replace").splitlines()
+           if ln.strip() and not ln.startswith("debugfs ")]
+    if err:
+        raise CommandFailed(f"debugfs could not write {name} into the image: {err[0]}")
 
 
 def _pin_inode_times(staging: Path, image: Path) -> None:

@@ -118,13 +118,20 @@ def sweep_snapshots(run: Run, hypervisor_alive: bool) -> None:
                 d.unlink(missing_ok=True)
 
 
+def _holding_secrets(run: Run, open_vm: Callable[[], None]) -> None:
+    """Boot or restore, then unlink the clear-text secrets image: the hypervisor holds it open
+    (a restore re-delivers one built by the wake, at the same path)."""
+    open_vm()
+    secrets_disk.remove(run.ctx.layout, run.i.id)
+
+
 # -- start ----------------------------------------------------------------------------------------
 
 def start_do(run: Run) -> Instance:
     spec = run.spec
     run.step("network", lambda: netops.instance_up(run.ctx, run.i))
     run.step("secrets", lambda: secrets_disk.build(run.ctx.layout, run.i.tenant, run.i.id))
-    run.step("boot", lambda: run.rt.boot(spec))
+    run.step("boot", lambda: _holding_secrets(run, lambda: run.rt.boot(spec)))
     run.step("agent", lambda: run.rt.agent(spec).wait_ready(AGENT_READY_TIMEOUT))
     rev = run.op.data["revision"]
     return _running(run, "instance.start", f"running revision {rev}", None, revision=rev, snapshot=None)
@@ -235,7 +242,8 @@ def wake_do(run: Run) -> Instance:
     fresh = run.op.data.get("fresh_secrets") == "1"
     run.step("network", lambda: netops.instance_up(run.ctx, run.i))  # the TAP kept at sleep
     run.step("secrets", lambda: secrets_disk.build(run.ctx.layout, run.i.tenant, run.i.id))
-    run.step("restore", lambda: run.rt.restore(spec, specs.snapshot_dir(run.ctx.layout, run.i, name)))  # paused
+    run.step("restore", lambda: _holding_secrets(  # paused
+        run, lambda: run.rt.restore(spec, specs.snapshot_dir(run.ctx.layout, run.i, name))))
     # The point of no return, before the guest runs: the snapshot can never be restored again.
     run.step("consume", lambda: None, snapshot=None)
     run.step("resume", lambda: run.rt.resume(spec))
@@ -246,11 +254,13 @@ def wake_do(run: Run) -> Instance:
 def wake_recover(run: Run, error: BaseException | None) -> Instance:
     name = run.op.data["snapshot"]
     if not run.op.done("consume"):
-        # The restored guest never ran: end its hypervisor, keep the snapshot for the next wake.
+        # The restored guest never ran: end its hypervisor, keep the snapshot for the next wake
+        # (or, when it was refused as damaged, for inspection: its failure stays on the instance).
         halt(run, graceful=False)
         secrets_disk.remove(run.ctx.layout, run.i.id)
+        failed = {"error": f"wake failed: {_why(error)}"} if error is not None else {}
         return _recovered(run, State.SLEEPING, f"rolled back: snapshot {name} kept", error,
-                          snapshot=name)
+                          snapshot=name, **failed)
     if not run.alive():
         return gone(run, error, "its hypervisor is gone after the snapshot was consumed")
     try:

@@ -5,7 +5,8 @@ recorded transitions), then reconcile the store with the hypervisors: a live ins
 hypervisor exited is failed; one the hypervisor stopped (a failed disk write, a panic) is
 failed with that cause; a hypervisor of an instance the store says is not live — a command
 died between boot and recording it — is ended; TAPs and secrets images of instances that do
-not run are removed. Each correction is an event, in the transaction that makes it.
+not run, and clear-text secrets no command will finish (`sweep`), are removed. Each
+correction is an event, in the transaction that makes it.
 
 `probe()` only looks: `list` and `info` never write, so they work on a full disk and never
 correct state under a command at work.
@@ -38,6 +39,7 @@ def instance(ctx: Host, ref: InstanceRef, fence: Lease | None = None) -> Instanc
     """The instance, observed and repaired (the caller holds the pool's lease, `fence`: what
     is written is written under it)."""
     i = ctx.store.instance(ref.tenant, ref.pool, ref.instance)
+    sweep(ctx)
     fixed = _observe(ctx, i, [], fence)
     if fixed is None:
         raise NotFound(f"no instance {ref}", f"it was being destroyed; see `mvm instance list {ref.pool_ref}`")
@@ -47,10 +49,22 @@ def instance(ctx: Host, ref: InstanceRef, fence: Lease | None = None) -> Instanc
 def pool(ctx: Host, ref: PoolRef, fence: Lease | None = None) -> list[str]:
     """Observe every instance of a pool (the caller holds its lease, `fence`); returns what
     was done."""
-    done: list[str] = []
+    done = sweep(ctx)
     for i in ctx.store.instances(ref.tenant, ref.pool):
         _observe(ctx, i, done, fence)
     return done
+
+
+def sweep(ctx: Host) -> list[str]:
+    """Remove the clear-text secrets no command will finish (`secrets_disk.sweep`): at every
+    observation, at `tenant destroy` and at agent start. Returns what was done."""
+    removed = secrets_disk.sweep(ctx.layout, lambda: (i.id for i in ctx.store.instances()))
+    if not removed:
+        return []
+    message = f"removed clear-text secrets that killed commands left: {', '.join(sorted(removed))}"
+    ctx.store.event(Event("host.secrets-swept", message, Reason.CRASH,
+                          cause="their commands were killed before they could remove them"))
+    return [message]
 
 
 def _observe(ctx: Host, i: Instance, done: list[str], fence: Lease | None) -> Instance | None:
@@ -70,6 +84,11 @@ def _event(i: Instance, kind: str, message: str, cause: str | None = None) -> Ev
 
 
 def _reconcile(ctx: Host, i: Instance, done: list[str], fence: Lease | None) -> Instance:
+    # (no transition is in flight: a hypervisor holds its image open, unlinked, at boot)
+    if secrets_disk.image_path(ctx.layout, i.id).exists():
+        secrets_disk.remove(ctx.layout, i.id)
+        _note(ctx, i, "instance.orphan", "removed a clear-text secrets image", done,
+              f"a secrets image was left for an instance recorded {i.state.value}")
     rt = specs.runtime(ctx, i)
     spec = specs.control_spec(ctx.layout, i)
     alive = rt.is_alive(spec)
@@ -99,10 +118,6 @@ def _reconcile(ctx: Host, i: Instance, done: list[str], fence: Lease | None) -> 
         netops.instance_down(ctx, i)
         _note(ctx, i, "instance.orphan", "removed a TAP of an instance that does not run", done,
               f"a TAP was left for an instance recorded {i.state.value}")
-    if secrets_disk.image_path(ctx.layout, i.id).exists():
-        secrets_disk.remove(ctx.layout, i.id)
-        _note(ctx, i, "instance.orphan", "removed a clear-text secrets image", done,
-              f"a secrets image was left for an instance recorded {i.state.value}")
     return i
 
 

@@ -54,6 +54,7 @@ from mvm.runtime.base import (
     Steps,
     VmSpec,
     VmStatus,
+    checksum,
 )
 from mvm.util import pids, private
 from mvm.util.proc import run
@@ -487,6 +488,8 @@ class FirecrackerRuntime(Runtime):
             raise RuntimeFailure(f"snapshot memory file {snap_dir / info.memory_file} has {size} bytes, "
                                  f"the manifest says {info.size_bytes}",
                                  "restart the instance cold instead of waking it")
+        # Before Firecracker maps it (it reads the memory file lazily, as the guest touches it).
+        info.verify(snap_dir, spec.name)
         return info
 
     def _snapshot_paths(self, spec: VmSpec, snap_dir: Path, paths: Paths) -> tuple[str, str]:
@@ -522,7 +525,8 @@ class FirecrackerRuntime(Runtime):
         info = SnapshotInfo(backend=self.name, memory_file=MEMORY_FILE, mem_mib=spec.mem_mib,
                             vcpus=spec.vcpus, devices=spec.devices(),
                             size_bytes=(snap_dir / MEMORY_FILE).stat().st_size, created=time.time(),
-                            extra=extra, seconds=round(time.monotonic() - started, 4))
+                            extra=extra, seconds=round(time.monotonic() - started, 4),
+                            checksums={n: checksum(snap_dir / n) for n in (STATE_FILE, MEMORY_FILE)})
         info.write(snap_dir)
         return info
 

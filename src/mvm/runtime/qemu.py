@@ -30,6 +30,7 @@ from mvm.runtime.base import (
     Steps,
     VmSpec,
     VmStatus,
+    checksum,
 )
 from mvm.runtime.qmp import Qmp
 from mvm.util import pids, private
@@ -568,6 +569,7 @@ class QemuRuntime(Runtime):
             if f.read(4) != QEVM_MAGIC:
                 raise RuntimeFailure(f"snapshot memory file {mem} is not a QEMU snapshot",
                                      "restart the instance cold instead of waking it")
+        info.verify(snap_dir, spec.name)  # (QEMU would load many a damaged stream)
         return info
 
     def _prepare_snap_dir(self, snap_dir: Path, steps: Steps) -> None:
@@ -606,6 +608,7 @@ class QemuRuntime(Runtime):
             created=time.time(),
             extra={"accel": accel, "machine": "microvm"},
             seconds=round(time.monotonic() - started, 4),
+            checksums={MEMORY_FILE: checksum(final)},  # (just written: read from the page cache)
         )
         info.write(snap_dir)
         return info

@@ -175,6 +175,11 @@ class Agent:
         try:
             for line in self.adopt(ctx):
                 self.report(line)
+            try:  # (what killed commands left in clear text: before anything else)
+                for line in observe.sweep(ctx):
+                    self.report(f"agent: {line}")
+            except MvmError as e:
+                self.report(f"agent: sweep failed: {e.line()}")
             while not stop.is_set():
                 self._poked.clear()
                 try:

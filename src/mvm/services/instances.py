@@ -67,9 +67,8 @@ def redeliver_secrets(ctx: Host, tenant: str, progress: Progress = noop) -> list
     t = ctx.store.tenant(tenant)
     stale = [i for i in ctx.store.instances(tenant)
              if i.state in (State.RUNNING, State.WARM) and i.secrets_version < t.secrets_version]
-    if stale:  # (a trial image, removed at once)
-        secrets_disk.build(ctx.layout, tenant, "redelivery-check")
-        secrets_disk.remove(ctx.layout, "redelivery-check")
+    if stale:  # (a trial image, never named)
+        secrets_disk.check(ctx.layout, tenant)
     done: list[str] = []
     failed: list[MvmError] = []
     for i in stale:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from mvm.config.host import Host
 from mvm.errors import Conflict, InvalidInput, QuotaExceeded
-from mvm.lifecycle import secrets_disk
+from mvm.lifecycle import observe, secrets_disk
 from mvm.model import Event, Quotas, State, Tenant, check_id
 from mvm.network import plan
 from mvm.store import Store, quota_lock_name, tenant_lock_name
@@ -120,6 +120,7 @@ def destroy(ctx: Host, tid: str, force: bool = False) -> None:
         store.remove_tenant(tid, Event("tenant.destroy", f"tenant {tid} destroyed", tenant=tid),
                             fence=lease)
         shutil.rmtree(ctx.layout.tenant_dir(tid), ignore_errors=True)
+        observe.sweep(ctx)  # clear-text secrets killed commands left (the tenant's, or others')
         if not store.tenants():  # the last one: this home's runtime dirs go too (when empty)
             for d in (ctx.layout.runtime_dir(), ctx.layout.secrets_runtime_dir()):
                 with contextlib.suppress(OSError):
