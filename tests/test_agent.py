@@ -133,6 +133,21 @@ def test_a_crashed_hypervisor_is_replaced_and_the_event_says_why(fleet: Fleet) -
     assert len(fleet.events("instance.replaced")) == 1
 
 
+def test_a_crashed_instance_is_started_again_itself_beside_a_stopped_sibling(fleet: Fleet) -> None:
+    ref = fleet.pool("w", running=2)
+    scale.scale(fleet.ctx, ref, 1, 0, 0)  # one of them stopped (its data disk kept)
+    [victim] = fleet.live(ref)
+    [sibling] = [i for i in fleet.ctx.store.instances("acme", "w") if i.state is State.STOPPED]
+    fleet.kill(victim)
+    fleet.passes()
+    now = {i.id: i for i in fleet.ctx.store.instances("acme", "w")}
+    assert now[victim.id].state is State.RUNNING and now[sibling.id].state is State.STOPPED
+    assert (now[victim.id].host_index, now[victim.id].ip) == (victim.host_index, victim.ip)
+    [e] = fleet.events("instance.replaced")
+    assert e["instance"] == victim.id and e["cause"] == "hypervisor process exited unexpectedly"
+    assert not [e for e in fleet.events("instance.start") if e["instance"] == sibling.id][1:]
+
+
 def test_without_a_policy_a_pool_converges_to_exact_counts(fleet: Fleet) -> None:
     ref = fleet.pool("w", running=2)
     a, b = fleet.live(ref)
