@@ -136,6 +136,9 @@ class Pool:
     #: recorded at create (the host's setting `backend` when none is asked for); "": the host's
     #: (pools made before backends were per pool).
     backend: str = ""
+    #: Seconds a hypervisor may go on not answering its control socket once observed so
+    #: (`unresponsive`) before it is ended and its instance failed, to be started again.
+    unresponsive_grace: float = 30.0
 
     @property
     def ref(self) -> PoolRef:
@@ -276,6 +279,10 @@ class Instance:
     error: str | None = None
     op: Op | None = None  # a transition in flight (or left by a command that died)
     snapshot: str | None = None  # the committed snapshot a wake may restore, exactly once
+    #: Since when (wall clock) its live hypervisor has not answered its control socket, and
+    #: what the last probe said; None while it answers (cleared with every change of state).
+    unresponsive_since: float | None = None
+    unresponsive_cause: str | None = None
 
     @property
     def ref(self) -> InstanceRef:
