@@ -26,6 +26,7 @@ from mvm.services import agent as agent_mod
 from mvm.services import pools, scale, tenants
 from mvm.services.agent import Agent, Usage, tolerant_counts
 from mvm.store.locks import pool_lock_name
+from mvm.util import pids
 from tests.conftest import Mvm, needs_assets, sh
 from tests.doubles.fake_runtime import _DETACHED, FakeRuntime
 from tests.test_lifecycle_faults import REV, World
@@ -85,6 +86,7 @@ class Fleet(World):
         pid = self.ctx.runtime().pid(specs.control_spec(self.ctx.layout, i))
         assert pid is not None
         os.kill(pid, signal.SIGKILL)
+        assert pids.wait_gone(pid, 30)  # (a loaded host delivers it a moment later)
         return pid
 
     def events(self, kind: str) -> list[dict[str, object]]:
@@ -131,6 +133,21 @@ def test_a_crashed_hypervisor_is_replaced_and_the_event_says_why(fleet: Fleet) -
     assert e["cause"] == "hypervisor process exited unexpectedly"
     fleet.passes()  # at rest: nothing more happens
     assert len(fleet.events("instance.replaced")) == 1
+
+
+def test_a_crashed_instance_is_started_again_itself_beside_a_stopped_sibling(fleet: Fleet) -> None:
+    ref = fleet.pool("w", running=2)
+    scale.scale(fleet.ctx, ref, 1, 0, 0)  # one of them stopped (its data disk kept)
+    [victim] = fleet.live(ref)
+    [sibling] = [i for i in fleet.ctx.store.instances("acme", "w") if i.state is State.STOPPED]
+    fleet.kill(victim)
+    fleet.passes()
+    now = {i.id: i for i in fleet.ctx.store.instances("acme", "w")}
+    assert now[victim.id].state is State.RUNNING and now[sibling.id].state is State.STOPPED
+    assert (now[victim.id].host_index, now[victim.id].ip) == (victim.host_index, victim.ip)
+    [e] = fleet.events("instance.replaced")
+    assert e["instance"] == victim.id and e["cause"] == "hypervisor process exited unexpectedly"
+    assert not [e for e in fleet.events("instance.start") if e["instance"] == sibling.id][1:]
 
 
 def test_without_a_policy_a_pool_converges_to_exact_counts(fleet: Fleet) -> None:
@@ -477,6 +494,52 @@ def test_idle_policy_on_real_guests(gmvm: Mvm, tmp_path: Path) -> None:
         assert agent.stop() == 0
     finally:
         agent.kill()
+
+
+@pytest.mark.guest
+@pytest.mark.nix
+@pytest.mark.net
+@ON_GUESTS
+def test_a_stopped_qemu_is_unresponsive_refused_in_one_line_and_replaced_after_the_grace(
+        gmvm: Mvm, tmp_path: Path) -> None:
+    """`kill -STOP` of a QEMU: `observe` says unresponsive, with the cause; warm and exec fail with
+    one line (each within the 5 s control deadline plus what they do); the agent ends it after the
+    pool's grace (made 3 s for it) and starts the same instance again."""
+    _pool(gmvm, "acme/h", "--unresponsive-grace", "5m")
+    gmvm.ok("pool", "scale", "acme/h", "--running", "1")
+    [inst] = _instances(gmvm, "acme/h")
+    [hung] = _qemus(inst)
+    os.kill(hung, signal.SIGSTOP)
+    agent = None
+    try:
+        r = gmvm.ok("instance", "observe", "acme/h", timeout=60)
+        assert f"{inst.split('/')[-1]}: unresponsive: QEMU did not answer" in r.out, r.out
+        [(iid, message, reason)] = _events(gmvm, "instance.unresponsive")
+        assert inst.endswith(iid) and reason == "crash" and "after 300 s" in message
+        assert str(_instances(gmvm, "acme/h")[inst]["observed"]).startswith("unresponsive: ")
+        took = {}
+        for cmd in (("instance", "warm", inst), ("instance", "exec", inst, "--", "true")):
+            start = time.monotonic()
+            r = gmvm(*cmd, timeout=60)
+            took[cmd[1]] = round(time.monotonic() - start, 1)
+            assert r.rc == 9 and len(r.errors) == 1 and "does not answer" in r.errors[0], r.err
+        print(f"seconds to fail on a stopped QEMU: {took}")
+        assert _qemus(inst) == [hung]
+        gmvm.ok("pool", "update", "acme/h", "--unresponsive-grace", "3s")
+        agent = Serving(gmvm, tmp_path / "agent.log")
+        _wait(lambda: _events(gmvm, "instance.replaced") and _qemus(inst)
+              and _instances(gmvm, "acme/h")[inst]["state"] == "running", 120,
+              "the agent to replace the unresponsive QEMU")
+        [(iid, message, reason)] = _events(gmvm, "instance.replaced")
+        assert inst.endswith(iid) and reason == "crash" and "did not answer for" in message
+        assert hung not in _qemus(inst) and not Path(f"/proc/{hung}").exists()
+        assert sh(gmvm, inst, "echo up").out == "up\n"
+        assert agent.stop() == 0
+    finally:
+        if Path(f"/proc/{hung}").exists():
+            os.kill(hung, signal.SIGCONT)
+        if agent is not None:
+            agent.kill()
 
 
 def test_the_systemd_unit_lets_hypervisors_outlive_the_agent(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -21,10 +22,11 @@ import pytest
 from mvm.config.host import Host
 from mvm.config.paths import Layout
 from mvm.config.settings import Settings
-from mvm.errors import HostUnsupported, MvmError
-from mvm.lifecycle import apply, create, specs
+from mvm.errors import HostUnsupported, MvmError, RuntimeFailure
+from mvm.lifecycle import apply, create, observe, specs
+from mvm.lifecycle.apply import pool_locked
 from mvm.model import Action, InstanceRef, Pool, PoolRef, State
-from mvm.runtime import firecracker, jail
+from mvm.runtime import base, firecracker, jail
 from mvm.runtime.base import Disk, JailIds, NetIf, SnapshotInfo, VmSpec, VmStatus
 from mvm.runtime.firecracker import FirecrackerRuntime
 from mvm.services import builder, tenants
@@ -571,3 +573,26 @@ def test_a_damaged_snapshot_is_refused_and_kept_and_the_instance_stays_sleeping(
     assert event["kind"] == "instance.wake-failed" and "is damaged" in str(event["cause"])
     view = instances.view(w.ctx, ref)  # what `instance info` shows
     assert view.observed == "" and "is damaged" in (view.instance.error or "")
+
+
+def test_a_stopped_firecracker_is_unresponsive_refused_in_one_line_and_stopped(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Firecracker (its API double) stopped with SIGSTOP: observed unresponsive, a warm refused
+    in one line, a stop ends it."""
+    monkeypatch.setattr(base, "CONTROL_DEADLINE", 0.3)
+    ref = world.new()
+    apply(world.ctx, ref, Action.START)
+    pid = world.rt.pid(world.spec(ref))
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        with pool_locked(world.ctx, ref.pool_ref, False):
+            lines = observe.pool(world.ctx, ref.pool_ref)
+        assert any("unresponsive: Firecracker of" in ln for ln in lines), lines
+        with pytest.raises(RuntimeFailure, match="its hypervisor does not answer"):
+            apply(world.ctx, ref, Action.WARM)
+        apply(world.ctx, ref, Action.STOP)
+        assert world.state(ref) is State.STOPPED and not pids.is_running(pid)
+    finally:
+        if pids.is_running(pid):
+            os.kill(pid, signal.SIGCONT)

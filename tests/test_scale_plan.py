@@ -48,6 +48,14 @@ def test_existing_instances_fill_slots_cheapest_first_and_surplus_is_stopped() -
     assert p.moves[0][1] in (State.STOPPED, State.SLEEPING)
 
 
+def test_a_failed_instance_takes_its_slot_before_a_stopped_one() -> None:
+    """A crashed instance comes back itself (its address, its data disk), not a stopped sibling."""
+    p = plan([inst(1, State.STOPPED), inst(2, State.FAILED)], running=1, warm=0, sleeping=0)
+    assert p.actions() == [("i-00000002", (A.START,))]
+    p = plan([inst(1, State.STOPPED), inst(2, State.FAILED)], running=0, warm=0, sleeping=1)
+    assert p.actions() == [("i-00000002", path(State.FAILED, State.SLEEPING))]
+
+
 def test_new_instances_only_when_none_can_be_reused() -> None:
     p = plan([inst(1, State.STOPPED)], running=2, warm=1, sleeping=0)
     assert sorted((i.id if i else "new", t.value) for i, t in p.moves) == [

@@ -143,6 +143,9 @@ class Pool:
     #: MiB of host disk the pool's builds hold (its builder's store and its revisions, in
     #: allocated blocks), as measured at its last build or gc: part of the tenant's max-disk.
     build_disk: int = 0
+    #: Seconds a hypervisor may go on not answering its control socket once observed so
+    #: (`unresponsive`) before it is ended and its instance failed, to be started again.
+    unresponsive_grace: float = 30.0
 
     @property
     def ref(self) -> PoolRef:
@@ -283,6 +286,10 @@ class Instance:
     error: str | None = None
     op: Op | None = None  # a transition in flight (or left by a command that died)
     snapshot: str | None = None  # the committed snapshot a wake may restore, exactly once
+    #: Since when (wall clock) its live hypervisor has not answered its control socket, and
+    #: what the last probe said; None while it answers (cleared with every change of state).
+    unresponsive_since: float | None = None
+    unresponsive_cause: str | None = None
 
     @property
     def ref(self) -> InstanceRef:

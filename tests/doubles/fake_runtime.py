@@ -6,6 +6,10 @@ a VM is a real process (found by pid file and /proc, killed by SIGKILL, so a cra
 command leaves it running as a real hypervisor would); pause, resume, snapshot and exec need
 a live one; a restore refuses an uncommitted snapshot; a snapshot refuses a VM that is not
 running or paused; the guest's memory lives only in its process's state and its snapshots.
+Its "control socket" is its state file in the run directory: a VM whose process is stopped
+(`kill -STOP`: hung) answers nothing for `base.CONTROL_DEADLINE` seconds, then fails as a
+hung QEMU does; one whose run directory was removed cannot be reached (its process is still
+found by its command line, as QEMU's is).
 
 The fake guest: `write X` appends X to its page cache (memory); `sync` (and sleep-prep, and a
 graceful stop) moves the cache to its data disk (a file beside the data image); `read` prints
@@ -26,6 +30,7 @@ from pathlib import Path
 
 from mvm.errors import GuestError, RuntimeFailure
 from mvm.guest.agent_client import ExecResult
+from mvm.runtime import base
 from mvm.runtime.base import Progress, Runtime, SnapshotInfo, VmSpec, VmStatus
 from mvm.util import pids, private
 
@@ -68,7 +73,25 @@ class FakeRuntime(Runtime):
 
     # -- processes
     def _pid(self, spec: VmSpec) -> int | None:
-        return pids.owned_pid(self.pid_file(spec))
+        if self.pid_file(spec).exists() or spec.run_dir.exists():
+            return pids.owned_pid(self.pid_file(spec))
+        # (its run directory removed under it: found by its command line, as QEMU is)
+        return pids.find_by_arg("-pidfile", str(self.pid_file(spec)))
+
+    def _answer(self, spec: VmSpec) -> dict[str, object]:
+        """The VM's state, as its control socket would tell it: within the deadline or never."""
+        pid = self._need(spec)
+        deadline = time.monotonic() + base.CONTROL_DEADLINE
+        while _stopped(pid):
+            if time.monotonic() >= deadline:
+                raise RuntimeFailure(f"the fake hypervisor of {spec.name} did not answer within "
+                                     f"{base.CONTROL_DEADLINE:g}s")
+            time.sleep(0.005)
+        try:
+            return self._vm(spec)
+        except FileNotFoundError:
+            raise RuntimeFailure(f"cannot reach the fake hypervisor of {spec.name}: "
+                                 f"{self._state_file(spec)} is gone") from None
 
     def is_alive(self, spec: VmSpec) -> bool:
         return self._pid(spec) is not None
@@ -129,14 +152,12 @@ class FakeRuntime(Runtime):
                            "vcpus": spec.vcpus, "mem": spec.mem_mib})
 
     def pause(self, spec: VmSpec) -> None:
-        self._need(spec)
-        vm = self._vm(spec)
+        vm = self._answer(spec)
         vm["status"] = "paused"
         self._save_vm(spec, vm)
 
     def resume(self, spec: VmSpec) -> None:
-        self._need(spec)
-        vm = self._vm(spec)
+        vm = self._answer(spec)
         if vm["status"] not in ("running", "paused"):
             raise RuntimeFailure(f"{spec.name}: cannot resume a VM that is {vm['status']}")
         if vm.get("restored_from"):
@@ -149,11 +170,10 @@ class FakeRuntime(Runtime):
     def status(self, spec: VmSpec) -> VmStatus:
         if not self.is_alive(spec):
             return VmStatus.GONE
-        return VmStatus(self._vm(spec)["status"])
+        return VmStatus(self._answer(spec)["status"])
 
     def snapshot(self, spec: VmSpec, snap_dir: Path, progress: Progress | None = None) -> SnapshotInfo:
-        self._need(spec)
-        vm = self._vm(spec)
+        vm = self._answer(spec)
         if vm["status"] not in ("running", "paused"):
             raise RuntimeFailure(f"cannot snapshot {spec.name} while it is {vm['status']}")
         private.mkdirs(snap_dir)  # as a real runtime: 0700
@@ -176,8 +196,13 @@ class FakeRuntime(Runtime):
                            "mem": spec.mem_mib})
 
     def stop(self, spec: VmSpec, timeout: float) -> None:
-        if self.is_alive(spec) and timeout > 0 and self._vm(spec)["status"] == "running":
+        pid = self._pid(spec)
+        if (pid is not None and timeout > 0 and not _stopped(pid) and self._state_file(spec).exists()
+                and self._vm(spec)["status"] == "running"):
             _sync(self._vm(spec))  # the guest heard the power button
+        self.kill(spec)
+
+    def kill(self, spec: VmSpec) -> None:
         self._kill(spec)
         self._state_file(spec).unlink(missing_ok=True)
 
@@ -186,6 +211,14 @@ class FakeRuntime(Runtime):
 
 
 _DETACHED: list[subprocess.Popen[bytes]] = []
+
+
+def _stopped(pid: int) -> bool:
+    """The process is stopped (`kill -STOP`): it answers nothing until continued."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in "Tt"
+    except (OSError, IndexError):
+        return False
 
 
 def _disk_file(spec: VmSpec) -> str:
@@ -217,7 +250,10 @@ class FakeAgent:
     def _running(self, verb: str) -> dict[str, object]:
         if not self.rt.is_alive(self.spec):
             raise GuestError(f"the hypervisor exited during {verb}")
-        vm = self.rt._vm(self.spec)
+        try:
+            vm = self.rt._answer(self.spec)
+        except RuntimeFailure as e:
+            raise GuestError(f"the hypervisor does not answer (during {verb}): {e.message}") from None
         if vm["status"] != "running":
             raise GuestError(f"guest agent did not answer {verb}: the VM is {vm['status']}")
         return vm

@@ -292,7 +292,9 @@ def create_app(ctx_factory: Callable[[], Host], token: str | None = None,
                          body.data_disk, body.network,
                          idle_warm=pools.parse_duration(body.idle_warm, "idle_warm") if body.idle_warm else None,
                          idle_sleep=pools.parse_duration(body.idle_sleep, "idle_sleep") if body.idle_sleep else None,
-                         min_running=body.min_running, pinned=body.pinned, backend=body.backend)
+                         min_running=body.min_running, pinned=body.pinned, backend=body.backend,
+                         unresponsive_grace=pools.parse_grace(body.unresponsive_grace, "unresponsive_grace")
+                         if body.unresponsive_grace else None)
         return views.jsonable(p)
 
     @app.patch("/tenants/{tenant}/pools/{pool}", response_model=Pool, tags=["pools"])
@@ -306,7 +308,8 @@ def create_app(ctx_factory: Callable[[], Host], token: str | None = None,
         if body.idle_sleep is not None:
             changes["idle_sleep"] = pools.parse_duration(body.idle_sleep, "idle_sleep")
         p = pools.update_policy(host(), _pool(tenant, pool), min_running=body.min_running, pinned=body.pinned,
-                                **changes)
+                                unresponsive_grace=pools.parse_grace(body.unresponsive_grace, "unresponsive_grace")
+                                if body.unresponsive_grace is not None else None, **changes)
         return views.jsonable(p)
 
     @app.get("/tenants/{tenant}/pools/{pool}", response_model=PoolInfo, tags=["pools"])

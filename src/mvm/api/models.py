@@ -90,6 +90,8 @@ class PoolIn(BaseModel):
     pinned: bool = False
     #: qemu or firecracker; "": the host's (setting backend).
     backend: str = Field(default="", max_length=64, pattern=TEXT)
+    #: How long a hypervisor that does not answer is given before it is ended (default 30s).
+    unresponsive_grace: str | None = Field(default=None, max_length=64, pattern=TEXT)
 
 
 class PolicyIn(BaseModel):
@@ -100,6 +102,7 @@ class PolicyIn(BaseModel):
     idle_sleep: str | None = Field(default=None, max_length=64, pattern=TEXT)
     min_running: int | None = Field(default=None, ge=-BIG, le=BIG)
     pinned: bool | None = None
+    unresponsive_grace: str | None = Field(default=None, max_length=64, pattern=TEXT)
 
 
 class PoolInstance(BaseModel):

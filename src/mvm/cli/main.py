@@ -293,6 +293,9 @@ IdleSleepOpt = Annotated[str | None, typer.Option(
     "--idle-sleep", help="idle time before a warm instance goes to sleep (0 or off: never)")]
 MinRunningOpt = Annotated[int | None, typer.Option(
     "--min-running", help="instances the idle policy always leaves running")]
+GraceOpt = Annotated[str | None, typer.Option(
+    "--unresponsive-grace", help="how long a hypervisor that does not answer its control socket"
+    " is given before it is ended and its instance started again (default 30s)")]
 
 
 @pool_app.command("create")
@@ -309,6 +312,7 @@ def pool_create(
     min_running: MinRunningOpt = None,
     pin: Annotated[bool, typer.Option("--pin", help="the idle policy never moves this pool's instances")] = False,
     backend: Annotated[str, typer.Option(help="qemu or firecracker; omitted: the host's (setting backend)")] = "",
+    unresponsive_grace: GraceOpt = None,
 ) -> None:
     """Create a pool from a flake profile."""
     from mvm.services import pools
@@ -317,7 +321,8 @@ def pool_create(
                      idle_warm=pools.parse_duration(idle_warm, "--idle-warm") if idle_warm else None,
                      idle_sleep=pools.parse_duration(idle_sleep, "--idle-sleep") if idle_sleep else None,
                      min_running=min_running or 0, pinned=pin,
-                     backend=backend)
+                     backend=backend,
+                     unresponsive_grace=pools.parse_grace(unresponsive_grace) if unresponsive_grace else None)
     print(f"pool {p.ref} created ({p.flake}#{p.profile}, {p.cpus} vCPU, {p.mem} MiB"
           f"{f', data disk {p.data_disk} MiB' if p.data_disk else ''})")
 
@@ -330,8 +335,10 @@ def pool_update(
     min_running: MinRunningOpt = None,
     pin: Annotated[bool | None, typer.Option(
         "--pin/--no-pin", help="whether the idle policy leaves this pool's instances alone")] = None,
+    unresponsive_grace: GraceOpt = None,
 ) -> None:
-    """Change a pool's idle policy (what is not given stays); the agent applies it."""
+    """Change a pool's idle policy and unresponsive grace (what is not given stays); the agent
+    applies them."""
     from mvm.services import pools
 
     ref = PoolRef.parse(pool)
@@ -340,8 +347,12 @@ def pool_update(
         changes["idle_warm"] = pools.parse_duration(idle_warm, "--idle-warm")
     if idle_sleep is not None:
         changes["idle_sleep"] = pools.parse_duration(idle_sleep, "--idle-sleep")
-    p = pools.update_policy(ctx(), ref, min_running=min_running, pinned=pin, **changes)
+    grace = pools.parse_grace(unresponsive_grace) if unresponsive_grace is not None else None
+    p = pools.update_policy(ctx(), ref, min_running=min_running, pinned=pin,
+                            unresponsive_grace=grace, **changes)
     print(f"{ref}: {pools.describe_policy(p)}")
+    if grace is not None:
+        print(f"{ref}: {pools.describe_grace(p)}")
 
 
 @pool_app.command("list")

@@ -48,6 +48,10 @@ from mvm.util.text import printable
 
 AGENT_PORT_NAME = "mvm.agent"  # the virtserialport name the guest agent looks for
 EXEC_GRACE = 10.0  # host waits this much longer than the guest-side exec timeout
+#: Seconds of silence while waiting for an answer after which the channel is asked whether the
+#: hypervisor still answers its control socket (it has its own deadline): a hung one ends the
+#: wait then, not at the request's timeout.
+SILENCE_CHECK = 2.0
 MAX_EXEC_TIMEOUT = 24 * 3600.0
 #: Bytes of stdout, and of stderr, an exec returns by default (the agent's default too).
 EXEC_OUTPUT_LIMIT = 16 << 20
@@ -257,6 +261,11 @@ class AgentClient:
                 self._check_alive(f"while waiting for the answer to {verb}")
                 raise GuestError(
                     f"guest agent did not answer {verb} within {timeout:g}s", _HINT) from None
+            except _Silent as e:
+                self._drop()
+                raise GuestError(f"the hypervisor does not answer (during {verb}): {e}",
+                                 "it is ended after its pool's unresponsive grace and started "
+                                 "again by the agent or `mvm pool scale`; or stop the instance") from None
             except _Overrun as e:
                 raise GuestError(f"guest agent sent {e} while mvm waited for its answer to {verb}; "
                                  "the connection was reset", e.hint) from None
@@ -384,18 +393,29 @@ class AgentClient:
         return _Overrun(what, hint)
 
     def _recv(self, deadline: float) -> None:
+        """More bytes, by the deadline; every `SILENCE_CHECK` seconds of silence the channel is
+        asked whether its hypervisor still answers (`_Silent` when it does not)."""
         assert self._sock is not None
-        left = _left(deadline)
-        if left <= 0:
-            raise _Timeout
-        self._sock.settimeout(left)
-        try:
-            chunk = self._sock.recv(1 << 16)
-        except TimeoutError:
-            raise _Timeout from None
+        while True:
+            left = _left(deadline)
+            if left <= 0:
+                raise _Timeout
+            self._sock.settimeout(min(left, SILENCE_CHECK))
+            try:
+                chunk = self._sock.recv(1 << 16)
+                break
+            except TimeoutError:
+                if left <= SILENCE_CHECK:
+                    raise _Timeout from None
+                if cause := self.channel.unanswered():
+                    raise _Silent(cause) from None
         if not chunk:
             raise ConnectionResetError(0, "QEMU closed the agent socket (VM gone?)")
         self._buf += chunk
+
+
+class _Silent(Exception):
+    """The hypervisor does not answer its control socket (the message: why)."""
 
 
 class _Overrun(Exception):

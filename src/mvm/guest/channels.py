@@ -2,8 +2,9 @@
 
 QEMU offers a virtio-serial port whose host end is a Unix socket it listens on (one client at
 a time); Firecracker's vsock is a Unix socket too, on which a `CONNECT <port>` line opens the
-stream. A channel also says whether the hypervisor behind it still lives, and what it and the
-guest said last, so that a wait for a guest whose VM died ends at once, with the reason.
+stream. A channel also says whether the hypervisor behind it still lives, whether it still
+answers its control socket, and what it and the guest said last, so that a wait for a guest
+whose VM died or hung ends soon, with the reason.
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ class AgentChannel(Protocol):
 
     def alive(self) -> bool: ...
 
+    def unanswered(self) -> str:
+        """Why the hypervisor does not answer its control socket ('' when it does)."""
+        ...
+
     def last_words(self) -> str: ...
 
 
@@ -38,10 +43,12 @@ class VirtioSerialChannel:
     """QEMU's virtio-serial chardev socket (server=on, wait=off)."""
 
     def __init__(self, path: Path, *, alive: Callable[[], bool] | None = None,
-                 last_words: Callable[[], str] | None = None) -> None:
+                 last_words: Callable[[], str] | None = None,
+                 unanswered: Callable[[], str] | None = None) -> None:
         self.path = Path(path)
         self._alive = alive
         self._last_words = last_words
+        self._unanswered = unanswered
 
     def connect(self, timeout: float) -> socket.socket:
         """Connect, retrying while QEMU is between two clients (it accepts one at a time)."""
@@ -64,6 +71,9 @@ class VirtioSerialChannel:
     def alive(self) -> bool:
         return self._alive() if self._alive is not None else True
 
+    def unanswered(self) -> str:
+        return self._unanswered() if self._unanswered is not None else ""
+
     def last_words(self) -> str:
         return self._last_words() if self._last_words is not None else ""
 
@@ -76,13 +86,15 @@ class VsockChannel:
     `VSOCK_ANSWER_MAX` bytes, so what the guest sends after it stays in the socket."""
 
     def __init__(self, path: Path, port: int, *, alive: Callable[[], bool] | None = None,
-                 last_words: Callable[[], str] | None = None) -> None:
+                 last_words: Callable[[], str] | None = None,
+                 unanswered: Callable[[], str] | None = None) -> None:
         if not 0 <= port < 1 << 32:
             raise ValueError(f"vsock port out of range: {port}")
         self.path = Path(path)
         self.port = port
         self._alive = alive
         self._last_words = last_words
+        self._unanswered = unanswered
 
     def connect(self, timeout: float) -> socket.socket:
         """Connect and open the stream to the guest port, retrying while Firecracker's socket
@@ -143,6 +155,9 @@ class VsockChannel:
 
     def alive(self) -> bool:
         return self._alive() if self._alive is not None else True
+
+    def unanswered(self) -> str:
+        return self._unanswered() if self._unanswered is not None else ""
 
     def last_words(self) -> str:
         return self._last_words() if self._last_words is not None else ""

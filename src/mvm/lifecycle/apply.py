@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from typing import Protocol
 
 from mvm.config.host import Host
-from mvm.errors import MvmError, NotFound, QuotaExceeded, Superseded
+from mvm.errors import MvmError, NotFound, QuotaExceeded, RuntimeFailure, Superseded
 from mvm.lifecycle import admission as memory
 from mvm.lifecycle import observe, quota, specs
 from mvm.lifecycle.effects import EFFECTS
@@ -28,6 +28,8 @@ from mvm.store.locks import pool_lock_name, quota_lock_name
 # Actions that may take more of the tenant's quota: checked, and their intent recorded, under
 # the tenant's quota lock.
 TAKES_MORE = frozenset({Action.START, Action.WARM, Action.RESUME, Action.WAKE})
+# Actions that ask the live hypervisor to act: refused while it does not answer (observe.py).
+NEEDS_ANSWER = frozenset({Action.WARM, Action.RESUME, Action.SLEEP})
 
 
 class Admission(Protocol):
@@ -69,6 +71,11 @@ def apply(ctx: Host, ref: InstanceRef, action: Action, *, reason: Reason = Reaso
     with pool_locked(ctx, ref.pool_ref, lease) as fence:
         i = observe.instance(ctx, ref, fence)
         target = transition(i.state, action)
+        if action in NEEDS_ANSWER and i.unresponsive_since is not None:
+            raise RuntimeFailure(
+                f"cannot {action.value} {ref}: its hypervisor does not answer ({i.unresponsive_cause})",
+                f"it is ended after its pool's unresponsive grace ({observe.grace(ctx, i):g} s) and"
+                f" started again by the agent or `mvm pool scale`; or stop it now: `mvm instance stop {ref}`")
         op = _intent(ctx, i, action, target, revision, keep_data)
         i = _begin(ctx, i, op, admission, fence)
         return _run(ctx, i, progress, reason, cause, fence)

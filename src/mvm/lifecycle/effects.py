@@ -84,9 +84,17 @@ def halt(run: Run, graceful: bool) -> None:
     if not run.rt.is_alive(spec):
         run.rt.stop(spec, 0)  # stale sockets and pid file
         return
+    if run.i.unresponsive_since is not None:  # (observed not answering: nothing to ask it)
+        run.rt.kill(spec)
+        return
     if graceful:
         try:
-            if run.rt.status(spec) is VmStatus.PAUSED:
+            status = run.rt.status(spec)
+        except MvmError:  # it does not answer (within the runtime's deadline): end it
+            run.rt.kill(spec)
+            return
+        try:
+            if status is VmStatus.PAUSED:
                 run.rt.resume(spec)
             # Flush the guest's page cache to the data disk first, so a stop (or a destroy
             # --keep-data) never loses what the guest wrote.

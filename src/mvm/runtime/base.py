@@ -41,6 +41,9 @@ MANIFEST = "snapshot.json"
 #: restore (see `make bench`). The manifest names the algorithm with each value.
 CHECKSUM = "crc32"
 _CHUNK = 1 << 20
+#: Seconds a live hypervisor has to answer its control socket (QMP, Firecracker's API) when
+#: asked how it is: one that does not is unresponsive (hung, stopped, or its socket removed).
+CONTROL_DEADLINE = 5.0
 #: What a hypervisor holds beyond guest RAM when its backend does not say (the jail's own
 #: figure for QEMU's code, heap, device state and I/O buffers: runtime/jail.MEM_OVERHEAD_MIB).
 DEFAULT_MEM_OVERHEAD_MIB = 128
@@ -340,9 +343,25 @@ class Runtime(ABC):
         """Ask the guest to power off, wait up to `timeout`, then force. Always leaves no
         process, socket or pid file; the console log is kept. Safe when nothing runs."""
 
+    def kill(self, spec: VmSpec) -> None:
+        """End the hypervisor at once, asking it nothing (it may not answer), and clear what it
+        left, as `stop` does. Safe when nothing runs."""
+        self.stop(spec, 0)
+
     @abstractmethod
     def status(self, spec: VmSpec) -> VmStatus:
-        """Running, paused, or gone — from the hypervisor, not from what we last asked."""
+        """Running, paused, or gone — from the hypervisor, not from what we last asked. A live
+        hypervisor that does not answer its control socket within `CONTROL_DEADLINE` seconds
+        (read when called) raises RuntimeFailure saying so."""
+
+    def unanswered(self, spec: VmSpec) -> str:
+        """Why the VM's live hypervisor does not answer its control socket; '' when it answers
+        (within `CONTROL_DEADLINE`) or is gone."""
+        try:
+            self.status(spec)
+        except RuntimeFailure as e:
+            return e.message
+        return ""
 
     @abstractmethod
     def is_alive(self, spec: VmSpec) -> bool:

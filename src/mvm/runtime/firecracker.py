@@ -45,6 +45,7 @@ import httpx
 from mvm.errors import RuntimeFailure
 from mvm.guest.agent_client import AgentClient
 from mvm.guest.channels import VSOCK_AGENT_PORT, VsockChannel
+from mvm.runtime import base as runtime_base
 from mvm.runtime import console, jail, rundir
 from mvm.runtime.base import (
     MANIFEST,
@@ -277,6 +278,9 @@ class FirecrackerRuntime(Runtime):
             return pid
         return pids.find_by_arg("--id", vm_id(spec))
 
+    def kill(self, spec: VmSpec) -> None:
+        self._kill(spec)
+
     def is_alive(self, spec: VmSpec) -> bool:
         return self._pid(spec) is not None
 
@@ -302,7 +306,7 @@ class FirecrackerRuntime(Runtime):
         if not self.is_alive(spec):
             return VmStatus.GONE
         try:
-            with self._api(spec) as api:
+            with self._api(spec, timeout=runtime_base.CONTROL_DEADLINE) as api:
                 state = api.call("GET", "/")["state"]
         except RuntimeFailure:
             if not self.is_alive(spec):
@@ -400,7 +404,7 @@ class FirecrackerRuntime(Runtime):
     def agent(self, spec: VmSpec) -> AgentClient:
         return AgentClient(VsockChannel(
             self.agent_socket(spec), VSOCK_AGENT_PORT, alive=lambda: self.is_alive(spec),
-            last_words=lambda: self._last_words(spec)))
+            last_words=lambda: self._last_words(spec), unanswered=lambda: self.unanswered(spec)))
 
     # -- steps ------------------------------------------------------------------------------
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from mvm.errors import CommandFailed, InvalidInput, RuntimeFailure
 from mvm.guest.agent_client import AgentClient
 from mvm.guest.channels import VirtioSerialChannel
-from mvm.runtime import console, jail, qmp, rundir
+from mvm.runtime import base, console, jail, qmp, rundir
 from mvm.runtime.base import (
     MANIFEST,
     Progress,
@@ -317,6 +317,9 @@ class QemuRuntime(Runtime):
             return pids.owned_pid(pid_file)
         return pids.find_by_arg("-pidfile", str(pid_file))
 
+    def kill(self, spec: VmSpec) -> None:
+        self._kill(spec)
+
     def is_alive(self, spec: VmSpec) -> bool:
         return self._pid(spec) is not None
 
@@ -326,8 +329,11 @@ class QemuRuntime(Runtime):
     def status(self, spec: VmSpec) -> VmStatus:
         if not self.is_alive(spec):
             return VmStatus.GONE
+        deadline = base.CONTROL_DEADLINE
+        ends = time.monotonic() + deadline
         try:
-            state = qmp.call(self.qmp_socket(spec), "query-status")["status"]
+            with Qmp(self.qmp_socket(spec), connect_timeout=deadline) as q:
+                state = q.execute("query-status", timeout=max(ends - time.monotonic(), 0.01))["status"]
         except RuntimeFailure:
             if not self.is_alive(spec):
                 return VmStatus.GONE
@@ -363,7 +369,7 @@ class QemuRuntime(Runtime):
     def agent(self, spec: VmSpec) -> AgentClient:
         return AgentClient(VirtioSerialChannel(
             self.agent_socket(spec), alive=lambda: self.is_alive(spec),
-            last_words=lambda: self._last_words(spec)))
+            last_words=lambda: self._last_words(spec), unanswered=lambda: self.unanswered(spec)))
 
     def _last_words(self, spec: VmSpec) -> str:
         """What QEMU and the guest said last: for the error when a hypervisor exits early."""

@@ -6,10 +6,16 @@ Each pass, for every pool (each on its own: one pool's failure never stops the o
    working on (`pool scale`, `instance start`, a build) is skipped this pass and taken at the
    next; the CLI and the agent never act on a pool at the same time.
 2. **Observe.** `observe.pool`: transitions dead commands left are finished; an instance
-   whose hypervisor died is failed, with the cause, as an event.
+   whose hypervisor died is failed, with the cause, as an event. The hypervisors are asked
+   how they are through the agent's own `observe.Probes`, kept across passes: a pass waits
+   for answers at most `PROBE_WAIT`, so a hung hypervisor (observed `unresponsive` once its
+   probe ends by the runtime's deadline) holds up no other instance; its answer is taken at
+   the next pass, which its arrival starts at once. One unresponsive for its pool's grace is
+   ended and failed.
 3. **Reconcile.** The pool is brought to its desired counts through `scale.plan` and
-   `scale.execute` (`lifecycle.apply` for every move). A failed instance is started again and
-   the event `instance.replaced` (reason `crash`) says why it had failed. With an idle policy
+   `scale.execute` (`lifecycle.apply` for every move). A failed instance is started again
+   itself (the plan takes a failed instance before a stopped one: same id, address and data
+   disk) and the event `instance.replaced` (reason `crash`) says why it had failed. With an idle policy
    (and not pinned) the counts are read tolerantly, so that the policy's moves stay: a running
    slot may be held by a running, warm or sleeping instance, a warm slot by a warm or sleeping
    one; the reconciler keeps the total (replacing failed, creating missing, stopping surplus)
@@ -56,6 +62,7 @@ CRASH_LOOP_AFTER = 3  # failing passes in a row before a pool backs off
 BACKOFF_MIN = 2.0
 BACKOFF_MAX = 300.0
 WATCH = 1.0  # seconds between looks at the store for a change (then a pass at once)
+PROBE_WAIT = 0.5  # seconds a pass waits for hypervisors' answers (a silent one's comes later)
 
 Report = Callable[[str], None]
 
@@ -163,6 +170,7 @@ class Agent:
         self._poked = threading.Event()
         self._seen: dict[str, _Seen] = {}
         self._health: dict[PoolRef, _Health] = {}
+        self.probes = observe.Probes(PROBE_WAIT, late=self.poke)
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -197,6 +205,7 @@ class Agent:
                     if ctx.store.version() != version:  # a command changed something
                         break
         finally:
+            self.probes.close()
             if ctx.store is not self.ctx.store:
                 ctx.store.close()
 
@@ -284,7 +293,7 @@ class Agent:
             tenant = outer.enter_context(contextlib.ExitStack())
             _lease(ctx, tenant, tenant_lock_name(ref.tenant))
             lease = _lease(ctx, outer, pool_lock_name(ref.tenant, ref.pool))
-            done += [f"{ref} {line}" for line in observe.pool(ctx, ref, lease)]
+            done += [f"{ref} {line}" for line in observe.pool(ctx, ref, lease, self.probes)]
             pool = store.pool(ref.tenant, ref.pool)
             current = store.instances(ref.tenant, ref.pool)
             want: tuple[int, int, int] = (pool.desired_running, pool.desired_warm, pool.desired_sleeping)
@@ -357,7 +366,9 @@ class Agent:
     def _idle(self, ctx: Host, pool: Pool, done: list[str], lease: Lease) -> list[MvmError]:
         now = ctx.clock()
         current = ctx.store.instances(pool.tenant, pool.id)
-        running = [i for i in current if i.state is State.RUNNING and i.op is None]
+        # (one that does not answer is left to observing: asking it to move would only wait)
+        running = [i for i in current if i.state is State.RUNNING and i.op is None
+                   and i.unresponsive_since is None and not self.probes.waiting(i.id)]
         idle = sorted(((self._idle_for(ctx, i, now), i) for i in running),
                       key=lambda x: -x[0])
         errors: list[MvmError] = []
@@ -371,7 +382,8 @@ class Agent:
 
         if pool.idle_sleep is not None:
             for i in current:
-                if i.state is State.WARM and i.op is None:
+                if (i.state is State.WARM and i.op is None and i.unresponsive_since is None
+                        and not self.probes.waiting(i.id)):
                     seconds = self._idle_for(ctx, i, now)
                     if seconds >= pool.idle_sleep:
                         move(i, State.SLEEPING, f"warm for {seconds:.0f} s (idle-sleep"

@@ -48,9 +48,10 @@ def builtin_flake(ctx: Host) -> str:
 def create(ctx: Host, ref: PoolRef, flake: str | None, profile: str, cpus: int, mem: int,
            data_disk: int = 0, network: str = "tenant", *, idle_warm: float | None = None,
            idle_sleep: float | None = None, min_running: int = 0, pinned: bool = False,
-           backend: str = "") -> Pool:
+           backend: str = "", unresponsive_grace: float | None = None) -> Pool:
     store = ctx.store
     _check_policy(idle_warm, idle_sleep, min_running)
+    grace = Pool.unresponsive_grace if unresponsive_grace is None else _check_grace(unresponsive_grace)
     # The pool's backend (its own, else the host's setting): refused here, with one line, when
     # this host cannot run it.
     from mvm.runtime import select
@@ -97,7 +98,8 @@ def create(ctx: Host, ref: PoolRef, flake: str | None, profile: str, cpus: int, 
     flake_id = source.identity(flake_ref)
     pool = Pool(ref.tenant, ref.pool, flake_ref, profile, cpus, mem, data_disk, network,
                 created=time.time(), idle_warm=idle_warm, idle_sleep=idle_sleep,
-                min_running=min_running, pinned=pinned, backend=backend, flake_id=flake_id)
+                min_running=min_running, pinned=pinned, backend=backend, flake_id=flake_id,
+                unresponsive_grace=grace)
     # Counted and added under the tenant's lock: concurrent creates cannot both pass the count.
     with ctx.locks.lock(tenant_lock_name(ref.tenant)) as lease:
         _check_new(store, ref, q.max_pools)
@@ -331,14 +333,31 @@ def _check_policy(idle_warm: float | None, idle_sleep: float | None, min_running
             raise InvalidInput(f"{name} must be a positive duration of at most 30 days (got {v})")
 
 
+def parse_grace(text: str, option: str = "--unresponsive-grace") -> float:
+    """`--unresponsive-grace`: a duration, which may not be off."""
+    seconds = parse_duration(text, option)
+    if seconds is None:
+        raise InvalidInput(f"{option} {text!r} is not a positive duration",
+                           "give how long a hypervisor may not answer before it is ended, e.g. 30s")
+    return _check_grace(seconds)
+
+
+def _check_grace(seconds: float) -> float:
+    if not 0 < seconds <= MAX_DURATION:
+        raise InvalidInput(f"--unresponsive-grace must be a positive duration of at most 30 days"
+                           f" (got {seconds:g})")
+    return seconds
+
+
 _UNSET = object()
 
 
 def update_policy(ctx: Host, ref: PoolRef, idle_warm: object = _UNSET,
                   idle_sleep: object = _UNSET, min_running: int | None = None,
-                  pinned: bool | None = None) -> Pool:
+                  pinned: bool | None = None, unresponsive_grace: float | None = None) -> Pool:
     """Change a pool's idle policy; what is not given stays (`idle_warm`, `idle_sleep`:
-    seconds, or None for never). The agent applies it at its next pass."""
+    seconds, or None for never). The agent applies it at its next pass. `unresponsive_grace`:
+    seconds a hypervisor that does not answer is given before it is ended (observe.py)."""
     store = ctx.store
     with ctx.locks.lock(pool_lock_name(ref.tenant, ref.pool)) as lease:
         p = store.pool(ref.tenant, ref.pool)
@@ -349,10 +368,14 @@ def update_policy(ctx: Host, ref: PoolRef, idle_warm: object = _UNSET,
         keep = p.min_running if min_running is None else min_running
         pin = p.pinned if pinned is None else pinned
         _check_policy(warm, sleep, keep)
-        out = replace(p, idle_warm=warm, idle_sleep=sleep, min_running=keep, pinned=pin)
-        store.set_pool_policy(ref.tenant, ref.pool, warm, sleep, keep, pin,
-                              Event("pool.policy", f"idle policy of {ref}: {describe_policy(out)}",
-                                    tenant=ref.tenant, pool=ref.pool), fence=lease)
+        if unresponsive_grace is not None:
+            _check_grace(unresponsive_grace)
+        grace = p.unresponsive_grace if unresponsive_grace is None else unresponsive_grace
+        out = replace(p, idle_warm=warm, idle_sleep=sleep, min_running=keep, pinned=pin,
+                      unresponsive_grace=grace)
+        store.set_pool_policy(ref.tenant, ref.pool, warm, sleep, keep, pin, Event(
+            "pool.policy", f"idle policy of {ref}: {describe_policy(out)}; unresponsive-grace "
+            f"{_fmt(grace)}", tenant=ref.tenant, pool=ref.pool), fence=lease, unresponsive_grace=grace)
         return store.pool(ref.tenant, ref.pool)
 
 
@@ -363,6 +386,10 @@ def _fmt(seconds: float | None) -> str:
         if seconds >= n and seconds % n == 0:
             return f"{seconds / n:g}{unit}"
     return f"{seconds:g}s"
+
+
+def describe_grace(p: Pool) -> str:
+    return f"unresponsive-grace {_fmt(p.unresponsive_grace)}"
 
 
 def describe_policy(p: Pool) -> str:

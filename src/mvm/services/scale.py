@@ -2,7 +2,8 @@
 
 Policy (documented in the README): every slot is filled first by an instance already in
 that state, then by the cheapest instance to convert (warm→running is a resume, sleeping→
-running a wake, stopped→running a cold start), then by a new instance. Instances left
+running a wake, failed or stopped→running a cold start: a failed one first, so that a crashed
+instance comes back itself, with its address and data disk), then by a new instance. Instances left
 over are stopped, not destroyed: their data disks stay and the next scale-up reuses them
 first. `mvm instance destroy` removes one for good.
 
@@ -41,9 +42,9 @@ WORKERS = max(1, min(8, os.cpu_count() or 1))
 
 # For each target state, which current states may fill its slot, cheapest first.
 PREFERENCE: dict[State, tuple[State, ...]] = {
-    State.RUNNING: (State.WARM, State.SLEEPING, State.STOPPED, State.CREATED, State.FAILED),
-    State.WARM: (State.RUNNING, State.SLEEPING, State.STOPPED, State.CREATED, State.FAILED),
-    State.SLEEPING: (State.WARM, State.RUNNING, State.STOPPED, State.CREATED, State.FAILED),
+    State.RUNNING: (State.WARM, State.SLEEPING, State.FAILED, State.STOPPED, State.CREATED),
+    State.WARM: (State.RUNNING, State.SLEEPING, State.FAILED, State.STOPPED, State.CREATED),
+    State.SLEEPING: (State.WARM, State.RUNNING, State.FAILED, State.STOPPED, State.CREATED),
 }
 MOVES = (Action.RESUME, Action.WAKE, Action.WARM, Action.SLEEP, Action.START, Action.STOP)
 FREEING = (Action.STOP, Action.SLEEP)

@@ -72,6 +72,9 @@ MIGRATIONS = (
     ("pools", "backend", "TEXT NOT NULL DEFAULT ''"),  # qemu, firecracker, or '' (the host's)
     ("pools", "flake_id", "TEXT NOT NULL DEFAULT ''"),  # device:inode of the flake's directory
     ("pools", "build_disk", "INTEGER NOT NULL DEFAULT 0"),  # MiB its builder store and revisions hold
+    ("pools", "unresponsive_grace", "REAL NOT NULL DEFAULT 30"),  # seconds (observe.py)
+    ("instances", "unresponsive_since", "REAL"),  # its hypervisor stopped answering then
+    ("instances", "unresponsive_cause", "TEXT"),
 )
 #: What `events()` returns of each event, in this order.
 EVENT_KEYS = ("id", "ts", "tenant", "pool", "instance", "kind", "message", "reason", "cause",
@@ -79,7 +82,8 @@ EVENT_KEYS = ("id", "ts", "tenant", "pool", "instance", "kind", "message", "reas
 #: A state home mvm makes: passed through, not listed (what is below it is 0700 and 0600).
 HOME_MODE = 0o711
 _INSTANCE_COLS = ("id", "tenant", "pool", "state", "revision", "host_index", "ip", "mac",
-                  "secrets_version", "pid", "created", "updated", "error", "op", "snapshot")
+                  "secrets_version", "pid", "created", "updated", "error", "op", "snapshot",
+                  "unresponsive_since", "unresponsive_cause")
 
 
 def _egress_json(allow: tuple[str, ...], deny: tuple[str, ...]) -> str | None:
@@ -215,11 +219,11 @@ class SqliteStore:
             with self.tx(fence) as db:
                 db.execute(
                     "INSERT INTO pools (tenant,id,flake,profile,cpus,mem,data_disk,network,created,"
-                    "idle_warm,idle_sleep,min_running,pinned,backend,flake_id)"
-                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    "idle_warm,idle_sleep,min_running,pinned,backend,flake_id,unresponsive_grace)"
+                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     (p.tenant, p.id, p.flake, p.profile, p.cpus, p.mem, p.data_disk, p.network,
                      p.created or time.time(), p.idle_warm, p.idle_sleep, p.min_running,
-                     int(p.pinned), p.backend, p.flake_id),
+                     int(p.pinned), p.backend, p.flake_id, p.unresponsive_grace),
                 )
                 self._event(db, event)
         except sqlite3.IntegrityError as e:
@@ -274,15 +278,20 @@ class SqliteStore:
                     policy.get("min_running") or 0, bool(policy.get("pinned")),
                     r["backend"] if "backend" in cols else "",
                     r["flake_id"] if "flake_id" in cols else "",
-                    r["build_disk"] if "build_disk" in cols else 0)
+                    r["build_disk"] if "build_disk" in cols else 0,
+                    r["unresponsive_grace"] if "unresponsive_grace" in cols else Pool.unresponsive_grace)
 
     def set_pool_policy(self, tenant: str, pid: str, idle_warm: float | None,
                         idle_sleep: float | None, min_running: int, pinned: bool,
-                        event: Event | None = None, *, fence: Lease | None = None) -> None:
+                        event: Event | None = None, *, fence: Lease | None = None,
+                        unresponsive_grace: float | None = None) -> None:
         with self.tx(fence) as db:
             db.execute("UPDATE pools SET idle_warm=?, idle_sleep=?, min_running=?, pinned=?"
                        " WHERE tenant=? AND id=?",
                        (idle_warm, idle_sleep, min_running, int(pinned), tenant, pid))
+            if unresponsive_grace is not None:
+                db.execute("UPDATE pools SET unresponsive_grace=? WHERE tenant=? AND id=?",
+                           (unresponsive_grace, tenant, pid))
             self._event(db, event)
 
     def set_pool_flake_id(self, tenant: str, pid: str, flake_id: str) -> None:
@@ -369,7 +378,8 @@ class SqliteStore:
                     f"INSERT INTO instances ({','.join(_INSTANCE_COLS)}) VALUES"
                     f" ({','.join('?' * len(_INSTANCE_COLS))})",
                     (i.id, i.tenant, i.pool, i.state.value, i.revision, i.host_index, i.ip, i.mac,
-                     i.secrets_version, i.pid, now, now, i.error, _op_json(i.op), i.snapshot))
+                     i.secrets_version, i.pid, now, now, i.error, _op_json(i.op), i.snapshot,
+                     i.unresponsive_since, i.unresponsive_cause))
                 self._event(db, event)
         except sqlite3.IntegrityError as e:  # the address (or ID) is taken: never two alike
             raise Conflict(f"instance {i.id} of tenant {i.tenant} clashes with another ({e})",
@@ -457,6 +467,10 @@ class SqliteStore:
 
     @staticmethod
     def _set(db: sqlite3.Connection, iid: str, fields: dict[str, object]) -> None:
+        if "state" in fields:
+            # A new state is a new hypervisor or none: what was observed of the old one is over.
+            fields.setdefault("unresponsive_since", None)
+            fields.setdefault("unresponsive_cause", None)
         if "state" in fields and isinstance(fields["state"], State):
             fields["state"] = fields["state"].value
         bad = set(fields) - set(_INSTANCE_COLS)
@@ -468,9 +482,12 @@ class SqliteStore:
 
     @staticmethod
     def _instance(r: sqlite3.Row) -> Instance:
+        cols = r.keys()  # (an older database's read-only view lacks the newer columns)
         return Instance(r["id"], r["tenant"], r["pool"], State(r["state"]), r["revision"],
                         r["host_index"], r["ip"], r["mac"], r["secrets_version"], r["pid"],
-                        r["created"], r["updated"], r["error"], _op(r["op"]), r["snapshot"])
+                        r["created"], r["updated"], r["error"], _op(r["op"]), r["snapshot"],
+                        *((r["unresponsive_since"], r["unresponsive_cause"])
+                          if "unresponsive_since" in cols else (None, None)))
 
     # -- events ----------------------------------------------------------
     @staticmethod
