@@ -184,24 +184,28 @@ def _instance(tenant: str, pool: str, instance: str) -> InstanceRef:
 
 def exec_for_work(ctx: Host, ref: InstanceRef, body: ExecIn) -> ExecOut:
     """Work arriving: a warm instance is resumed and a sleeping one woken (reason `work`),
-    then the command runs."""
+    then the command runs. A transition in flight on the instance is waited for first."""
     from mvm.guest.agent_client import check_exec_limits
-    from mvm.lifecycle import apply
+    from mvm.lifecycle import apply, observe
+    from mvm.lifecycle.apply import pool_locked
     from mvm.services import instances
 
     check_exec_limits(body.timeout, body.max_output)
     brought: str | None = None
     for attempt in range(3):  # (an idle policy may put it back between the two)
         i = ctx.store.instance(ref.tenant, ref.pool, ref.instance)
+        if i.op is not None:  # its command holds the pool's lock until it has ended
+            with pool_locked(ctx, ref.pool_ref, False):
+                i = observe.instance(ctx, ref)
         back = {State.WARM: Action.RESUME, State.SLEEPING: Action.WAKE}.get(i.state)
         if back is not None:
             apply(ctx, ref, back, reason=Reason.WORK)
             brought = back.value
         try:
             r = instances.exec_(ctx, ref, body.argv, body.timeout, body.max_output)
-        except IllegalTransition:
-            if attempt == 2 or ctx.store.instance(ref.tenant, ref.pool, ref.instance).state not in (
-                    State.WARM, State.SLEEPING):
+        except (IllegalTransition, errors.Conflict):  # (the command did not start)
+            now = ctx.store.instance(ref.tenant, ref.pool, ref.instance)
+            if attempt == 2 or (now.op is None and now.state not in (State.WARM, State.SLEEPING)):
                 raise
             continue
         return ExecOut(exit_code=r.exit_code, timed_out=r.timed_out,
@@ -398,7 +402,12 @@ def create_app(ctx_factory: Callable[[], Host], token: str | None = None) -> Fas
     @app.post("/tenants/{tenant}/pools/{pool}/instances/{instance}/exec", response_model=ExecOut,
               tags=["instances"])
     def instance_exec(tenant: str, pool: str, instance: str, body: ExecIn) -> Any:
-        return exec_for_work(host(), _instance(tenant, pool, instance), body)
+        try:
+            return exec_for_work(host(), _instance(tenant, pool, instance), body)
+        except MvmError as e:  # each says whether the command started, with the CLI's exit code
+            started = isinstance(e, errors.ExecLost)
+            return JSONResponse(error_body(e) | {"started": started, "exit_code": errors.EXEC_LOST if started
+                                                 else errors.EXEC_NOT_STARTED}, status_of(e))
 
     # -- events, operations, metrics -------------------------------------------
     @app.get("/events", response_model=list[EventOut], tags=["events"])
