@@ -27,6 +27,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mvm import __version__, errors
 from mvm.api import metrics
+from mvm.api.limits import BodyLimit
 from mvm.api.metrics import events_after
 from mvm.api.models import (
     BuildIn,
@@ -58,7 +59,7 @@ STATUS: dict[type[MvmError], int] = {
     errors.QuotaExceeded: 409, errors.AdmissionRefused: 409, errors.BuildFailed: 422, errors.HostUnsupported: 501,
     errors.CommandFailed: 502, errors.RuntimeFailure: 502,
 }
-ERROR_STATUSES = (400, 401, 403, 404, 409, 422, 501, 502)
+ERROR_STATUSES = (400, 401, 403, 404, 409, 413, 422, 501, 502)
 #: How often a follower of the events stream looks for new events.
 POLL_SECONDS = 0.5
 
@@ -231,8 +232,9 @@ def create_app(ctx_factory: Callable[[], Host], token: str | None = None) -> Fas
     err = {code: {"model": ErrorOut} for code in ERROR_STATUSES}
     app = FastAPI(title="mvm", version=__version__, responses=err,  # type: ignore[arg-type]
                   description="Fleets of microVMs for many tenants: the agent's API.")
+    app.add_middleware(BodyLimit)
     if token is not None:
-        app.add_middleware(BearerToken, token=token)
+        app.add_middleware(BearerToken, token=token)  # (outermost: checked first)
 
     @app.exception_handler(MvmError)
     async def _mvm_error(request: Request, e: MvmError) -> JSONResponse:
@@ -247,8 +249,8 @@ def create_app(ctx_factory: Callable[[], Host], token: str | None = None) -> Fas
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, e: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse({"error": str(e.detail), "hint": None, "kind": "HTTPError"}, e.status_code,
-                            headers=e.headers)
+        return JSONResponse({"error": str(e.detail), "hint": getattr(e, "hint", None), "kind": "HTTPError"},
+                            e.status_code, headers=e.headers)
 
     # -- tenants ---------------------------------------------------------------
     @app.get("/tenants", response_model=list[Tenant], tags=["tenants"])
