@@ -1,4 +1,4 @@
-# ruff: noqa: F811  (the fixtures, imported from test_api, are parameters)
+# ruff: noqa: F811  (the fixtures, imported from test_api and test_agent, are parameters)
 """`exec` against transitions that stop a guest's vCPUs, and what its failures say: on the fake
 runtime, whose guest runs `wait FILE` until FILE exists (an exec in flight) and `exit N`.
 
@@ -26,6 +26,7 @@ from mvm.errors import Conflict
 from mvm.lifecycle import apply, execs
 from mvm.model import Action, Instance, InstanceRef, State
 from mvm.services import instances
+from tests.test_agent import Fleet, fleet  # noqa: F401 (a fixture)
 from tests.test_api import World, cli, client, env_of, errors_of, world  # noqa: F401 (fixtures)
 
 
@@ -185,3 +186,20 @@ def test_the_api_waits_for_a_transition_in_flight_then_brings_the_instance_back(
     r = work.join().result
     assert r.status_code == 200 and r.json()["exit_code"] == 5, r.json()  # type: ignore[attr-defined]
     assert r.json()["brought_back"] == "wake"  # type: ignore[attr-defined]
+
+
+def test_the_idle_policy_leaves_an_instance_with_an_exec_in_flight_running(fleet: Fleet, tmp_path: Path) -> None:
+    """A command waiting in the guest uses no CPU, but it is work: no policy warm (which would
+    hold the agent's pass for the wait, and then pause the command) until it has ended."""
+    ref = fleet.pool("w", running=1, idle_warm=5.0)
+    [i] = fleet.live(ref)
+    done = tmp_path / "done"
+    ex = Background(fleet, lambda ctx: instances.exec_(ctx, i.ref, ["wait", str(done)]))
+    until((tmp_path / "done.started").exists, "the command to start")
+    fleet.passes()
+    fleet.passes(advance=10)  # idle by its CPU and network for 10 s
+    assert fleet.states(ref) == ["running"]
+    done.touch()
+    assert ex.join().error is None
+    fleet.passes(advance=10)
+    assert fleet.states(ref) == ["warm"]
