@@ -222,6 +222,90 @@ def test_answer_lost_with_the_connection_is_a_guest_error(sock: Path) -> None:
         fake.close()
 
 
+class StartHandshake:
+    """A current agent: `run` is answered `ready`, and the command starts only on `<id> go`
+    (`started` lists what ran). `lose`: where the connection ends without an answer."""
+
+    def __init__(self, lose: str | None = None) -> None:
+        self.lose = lose
+        self.pending: dict[str, list[str]] = {}
+        self.started: list[str] = []
+
+    def __call__(self, rid: str, verb: str, args: list[str]) -> list[str] | None:
+        if verb == "run":
+            if self.lose == "before-ready":
+                return None
+            self.pending[rid] = args
+            return [f"{rid} ready"]
+        if verb == "go":
+            if rid not in self.pending:
+                return [f"{rid} err {b64(b'no command waits for go: it was not started')}"]
+            argv = [unb64(a).decode() for a in self.pending.pop(rid)[1:]]
+            self.started.append(" ".join(argv))
+            return None if self.lose == "after-go" else [f"{rid} ok 3 {b64(b'ran')} -"]
+        return guest_like(rid, verb, args)
+
+
+def test_exec_starts_the_command_only_after_the_host_says_go(sock: Path) -> None:
+    guest = StartHandshake()
+    fake = FakeAgent(sock, guest)
+    try:
+        r = AgentClient(sock).exec(["echo", "x"], timeout=5)
+    finally:
+        fake.close()
+    assert (r.exit_code, r.stdout) == (3, b"ran")
+    run, go = fake.requests
+    assert run.split(" ")[1] == "run" and go == f"{run.split(' ')[0]} go"
+    assert guest.started == ["echo x"]
+
+
+@pytest.mark.parametrize("lose", ["before-ready", "after-go"])
+def test_a_lost_exec_says_whether_its_command_started(sock: Path, lose: str) -> None:
+    """The connection ends before the guest was told to start (nothing ran: a GuestError, exit
+    125 at the CLI), or after (ExecLost, 126): never a guess either way."""
+    from mvm.errors import ExecLost
+
+    guest = StartHandshake(lose)
+    fake = FakeAgent(sock, guest)
+    fake.drop_after = 1 if lose == "before-ready" else 2
+    try:
+        with pytest.raises(GuestError) as e:
+            AgentClient(sock).exec(["touch", "/data/once"], timeout=5)
+    finally:
+        fake.close()
+    assert isinstance(e.value, ExecLost) == (lose == "after-go")
+    assert guest.started == ([] if lose == "before-ready" else ["touch /data/once"])
+    if lose == "after-go":
+        assert e.value.exit_code == 126 and "result was lost" in e.value.message
+
+
+def test_a_refused_go_is_a_command_that_did_not_start(sock: Path) -> None:
+    """An agent that gave up waiting for go (and ran nothing) answers the late go with err."""
+    from mvm.errors import ExecLost
+
+    guest = StartHandshake()
+    fake = FakeAgent(sock, lambda rid, verb, args: guest(rid, verb, args) if verb != "run" else [f"{rid} ready"])
+    try:
+        with pytest.raises(GuestError, match="not started") as e:
+            AgentClient(sock).exec(["true"], timeout=5)
+    finally:
+        fake.close()
+    assert not isinstance(e.value, ExecLost) and guest.started == []
+
+
+def test_an_agent_from_before_the_handshake_gets_exec_and_a_loss_counts_as_started(sock: Path) -> None:
+    from mvm.errors import ExecLost
+
+    fake = FakeAgent(sock, lambda rid, verb, args: guest_like(rid, verb, args) if verb != "exec" else None)
+    fake.drop_after = 2  # `run` refused as unknown, then `exec` read and the VM gone
+    try:
+        with pytest.raises(ExecLost, match="before `run`"):
+            AgentClient(sock).exec(["true"], timeout=5)
+    finally:
+        fake.close()
+    assert [r.split(" ")[1] for r in fake.requests] == ["run", "exec"]
+
+
 def test_malformed_answers_are_guest_errors(sock: Path) -> None:
     fake = FakeAgent(sock, lambda rid, verb, args: [f"{rid} ok notanumber - -"])
     try:
@@ -429,7 +513,7 @@ def test_exec_output_cut_by_the_agent_is_flagged(peer, sock: Path) -> None:  # t
 
     p = peer(agent)
     r = AgentClient(sock).exec(["yes"], timeout=5, output_limit=1000)
-    assert seen == ["output-limit", "exec"]
+    assert seen == ["output-limit", "run"]
     assert (r.stdout, r.stderr, r.truncated, r.exit_code) == (b"x" * 1000, b"e", {"stdout": 5000}, 0)
 
 

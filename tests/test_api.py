@@ -263,7 +263,7 @@ def test_exec_through_the_api_brings_an_instance_back(client: TestClient, world:
 def test_the_cli_without_an_agent_refuses_exec_on_a_sleeping_instance(world: World) -> None:
     ref = world.new(State.SLEEPING)
     r = cli(world, "instance", "exec", str(ref), "--", "read")
-    assert (r.rc, errors_of(r)) == (6, [f"error: cannot exec in {ref}: it is sleeping (wake it first: `mvm instance "
+    assert (r.rc, errors_of(r)) == (125, [f"error: cannot exec in {ref}: it is sleeping (wake it first: `mvm instance "
                                         f"wake {ref}`, or exec through the agent (`--agent`), which wakes it)"])
     assert world.instance(ref).state is State.SLEEPING
 

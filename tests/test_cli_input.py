@@ -134,14 +134,14 @@ def test_config_settings(mvm: Mvm) -> None:
 @pytest.mark.parametrize("value", ["-1", "nan", "inf", "1e300", "0", "86401"])
 def test_exec_timeout_out_of_range_is_one_line(mvm: Mvm, value: str) -> None:
     r = mvm("instance", "exec", "acme/w/i-12345678", "--timeout", value, "--", "true")
-    refused(r, 2, f"--timeout must be more than 0 and at most 86400 seconds (got {float(value):g}) "
+    refused(r, 125, f"--timeout must be more than 0 and at most 86400 seconds (got {float(value):g}) "
                   "(give the seconds the command may run)")
 
 
 def test_exec_output_limit_is_a_size_within_range(mvm: Mvm) -> None:
     r = mvm("instance", "exec", "acme/w/i-12345678", "--max-output", "lots", "--", "true")
-    refused(r, 2, "Invalid value for '--max-output': 'lots' is not a size: give bytes, or a number "
+    refused(r, 125, "Invalid value for '--max-output': 'lots' is not a size: give bytes, or a number "
                   "with K, M or G (see `mvm instance exec --help`)")
     r = mvm("instance", "exec", "acme/w/i-12345678", "--max-output", "1G", "--", "true")
-    refused(r, 2, f"--max-output must be between 0 and {256 << 20} bytes (got {1 << 30}) "
+    refused(r, 125, f"--max-output must be between 0 and {256 << 20} bytes (got {1 << 30}) "
                   "(give the bytes of stdout (and of stderr) to keep, e.g. 16M)")

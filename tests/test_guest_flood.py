@@ -120,8 +120,8 @@ def test_a_guest_flooding_its_channels_cannot_stall_or_bloat_the_host(gmvm: Mvm,
     # exec output beyond the limit is cut, and the user is told
     r = gmvm.ok("instance", "exec", quiet, "--max-output", "1K", "--json", "--",
                 "sh", "-c", "head -c 5000 /dev/zero | tr '\\0' x")
-    assert json.loads(r.out) == {"exit_code": 0, "timed_out": False, "stdout": "x" * 1024, "stderr": "",
-                                 "truncated": {"stdout": 5000}}
+    assert json.loads(r.out) == {"exit_code": 0, "started": True, "timed_out": False, "stdout": "x" * 1024,
+                                 "stderr": "", "truncated": {"stdout": 5000}}
     assert r.lines == ["warning: stdout cut at 1024 bytes of the 5000 the command wrote "
                        "(--max-output keeps more)"]
     assert instances_by_state(gmvm, "acme/workers") == {"running": [quiet], "stopped": [bad]}

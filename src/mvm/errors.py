@@ -75,6 +75,20 @@ class GuestError(RuntimeFailure):
     """The guest agent refused or did not answer."""
 
 
+class ExecLost(GuestError):
+    """`exec` told the guest to run the command, then lost its result: the command ran, or
+    runs still (a client must not simply run it again)."""
+
+    exit_code = 126
+
+
+#: `mvm instance exec`'s own exit codes, kept apart from its other errors' 1-11 (which
+#: commands use for their own ends) as Docker's `run` and `exec` keep them: 125, mvm failed
+#: and the command did not start; 126 (`ExecLost`), it started and its result was lost.
+EXEC_NOT_STARTED = 125
+EXEC_LOST = ExecLost.exit_code
+
+
 class HostUnsupported(MvmError):
     exit_code = 10
 

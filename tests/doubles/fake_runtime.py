@@ -13,7 +13,9 @@ found by its command line, as QEMU's is).
 
 The fake guest: `write X` appends X to its page cache (memory); `sync` (and sleep-prep, and a
 graceful stop) moves the cache to its data disk (a file beside the data image); `read` prints
-disk then cache. Every restored guest that then runs appends its snapshot to a ledger, so a
+disk then cache; `exit N` exits N; `wait FILE` makes FILE.started, then runs until FILE
+exists on the host (an exec in flight: when its VM goes meanwhile, its result is lost,
+`ExecLost`, as the real agent client says). Every restored guest that then runs appends its snapshot to a ledger, so a
 test can show that no snapshot was restored twice (a restore whose guest never ran does not
 count: it consumed nothing).
 """
@@ -28,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from mvm.errors import GuestError, RuntimeFailure
+from mvm.errors import ExecLost, GuestError, RuntimeFailure
 from mvm.guest.agent_client import ExecResult
 from mvm.runtime import base
 from mvm.runtime.base import Progress, Runtime, SnapshotInfo, VmSpec, VmStatus
@@ -280,6 +282,19 @@ class FakeAgent:
         elif verb == "read":
             disk = Path(str(vm["disk"])).read_text() if vm["disk"] and Path(str(vm["disk"])).exists() else ""
             out = (disk + "".join(f"{x}\n" for x in vm["cache"])).encode()  # type: ignore[attr-defined]
+        elif verb == "exit":
+            return ExecResult(int(rest[0]), b"", b"")
+        elif verb == "wait":
+            Path(rest[0] + ".started").touch()
+            deadline = time.monotonic() + timeout
+            while not Path(rest[0]).exists():
+                if not self.rt.is_alive(self.spec):
+                    raise ExecLost("the command's result was lost: the guest was told to start it, "
+                                   "then the hypervisor exited during exec (fake)")
+                if time.monotonic() > deadline:
+                    return ExecResult(124, b"", b"", timed_out=True)
+                time.sleep(0.01)
+            return ExecResult(0, b"", b"")
         else:
             return ExecResult(127, b"", f"fake guest: no {verb}\n".encode())
         self.rt._save_vm(self.spec, vm)

@@ -27,6 +27,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mvm import __version__, errors
 from mvm.api import metrics
+from mvm.api.limits import BodyLimit
 from mvm.api.metrics import events_after
 from mvm.api.models import (
     BuildIn,
@@ -58,7 +59,7 @@ STATUS: dict[type[MvmError], int] = {
     errors.QuotaExceeded: 409, errors.AdmissionRefused: 409, errors.BuildFailed: 422, errors.HostUnsupported: 501,
     errors.CommandFailed: 502, errors.RuntimeFailure: 502,
 }
-ERROR_STATUSES = (400, 401, 403, 404, 409, 422, 501, 502)
+ERROR_STATUSES = (400, 401, 403, 404, 409, 413, 422, 501, 502)
 #: How often a follower of the events stream looks for new events.
 POLL_SECONDS = 0.5
 
@@ -184,24 +185,28 @@ def _instance(tenant: str, pool: str, instance: str) -> InstanceRef:
 
 def exec_for_work(ctx: Host, ref: InstanceRef, body: ExecIn) -> ExecOut:
     """Work arriving: a warm instance is resumed and a sleeping one woken (reason `work`),
-    then the command runs."""
+    then the command runs. A transition in flight on the instance is waited for first."""
     from mvm.guest.agent_client import check_exec_limits
-    from mvm.lifecycle import apply
+    from mvm.lifecycle import apply, observe
+    from mvm.lifecycle.apply import pool_locked
     from mvm.services import instances
 
     check_exec_limits(body.timeout, body.max_output)
     brought: str | None = None
     for attempt in range(3):  # (an idle policy may put it back between the two)
         i = ctx.store.instance(ref.tenant, ref.pool, ref.instance)
+        if i.op is not None:  # its command holds the pool's lock until it has ended
+            with pool_locked(ctx, ref.pool_ref, None) as lease:
+                i = observe.instance(ctx, ref, lease)
         back = {State.WARM: Action.RESUME, State.SLEEPING: Action.WAKE}.get(i.state)
         if back is not None:
             apply(ctx, ref, back, reason=Reason.WORK)
             brought = back.value
         try:
             r = instances.exec_(ctx, ref, body.argv, body.timeout, body.max_output)
-        except IllegalTransition:
-            if attempt == 2 or ctx.store.instance(ref.tenant, ref.pool, ref.instance).state not in (
-                    State.WARM, State.SLEEPING):
+        except (IllegalTransition, errors.Conflict):  # (the command did not start)
+            now = ctx.store.instance(ref.tenant, ref.pool, ref.instance)
+            if attempt == 2 or (now.op is None and now.state not in (State.WARM, State.SLEEPING)):
                 raise
             continue
         return ExecOut(exit_code=r.exit_code, timed_out=r.timed_out,
@@ -230,8 +235,9 @@ def create_app(ctx_factory: Callable[[], Host], token: str | None = None,
     err = {code: {"model": ErrorOut} for code in ERROR_STATUSES}
     app = FastAPI(title="mvm", version=__version__, responses=err,  # type: ignore[arg-type]
                   description="Fleets of microVMs for many tenants: the agent's API.")
+    app.add_middleware(BodyLimit)
     if token is not None:
-        app.add_middleware(BearerToken, token=token)
+        app.add_middleware(BearerToken, token=token)  # (outermost: checked first)
 
     @app.exception_handler(MvmError)
     async def _mvm_error(request: Request, e: MvmError) -> JSONResponse:
@@ -246,8 +252,8 @@ def create_app(ctx_factory: Callable[[], Host], token: str | None = None,
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, e: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse({"error": str(e.detail), "hint": None, "kind": "HTTPError"}, e.status_code,
-                            headers=e.headers)
+        return JSONResponse({"error": str(e.detail), "hint": getattr(e, "hint", None), "kind": "HTTPError"},
+                            e.status_code, headers=e.headers)
 
     # -- tenants ---------------------------------------------------------------
     @app.get("/tenants", response_model=list[Tenant], tags=["tenants"])
@@ -404,7 +410,12 @@ def create_app(ctx_factory: Callable[[], Host], token: str | None = None,
     @app.post("/tenants/{tenant}/pools/{pool}/instances/{instance}/exec", response_model=ExecOut,
               tags=["instances"])
     def instance_exec(tenant: str, pool: str, instance: str, body: ExecIn) -> Any:
-        return exec_for_work(host(), _instance(tenant, pool, instance), body)
+        try:
+            return exec_for_work(host(), _instance(tenant, pool, instance), body)
+        except MvmError as e:  # each says whether the command started, with the CLI's exit code
+            started = isinstance(e, errors.ExecLost)
+            return JSONResponse(error_body(e) | {"started": started, "exit_code": errors.EXEC_LOST if started
+                                                 else errors.EXEC_NOT_STARTED}, status_of(e))
 
     # -- events, operations, metrics -------------------------------------------
     @app.get("/events", response_model=list[EventOut], tags=["events"])

@@ -25,6 +25,9 @@ class ErrorOut(BaseModel):
     kind: str = "MvmError"
     #: The exit code the CLI gives this error.
     exit_code: int = 1
+    #: An exec's: whether its command started (true: it ran, or runs still, and its result
+    #: was lost; exit_code 126), or not (exit_code 125). Other requests: absent.
+    started: bool | None = None
 
 
 class Done(BaseModel):
@@ -210,6 +213,8 @@ class ExecOut(BaseModel):
     truncated: dict[str, int]
     #: `resume` or `wake` when the instance was brought back to run the command.
     brought_back: str | None = None
+    #: Always true in an answer: the command ran (a failure is an ErrorOut with `started`).
+    started: bool = True
 
 
 class EventOut(BaseModel):

@@ -16,7 +16,7 @@ import typer
 from mvm import __version__
 from mvm.cli import output, present
 from mvm.cli.output import emit_json, table
-from mvm.errors import InvalidInput, MvmError
+from mvm.errors import EXEC_LOST, EXEC_NOT_STARTED, ExecLost, InvalidInput, MvmError
 from mvm.model import PoolRef, Quotas, check_id
 from mvm.util.private import PRIVATE_UMASK
 
@@ -640,20 +640,29 @@ def instance_exec(
     json_: Annotated[bool, typer.Option("--json", help="Print exit code, output (as UTF-8 text, "
                                         "invalid bytes replaced) and what was cut, as JSON.")] = False,
 ) -> None:
-    """Run a command in the guest; exits with the command's exit code. Through the agent
-    (`--agent`), a warm or sleeping instance is resumed or woken first."""
-    ref, limit = _iref(instance), _size(max_output)
-    if (a := agent()) is not None:
-        from mvm.guest.agent_client import check_exec_limits
+    """Run a command in the guest; exits with the command's exit code, or 125 when mvm failed
+    and the command did not start, 126 when it started and its result was lost. Through the
+    agent (`--agent`), a warm or sleeping instance is resumed or woken first."""
+    try:
+        ref, limit = _iref(instance), _size(max_output)
+        if (a := agent()) is not None:
+            from mvm.guest.agent_client import check_exec_limits
 
-        check_exec_limits(timeout, limit)
-        d = a.exec(str(ref), list(command), timeout, limit)
-        code, timed_out, out, err, cut = d["exit_code"], d["timed_out"], d["stdout"], d["stderr"], d["truncated"]
-    else:
-        from mvm.services import instances
+            check_exec_limits(timeout, limit)
+            d = a.exec(str(ref), list(command), timeout, limit)
+            code, timed_out, out, err, cut = d["exit_code"], d["timed_out"], d["stdout"], d["stderr"], d["truncated"]
+        else:
+            from mvm.services import instances
 
-        r = instances.exec_(ctx(), ref, list(command), timeout, limit)
-        code, timed_out, out, err, cut = r.exit_code, r.timed_out, r.stdout, r.stderr, r.truncated
+            r = instances.exec_(ctx(), ref, list(command), timeout, limit)
+            code, timed_out, out, err, cut = r.exit_code, r.timed_out, r.stdout, r.stderr, r.truncated
+    except MvmError as e:
+        # exec's own failures never exit with a code its command could have given
+        e.exit_code = EXEC_LOST if isinstance(e, ExecLost) else EXEC_NOT_STARTED
+        if json_:
+            emit_json({"error": e.message, "hint": e.hint, "started": isinstance(e, ExecLost),
+                       "exit_code": e.exit_code})
+        raise
     present.exec_result(code, timed_out, out, err, cut, timeout, json_)
     raise typer.Exit(code)
 
@@ -916,7 +925,7 @@ def main(argv: list[str] | None = None) -> int:
     except click.UsageError as e:
         cmd = e.ctx.command_path if e.ctx else "mvm"
         output.error(f"{e.format_message()} (see `{cmd} --help`)")
-        return 2
+        return EXEC_NOT_STARTED if cmd == "mvm instance exec" else 2
     except click.exceptions.Exit as e:
         return e.exit_code
     except click.exceptions.Abort:

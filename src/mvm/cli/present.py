@@ -190,7 +190,7 @@ def transitioned(address: str, state: str) -> None:
 def exec_result(exit_code: int, timed_out: bool, stdout: bytes, stderr: bytes, truncated: Mapping[str, int],
                 timeout: float, json_: bool) -> None:
     if json_:
-        emit_json({"exit_code": exit_code, "timed_out": timed_out,
+        emit_json({"exit_code": exit_code, "started": True, "timed_out": timed_out,
                    "stdout": stdout.decode(errors="replace"),
                    "stderr": stderr.decode(errors="replace"), "truncated": dict(truncated)})
     else:

@@ -25,6 +25,12 @@ hostile until parsed, and what it can cost the host is bounded:
 - exec output is cut at a limit per stream (`EXEC_OUTPUT_LIMIT` unless asked otherwise),
   by the agent (`output-limit` request; an old agent that does not know it is cut here),
   and the result says which streams were cut and how long they were.
+
+An exec says for certain whether its command started: it asks with `run`, the agent answers
+`ready` and starts the command only when the host's `go` follows. A failure before `go` was
+sent is the `GuestError` it always was (the command did not start); after, it is `ExecLost`.
+An agent from before `run` (it answers "unknown verb") gets `exec`, after which any failure
+is `ExecLost` too: it may have started.
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mvm.errors import GuestError, InvalidInput
+from mvm.errors import ExecLost, GuestError, InvalidInput
 from mvm.guest.channels import AgentChannel, VirtioSerialChannel
 from mvm.util.text import printable
 
@@ -108,7 +114,12 @@ class _Timeout(Exception):
 
 
 class _Refused(GuestError):
-    """The agent answered `err`: it read the request and said no."""
+    """The agent answered `err`: it read the request and said no (and for an exec, ran nothing)."""
+
+    def __init__(self, message: str, guest_message: str) -> None:
+        super().__init__(message)
+        #: An agent that does not know the verb; one from before `run` says either.
+        self.unknown_verb = guest_message.startswith(("unknown verb:", "request line too long"))
 
 
 class AgentClient:
@@ -198,9 +209,15 @@ class AgentClient:
             # (an agent from before output limits refuses it: the output is then cut here)
             with contextlib.suppress(_Refused):
                 self._request("output-limit", [str(output_limit)], min(timeout, 10.0))
-        args = [_b64(a if isinstance(a, bytes) else os.fsencode(a)) for a in argv]
-        line = self._request_line("exec", [f"{timeout:.3f}", *args], timeout + EXEC_GRACE,
-                                  exec_frame(max(output_limit, EXEC_OUTPUT_LIMIT)))
+        args = [f"{timeout:.3f}", *(_b64(a if isinstance(a, bytes) else os.fsencode(a)) for a in argv)]
+        frame = exec_frame(max(output_limit, EXEC_OUTPUT_LIMIT))
+        try:
+            line = self._request_line("run", args, timeout + EXEC_GRACE, frame, confirm=True)
+        except _Refused as e:
+            if not e.unknown_verb:
+                raise
+            # An agent from before `run`: it ran nothing, and runs `exec` on the request alone.
+            line = self._request_line("exec", args, timeout + EXEC_GRACE, frame, confirm=False)
         return _exec_result(line, output_limit)
 
     def sleep_prep(self, timeout: float = 30.0) -> None:
@@ -238,9 +255,29 @@ class AgentClient:
         raise GuestError(f"malformed answer to {verb} from guest agent: {fields[:3]!r}", _HINT)
 
     def _request_line(self, verb: str, args: list[str] | Callable[[], list[str]], timeout: float,
-                      limit: int) -> bytearray:
+                      limit: int, confirm: bool | None = None) -> bytearray:
         """One request; returns its answer line (at most `limit` bytes), refusals raised.
-        `args` may be a function, called right before the line is sent."""
+        `args` may be a function, called right before the line is sent.
+
+        An exec's (`confirm` not None): with `confirm`, the first answer must be `ready` and
+        the host then sends `go`; any failure once the command may have started (after `go`, or
+        after the request itself without `confirm`) is `ExecLost`."""
+        may_run: list[bool] = []  # (set once the guest may run the command)
+        try:
+            return self._exchange(verb, args, timeout, limit, confirm, may_run)
+        except _Refused:
+            raise  # (the agent ran nothing)
+        except GuestError as e:
+            if not may_run:
+                raise
+            how = ("the guest was told to start it" if confirm else
+                   "the request reached an agent that starts it at once (one from before `run`)")
+            raise ExecLost(f"the command's result was lost: {how}, then {e.message}",
+                           "it ran, or runs still: look at what it does before running it again"
+                           ) from e
+
+    def _exchange(self, verb: str, args: list[str] | Callable[[], list[str]], timeout: float,
+                  limit: int, confirm: bool | None, may_run: list[bool]) -> bytearray:
         deadline = time.monotonic() + timeout
         rid = _new_id()
         with self._lock:
@@ -256,7 +293,19 @@ class AgentClient:
                     self._drop()
                     self._connect(min(self.connect_timeout, max(_left(deadline), 0.001)))
                     self._send(line, deadline)
-                answer = self._read_line(deadline, limit, rid.encode().__eq__, {})
+                answer = None
+                if confirm:
+                    first = self._read_line(deadline, limit, rid.encode().__eq__, {})
+                    if first != f"{rid} ready".encode():
+                        answer = first  # (a refusal; or, from an odd agent, an answer)
+                    else:
+                        # Sent whole, or not at all: a line torn by a dropped connection is
+                        # dropped by the agent, and the command does not start.
+                        self._send(f"{rid} go", deadline)
+                if answer is None:
+                    if confirm is not None:
+                        may_run.append(True)
+                    answer = self._read_line(deadline, limit, rid.encode().__eq__, {})
             except _Timeout:
                 self._check_alive(f"while waiting for the answer to {verb}")
                 raise GuestError(
@@ -278,7 +327,7 @@ class AgentClient:
         if len(head) > 1 and head[1] == b"err":
             fields = _fields(answer[:MAX_LINE])
             msg = _unb64(fields[2]).decode(errors="replace") if len(fields) >= 3 else "?"
-            raise _Refused(f"guest agent refused {verb}: {printable(msg)}")
+            raise _Refused(f"guest agent refused {verb}: {printable(msg)}", msg)
         return answer
 
     def _check_alive(self, when: str) -> None:

@@ -18,7 +18,7 @@ from typing import Protocol
 from mvm.config.host import Host
 from mvm.errors import MvmError, NotFound, QuotaExceeded, RuntimeFailure, Superseded
 from mvm.lifecycle import admission as memory
-from mvm.lifecycle import observe, quota, specs
+from mvm.lifecycle import execs, observe, quota, specs
 from mvm.lifecycle.effects import EFFECTS
 from mvm.lifecycle.run import Progress, Run, noop
 from mvm.model import Action, Event, Instance, InstanceRef, Op, PoolRef, Reason, State, transition
@@ -112,6 +112,9 @@ def _run(ctx: Host, i: Instance, progress: Progress, reason: Reason, cause: str 
     assert i.op is not None
     run = Run(ctx, i, progress, reason, cause, fence)
     effect = EFFECTS[i.op.action]
+    if i.op.action in execs.STOPS_VCPUS and not execs.drain(ctx, i, progress):
+        progress("exec", f"going on after {execs.DRAIN_TIMEOUT:g} s: the execs still in flight"
+                         " report that their command's result was lost")
     try:
         return effect.do(run)
     except Superseded:

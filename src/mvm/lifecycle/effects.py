@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from mvm.config.host import Host
 from mvm.errors import GuestError, MvmError
-from mvm.lifecycle import netops, secrets_disk, specs
+from mvm.lifecycle import execs, netops, secrets_disk, specs
 from mvm.lifecycle.run import Progress, Run, noop
 from mvm.model import Action, Instance, Reason, State
 from mvm.runtime.base import SnapshotInfo, VmStatus
@@ -321,6 +321,7 @@ def _destroy_rest(run: Run) -> Instance:
         data.rename(dest)
     shutil.rmtree(specs.instance_dir(run.ctx.layout, i), ignore_errors=True)
     shutil.rmtree(run.ctx.layout.runtime_dir() / i.id, ignore_errors=True)
+    execs.forget(run.ctx, i)
     note = f" (data kept at {run.ctx.layout.tenant_dir(i.tenant) / kept})" if kept else ""
     run.store.remove_instance(i.id, run.event("instance.destroy", f"destroyed{note}"), fence=run.fence)
     return i

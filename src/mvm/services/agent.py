@@ -45,7 +45,7 @@ from pathlib import Path
 
 from mvm.config.host import Host
 from mvm.errors import Conflict, InvalidInput, MvmError, NotFound, QuotaExceeded, combined
-from mvm.lifecycle import create, observe, quota, specs
+from mvm.lifecycle import create, execs, observe, quota, specs
 from mvm.model import Event, Instance, Pool, PoolRef, Reason, State
 from mvm.network import plan as netplan
 from mvm.services import scale
@@ -392,6 +392,8 @@ class Agent:
         may_leave = len(running) - pool.min_running
         for seconds, i in idle:
             if first is None or seconds <= 0 or seconds < first or may_leave <= 0:
+                continue
+            if execs.in_flight(ctx, i):  # (a command waiting in it is work, not idleness)
                 continue
             may_leave -= 1
             target = State.WARM if pool.idle_warm is not None else State.SLEEPING

@@ -8,9 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mvm.config.host import Host
-from mvm.errors import IllegalTransition, MvmError, combined
+from mvm.errors import MvmError, combined
 from mvm.guest.agent_client import EXEC_OUTPUT_LIMIT, ExecResult, check_exec_limits
-from mvm.lifecycle import apply, observe, secrets_disk, specs
+from mvm.lifecycle import apply, execs, observe, secrets_disk, specs
 from mvm.lifecycle.run import Progress, noop
 from mvm.model import Action, Event, Instance, InstanceRef, Reason, State
 from mvm.runtime import console as console_log
@@ -35,19 +35,15 @@ def view(ctx: Host, ref: InstanceRef) -> View:
 
 def exec_(ctx: Host, ref: InstanceRef, argv: list[str], timeout: float = 60.0,
           output_limit: int = EXEC_OUTPUT_LIMIT) -> ExecResult:
+    """Run a command in a running instance. Every failure says whether the command started:
+    `errors.ExecLost` when it did (or may have), any other error when it did not. A warm,
+    sleep or stop of the instance waits for it (`lifecycle.execs`)."""
     check_exec_limits(timeout, output_limit)
-    i = ctx.store.instance(ref.tenant, ref.pool, ref.instance)
-    if i.state is not State.RUNNING:
-        hint = {State.WARM: f"resume it first: `mvm instance resume {ref}`, or exec through the agent"
-                            " (`--agent`), which resumes it",
-                State.SLEEPING: f"wake it first: `mvm instance wake {ref}`, or exec through the agent"
-                                " (`--agent`), which wakes it"}.get(
-                    i.state, f"start it first: `mvm instance start {ref}`")
-        raise IllegalTransition(f"cannot exec in {ref}: it is {i.state.value}", hint)
-    assert i.revision
-    rt = specs.runtime(ctx, i)
-    with rt.agent(specs.control_spec(ctx.layout, i)) as ag:
-        return ag.exec(argv, timeout=timeout, output_limit=output_limit)
+    with execs.running(ctx, ref) as i:
+        assert i.revision
+        rt = specs.runtime(ctx, i)
+        with rt.agent(specs.control_spec(ctx.layout, i)) as ag:
+            return ag.exec(argv, timeout=timeout, output_limit=output_limit)
 
 
 def console(ctx: Host, ref: InstanceRef) -> bytes:

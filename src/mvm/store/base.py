@@ -137,6 +137,14 @@ class Locks(Protocol):
     def lock(self, name: str, timeout: float = 600.0,
              waiting: Waiting | None = None) -> AbstractContextManager[Lease]: ...
 
+    def shared(self, name: str, timeout: float = 5.0) -> AbstractContextManager[None]:
+        """A lease many may hold at once (an exec in flight)."""
+        ...
+
+    def drained(self, name: str, timeout: float, waiting: Waiting | None = None) -> bool:
+        """Wait, at most `timeout`, until no `shared` lease of `name` is held; False if some are."""
+        ...
+
     def remove(self, name: str) -> None:
         """Forget a lock of something destroyed (the caller holds it). Its tokens go on
         growing: a later lock of the same name never repeats a token."""

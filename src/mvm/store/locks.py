@@ -85,6 +85,51 @@ class FileLocks:
         finally:
             os.close(fd)
 
+    @contextlib.contextmanager
+    def shared(self, name: str, timeout: float = 5.0) -> Iterator[None]:
+        """A shared lease: any number of holders at once; `drained` waits until none is left.
+        (Refused after `timeout` only while a `drained` holds it, which is for a moment.)"""
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(self._path(name), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise Conflict(f"{name} is busy", "wait for it to finish and retry") from None
+                    time.sleep(0.01)
+            yield
+        finally:
+            os.close(fd)
+
+    def drained(self, name: str, timeout: float, waiting: Waiting | None = None) -> bool:
+        """Wait until nobody holds a `shared` lease of `name`, at most `timeout` seconds;
+        False if some still do then."""
+        try:
+            fd = os.open(self._path(name), os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return True  # never held
+        try:
+            start = time.monotonic()
+            told = False
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    return True
+                except BlockingIOError:
+                    waited = time.monotonic() - start
+                    if waited >= timeout:
+                        return False
+                    if waiting is not None and not told and waited >= min(TELL_AFTER, timeout):
+                        waiting(f"waiting for {name} (at most {timeout:g} s)")
+                        told = True
+                    time.sleep(0.05)
+        finally:
+            os.close(fd)
+
     def remove(self, name: str) -> None:
         self._path(name).unlink(missing_ok=True)
 
