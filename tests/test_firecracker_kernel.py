@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from mvm.build import kernel, outputs
-from mvm.build.outputs import KernelNotForFirecracker, check_firecracker_kernel
 from mvm.errors import BuildFailed
 from mvm.guest.layout import _has_interp
+from mvm.image import kernel, outputs
+from mvm.image.outputs import KernelNotForFirecracker, check_firecracker_kernel
 from tests.conftest import ASSETS_HOME, needs_assets
 
 SHIPPED = ASSETS_HOME / "kernel" / "vmlinux"

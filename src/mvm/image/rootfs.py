@@ -11,7 +11,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from mvm.build import outputs
+from mvm.image import outputs
 from mvm.util import private, proc
 
 # Bump when the layout of the image changes, so revisions built by an older packer differ.
