@@ -26,8 +26,9 @@ from pathlib import Path
 
 from mvm.errors import GuestError, RuntimeFailure
 from mvm.guest.agent_client import ExecResult
-from mvm.runtime.base import Progress, Runtime, SnapshotInfo, VmSpec, VmStatus
+from mvm.runtime.base import Runtime, SnapshotInfo, VmSpec, VmStatus
 from mvm.util import pids, private
+from mvm.util.progress import StepTimes
 
 MEMORY = "memory.json"
 
@@ -121,7 +122,7 @@ class FakeRuntime(Runtime):
         self.pid_file(spec).unlink(missing_ok=True)
 
     # -- the interface
-    def boot(self, spec: VmSpec, progress: Progress | None = None) -> None:
+    def boot(self, spec: VmSpec, progress: StepTimes | None = None) -> None:
         for d in spec.disks:
             if not d.path.is_file():
                 raise RuntimeFailure(f"{spec.name}: disk {d.id!r} {d.path} does not exist")
@@ -151,7 +152,7 @@ class FakeRuntime(Runtime):
             return VmStatus.GONE
         return VmStatus(self._vm(spec)["status"])
 
-    def snapshot(self, spec: VmSpec, snap_dir: Path, progress: Progress | None = None) -> SnapshotInfo:
+    def snapshot(self, spec: VmSpec, snap_dir: Path, progress: StepTimes | None = None) -> SnapshotInfo:
         self._need(spec)
         vm = self._vm(spec)
         if vm["status"] not in ("running", "paused"):
@@ -166,7 +167,7 @@ class FakeRuntime(Runtime):
         self._kill(spec)
         return info
 
-    def restore(self, spec: VmSpec, snap_dir: Path, progress: Progress | None = None) -> None:
+    def restore(self, spec: VmSpec, snap_dir: Path, progress: StepTimes | None = None) -> None:
         if not SnapshotInfo.committed(snap_dir):
             raise RuntimeFailure(f"no committed snapshot in {snap_dir}")
         SnapshotInfo.load(snap_dir).check_matches(spec, self.name)

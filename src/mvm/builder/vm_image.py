@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from typing import Any
 from mvm.errors import CommandFailed, HostUnsupported, NotFound
 from mvm.image import rootfs
 from mvm.util import proc
+from mvm.util.progress import Progress
 
 #: Bump when what goes into the image changes in a way the hashed files below do not show.
 RECIPE_VERSION = 1
@@ -35,7 +35,6 @@ IMAGE = "rootfs.ext4"
 MANIFEST = "manifest.json"
 DATA = Path(__file__).resolve().parent.parent / "data"
 FIXED_MTIME = rootfs.FIXED_MTIME
-Progress = Callable[[str, str], None]
 
 # The builder's PID 1 (after the initrd). Disks, in device order: the image (read-only), the
 # input (a tar the host made), the package set's store paths (`nix-store --export`), the

@@ -23,8 +23,8 @@ from mvm.image import nix, offline_nixpkgs, outputs, revdir, revision, rootfs, s
 from mvm.model import Pool, Revision
 from mvm.util import private
 from mvm.util.hashing import file_sha256
+from mvm.util.progress import Progress
 
-Progress = Callable[[str, str], None]  # (step, message)
 #: `room(needed_bytes)`: raises when a new revision of that size would not fit the tenant's
 #: disk quota or the host's free space (lifecycle.quota.check_build, given by the caller).
 Room = Callable[[int], None]

@@ -27,8 +27,8 @@ from mvm.image import archive
 from mvm.lifecycle import netops
 from mvm.model import Pool, Revision
 from mvm.runtime.base import Disk, NetIf, VmSpec
+from mvm.util.progress import Progress
 
-Progress = Callable[[str, str], None]
 #: `room(needed_bytes, record)`: raises QuotaExceeded when a revision of that size would not fit
 #: the tenant's disk quota or the host's free space (`lifecycle.quota.check_build`).
 Room = Callable[[int, bool], None]

@@ -15,12 +15,12 @@ from mvm.config.paths import Layout
 from mvm.config.settings import Settings
 from mvm.errors import CommandFailed
 from mvm.util import proc
+from mvm.util.progress import Progress
 
 if TYPE_CHECKING:
     from mvm.runtime.jail import Verdict
 
 DATA = Path(__file__).resolve().parent.parent / "data"
-Progress = Callable[[str, str], None]
 
 
 def internet_reachable(host: str = "github.com", timeout: float = 3.0) -> bool:
