@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from mvm.build import archive, pipeline
 from mvm.errors import QuotaExceeded
+from mvm.image import archive, pipeline
 from mvm.lifecycle import disks, quota
 from mvm.model import Instance, Pool, PoolRef, Quotas, Revision, State
 from mvm.services import pools, tenants

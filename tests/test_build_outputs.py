@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from mvm.build import outputs, rootfs
 from mvm.guest.layout import install_guest_files
+from mvm.image import outputs, rootfs
 
 
 def snapshot(*dirs: Path) -> dict[str, tuple[int, int, bytes | str | None]]:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from mvm.build import source
 from mvm.config.paths import Layout
+from mvm.image import source
 from tests.conftest import FIXTURES, Mvm
 
 GOOD_INPUTS = [
@@ -348,21 +348,21 @@ def test_the_builder_vm_gets_a_local_flake_only_after_its_inputs_are_checked(
         tmp_path: Path, layout: Layout, name: str) -> None:
     """The builder microVM's input disk is made from a flake whose inputs the host checked
     first, as for the host builder (issue 16 item 4): no disk is made for one naming a host path."""
-    from mvm.build import builder_image, vm_build
+    from mvm.builder import on_host, vm_image
     from mvm.model import Pool
 
     (layout.kernel_dir()).mkdir(parents=True)
     (layout.kernel_dir() / "vmlinux").write_bytes(b"\x7fELF\x02")
-    image = builder_image.BuilderInfo(tmp_path / "img", "v1", "", {}, 0, "", 0.0)
+    image = vm_image.BuilderInfo(tmp_path / "img", "v1", "", {}, 0, "", 0.0)
     net = {"address": "10.0.0.2/24", "gateway": "10.0.0.1", "dns": []}
     victim = layout.tenant_dir("victim")
     d = flake(tmp_path / "f", BAD_INPUTS[name].replace("@VICTIM@", str(victim)))
     ref = source.check_ref(str(d), layout)
     pool = Pool("acme", "w", ref, "p", 1, 256, flake_id=source.identity(ref))
     with pytest.raises(source.SourceRefused) as e:
-        vm_build.prepare(layout, "", pool, image, net)
+        on_host.prepare(layout, "", pool, image, net)
     assert "\n" not in e.value.line()
-    assert not list(vm_build.workdir(layout, pool).glob("run-*"))  # nothing of it stays
+    assert not list(on_host.workdir(layout, pool).glob("run-*"))  # nothing of it stays
     (d / "flake.nix").write_text(GOOD_INPUTS[0])  # the guide's flake: its input disk is made
-    prep = vm_build.prepare(layout, "", pool, image, net)
+    prep = on_host.prepare(layout, "", pool, image, net)
     assert prep.input.is_file() and prep.source is not None

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from mvm.build import archive
 from mvm.config.paths import Layout
+from mvm.image import archive
 from tests.conftest import Mvm, _kill_guests_of, instances_by_state, needs_assets, sh
 from tests.test_build_hostile import debugfs_ls, make_victim, modes, store_holds
 
@@ -294,6 +294,53 @@ def test_output_archive_round_trip_and_kernel_formats(tmp_path: Path) -> None:
     (tmp_path / "sh").write_bytes(b"#!/bin/sh\n" + b"\0" * 1024)
     with pytest.raises(archive.BadOutput, match="neither an ELF vmlinux nor a bzImage"):
         archive.check_kernel(tmp_path / "sh")
+
+
+def test_the_input_disk_carries_the_job_under_the_name_the_builder_image_runs(tmp_path: Path) -> None:
+    """The builder image's /mvm/init (its text is in the recipe, so installed images keep it)
+    runs `python3 -m mvm.build.vm_job`: the input disk's code alone (standard library besides)
+    reaches the job, now `mvm.builder.in_guest`, under that name, and every mvm module the
+    shipped ones import (inside functions too) is shipped."""
+    import ast
+    import re
+    import tarfile
+
+    from mvm.builder import on_host, vm_image
+    from mvm.image import source
+    from mvm.model import Pool
+
+    layout = Layout(tmp_path / "home", tmp_path / "run")
+    layout.kernel_dir().mkdir(parents=True)
+    (layout.kernel_dir() / "vmlinux").write_bytes(b"\x7fELF\x02")
+    (tmp_path / "f").mkdir()
+    (tmp_path / "f" / "flake.nix").write_text("{ outputs = _: { }; }")
+    ref = source.check_ref(str(tmp_path / "f"), layout)
+    pool = Pool("acme", "w", ref, "p", 1, 256, flake_id=source.identity(ref))
+    image = vm_image.BuilderInfo(tmp_path / "img", "v1", "", {}, 0, "", 0.0)
+    net = {"address": "10.0.0.2/24", "gateway": "10.0.0.1", "dns": []}
+    prep = on_host.prepare(layout, "", pool, image, net)
+    indir = tmp_path / "in"
+    with tarfile.open(prep.input) as tar:
+        tar.extractall(indir, filter="data")
+    run = re.search(r"python3 -m (\S+) /tmp/in", vm_image.INIT)
+    assert run is not None
+    env = {"PYTHONPATH": str(indir / "lib"), "PATH": os.environ["PATH"]}  # -S: no site-packages
+    r = subprocess.run([sys.executable, "-S", "-m", run.group(1), str(tmp_path / "no-input")],
+                       env=env, cwd=indir, capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0  # reached the job's main, which found no job.json in that directory
+    assert "lib/mvm/builder/in_guest.py" in r.stderr and "no-input/job.json" in r.stderr, r.stderr
+    lib = indir / "lib"
+    missing = []
+    for f in sorted(lib.rglob("*.py")):  # imports inside functions too (the job's are lazy)
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("mvm"):
+                base = lib.joinpath(*node.module.split("."))  # a name of a module, or a module
+                missing += [f"{f.relative_to(lib)}: {node.module}.{a.name}" for a in node.names
+                            if not base.with_suffix(".py").is_file() and not (base / f"{a.name}.py").is_file()]
+            elif isinstance(node, ast.Import):
+                missing += [f"{f.relative_to(lib)}: {a.name}" for a in node.names if a.name.startswith("mvm")
+                            and not lib.joinpath(*a.name.split(".")).with_suffix(".py").is_file()]
+    assert missing == []
 
 
 # -- hostile flakes through the builder microVM -----------------------------------------------

@@ -184,7 +184,7 @@ def test_note_helper(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_steps_helper(capsys: pytest.CaptureFixture[str]) -> None:
-    steps = output.Steps(f"build {MARKUP}")
+    steps = output.StepPrinter(f"build {MARKUP}")
     steps(MARKUP, "…")
     steps(MARKUP, f"done {MARKUP}")
     steps("kernel", f"/nix/store/{MARKUP}")

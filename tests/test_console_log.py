@@ -17,7 +17,7 @@ import pytest
 
 from mvm.errors import GuestError
 from mvm.runtime import console
-from mvm.runtime.base import Disk, Steps, VmSpec
+from mvm.runtime.base import Disk, UndoSteps, VmSpec
 from mvm.runtime.qemu import QemuRuntime
 from mvm.util.text import printable
 
@@ -134,7 +134,7 @@ def test_a_failed_wake_shows_its_own_console_and_the_hint_on_a_line_of_its_own(t
     log = rt.console_log(spec)
     spec.run_dir.mkdir()
     hypervisor_writes(log, b"".join(b"boot line %d\n" % n for n in range(8)) + b"login:\n")
-    with Steps("restore", None) as steps:
+    with UndoSteps("restore", None) as steps:
         rt._prepare_run_dir(spec, steps, fresh=False)
     hypervisor_writes(log, b"restored: clocksource unstable\n")
     with pytest.raises(GuestError) as e:

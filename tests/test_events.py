@@ -75,7 +75,7 @@ def test_builds_and_rollbacks_are_events_with_duration_and_cause(
         world: World, monkeypatch: pytest.MonkeyPatch) -> None:
     """The build pipeline replaced by a stub that takes 0.2 s (what is under test is the
     bookkeeping around it)."""
-    from mvm.build import pipeline
+    from mvm.image import pipeline
 
     ref = PoolRef("acme", "w")
     outcome: list[BaseException | None] = [None]

@@ -437,7 +437,7 @@ def test_doctor_shows_firecracker_and_jailer_or_their_absence(mvm: Mvm) -> None:
 
 @pytest.mark.parametrize("backend", ["firecracker", "qemu"])
 def test_a_bzimage_only_revision_is_refused_for_a_firecracker_pool(world: World, backend: str) -> None:
-    from mvm.build.outputs import KernelNotForFirecracker
+    from mvm.image.outputs import KernelNotForFirecracker
     from mvm.services import pools
 
     w = world

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from mvm.build import kernel, outputs
-from mvm.build.outputs import KernelNotForFirecracker, check_firecracker_kernel
 from mvm.errors import BuildFailed
 from mvm.guest.layout import _has_interp
+from mvm.image import kernel, outputs
+from mvm.image.outputs import KernelNotForFirecracker, check_firecracker_kernel
 from tests.conftest import ASSETS_HOME, needs_assets
 
 SHIPPED = ASSETS_HOME / "kernel" / "vmlinux"
@@ -176,3 +176,50 @@ def test_a_module_that_does_not_build_is_one_line(tmp_path: Path) -> None:
                                           tmp_path / "no-headers", tmp_path)
     assert e.value.line().startswith("cannot build the mvm_mmio_cmdline kernel module: ")
     assert "\n" not in e.value.line()
+
+
+def _newc(raw: bytes) -> dict[str, bytes]:
+    """The files of a "newc" cpio archive, by path."""
+    entries, off = {}, 0
+    while True:
+        fields = [int(raw[off + 6 + 8 * i:off + 14 + 8 * i], 16) for i in range(13)]
+        namesize, filesize = fields[11], fields[6]
+        name = raw[off + 110:off + 110 + namesize - 1].decode()
+        off += 110 + namesize + (-(110 + namesize) % 4)
+        if name == "TRAILER!!!":
+            return entries
+        entries[name] = raw[off:off + filesize]
+        off += filesize + (-filesize % 4)
+
+
+@needs_assets("kernel")
+def test_the_installed_initrd_is_what_mvm_builds_from_its_parts(tmp_path: Path) -> None:
+    """The initrd's /init is a data file (mvm/data/kernel) filled in by `render_init`: from the
+    installed initrd's own modules, BusyBox, relay and module, mvm builds now the very bytes
+    installed (whose hash every revision with the default kernel covers)."""
+    import gzip
+    import json
+
+    installed = ASSETS_HOME / "kernel" / "initrd"
+    manifest = json.loads((ASSETS_HOME / "kernel" / "manifest.json").read_text())
+    if manifest["builder"] != kernel.BUILDER_VERSION:
+        pytest.skip("the installed kernel was made by another version of mvm's kernel builder")
+    files = _newc(gzip.decompress(installed.read_bytes()))
+    kver = manifest["kernel_version"]
+
+    def part(name: str) -> Path:
+        p = tmp_path / name.replace("/", "_")
+        p.write_bytes(files[name])
+        return p
+
+    init = files["init"].decode()
+    loads = [ln.split()[1] for ln in init.splitlines() if ln.startswith("load ")]
+    optional = [ln.split()[1] for ln in init.splitlines() if ln.startswith("asked ") and " load " in ln]
+    modules = [(n, part(f"lib/modules/{kver}/{n}.ko")) for n in loads]
+    assert [n for n, _ in modules] == manifest["modules"] and modules
+    rebuilt = kernel.build_initrd(
+        kver, modules, part("bin/busybox"),
+        optional=[(n, part(f"lib/modules/{kver}/{n}.ko")) for n in optional],
+        vsock_relay=part("bin/vsock-relay"),
+        mmio_cmdline=part(f"lib/modules/{kver}/{kernel.MMIO_CMDLINE_MODULE}.ko"))
+    assert rebuilt == installed.read_bytes()

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from mvm.build.kernel import KernelInfo, install_default_kernel
 from mvm.errors import GuestError
+from mvm.image.kernel import KernelInfo, install_default_kernel
 from tests.conftest import Mvm, instances_by_state, needs_assets, sh
 from tests.test_guest_boot import SECRETS, Guest, make_rootfs, make_secrets, mkfs, wait_for
 from tests.test_instances import setup_pool

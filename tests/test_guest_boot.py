@@ -22,10 +22,10 @@ from pathlib import Path
 
 import pytest
 
-from mvm.build.kernel import KernelInfo, install_default_kernel
 from mvm.errors import GuestError
 from mvm.guest.agent_client import AGENT_PORT_NAME, AgentClient
 from mvm.guest.layout import install_guest_files
+from mvm.image.kernel import KernelInfo, install_default_kernel
 
 pytestmark = [
     pytest.mark.guest,

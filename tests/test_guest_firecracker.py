@@ -33,10 +33,10 @@ from pathlib import Path
 
 import pytest
 
-from mvm.build.kernel import KernelInfo, install_default_kernel, modinfo
-from mvm.build.outputs import check_firecracker_kernel
 from mvm.guest.agent_client import AgentClient
 from mvm.guest.channels import VSOCK_AGENT_PORT, VsockChannel
+from mvm.image.kernel import KernelInfo, install_default_kernel, modinfo
+from mvm.image.outputs import check_firecracker_kernel
 from tests.test_guest_boot import Guest, make_rootfs
 
 pytestmark = [

@@ -52,7 +52,7 @@ def test_two_builds_of_one_pool_at_once_are_safe(mvm: Mvm) -> None:
 
 
 def test_every_debian_package_mvm_copies_from_is_installed_by_make() -> None:
-    from mvm.build.offline_nixpkgs import DEBIAN_PACKAGES
+    from mvm.image.offline_nixpkgs import DEBIAN_PACKAGES
 
     listed = {ln.split()[0] for ln in (REPO / "deps" / "apt.txt").read_text().splitlines()
               if ln.strip() and not ln.startswith("#")}

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from mvm.build.kernel import KernelInfo
 from mvm.errors import RuntimeFailure
+from mvm.image.kernel import KernelInfo
 from mvm.runtime import jail
 from mvm.runtime.base import JailIds, VmSpec, VmStatus
 from mvm.runtime.qemu import QemuRuntime

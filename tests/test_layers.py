@@ -1,6 +1,6 @@
 """The package layout shows the architecture: dependencies point one way (docs/ARCHITECTURE.md).
 
-model ← config/util ← store/build/network/guest/runtime ← lifecycle ← services ← cli, api.
+model ← config/util ← store/image/builder/network/guest/runtime ← lifecycle ← services ← cli, api.
 Imports only for type hints (under `if TYPE_CHECKING:`) do not count.
 """
 
@@ -13,15 +13,17 @@ SRC = Path(__file__).resolve().parent.parent / "src" / "mvm"
 LAYER = {
     "errors": 0, "model": 0,
     "config": 1, "util": 1,
-    "store": 2, "build": 2, "network": 2, "guest": 2, "runtime": 2,
+    "store": 2, "image": 2, "builder": 2, "network": 2, "guest": 2, "runtime": 2,
     "lifecycle": 3,
     "services": 4,
     "cli": 5, "api": 5,
 }
-# Within layer 2, what may use what (guest channels are how a runtime reaches its guest);
+# Within layer 2, what may use what (guest channels are how a runtime reaches its guest; the
+# builder microVM's host and guest sides run the image pipeline's code);
 # within layer 5, only `mvm agent serve` starting the API's server: otherwise the CLI and the
 # API are two edges over the same services.
-SIDEWAYS = {("runtime", "guest"), ("network", "runtime"), ("build", "guest"), ("cli", "api")}
+SIDEWAYS = {("runtime", "guest"), ("network", "runtime"), ("image", "guest"), ("builder", "image"),
+            ("builder", "guest"), ("cli", "api")}
 
 
 def _imports(tree: ast.Module) -> list[str]:

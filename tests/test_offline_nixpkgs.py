@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from mvm.build import nix as mvm_nix
-from mvm.build import offline_nixpkgs
 from mvm.errors import CommandFailed, HostUnsupported, InvalidInput
+from mvm.image import nix as mvm_nix
+from mvm.image import offline_nixpkgs
 from mvm.util import proc
 
 REPO = Path(__file__).resolve().parent.parent

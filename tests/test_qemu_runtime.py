@@ -19,15 +19,15 @@ from pathlib import Path
 
 import pytest
 
-from mvm.build.kernel import (
+from mvm.errors import GuestError, RuntimeFailure
+from mvm.guest.agent_client import AgentClient
+from mvm.guest.layout import install_guest_files
+from mvm.image.kernel import (
     KernelInfo,
     KernelInstallFailed,
     install_default_kernel,
     load_kernel,
 )
-from mvm.errors import GuestError, RuntimeFailure
-from mvm.guest.agent_client import AgentClient
-from mvm.guest.layout import install_guest_files
 from mvm.runtime.base import MANIFEST, Disk, NetIf, SnapshotInfo, VmSpec, VmStatus
 from mvm.runtime.qemu import QemuRuntime
 from mvm.runtime.qmp import Qmp

@@ -1,4 +1,4 @@
-"""Steps: named, timed, and on failure undone once, in reverse."""
+"""UndoSteps: named, timed, and on failure undone once, in reverse."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import time
 import pytest
 
 from mvm.errors import RuntimeFailure
-from mvm.runtime.base import Steps
+from mvm.runtime.base import UndoSteps
 
 
 class FakeClock:
@@ -33,7 +33,7 @@ def test_success_runs_in_order_reports_timings_and_keeps_everything() -> None:
         clock.take(seconds)
         return value
 
-    with Steps("boot", lambda name, took: reported.append((name, took)), clock=clock) as s:
+    with UndoSteps("boot", lambda name, took: reported.append((name, took)), clock=clock) as s:
         clock.take(0.5)  # between steps: counts in the total, not in any step
         assert s.run("spawn", lambda: step("spawn", 1.5, 1)) == 1
         s.on_undo("spawn", lambda: log.append("undo spawn"))
@@ -47,7 +47,7 @@ def test_success_runs_in_order_reports_timings_and_keeps_everything() -> None:
 
 def test_default_clock_measures_wall_time() -> None:
     reported: list[tuple[str, float]] = []
-    with Steps("boot", lambda name, took: reported.append((name, took))) as s:
+    with UndoSteps("boot", lambda name, took: reported.append((name, took))) as s:
         s.run("nap", lambda: time.sleep(0.05))
     [(name, took)] = reported
     assert name == "nap" and 0.05 <= took < 2
@@ -60,7 +60,7 @@ def test_failure_undoes_in_reverse_once_and_propagates() -> None:
     def fail() -> None:
         raise RuntimeFailure("spawn failed")
 
-    s = Steps("boot")
+    s = UndoSteps("boot")
     with pytest.raises(RuntimeFailure, match="spawn failed"), s:
         s.run("dir", lambda: log.append("dir"))
         s.on_undo("dir", lambda: log.append("undo dir"))
@@ -81,7 +81,7 @@ def test_undo_registered_before_a_failing_step_runs() -> None:
         s.on_undo("spawn", lambda: log.append("kill"))
         raise TimeoutError("timed out")
 
-    s = Steps("boot")
+    s = UndoSteps("boot")
     with pytest.raises(TimeoutError), s:
         s.run("spawn", spawn)
     assert log == ["kill"]
@@ -93,7 +93,7 @@ def test_a_failing_undo_does_not_hide_the_error_or_stop_the_others() -> None:
     def bad_undo() -> None:
         raise OSError("busy")
 
-    s = Steps("restore")
+    s = UndoSteps("restore")
     with pytest.raises(RuntimeFailure) as e, s:
         s.on_undo("first", lambda: log.append("undo first"))
         s.on_undo("second", bad_undo)
@@ -105,7 +105,7 @@ def test_a_failing_undo_does_not_hide_the_error_or_stop_the_others() -> None:
 
 def test_interrupt_also_undoes() -> None:
     log: list[str] = []
-    s = Steps("boot")
+    s = UndoSteps("boot")
     with pytest.raises(KeyboardInterrupt), s:
         s.on_undo("x", lambda: log.append("undo x"))
         raise KeyboardInterrupt

@@ -74,8 +74,8 @@ def line(name: str, value: str) -> None:
 
 
 def bench_build(h: Home) -> None:
-    from mvm.build import nix, rootfs
     from mvm.guest.layout import install_guest_files
+    from mvm.image import nix, rootfs
 
     print("image pipeline")
     h.mvm("tenant", "create", "bench")

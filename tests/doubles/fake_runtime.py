@@ -33,8 +33,9 @@ from pathlib import Path
 from mvm.errors import ExecLost, GuestError, RuntimeFailure
 from mvm.guest.agent_client import ExecResult
 from mvm.runtime import base
-from mvm.runtime.base import Progress, Runtime, SnapshotInfo, VmSpec, VmStatus
+from mvm.runtime.base import Runtime, SnapshotInfo, VmSpec, VmStatus
 from mvm.util import pids, private
+from mvm.util.progress import StepTimes
 
 MEMORY = "memory.json"
 
@@ -146,7 +147,7 @@ class FakeRuntime(Runtime):
         self.pid_file(spec).unlink(missing_ok=True)
 
     # -- the interface
-    def boot(self, spec: VmSpec, progress: Progress | None = None) -> None:
+    def boot(self, spec: VmSpec, progress: StepTimes | None = None) -> None:
         for d in spec.disks:
             if not d.path.is_file():
                 raise RuntimeFailure(f"{spec.name}: disk {d.id!r} {d.path} does not exist")
@@ -174,7 +175,7 @@ class FakeRuntime(Runtime):
             return VmStatus.GONE
         return VmStatus(self._answer(spec)["status"])
 
-    def snapshot(self, spec: VmSpec, snap_dir: Path, progress: Progress | None = None) -> SnapshotInfo:
+    def snapshot(self, spec: VmSpec, snap_dir: Path, progress: StepTimes | None = None) -> SnapshotInfo:
         vm = self._answer(spec)
         if vm["status"] not in ("running", "paused"):
             raise RuntimeFailure(f"cannot snapshot {spec.name} while it is {vm['status']}")
@@ -188,7 +189,7 @@ class FakeRuntime(Runtime):
         self._kill(spec)
         return info
 
-    def restore(self, spec: VmSpec, snap_dir: Path, progress: Progress | None = None) -> None:
+    def restore(self, spec: VmSpec, snap_dir: Path, progress: StepTimes | None = None) -> None:
         if not SnapshotInfo.committed(snap_dir):
             raise RuntimeFailure(f"no committed snapshot in {snap_dir}")
         SnapshotInfo.load(snap_dir).check_matches(spec, self.name)

@@ -179,7 +179,7 @@ def _check_type(kind: Any, value: object, key: str) -> None:
 def _is_elf64(path: Path) -> str | None:
     """Why Firecracker's x86-64 ELF loader would refuse the kernel, or None."""
     try:
-        from mvm.build.outputs import check_firecracker_kernel
+        from mvm.image.outputs import check_firecracker_kernel
     except ImportError:
         check_firecracker_kernel = None
     if check_firecracker_kernel is not None:

@@ -50,8 +50,8 @@ def note(line: str) -> None:
     err.print(Text(line))
 
 
-class Steps:
-    """Progress for long work: one line per step with its duration."""
+class StepPrinter:
+    """A long command's `Progress` on stderr: one line per step with its duration."""
 
     def __init__(self, what: str) -> None:
         self.what = what
@@ -68,3 +68,6 @@ class Steps:
             return
         took = now - self.started.pop(step)
         err.print(Text.assemble((self.what, "dim"), f" {step}: {message} ", (f"({took:.2f}s)", "dim")))
+
+
+Steps = StepPrinter  # the old name, still used by cli/main.py (being split by another change)

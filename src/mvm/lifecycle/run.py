@@ -12,9 +12,9 @@ from mvm.lifecycle import specs
 from mvm.model import Event, Instance, Op, Reason, State
 from mvm.runtime.base import Runtime, VmSpec
 from mvm.store.base import Lease
+from mvm.util.progress import Progress
 
 T = TypeVar("T")
-Progress = Callable[[str, str], None]
 
 
 def noop(step: str, message: str) -> None:

@@ -19,9 +19,9 @@ import stat
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from mvm.build import rootfs
 from mvm.config.paths import Layout
 from mvm.errors import InvalidInput
+from mvm.image import rootfs
 from mvm.util import private
 
 # Fixed, so a snapshot's device geometry matches the image re-delivered at wake.

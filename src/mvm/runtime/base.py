@@ -22,14 +22,13 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from mvm.errors import RuntimeFailure
 from mvm.util import private
+from mvm.util.progress import StepTimes
 
 if TYPE_CHECKING:
     from mvm.guest.agent_client import AgentClient
 
 T = TypeVar("T")
 
-#: Called after each named step of boot/restore/snapshot with the step's wall time.
-Progress = Callable[[str, float], None]
 #: Removes what one step created. Must be safe to call when that thing is already gone.
 Undo = Callable[[], None]
 
@@ -250,7 +249,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-class Steps:
+class UndoSteps:
     """An ordered run of named steps; what they created is undone, once, in reverse, on failure.
 
     Use as a context manager. Each step returns its value; `on_undo` registers how to remove
@@ -259,7 +258,7 @@ class Steps:
     recorded as a note on the original exception instead of hiding it.
     """
 
-    def __init__(self, what: str, progress: Progress | None = None, *,
+    def __init__(self, what: str, progress: StepTimes | None = None, *,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.what = what
         self.progress = progress
@@ -292,7 +291,7 @@ class Steps:
                 if error is not None:
                     error.add_note(f"while undoing {self.what} step {name!r}: {e}")
 
-    def __enter__(self) -> Steps:
+    def __enter__(self) -> UndoSteps:
         return self
 
     def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
@@ -300,6 +299,12 @@ class Steps:
             self.rollback(exc)
         else:
             self._undos.clear()
+
+
+# The old names, still used by runtime/qemu.py, runtime/firecracker.py and runtime/rundir.py
+# (being split into packages by another change): drop them once those use the names above.
+Progress = StepTimes
+Steps = UndoSteps
 
 
 class Runtime(ABC):
@@ -312,7 +317,7 @@ class Runtime(ABC):
     maps_snapshot_while_running: bool = False
 
     @abstractmethod
-    def boot(self, spec: VmSpec, progress: Progress | None = None) -> None:
+    def boot(self, spec: VmSpec, progress: StepTimes | None = None) -> None:
         """Start a fresh VM. Returns once the hypervisor runs the guest; the caller then waits
         for the guest agent. On failure nothing is left behind (process, socket or file)."""
 
@@ -326,13 +331,13 @@ class Runtime(ABC):
 
     @abstractmethod
     def snapshot(self, spec: VmSpec, snap_dir: Path,
-                 progress: Progress | None = None) -> SnapshotInfo:
+                 progress: StepTimes | None = None) -> SnapshotInfo:
         """Pause if needed, save memory and device state into snap_dir with a manifest, then
         end the hypervisor process (freeing its RAM). The caller syncs the guest's disks first.
         On failure the VM is left as it was (running or paused) and no manifest is written."""
 
     @abstractmethod
-    def restore(self, spec: VmSpec, snap_dir: Path, progress: Progress | None = None) -> None:
+    def restore(self, spec: VmSpec, snap_dir: Path, progress: StepTimes | None = None) -> None:
         """Start a new process with identical devices and load the snapshot, leaving the vCPUs
         paused: the guest runs only at `resume`, so the caller can first record that the
         snapshot is consumed. Disks must be exactly as at snapshot time. On failure nothing is

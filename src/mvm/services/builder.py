@@ -3,7 +3,7 @@
 The VM is booted through the runtime interface like an instance (nothing here is
 QEMU-specific): block devices only, and it is destroyed — process, sockets, run directory,
 TAP and its disks but the pool's store — whether the build succeeds, fails, times out or is
-interrupted. It has no network, except when it must fetch (`vm_build.needs_network`: a URL
+interrupted. It has no network, except when it must fetch (`on_host.needs_network`: a URL
 ref, which only the builder fetches, or no offline package set): then an egress-only TAP on
 its tenant's own network for the run (`netops.builder_up`).
 Its console (the build job's step lines and Nix's log, bounded) streams as
@@ -20,14 +20,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from mvm.build import archive, builder_image, vm_build
+from mvm.builder import on_host, vm_image
 from mvm.config.host import Host
 from mvm.errors import BuildFailed, InvalidInput
+from mvm.image import archive
 from mvm.lifecycle import netops
 from mvm.model import Pool, Revision
 from mvm.runtime.base import Disk, NetIf, VmSpec
+from mvm.util.progress import Progress
 
-Progress = Callable[[str, str], None]
 #: `room(needed_bytes, record)`: raises QuotaExceeded when a revision of that size would not fit
 #: the tenant's disk quota or the host's free space (`lifecycle.quota.check_build`).
 Room = Callable[[int, bool], None]
@@ -35,7 +36,7 @@ POLL = 0.2
 #: How often a running builder's disks are measured against the quota (seconds).
 DISK_WATCH = 1.0
 #: The console may exceed the job's own log limit by kernel messages and step lines only.
-CONSOLE_LIMIT = 2 * vm_build.LOG_LIMIT + 64 * 1024
+CONSOLE_LIMIT = 2 * on_host.LOG_LIMIT + 64 * 1024
 MIN_MEM, MAX_MEM = 512, 16384
 MAX_CPUS = 8
 CMDLINE = "root=/dev/vda mvm.rootwait=30"
@@ -58,18 +59,18 @@ class Options:
             raise InvalidInput(f"--timeout must be positive (got {self.timeout:g})")
 
 
-def init(ctx: Host, progress: Progress, force: bool = False) -> tuple[builder_image.BuilderInfo, bool]:
-    info, made = builder_image.install(ctx.layout.builder_dir(), progress, force)
+def init(ctx: Host, progress: Progress, force: bool = False) -> tuple[vm_image.BuilderInfo, bool]:
+    info, made = vm_image.install(ctx.layout.builder_dir(), progress, force)
     if ctx.settings.nixpkgs.startswith("path:"):
         progress("package-set", "…")
-        export, paths = vm_build.nixpkgs_export(ctx.layout, Path(ctx.settings.nixpkgs[5:]))
+        export, paths = on_host.nixpkgs_export(ctx.layout, Path(ctx.settings.nixpkgs[5:]))
         progress("package-set", f"{len(paths)} store paths ({export.stat().st_size // 2**20} MiB)")
         _seed(ctx, info, ctx.layout.builder_dir() / "seed.log", progress, Options())
     return info, made
 
 
-def info(ctx: Host) -> builder_image.BuilderInfo:
-    return builder_image.load(ctx.layout.builder_dir())
+def info(ctx: Host) -> vm_image.BuilderInfo:
+    return vm_image.load(ctx.layout.builder_dir())
 
 
 def build(ctx: Host, pool: Pool, force: bool, log: Path, progress: Progress,
@@ -83,34 +84,34 @@ def build(ctx: Host, pool: Pool, force: bool, log: Path, progress: Progress,
     image = info(ctx)
     progress("inputs", "…")
     tenant = ctx.store.tenant(pool.tenant)
-    networked = vm_build.needs_network(pool.flake, ctx.settings.nixpkgs)
+    networked = on_host.needs_network(pool.flake, ctx.settings.nixpkgs)
     net = netops.builder_net(tenant) if networked else None
     netcfg = None if net is None else {
         "address": f"{net.ip}/{net.subnet.prefixlen}", "gateway": str(net.gateway),
         "dns": netops.builder_dns()}
-    prep = vm_build.prepare(ctx.layout, ctx.settings.nixpkgs, pool, image, netcfg)
+    prep = on_host.prepare(ctx.layout, ctx.settings.nixpkgs, pool, image, netcfg)
     try:
-        rev = None if force or prep.networked else vm_build.cached(ctx.layout, pool, prep.key)
+        rev = None if force or prep.networked else on_host.cached(ctx.layout, pool, prep.key)
         progress("inputs", f"key {prep.key[:16]}" + (f" -> revision {rev} (cached, nothing to build)"
                                                      if rev else ""))
         if rev is not None:
-            from mvm.build import pipeline
+            from mvm.image import pipeline
 
             manifest = pipeline.read_manifest(ctx.layout, pool.tenant, pool.id, rev)
             return Revision(pool.tenant, pool.id, rev, manifest["out_path"], manifest,
                             float(manifest.get("built", time.time()))), True
         end_stale(ctx, pool)  # before its store disk is touched
-        seed = None if prep.store.is_file() or not vm_build.offline(ctx.settings.nixpkgs) \
+        seed = None if prep.store.is_file() or not on_host.offline(ctx.settings.nixpkgs) \
             else _seed(ctx, image, log, progress, opts)
-        vm_build.disks(prep, seed)
+        on_host.disks(prep, seed)
         watch = None if room is None else _DiskWatch(prep, room)
         with _network(ctx, pool, opts, prep.networked) as netif:
             _run(ctx, spec(ctx, pool, prep, opts, netif), log, progress, opts, pool.backend, watch)
         progress("collect", "…")
         if room is not None:
-            room(vm_build.output_bytes(ctx.layout, prep), True)
+            room(on_host.output_bytes(ctx.layout, prep), True)
         try:
-            revision = vm_build.collect(ctx.layout, pool, prep, image, log, started)
+            revision = on_host.collect(ctx.layout, pool, prep, image, log, started)
         except archive.BadOutput as e:
             tail = _tail(log)
             raise archive.BadOutput(e.message + (f"\nthe builder's last lines:\n{tail}" if tail else ""),
@@ -139,7 +140,7 @@ def end_stale(ctx: Host, pool: Pool) -> None:
 @contextlib.contextmanager
 def _network(ctx: Host, pool: Pool, opts: Options, networked: bool) -> Iterator[NetIf | None]:
     """The builder's TAP on its tenant's network while it runs, when it fetches
-    (`vm_build.needs_network`; one such builder per tenant at a time: it has the tenant's
+    (`on_host.needs_network`; one such builder per tenant at a time: it has the tenant's
     builder address)."""
     if not networked:
         yield None
@@ -154,7 +155,7 @@ def _network(ctx: Host, pool: Pool, opts: Options, networked: bool) -> Iterator[
             netops.builder_down(ctx, t)
 
 
-def spec(ctx: Host, pool: Pool, prep: vm_build.Prepared | None, opts: Options,
+def spec(ctx: Host, pool: Pool, prep: on_host.Prepared | None, opts: Options,
          net: NetIf | None = None) -> VmSpec:
     """The builder's VM (without disks when only its process and files are looked for)."""
     return VmSpec(
@@ -164,17 +165,17 @@ def spec(ctx: Host, pool: Pool, prep: vm_build.Prepared | None, opts: Options,
         run_dir=ctx.layout.runtime_dir() / f"builder.{pool.tenant}.{pool.id}")
 
 
-def _seed(ctx: Host, image: builder_image.BuilderInfo, log: Path, progress: Progress,
+def _seed(ctx: Host, image: vm_image.BuilderInfo, log: Path, progress: Progress,
           opts: Options) -> Path:
     """The seed of new pools' stores (the package set imported once), made on first need."""
-    seed = vm_build.seed_path(ctx.layout, ctx.settings.nixpkgs, image)
+    seed = on_host.seed_path(ctx.layout, ctx.settings.nixpkgs, image)
     if seed.is_file():
         return seed
     with ctx.locks.lock("builder-seed"):
         if seed.is_file():
             return seed
         progress("seed", "…")
-        prep = vm_build.prepare_seed(ctx.layout, ctx.settings.nixpkgs, image)
+        prep = on_host.prepare_seed(ctx.layout, ctx.settings.nixpkgs, image)
         try:
             vm = VmSpec(name="builder-seed", vcpus=opts.cpus, mem_mib=opts.mem_mib,
                         kernel=ctx.layout.kernel_dir() / "vmlinux",
@@ -183,7 +184,7 @@ def _seed(ctx: Host, image: builder_image.BuilderInfo, log: Path, progress: Prog
                         run_dir=ctx.layout.runtime_dir() / "builder.seed")
             ctx.runtime().stop(vm, 0)
             _run(ctx, vm, log, lambda s, m: None, opts)
-            vm_build.finish_seed(prep, seed)
+            on_host.finish_seed(prep, seed)
         finally:
             shutil.rmtree(prep.workdir, ignore_errors=True)
         progress("seed", f"the package set, imported once for new pools' stores: {seed.name}")
@@ -201,7 +202,7 @@ class _DiskWatch:
     space, at most every DISK_WATCH seconds: a builder that would cross either is stopped,
     so its store's growth is bounded by the quota, not by its 16 GiB disk."""
 
-    def __init__(self, prep: vm_build.Prepared, room: Room) -> None:
+    def __init__(self, prep: on_host.Prepared, room: Room) -> None:
         self.prep = prep
         self.room = room
         self.next = 0.0

@@ -15,12 +15,12 @@ from mvm.config.paths import Layout
 from mvm.config.settings import Settings
 from mvm.errors import CommandFailed
 from mvm.util import proc
+from mvm.util.progress import Progress
 
 if TYPE_CHECKING:
     from mvm.runtime.jail import Verdict
 
 DATA = Path(__file__).resolve().parent.parent / "data"
-Progress = Callable[[str, str], None]
 
 
 def internet_reachable(host: str = "github.com", timeout: float = 3.0) -> bool:
@@ -50,7 +50,7 @@ def ensure_build_users(count: int = BUILD_USERS) -> list[str]:
     import grp
     import pwd
 
-    from mvm.build import nix
+    from mvm.image import nix
 
     group = nix.BUILD_GROUP
     try:
@@ -72,7 +72,7 @@ def ensure_build_users(count: int = BUILD_USERS) -> list[str]:
 
 
 def setup(layout: Layout, offline: bool | None, progress: Progress) -> None:
-    from mvm.build import kernel, offline_nixpkgs
+    from mvm.image import kernel, offline_nixpkgs
 
     progress("nix-build-users", "…")
     users = ensure_build_users()
@@ -114,13 +114,13 @@ def record_jail(layout: Layout) -> Verdict:
 
 def setup_builder(layout: Layout, progress: Progress) -> None:
     """The builder microVM's image and the package set's export it imports (idempotent)."""
-    from mvm.build import builder_image, vm_build
+    from mvm.builder import on_host, vm_image
 
-    info, made = builder_image.install(layout.builder_dir(), progress)
+    info, made = vm_image.install(layout.builder_dir(), progress)
     progress("builder", f"{info.image} (version {info.version}{'' if made else ', current'})")
     nixpkgs = settings.get(layout, "nixpkgs")
     if nixpkgs.startswith("path:"):
-        vm_build.nixpkgs_export(layout, Path(nixpkgs.removeprefix("path:")))
+        on_host.nixpkgs_export(layout, Path(nixpkgs.removeprefix("path:")))
 
 
 def _check(name: str, ok: bool, detail: str, required: bool = True, **data: Any) -> dict[str, Any]:
@@ -140,7 +140,7 @@ WEAKENING: dict[str, Callable[[Any], bool]] = {
 
 def _nix_checks(nixpkgs: str) -> list[dict[str, Any]]:
     """The sandbox mvm builds with, its build users, and host settings that would weaken it."""
-    from mvm.build import nix
+    from mvm.image import nix
 
     out = []
     conf = nix.CONF_DIR / "nix.conf"

@@ -10,9 +10,9 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 
-from mvm.build import pipeline, source
 from mvm.config.host import Host
 from mvm.errors import Conflict, InvalidInput, NotFound, QuotaExceeded
+from mvm.image import pipeline, source
 from mvm.lifecycle import disks, quota
 from mvm.model import (
     MAX_CPUS,
@@ -203,7 +203,7 @@ def check_backend_kernel(ctx: Host, pool: Pool, rev: str) -> None:
     pool's current revision stays."""
     if (pool.backend or ctx.settings.backend.value) != "firecracker":
         return
-    from mvm.build import outputs
+    from mvm.image import outputs
 
     outputs.check_firecracker_kernel(ctx.layout.revision_dir(pool.tenant, pool.id, rev) / "vmlinux")
 

@@ -100,7 +100,7 @@ class BuildResult:
 
 def build(ref: str, profile: str, log: Path, nixpkgs: str, cwd: Path | None = None) -> BuildResult:
     """`nix build <ref>#<profile>`; Nix's own messages go to the build log and into the error.
-    `ref` is the staged copy of the tenant's source (`path:<dir>`, see build.source), and
+    `ref` is the staged copy of the tenant's source (`path:<dir>`, see image.source), and
     Nix runs in it, so a relative path anywhere resolves inside the tenant's own tree."""
     require_build_users()
     common = _common(nixpkgs)

@@ -17,14 +17,14 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mvm.build import rootfs
 from mvm.errors import CommandFailed, HostUnsupported, NotFound
+from mvm.image import rootfs
 from mvm.util import proc
+from mvm.util.progress import Progress
 
 #: Bump when what goes into the image changes in a way the hashed files below do not show.
 RECIPE_VERSION = 1
@@ -35,11 +35,12 @@ IMAGE = "rootfs.ext4"
 MANIFEST = "manifest.json"
 DATA = Path(__file__).resolve().parent.parent / "data"
 FIXED_MTIME = rootfs.FIXED_MTIME
-Progress = Callable[[str, str], None]
 
 # The builder's PID 1 (after the initrd). Disks, in device order: the image (read-only), the
 # input (a tar the host made), the package set's store paths (`nix-store --export`), the
 # pool's Nix store (ext4, read-write), the output (raw, the job writes its archive there).
+# The job's module is named as it was before it moved to `mvm.builder.in_guest` (the input
+# carries that entry point, `on_host.JOB_ENTRY`): this text is in the recipe's hash.
 INIT = r"""#!/mvm/busybox sh
 # mvm builder init: mounts the pool's store, unpacks the input and runs the build job.
 B=/mvm/busybox

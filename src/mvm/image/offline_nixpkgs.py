@@ -32,8 +32,8 @@ from importlib.abc import Traversable
 from pathlib import Path
 from typing import Any
 
-from mvm.build import nix
 from mvm.errors import CommandFailed, HostUnsupported, InvalidInput, MvmError
+from mvm.image import nix
 from mvm.util import proc
 from mvm.util.hashing import file_sha256
 

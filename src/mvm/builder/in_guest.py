@@ -1,7 +1,8 @@
-"""The build job inside the builder microVM: `python3 -m mvm.build.vm_job <input dir>`.
+"""The build job inside the builder microVM: `python3 -m mvm.builder.in_guest <input dir>`.
 
 The builder's /mvm/init unpacks the input disk (made by the host: the flake, the offline
-package set, this code, mvm's guest files, job.json) and runs this. It evaluates and builds
+package set, this code, mvm's guest files, job.json) and runs this (through the entry point
+`mvm.build.vm_job`, the name its images know it by: `on_host.JOB_ENTRY`). It evaluates and builds
 the flake with the builder's own Nix into the pool's store disk, packs the rootfs exactly as
 the host builder does (the same `rootfs` and `guest.layout` code, the host's BusyBox), and
 writes result.json and the image files onto the output disk (`archive.write_archive`).
@@ -20,9 +21,9 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from mvm.build import archive, outputs, revision, rootfs
 from mvm.errors import MvmError
 from mvm.guest import layout
+from mvm.image import archive, outputs, revision, rootfs
 from mvm.util.hashing import file_sha256
 
 SYSTEM = "x86_64-linux"
@@ -76,7 +77,7 @@ def _run(console: Console, argv: list[str], *, stdin: Any = subprocess.DEVNULL,
             console.line(ln)
     out = p.stdout.read()
     if p.wait() != 0:
-        from mvm.build import nix  # (the error filter only)
+        from mvm.image import nix  # (the error filter only)
 
         raise JobFailed(nix.error_text("".join(err), f"{argv[0]} failed ({p.returncode})"))
     return out, "".join(err)
@@ -120,7 +121,7 @@ def fetch(ref: str, console: Console) -> tuple[str, dict[str, str]]:
     `path:` ref into the builder's store."""
     from urllib.parse import parse_qs, urlparse
 
-    from mvm.build import source
+    from mvm.image import source
 
     console.step("fetch", "…")
     registry = Path("/tmp/flake-registry.json")  # none: no indirect refs, no registry download

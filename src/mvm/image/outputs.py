@@ -16,8 +16,8 @@ import struct
 from collections.abc import Iterable
 from pathlib import Path
 
-from mvm.build import archive
 from mvm.errors import BuildFailed
+from mvm.image import archive
 
 STORE = Path("/nix/store")
 MAX_LINKS = 40  # as the kernel's own limit on symlinks in one lookup

@@ -11,8 +11,8 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from mvm.build import outputs
 from mvm.errors import CommandFailed
+from mvm.image import outputs
 from mvm.util import private, proc
 
 # Bump when the layout of the image changes, so revisions built by an older packer differ.

@@ -27,10 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mvm.build import archive, builder_image, revdir, revision, rootfs, source
+from mvm.builder import vm_image
 from mvm.config.paths import Layout
 from mvm.errors import BuildFailed, HostUnsupported, InvalidInput
 from mvm.guest.layout import static_busybox
+from mvm.image import archive, revdir, revision, rootfs, source
 from mvm.model import Pool, Revision
 from mvm.util import private, proc
 from mvm.util.hashing import file_sha256
@@ -39,13 +40,22 @@ SRC = Path(__file__).resolve().parent.parent  # the mvm package
 #: The mvm modules the job runs with inside the builder (standard library besides these).
 JOB_FILES = (
     "__init__.py", "errors.py", "util/__init__.py", "util/proc.py", "util/hashing.py",
-    "build/__init__.py", "build/nix.py", "build/rootfs.py", "build/revision.py",
-    "build/archive.py", "build/outputs.py", "build/vm_job.py", "util/private.py",
-    "guest/__init__.py", "guest/layout.py",
-    "build/source.py", "config/__init__.py", "config/paths.py",
+    "image/__init__.py", "image/nix.py", "image/rootfs.py", "image/revision.py",
+    "image/archive.py", "image/outputs.py", "builder/__init__.py", "builder/in_guest.py",
+    "util/private.py", "guest/__init__.py", "guest/layout.py",
+    "image/source.py", "config/__init__.py", "config/paths.py",
     # every guest file: the revision's hash covers them all (`revision.guest_files_hash`)
     *sorted(f"data/guest/{p.name}" for p in (SRC / "data" / "guest").iterdir() if p.is_file()),
 )
+#: The module the builder image's /mvm/init runs (`vm_image.INIT`), by the job's name before
+#: it moved to `mvm.builder.in_guest`. Images keep that line: changing it would change every
+#: image's recipe and version (a new `mvm builder init` on every host), so the input carries
+#: this entry point under the old name instead (until a recipe change renames it).
+JOB_ENTRY = {
+    "build/__init__.py": b"",
+    "build/vm_job.py": b"import runpy\n\n"
+                       b"runpy.run_module('mvm.builder.in_guest', run_name='__main__', alter_sys=True)\n",
+}
 MAX_SOURCE = 256 * 2**20
 STORE_DISK_GIB = 16
 OUTPUT_DISK_MIB = 4096
@@ -65,7 +75,7 @@ class Prepared:
     store: Path
     output: Path
     workdir: Path
-    source: Path | None = None  # mvm's checked copy of the flake (build.source.stage)
+    source: Path | None = None  # mvm's checked copy of the flake (image.source.stage)
     fetched: bool = False  # a URL ref: only the builder fetches it (through its network)
     networked: bool = False  # the builder has its tenant's egress-only network
 
@@ -95,7 +105,7 @@ def needs_network(flake: str, nixpkgs: str) -> bool:
     return source.is_url_ref(flake) or not offline(nixpkgs)
 
 
-def prepare(layout: Layout, nixpkgs: str, pool: Pool, builder: builder_image.BuilderInfo,
+def prepare(layout: Layout, nixpkgs: str, pool: Pool, builder: vm_image.BuilderInfo,
             net: dict[str, Any] | None = None) -> Prepared:
     """Make the input disk and compute the input key; the store and output disks are made
     by `disks` only when the build is not a cache hit. `net` (address, gateway, DNS) is the
@@ -159,6 +169,8 @@ def _input_tar(path: Path, key: Any, job: dict[str, Any], src: Path | None,
             adder.tree(pkgs, "nixpkgs", limit=MAX_SOURCE, skip=set())
         for rel in JOB_FILES:
             adder.file(SRC / rel, f"lib/mvm/{rel}")
+        for rel, code in JOB_ENTRY.items():
+            adder.data(f"lib/mvm/{rel}", code)
         adder.file(static_busybox(), "busybox")
         adder.data("job.json", json.dumps(job, sort_keys=True).encode(), hashed=False)
     _pad(path)
@@ -166,13 +178,13 @@ def _input_tar(path: Path, key: Any, job: dict[str, Any], src: Path | None,
 
 # -- the seed store: the package set imported once, copied into each new pool's store ---------
 
-def seed_path(layout: Layout, nixpkgs: str, builder: builder_image.BuilderInfo) -> Path:
+def seed_path(layout: Layout, nixpkgs: str, builder: vm_image.BuilderInfo) -> Path:
     export, _ = nixpkgs_export(layout, _offline_dir(nixpkgs))
     tag = hashlib.sha256(f"{builder.version}\0{export.name}".encode()).hexdigest()[:16]
     return layout.builder_dir() / f"store-seed-{tag}.ext4"
 
 
-def prepare_seed(layout: Layout, nixpkgs: str, builder: builder_image.BuilderInfo) -> Prepared:
+def prepare_seed(layout: Layout, nixpkgs: str, builder: vm_image.BuilderInfo) -> Prepared:
     """A job with no flake: the builder imports the package set into an empty store disk,
     which then seeds every new pool's store (host data only: no tenant's input is in it)."""
     pkgs = _offline_dir(nixpkgs)
@@ -240,7 +252,7 @@ def cached(layout: Layout, pool: Pool, key: str) -> str | None:
     return None
 
 
-def collect(layout: Layout, pool: Pool, prep: Prepared, builder: builder_image.BuilderInfo,
+def collect(layout: Layout, pool: Pool, prep: Prepared, builder: vm_image.BuilderInfo,
             log: Path, started: float) -> Revision:
     """Read the output disk into a new revision directory, checking every byte of it."""
     with revdir.staging(layout.revisions_dir(pool.tenant, pool.id), "vm") as tmp:
@@ -336,7 +348,7 @@ def _locks(src: Path) -> dict[str, Any]:
 def nixpkgs_export(layout: Layout, pkgs: Path) -> tuple[Path, list[str]]:
     """The offline set's imported host files as one `nix-store --export` stream (made once
     per package set; the builder imports it into a pool's store when paths are missing)."""
-    from mvm.build import nix
+    from mvm.image import nix
 
     data = json.loads((pkgs / "versions.json").read_text())
     paths = sorted(e["files"]["path"] for e in data["packages"].values())
@@ -346,7 +358,7 @@ def nixpkgs_export(layout: Layout, pkgs: Path) -> tuple[Path, list[str]]:
     export = bdir / f"nixpkgs-{tag}.export"
     if export.is_file():
         return export, paths
-    from mvm.build import offline_nixpkgs
+    from mvm.image import offline_nixpkgs
 
     offline_nixpkgs.ensure_imported(f"path:{pkgs}")
     tmp = export.with_suffix(f".tmp-{os.getpid()}")
@@ -374,7 +386,7 @@ def _flake_dir(flake: str, dest: Path, layout: Layout, nixpkgs: str, expect: str
     if not (src / "flake.nix").is_file():
         raise InvalidInput(f"no flake at {flake}: flake.nix does not exist",
                            "point the pool at a directory holding flake.nix")
-    from mvm.build import pipeline
+    from mvm.image import pipeline
 
     source.check_inputs(src, pipeline.mvm_flakes(layout, nixpkgs))
     return src

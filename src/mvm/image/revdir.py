@@ -1,5 +1,5 @@
 """A revision directory is made beside its final place and swapped in whole: both builders
-(the host's `pipeline.step_pack` and the builder microVM's `vm_build.collect`) go through here,
+(the host's `pipeline.step_pack` and the builder microVM's `builder.on_host.collect`) go through here,
 so a crash leaves either the old revision or the new one, never half of one."""
 
 from __future__ import annotations

@@ -16,15 +16,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mvm.build import nix, offline_nixpkgs, outputs, revdir, revision, rootfs, source
 from mvm.config.paths import Layout
 from mvm.errors import BuildFailed, HostUnsupported, MvmError
 from mvm.guest.layout import static_busybox
+from mvm.image import nix, offline_nixpkgs, outputs, revdir, revision, rootfs, source
 from mvm.model import Pool, Revision
 from mvm.util import private
 from mvm.util.hashing import file_sha256
+from mvm.util.progress import Progress
 
-Progress = Callable[[str, str], None]  # (step, message)
 #: `room(needed_bytes)`: raises when a new revision of that size would not fit the tenant's
 #: disk quota or the host's free space (lifecycle.quota.check_build, given by the caller).
 Room = Callable[[int], None]
@@ -68,7 +68,7 @@ def mvm_flakes(layout: Layout, nixpkgs: str) -> list[str]:
 
 def step_source(ctx: BuildContext) -> None:
     """Copy the flake's source into a directory of mvm's own and refuse inputs that name host
-    paths, all before Nix reads or fetches anything (build.source)."""
+    paths, all before Nix reads or fetches anything (image.source)."""
     assert ctx.workdir
     ctx.source_dir = source.stage(ctx.pool.flake, ctx.workdir / "source", ctx.layout,
                                   fetch=nix.prefetch, expect=ctx.pool.flake_id)
