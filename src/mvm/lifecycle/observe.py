@@ -17,7 +17,7 @@ import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
-from mvm.config.host import Host
+from mvm.context import Host
 from mvm.errors import Conflict, MvmError, NotFound, Superseded
 from mvm.lifecycle import netops, secrets_disk, specs
 from mvm.lifecycle.effects import recover

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mvm.build import archive, builder_image, vm_build
-from mvm.config.host import Host
+from mvm.context import Host
 from mvm.errors import BuildFailed, InvalidInput
 from mvm.lifecycle import netops
 from mvm.model import Pool, Revision

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from mvm.build import pipeline, source
-from mvm.config.host import Host
+from mvm.context import Host
 from mvm.errors import Conflict, InvalidInput, NotFound, QuotaExceeded
 from mvm.lifecycle import disks, quota
 from mvm.model import (
