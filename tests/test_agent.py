@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from mvm.config.host import Host
+from mvm.context import Host
 from mvm.errors import InvalidInput
 from mvm.lifecycle import apply, specs
 from mvm.model import Action, Instance, Pool, PoolRef, Quotas, Reason, State

@@ -1,6 +1,6 @@
 """The agent's REST API on the fake runtime (DOUBLE: tests/doubles/fake_runtime.py): in
 process through FastAPI's TestClient, and served by uvicorn on a Unix socket (and TCP) to the
-real CLI, which runs on the same double through the test seam MVM_TEST_RUNTIME=fake:<ledger>.
+real CLI, which runs on the same double through the test seam MVM_TEST_RUNTIME (`FakeRuntime.seam`).
 
 The CLI prints the same whether it acts directly or through the agent (`--agent`); a TCP
 request without the token and a Unix-socket request from a non-root user are refused;
@@ -74,7 +74,7 @@ def client(world: World) -> Iterator[TestClient]:
 
 def env_of(world: World) -> dict[str, str]:
     return dict(os.environ, MVM_HOME=str(world.root / "home"), MVM_RUNTIME_DIR=str(world.root / "run"),
-                MVM_TEST_RUNTIME=f"fake:{world.ledger}", COLUMNS="200", NO_COLOR="1",
+                MVM_TEST_RUNTIME=FakeRuntime.seam(world.ledger), COLUMNS="200", NO_COLOR="1",
                 PYTHONPATH=os.pathsep.join([str(REPO / "src"), str(REPO)]))
 
 

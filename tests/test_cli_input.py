@@ -145,3 +145,19 @@ def test_exec_output_limit_is_a_size_within_range(mvm: Mvm) -> None:
     r = mvm("instance", "exec", "acme/w/i-12345678", "--max-output", "1G", "--", "true")
     refused(r, 125, f"--max-output must be between 0 and {256 << 20} bytes (got {1 << 30}) "
                   "(give the bytes of stdout (and of stderr) to keep, e.g. 16M)")
+
+
+@pytest.mark.parametrize(("seam", "says"), [
+    ("fake:/tmp/ledger", "MVM_TEST_RUNTIME='fake:/tmp/ledger' is not <module>:<factory>[:<argument>]"),
+    ("no_such_module:Factory", "MVM_TEST_RUNTIME='no_such_module:Factory': No module named 'no_such_module'"),
+    ("json:NoSuch", "MVM_TEST_RUNTIME='json:NoSuch': module 'json' has no attribute 'NoSuch'"),
+])
+def test_a_malformed_runtime_seam_is_refused_in_one_line(mvm: Mvm, seam: str, says: str) -> None:
+    """MVM_TEST_RUNTIME (a test seam: `<module>:<factory>[:<argument>]`) that names no factory
+    refuses every command that composes the host context, before it changes anything."""
+    before = state(mvm)
+    mvm.env["MVM_TEST_RUNTIME"] = seam
+    r = mvm("tenant", "create", "acme")
+    del mvm.env["MVM_TEST_RUNTIME"]
+    refused(r, 2, f"{says} (unset MVM_TEST_RUNTIME (it is a test seam))")
+    assert state(mvm) == before

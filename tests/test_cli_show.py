@@ -2,7 +2,7 @@
 lines — local times, nested values on lines of their own, no Python reprs — with `--json`
 unchanged; and a stopped instance's `observed` column, which no longer carries why it had
 failed. The real CLI on the fake runtime (DOUBLE: tests/doubles/fake_runtime.py) through the
-test seam MVM_TEST_RUNTIME=fake:<ledger>."""
+test seam MVM_TEST_RUNTIME (`FakeRuntime.seam`)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ PYTHON_REPR = re.compile(r"\{'|\['|\bNone\b|\b\d{10}\.\d+\b")
 
 def cli(w: World, *args: str) -> Result:
     env = dict(os.environ, MVM_HOME=str(w.root / "home"), MVM_RUNTIME_DIR=str(w.root / "run"),
-               MVM_TEST_RUNTIME=f"fake:{w.ledger}", COLUMNS="200", NO_COLOR="1",
+               MVM_TEST_RUNTIME=FakeRuntime.seam(w.ledger), COLUMNS="200", NO_COLOR="1",
                PYTHONPATH=os.pathsep.join([str(REPO / "src"), str(REPO)]))
     p = subprocess.run([sys.executable, "-m", "mvm.cli.main", *args], capture_output=True, text=True,
                        env=env, timeout=300, stdin=subprocess.DEVNULL)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from mvm.context.compose import fail_before
 from mvm.errors import MvmError, QuotaExceeded, RuntimeFailure
 from mvm.lifecycle import apply, create, specs
 from mvm.model import Action, PoolRef, Quotas, Revision, State
@@ -47,7 +48,7 @@ def test_transitions_carry_their_duration_and_failures_their_cause(
     # a step that fails: the failure event says why, and how long the attempt took
     apply(world.ctx, ref, Action.STOP)
     with pytest.raises(RuntimeFailure):
-        apply(world.host(fail_before="start:agent"), ref, Action.START)
+        apply(world.host(fail_point=fail_before("start:agent")), ref, Action.START)
     failed = last(world, "instance.start-failed")
     assert failed["cause"] == ("injected failure before start step agent (MVM_TEST_FAIL_BEFORE)")
     assert float(failed["duration"]) >= 0.3 and failed["reason"] == "user"  # type: ignore[arg-type]

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from mvm.config.host import Host
 from mvm.config.paths import Layout
 from mvm.config.settings import Settings
+from mvm.context import Host, compose
 from mvm.errors import HostUnsupported
 from mvm.lifecycle import apply, create, specs
 from mvm.model import Action, Pool, PoolRef, State
-from mvm.services import context, tenants
+from mvm.services import tenants
 from mvm.store import FileLocks, SqliteFences, SqliteStore
 from mvm.util import private
 from tests.conftest import Mvm, instances_by_state, needs_assets
@@ -175,14 +175,14 @@ def test_an_existing_home_is_made_private_once(tmp_path: Path) -> None:
     (layout.home / "mvm.db").chmod(0o644)
     (layout.home / "config.json").write_text("{}")  # host settings: no tenant's
     (layout.home / "config.json").chmod(0o644)
-    context.make_private(layout)
+    compose.make_private(layout)
     assert stat.S_IMODE(disk.stat().st_mode) == 0o600
     assert stat.S_IMODE(disk.parent.stat().st_mode) == 0o700
     assert stat.S_IMODE((layout.home / "tenants").stat().st_mode) == 0o711
     assert stat.S_IMODE((layout.home / "mvm.db").stat().st_mode) == 0o600
     assert stat.S_IMODE(layout.home.stat().st_mode) == 0o711
     assert stat.S_IMODE((layout.home / "config.json").stat().st_mode) == 0o644
-    assert (layout.home / context.PRIVATE_MARK).exists()
+    assert (layout.home / compose.PRIVATE_MARK).exists()
 
 
 @pytest.mark.guest

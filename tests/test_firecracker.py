@@ -19,9 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from mvm.config.host import Host
 from mvm.config.paths import Layout
 from mvm.config.settings import Settings
+from mvm.context import Host
+from mvm.context.compose import crash_after
 from mvm.errors import HostUnsupported, MvmError, RuntimeFailure
 from mvm.lifecycle import apply, create, observe, specs
 from mvm.lifecycle.apply import pool_locked
@@ -477,8 +478,8 @@ def test_a_wake_killed_after_a_step_is_finished_by_the_next_command(world: World
     if pid == 0:
         try:
             home = w.ctx.layout.home
-            apply(dataclasses.replace(w.ctx, crash_after=f"wake:{step}", store=SqliteStore(home / "mvm.db"),
-                                      _runtime=None), ref, Action.WAKE)
+            apply(dataclasses.replace(w.ctx, crash_point=crash_after(f"wake:{step}"),
+                                      store=SqliteStore(home / "mvm.db"), _runtime=None), ref, Action.WAKE)
         finally:
             os._exit(1)
     _, status = os.waitpid(pid, 0)

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from mvm.config.host import Host
 from mvm.config.paths import Layout
 from mvm.config.settings import Settings
+from mvm.context import Host
+from mvm.context.compose import crash_after, fail_before
 from mvm.errors import Conflict, MvmError, NotFound, QuotaExceeded
 from mvm.lifecycle import apply, create, observe, secrets_disk, specs
 from mvm.lifecycle.apply import pool_locked
@@ -71,7 +72,7 @@ class World:
         if pid == 0:  # the child: a command of its own, with its own store connection
             code = 0
             try:
-                apply(self.host(crash_after=f"{action.value}:{step}"), ref, action)
+                apply(self.host(crash_point=crash_after(f"{action.value}:{step}")), ref, action)
             except BaseException:
                 code = 1
             os._exit(code)
@@ -211,7 +212,7 @@ def test_a_crash_after_any_step_is_finished_by_the_next_command(
 def test_a_failing_step_leaves_a_consistent_state(
         world: World, action: Action, source: State, step: str) -> None:
     ref, synced = _prepare(world, source)
-    failing = world.host(fail_before=f"{action.value}:{step}")
+    failing = world.host(fail_point=fail_before(f"{action.value}:{step}"))
     with pytest.raises(MvmError, match="injected failure"):
         apply(failing, ref, action)
     if action is Action.DESTROY:
@@ -330,7 +331,7 @@ def test_scale_converges_after_a_crash_in_the_middle(world: World, at: str) -> N
     pid = os.fork()
     if pid == 0:
         try:
-            scale.scale(world.host(crash_after=at), REF, 2, 1, 1)
+            scale.scale(world.host(crash_point=crash_after(at)), REF, 2, 1, 1)
         finally:
             os._exit(1)
     _, status = os.waitpid(pid, 0)
@@ -347,7 +348,7 @@ def test_scale_converges_after_a_crash_in_the_middle(world: World, at: str) -> N
 def test_scale_reports_every_failure(world: World) -> None:
     from mvm.services import scale
 
-    failing = world.host(fail_before="start:boot")
+    failing = world.host(fail_point=fail_before("start:boot"))
     with pytest.raises(MvmError) as err:
         scale.scale(failing, REF, 2, 0, 0)
     assert err.value.message.startswith("2 failures in scaling acme/w: ")
@@ -367,7 +368,7 @@ def test_ctrl_c_during_wake_keeps_a_snapshot_the_guest_never_ran_from(
         if (action, at) == ("wake", step):
             raise KeyboardInterrupt
 
-    ctx.fail_point = interrupt  # type: ignore[method-assign]
+    ctx.fail_point = interrupt
     with pytest.raises(KeyboardInterrupt):
         apply(ctx, ref, Action.WAKE)
     i = world.check(ref)
@@ -396,7 +397,7 @@ def test_a_command_that_lost_the_pools_lock_stops_and_writes_nothing(world: Worl
             locks = FileLocks(home / "locks", SqliteFences(home / "mvm.db"), "pid 2 (mvm pool scale)")
             other.enter_context(locks.lock("pool-acme--w", timeout=5))
 
-    ctx.fail_point = lose_the_lock  # type: ignore[method-assign]
+    ctx.fail_point = lose_the_lock
     with other, pytest.raises(Conflict, match="lost its lock pool-acme--w") as err:
         apply(ctx, ref, Action.START)
     assert err.value.exit_code == 4

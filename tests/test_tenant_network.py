@@ -96,14 +96,14 @@ def test_verify_reports_and_repairs_drift(gmvm: Mvm) -> None:
 
 
 def test_full_subnet_and_bad_networks_change_nothing(mvm: Mvm) -> None:
+    from mvm.context.compose import compose
     from mvm.lifecycle import create
     from mvm.model import PoolRef
-    from mvm.services import context
     from mvm.store import SqliteStore
 
     mvm.ok("tenant", "create", "acme", "--max-instances", "400")
     mvm.ok("pool", "create", "acme/w", "--profile", "minimal")
-    ctx = context.host(SqliteStore(mvm.home / "mvm.db"))
+    ctx = compose(SqliteStore(mvm.home / "mvm.db"))
     for _ in range(252):
         create(ctx, PoolRef("acme", "w"))
     before = mvm.ok("instance", "list", "acme/w", "--json").out

@@ -116,12 +116,13 @@ def bench_build(h: Home) -> None:
 
 
 def bench_runtime(h: Home) -> dict[str, float]:
+    from mvm.context.compose import compose
     from mvm.lifecycle import apply, create, netops, specs
     from mvm.model import Action, PoolRef
     from mvm.runtime.base import CHECKSUM, SnapshotInfo, checksum
-    from mvm.services import context, instances
+    from mvm.services import instances
 
-    ctx = context.host()
+    ctx = compose()
     rt = ctx.runtime()
     print(f"instances ({rt.name}, accelerator {getattr(rt, 'accel', '?')})")
     store = ctx.store
@@ -198,12 +199,13 @@ def bench_runtime(h: Home) -> dict[str, float]:
 def bench_flood(h: Home) -> None:
     """Stop and sleep beside a guest flooding its agent channel and console, and of that guest
     itself, each against the same with a quiet guest, in one run."""
+    from mvm.context.compose import compose
     from mvm.lifecycle import apply, create, specs
     from mvm.model import Action, Instance, PoolRef
     from mvm.runtime import console
-    from mvm.services import context, instances
+    from mvm.services import instances
 
-    ctx = context.host()
+    ctx = compose()
     print("a hostile guest: agent killed, /dev/zero into its port, /dev/urandom into its console")
     h.mvm("tenant", "create", "fl")
     h.mvm("pool", "create", "fl/vm", "--profile", "minimal", "--mem", "256")
@@ -254,12 +256,12 @@ def bench_jail(h: Home) -> None:
     from dataclasses import replace
 
     from mvm.config.settings import Jail
+    from mvm.context.compose import compose
     from mvm.lifecycle import apply, create
     from mvm.model import Action, PoolRef
     from mvm.runtime import select
-    from mvm.services import context
 
-    jailed = context.host()
+    jailed = compose()
     plain_settings = replace(jailed.settings, jail=Jail.OFF)
     plain = replace(jailed, settings=plain_settings,
                     runtime_factory=lambda: select.runtime(plain_settings, jailed.layout))
@@ -317,16 +319,16 @@ def bench_agent(h: Home) -> None:
     import signal
     import threading
 
+    from mvm.context.compose import compose
     from mvm.lifecycle import apply, create, specs
     from mvm.model import Action, PoolRef
-    from mvm.services import context
     from mvm.services.agent import Agent
 
     print("agent")
     h.mvm("tenant", "create", "ag", "--max-pools", "20")
     h.mvm("pool", "create", "ag/p0", "--profile", "minimal", "--mem", "256", "--idle-warm", "1h")
     h.mvm("pool", "build", "ag/p0")
-    ctx = context.host()
+    ctx = compose()
     ref = PoolRef("ag", "p0")
     cold = []
     for _ in range(3):

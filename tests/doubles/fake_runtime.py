@@ -45,10 +45,16 @@ class FakeRuntime(Runtime):
     #: How long a boot or restore takes (a real one: ~2 s under TCG); concurrency tests set it.
     boot_seconds = 0.0
 
-    def __init__(self, ledger: Path) -> None:
-        self.ledger = ledger  # one line per restored guest that ran: its snapshot directory
+    def __init__(self, ledger: Path | str) -> None:
+        self.ledger = Path(ledger)  # one line per restored guest that ran: its snapshot directory
         #: One line per VM started: how many VMs of this home run then, their vCPUs and MiB.
-        self.live_log = ledger.with_name("live-vms.txt")
+        self.live_log = self.ledger.with_name("live-vms.txt")
+
+    @classmethod
+    def seam(cls, ledger: Path) -> str:
+        """The test seam MVM_TEST_RUNTIME (`mvm/context/compose.py`) that runs a process a test
+        starts (a CLI command, the API server) on this double, with `ledger`."""
+        return f"{cls.__module__}:{cls.__qualname__}:{ledger}"
 
     # -- files
     PID_FILE = "fake.pid"

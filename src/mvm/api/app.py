@@ -50,7 +50,7 @@ from mvm.api.models import (
     TenantInfo,
     TransitionOut,
 )
-from mvm.config.host import Host
+from mvm.context import Host
 from mvm.errors import IllegalTransition, MvmError
 from mvm.model import Action, InstanceRef, Pool, PoolRef, Quotas, Reason, State, Tenant, check_id, check_instance_id
 

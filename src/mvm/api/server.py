@@ -23,7 +23,7 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from mvm.api.app import create_app
-from mvm.config.host import Host
+from mvm.context import Host
 from mvm.errors import Conflict, InvalidInput, MvmError
 from mvm.util import private
 
@@ -188,13 +188,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--listen", help="also serve on TCP HOST:PORT (needs --token-file)")
     p.add_argument("--token-file", type=Path, help="file holding the bearer token for TCP")
     args = p.parse_args(argv)
-    from mvm.services import context
+    from mvm.context.compose import compose
 
     def ready() -> None:
         print("ready", flush=True)
 
     try:
-        serve(context.host, socket=args.socket, listen=args.listen, token_file=args.token_file, on_ready=ready)
+        serve(compose, socket=args.socket, listen=args.listen, token_file=args.token_file, on_ready=ready)
     except MvmError as e:
         print(f"error: {e.line()}", file=sys.stderr)
         return e.exit_code

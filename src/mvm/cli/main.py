@@ -22,8 +22,8 @@ from mvm.util.private import PRIVATE_UMASK
 
 if TYPE_CHECKING:
     from mvm.cli import remote
-    from mvm.config.host import Host
     from mvm.config.paths import Layout
+    from mvm.context import Host
     from mvm.store import Store
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -70,10 +70,9 @@ def ctx() -> Host:
     global _host
     _not_through_agent()
     if _host is None:
-        from mvm.services import context
+        from mvm.context.compose import compose
 
-        _host = context.host()
-        _host.locks.waiting = output.note  # a wait for another command is never silent
+        _host = compose(waiting=output.note)  # a wait for another command is never silent
     return _host
 
 
@@ -817,7 +816,7 @@ def agent_serve(
     import signal
     import threading
 
-    from mvm.services import context
+    from mvm.context.compose import compose
     from mvm.services.agent import Agent
 
     if interval <= 0 or interval > 86400:
@@ -834,7 +833,7 @@ def agent_serve(
 
         def run_api() -> None:
             try:
-                api_server.serve(context.host, socket=socket, listen=listen, token_file=token_file,
+                api_server.serve(compose, socket=socket, listen=listen, token_file=token_file,
                                  on_ready=ready.set, stop=api_stop)
             except BaseException as e:  # told to the main thread, which says it in one line
                 failed.append(e)

@@ -1,2 +1,2 @@
-"""The state layout (`paths.Layout`), typed settings (`settings.Settings`) and the host context
-every operation runs in (`host.Host`)."""
+"""The state layout (`paths.Layout`) and typed settings (`settings.Settings`); the host context
+that carries them is a layer above (`mvm.context`)."""

@@ -19,6 +19,14 @@ def default_home() -> Path:
     return Path.home() / ".local" / "share" / "mvm"
 
 
+#: `tenants/` may be passed through (a jailed hypervisor opens its own files below it), not
+#: listed; each tenant's directory is 0700.
+TENANTS_MODE = 0o711
+#: The runtime root and this home's directory in it may be passed through, not listed; each
+#: instance's run directory is 0700.
+RUNTIME_MODE = 0o711
+
+
 @dataclass(frozen=True)
 class Layout:
     home: Path

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mvm.config.host import Host
+from mvm.context import Host
 from mvm.errors import AdmissionRefused
 from mvm.model import Action, Event, Instance, Pool, PoolRef, Reason
 

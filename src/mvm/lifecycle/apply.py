@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterator
 from typing import Protocol
 
-from mvm.config.host import Host
+from mvm.context import Host
 from mvm.errors import MvmError, NotFound, QuotaExceeded, RuntimeFailure, Superseded
 from mvm.lifecycle import admission as memory
 from mvm.lifecycle import execs, observe, quota, specs

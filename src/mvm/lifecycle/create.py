@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shutil
 
-from mvm.config.host import Host
+from mvm.context import Host
 from mvm.errors import QuotaExceeded
 from mvm.lifecycle import disks, netops, quota, specs
 from mvm.model import Event, Instance, PoolRef, Reason, State, new_instance_id

@@ -20,7 +20,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from mvm.config.host import Host
+from mvm.context import Host
 from mvm.errors import GuestError, MvmError
 from mvm.lifecycle import execs, netops, secrets_disk, specs
 from mvm.lifecycle.run import Progress, Run, noop

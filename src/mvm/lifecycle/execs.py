@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-from mvm.config.host import Host
+from mvm.context import Host
 from mvm.errors import Conflict, IllegalTransition
 from mvm.lifecycle.run import Progress, noop
 from mvm.model import Action, Instance, InstanceRef, State

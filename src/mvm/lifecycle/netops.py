@@ -8,8 +8,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from mvm.config.host import Host
 from mvm.config.paths import Layout
+from mvm.context import Host
 from mvm.model import Instance, Pool, State, Tenant
 from mvm.network import claim, firewall, plan
 from mvm.runtime.base import NetIf

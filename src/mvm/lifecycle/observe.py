@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from mvm.config.host import Host
+from mvm.context import Host
 from mvm.errors import Conflict, MvmError, NotFound, RuntimeFailure, Superseded
 from mvm.lifecycle import netops, secrets_disk, specs
 from mvm.lifecycle.effects import recover

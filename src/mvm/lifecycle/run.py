@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from mvm.config.host import Host
+from mvm.context import Host
 from mvm.errors import MvmError, NotFound
 from mvm.lifecycle import specs
 from mvm.model import Event, Instance, Op, Reason, State

@@ -5,8 +5,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from mvm.config.host import Host
-from mvm.config.paths import Layout
+from mvm.config.paths import RUNTIME_MODE, Layout
+from mvm.context import Host
 from mvm.errors import NotFound
 from mvm.lifecycle import netops, secrets_disk
 from mvm.model import Instance
@@ -35,11 +35,6 @@ def run_dir(layout: Layout, i: Instance) -> Path:
             shutil.rmtree(link)
         link.symlink_to(real)
     return real
-
-
-#: The runtime root and this home's directory in it may be passed through, not listed; each
-#: instance's run directory is 0700.
-RUNTIME_MODE = 0o711
 
 
 def snapshots_dir(layout: Layout, i: Instance) -> Path:

@@ -43,7 +43,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from mvm.config.host import Host
+from mvm.context import Host
 from mvm.errors import Conflict, InvalidInput, MvmError, NotFound, QuotaExceeded, combined
 from mvm.lifecycle import create, execs, observe, quota, specs
 from mvm.model import Event, Instance, Pool, PoolRef, Reason, State

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mvm.builder import on_host, vm_image
-from mvm.config.host import Host
+from mvm.context import Host
 from mvm.errors import BuildFailed, InvalidInput
 from mvm.image import archive
 from mvm.lifecycle import netops

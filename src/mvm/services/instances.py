@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mvm.config.host import Host
+from mvm.context import Host
 from mvm.errors import MvmError, combined
 from mvm.guest.agent_client import EXEC_OUTPUT_LIMIT, ExecResult, check_exec_limits
 from mvm.lifecycle import apply, execs, observe, secrets_disk, specs

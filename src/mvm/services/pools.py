@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 
-from mvm.config.host import Host
+from mvm.context import Host
 from mvm.errors import Conflict, InvalidInput, NotFound, QuotaExceeded
 from mvm.image import pipeline, source
 from mvm.lifecycle import disks, quota

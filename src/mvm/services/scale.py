@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cache
 
-from mvm.config.host import Host
+from mvm.context import Host
 from mvm.errors import InvalidInput, MvmError, NotFound, QuotaExceeded, combined
 from mvm.lifecycle import admission, apply, create, disks, observe, quota
 from mvm.lifecycle.apply import TAKES_MORE

@@ -10,17 +10,14 @@ from collections.abc import Iterable
 from ipaddress import IPv4Network
 from pathlib import Path
 
-from mvm.config.host import Host
+from mvm.config.paths import TENANTS_MODE
+from mvm.context import Host
 from mvm.errors import Conflict, InvalidInput, QuotaExceeded
 from mvm.lifecycle import observe, secrets_disk
 from mvm.model import Event, Quotas, State, Tenant, check_id
 from mvm.network import plan
 from mvm.store import Store, quota_lock_name, tenant_lock_name
 from mvm.util import inputs, private
-
-#: `tenants/` may be passed through (a jailed hypervisor opens its own files below it), not
-#: listed; each tenant's directory is 0700.
-TENANTS_MODE = 0o711
 
 
 def create(ctx: Host, tid: str, net_id: int | None = None, subnet: str | None = None,

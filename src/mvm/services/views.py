@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mvm.config.host import Host
+from mvm.context import Host
 from mvm.lifecycle import quota, specs
 from mvm.model import Instance, InstanceRef, PoolRef, check_id
 from mvm.services import instances, pools, tenants

@@ -134,6 +134,12 @@ class Locks(Protocol):
     for; a lease ends when its holder releases it or dies. Each grant has a fencing token
     greater than the last grant's of that name (`Lease.token`)."""
 
+    @property
+    def owner(self) -> str:
+        """Who takes these locks ("pid N (mvm pool scale)"): told to waiters, and recorded
+        on each transition begun under them (`Op.owner`)."""
+        ...
+
     def lock(self, name: str, timeout: float = 600.0,
              waiting: Waiting | None = None) -> AbstractContextManager[Lease]: ...
 

@@ -1,33 +1,34 @@
 """The host context every operation runs in: passed in, never read from globals on the way.
 
-It holds the state layout, the typed settings, the store, the locks, a factory for the
-hypervisor runtime (made once, on first use), the clock, and two test seams, each
-`<action>:<step>`: MVM_TEST_CRASH_AFTER kills the process with SIGKILL right after that step
-of a transition is recorded (the way a real crash would: no cleanup runs), and
-MVM_TEST_FAIL_BEFORE makes that step fail, so tests can show that the next command (or the
-failing one) leaves a consistent state.
+It holds the state layout, the typed settings, the store and the locks (behind their protocols,
+`store/base.py`), a factory for the hypervisor runtime (made once, on first use), the clock, the
+host's available memory, and two hooks the lifecycle calls at each step of a transition:
+`fail_point` right before the step runs, `crash_point` right after it is recorded. They do
+nothing unless a test sets them (directly, or through the seams `compose.py` reads at the edge).
 
-It is composed at the edge (`services.context.host()` for the CLI, the agent, the tests).
+It is composed at the edge (`compose.compose()` for the CLI, the agent, tools); tests build it
+with their doubles.
 """
 
 from __future__ import annotations
 
-import os
-import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from mvm.config.paths import Layout
 from mvm.config.settings import Settings
-from mvm.errors import RuntimeFailure
+from mvm.runtime.base import Runtime
+from mvm.store.base import Locks, Store
 from mvm.util import meminfo
 
-if TYPE_CHECKING:
-    from mvm.runtime.base import Runtime
-    from mvm.store import FileLocks, Store
+#: Called with a transition's action and one of its steps (`"start"`, `"boot"`).
+StepHook = Callable[[str, str], None]
+
+
+def no_hook(action: str, step: str) -> None:
+    """The step hooks of a host that no test set: nothing happens."""
 
 
 @dataclass
@@ -35,11 +36,13 @@ class Host:
     layout: Layout
     settings: Settings
     store: Store
-    locks: FileLocks
+    locks: Locks
     runtime_factory: Callable[[], Runtime]
     clock: Callable[[], float] = time.time
-    crash_after: str | None = None
-    fail_before: str | None = None
+    #: Before each step of a transition runs: may raise, as the step would (a test's failure).
+    fail_point: StepHook = no_hook
+    #: Right after each step of a transition is recorded (a test's crash: SIGKILL).
+    crash_point: StepHook = no_hook
     #: A store connection for another thread (SQLite connections are per thread).
     store_factory: Callable[[], Store] | None = None
     _runtime: Runtime | None = field(default=None, repr=False)
@@ -71,11 +74,3 @@ class Host:
         """The same host with a store connection of its own."""
         store = self.store_factory() if self.store_factory is not None else self.store
         return replace(self, store=store, _runtime=self.runtime())
-
-    def crash_point(self, action: str, step: str) -> None:
-        if self.crash_after == f"{action}:{step}":
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    def fail_point(self, action: str, step: str) -> None:
-        if self.fail_before == f"{action}:{step}":
-            raise RuntimeFailure(f"injected failure before {action} step {step} (MVM_TEST_FAIL_BEFORE)")
