@@ -59,12 +59,15 @@ def cgroup_dirs(pid: int) -> dict[str, Path]:
     return out
 
 
-def processes_of(uid: int) -> list[int]:
+def processes_of(uid: int, home: Path | None = None) -> list[int]:
+    """Live processes running as `uid` (of `home` only, when given: jail ids are numbered per
+    state home, so another test's home may use the same uid at the same time)."""
     out = []
     for p in os.listdir("/proc"):
         if p.isdigit():
             try:
-                if status(int(p))["Uid"].split()[0] == str(uid) and pids.is_running(int(p)):
+                if status(int(p))["Uid"].split()[0] == str(uid) and pids.is_running(int(p)) and (
+                        home is None or str(home).encode() in Path(f"/proc/{p}/cmdline").read_bytes()):
                     out.append(int(p))
             except (OSError, KeyError):
                 continue
@@ -224,7 +227,7 @@ def test_pool_scale_runs_jailed_instances(gmvm: Mvm, flake_copy, tmp_path: Path)
     assert not any(iid in p.name for p in Path("/sys/fs/cgroup/memory/mvm").iterdir())
     gmvm.ok("pool", "scale", "acme/workers", "--running", "1")
     gmvm.ok("pool", "scale", "acme/workers", "--running", "0")
-    assert processes_of(uid) == []
+    assert processes_of(uid, gmvm.home) == []
     assert not any(iid in p.name for p in Path("/sys/fs/cgroup/memory/mvm").iterdir())
 
 

@@ -280,6 +280,7 @@ class AgentClient:
                   limit: int, confirm: bool | None, may_run: list[bool]) -> bytearray:
         deadline = time.monotonic() + timeout
         rid = _new_id()
+        said = "exec" if verb == "run" else verb  # (`run` is how an exec is asked for now)
         with self._lock:
             try:
                 if self._sock is None:
@@ -307,20 +308,20 @@ class AgentClient:
                         may_run.append(True)
                     answer = self._read_line(deadline, limit, rid.encode().__eq__, {})
             except _Timeout:
-                self._check_alive(f"while waiting for the answer to {verb}")
+                self._check_alive(f"while waiting for the answer to {said}")
                 raise GuestError(
-                    f"guest agent did not answer {verb} within {timeout:g}s", _HINT) from None
+                    f"guest agent did not answer {said} within {timeout:g}s", _HINT) from None
             except _Silent as e:
                 self._drop()
-                raise GuestError(f"the hypervisor does not answer (during {verb}): {e}",
+                raise GuestError(f"the hypervisor does not answer (during {said}): {e}",
                                  "it is ended after its pool's unresponsive grace and started "
                                  "again by the agent or `mvm pool scale`; or stop the instance") from None
             except _Overrun as e:
-                raise GuestError(f"guest agent sent {e} while mvm waited for its answer to {verb}; "
+                raise GuestError(f"guest agent sent {e} while mvm waited for its answer to {said}; "
                                  "the connection was reset", e.hint) from None
             except OSError as e:
                 self._drop()
-                self._check_alive(f"during {verb}")
+                self._check_alive(f"during {said}")
                 raise GuestError(
                     f"guest agent at {self.socket_path}: {e.strerror or e}", _HINT) from e
         head = bytes(answer[:len(rid) + 5]).split(b" ")
