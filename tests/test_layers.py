@@ -147,3 +147,34 @@ def test_no_import_cycles_even_inside_functions() -> None:
                     seen.add(dep)
                     stack.append((dep, [*path, dep]))
     assert cycles == []
+
+
+#: The edges reach the lifecycle and the store only through the services.
+EDGES = ("cli", "api")
+BEHIND_SERVICES = ("mvm.lifecycle", "mvm.store")
+
+
+def edge_violations(src: Path = SRC) -> list[str]:
+    """Imports of the lifecycle or the store in `cli/` and `api/` (anywhere: inside functions,
+    under `TYPE_CHECKING`), and `.store` / `.locks` attribute access (a host context's store or
+    locks reached around the services)."""
+    wrong = []
+    for edge in EDGES:
+        for f in sorted((src / edge).rglob("*.py")):
+            rel = f.relative_to(src)
+            for node in ast.walk(ast.parse(f.read_text())):
+                names: list[str] = []
+                if isinstance(node, ast.ImportFrom) and node.module:
+                    names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+                elif isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.Attribute) and node.attr in ("store", "locks"):
+                    wrong.append(f"{rel}:{node.lineno} reaches .{node.attr}")
+                bad = sorted({n for n in names for b in BEHIND_SERVICES if n == b or n.startswith(b + ".")})
+                if bad:
+                    wrong.append(f"{rel}:{node.lineno} imports {bad[0]}")
+    return wrong
+
+
+def test_cli_and_api_go_through_services() -> None:
+    assert edge_violations() == []

@@ -28,7 +28,6 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from mvm import __version__, errors
 from mvm.api import metrics
 from mvm.api.limits import BodyLimit
-from mvm.api.metrics import events_after
 from mvm.api.models import (
     BuildIn,
     Done,
@@ -51,8 +50,9 @@ from mvm.api.models import (
     TransitionOut,
 )
 from mvm.context import Host
-from mvm.errors import IllegalTransition, MvmError
-from mvm.model import Action, InstanceRef, Pool, PoolRef, Quotas, Reason, State, Tenant, check_id, check_instance_id
+from mvm.errors import MvmError
+from mvm.model import Action, InstanceRef, Pool, PoolRef, Quotas, State, Tenant, check_id, check_instance_id
+from mvm.services import events, instances, pools, session
 
 STATUS: dict[type[MvmError], int] = {
     errors.NotFound: 404, errors.InvalidInput: 422, errors.Conflict: 409, errors.IllegalTransition: 409,
@@ -142,7 +142,7 @@ class Operations:
                          "kind": "MvmError", "exit_code": 70}
             finally:
                 if ctx is not None:
-                    ctx.store.close()
+                    session.close(ctx)
             op.finished, op.result, op.error = time.time(), result, error
             op.status = "failed" if error is not None else "succeeded"  # (last: the answer is complete)
 
@@ -184,36 +184,12 @@ def _instance(tenant: str, pool: str, instance: str) -> InstanceRef:
 
 
 def exec_for_work(ctx: Host, ref: InstanceRef, body: ExecIn) -> ExecOut:
-    """Work arriving: a warm instance is resumed and a sleeping one woken (reason `work`),
-    then the command runs. A transition in flight on the instance is waited for first."""
-    from mvm.guest.agent_client import check_exec_limits
-    from mvm.lifecycle import apply, observe
-    from mvm.lifecycle.apply import pool_locked
-    from mvm.services import instances
-
-    check_exec_limits(body.timeout, body.max_output)
-    brought: str | None = None
-    for attempt in range(3):  # (an idle policy may put it back between the two)
-        i = ctx.store.instance(ref.tenant, ref.pool, ref.instance)
-        if i.op is not None:  # its command holds the pool's lock until it has ended
-            with pool_locked(ctx, ref.pool_ref, None) as lease:
-                i = observe.instance(ctx, ref, lease)
-        back = {State.WARM: Action.RESUME, State.SLEEPING: Action.WAKE}.get(i.state)
-        if back is not None:
-            apply(ctx, ref, back, reason=Reason.WORK)
-            brought = back.value
-        try:
-            r = instances.exec_(ctx, ref, body.argv, body.timeout, body.max_output)
-        except (IllegalTransition, errors.Conflict):  # (the command did not start)
-            now = ctx.store.instance(ref.tenant, ref.pool, ref.instance)
-            if attempt == 2 or (now.op is None and now.state not in (State.WARM, State.SLEEPING)):
-                raise
-            continue
-        return ExecOut(exit_code=r.exit_code, timed_out=r.timed_out,
-                       stdout_b64=base64.b64encode(r.stdout).decode(),
-                       stderr_b64=base64.b64encode(r.stderr).decode(),
-                       truncated=dict(r.truncated), brought_back=brought)
-    raise AssertionError("unreachable")
+    """Work arriving: a warm or sleeping instance is brought back, then the command runs."""
+    r, brought = instances.exec_for_work(ctx, ref, body.argv, body.timeout, body.max_output)
+    return ExecOut(exit_code=r.exit_code, timed_out=r.timed_out,
+                   stdout_b64=base64.b64encode(r.stdout).decode(),
+                   stderr_b64=base64.b64encode(r.stderr).decode(),
+                   truncated=dict(r.truncated), brought_back=brought)
 
 
 def create_app(ctx_factory: Callable[[], Host], token: str | None = None,
@@ -231,7 +207,7 @@ def create_app(ctx_factory: Callable[[], Host], token: str | None = None,
         return h
 
     ops = Operations(ctx_factory)
-    meter = metrics.Metrics(lambda: host().store)
+    meter = metrics.Metrics(host)
     err = {code: {"model": ErrorOut} for code in ERROR_STATUSES}
     app = FastAPI(title="mvm", version=__version__, responses=err,  # type: ignore[arg-type]
                   description="Fleets of microVMs for many tenants: the agent's API.")
@@ -349,7 +325,7 @@ def create_app(ctx_factory: Callable[[], Host], token: str | None = None,
               tags=["pools"])
     def pool_scale(tenant: str, pool: str, body: ScaleIn) -> Any:
         ref = _pool(tenant, pool)
-        host().store.pool(ref.tenant, ref.pool)  # (a pool that is not there: 404 now)
+        pools.get(host(), ref)  # (a pool that is not there: 404 now)
 
         def work(ctx: Host, op: Operation) -> Any:
             from mvm.services import scale, views
@@ -366,7 +342,7 @@ def create_app(ctx_factory: Callable[[], Host], token: str | None = None,
         from mvm.services import builder
 
         ref = _pool(tenant, pool)
-        host().store.pool(ref.tenant, ref.pool)
+        pools.get(host(), ref)
         b = body or BuildIn()
         opts = builder.Options(b.builder_cpus, b.builder_mem, b.timeout)
         opts.check()
@@ -399,12 +375,10 @@ def create_app(ctx_factory: Callable[[], Host], token: str | None = None,
     @app.post("/tenants/{tenant}/pools/{pool}/instances/{instance}/actions/{action}",
               response_model=TransitionOut, tags=["instances"])
     def instance_action(tenant: str, pool: str, instance: str, action: Action, keep_data: bool = False) -> Any:
-        from mvm.lifecycle import apply
-
         ref = _instance(tenant, pool, instance)
         if keep_data and action is not Action.DESTROY:
             raise errors.InvalidInput("keep_data is for destroy only")
-        i = apply(host(), ref, action, keep_data=keep_data)
+        i = instances.transition(host(), ref, action, keep_data=keep_data)
         return {"address": str(ref), "state": State.DESTROYED if action is Action.DESTROY else i.state}
 
     @app.post("/tenants/{tenant}/pools/{pool}/instances/{instance}/exec", response_model=ExecOut,
@@ -421,9 +395,7 @@ def create_app(ctx_factory: Callable[[], Host], token: str | None = None,
     @app.get("/events", response_model=list[EventOut], tags=["events"])
     def event_list(tenant: str | None = None, limit: int = Query(100, ge=0, le=10_000),
                    after: int | None = Query(None, ge=0, le=2**62)) -> Any:
-        if tenant is not None:
-            check_id("tenant", tenant)
-        return events_after(host().store, tenant, after, limit)
+        return events.after(host(), tenant, after, limit)
 
     @app.get("/events/stream", tags=["events"], response_class=StreamingResponse,
              responses={200: {"content": {"application/x-ndjson": {}},
@@ -433,13 +405,13 @@ def create_app(ctx_factory: Callable[[], Host], token: str | None = None,
         if tenant is not None:
             check_id("tenant", tenant)
         if after is None:
-            last = events_after(host().store, tenant, None, 1)
+            last = events.after(host(), tenant, None, 1)
             after = int(last[-1]["id"]) if last else 0
 
         def follow() -> Iterator[str]:
             cursor = after
             while not closing.is_set():
-                rows = events_after(host().store, tenant, cursor, 500)
+                rows = events.after(host(), tenant, cursor, 500)
                 for r in rows:
                     cursor = int(r["id"])
                     yield json.dumps(jsonable_encoder(EventOut(**r))) + "\n"

@@ -15,8 +15,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from mvm.model import Reason, State
-from mvm.store import Store
+from mvm.context import Host
+from mvm.model import Reason
+from mvm.services import events, views
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 #: Transition event kinds whose durations are measured, and their `action` label.
@@ -27,40 +28,26 @@ BUILD_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600)
 BATCH = 10_000
 
 
-def events_after(store: Store, tenant: str | None, after: int | None, limit: int) -> list[dict[str, Any]]:
-    """Events oldest first: the newest `limit`, or with `after` the first `limit` after that id."""
-    rows = store.events(tenant, limit, after=after)
-    return rows if after is not None else rows[::-1]
-
-
 class Instances(Collector):
     """`mvm_instances{tenant,pool,state}`: every pool, every state (0 included)."""
 
-    def __init__(self, store: Callable[[], Store]) -> None:
-        self.store = store
+    def __init__(self, host: Callable[[], Host]) -> None:
+        self.host = host
 
     def collect(self) -> Iterable[Metric]:
         g = GaugeMetricFamily("mvm_instances", "Instances by tenant, pool and state (from the store)",
                               labels=["tenant", "pool", "state"])
-        store = self.store()
-        counts: dict[tuple[str, str, str], int] = {}
-        for p in store.pools():
-            for s in State:
-                if s is not State.DESTROYED:
-                    counts[(p.tenant, p.id, s.value)] = 0
-        for i in store.instances():
-            key = (i.tenant, i.pool, i.state.value)
-            counts[key] = counts.get(key, 0) + 1
+        counts = views.state_counts(self.host())
         for (tenant, pool, state), n in sorted(counts.items()):
             g.add_metric([tenant, pool, state], n)
         yield g
 
 
 class Metrics:
-    def __init__(self, store: Callable[[], Store]) -> None:
-        self.store = store
+    def __init__(self, host: Callable[[], Host]) -> None:
+        self.host = host
         self.registry = CollectorRegistry(auto_describe=True)
-        self.registry.register(Instances(store))
+        self.registry.register(Instances(host))
         r = self.registry
         self.transitions = Histogram("mvm_transition_seconds", "Seconds an instance transition took",
                                      ["action"], buckets=TRANSITION_BUCKETS, registry=r)
@@ -82,9 +69,9 @@ class Metrics:
             return generate_latest(self.registry)
 
     def _read_events(self) -> None:
-        store = self.store()
+        ctx = self.host()
         while True:
-            rows = events_after(store, None, self.after, BATCH)
+            rows = events.after(ctx, None, self.after, BATCH)
             for row in rows:
                 self.count(row)
                 self.after = max(self.after, int(row["id"]))

@@ -155,5 +155,5 @@ def _intent(ctx: Host, i: Instance, action: Action, target: State, revision: str
         data["secrets_version"] = str(version)
         data["fresh_secrets"] = "1" if i.secrets_version != version else ""
     elif action is Action.DESTROY and keep_data and specs.data_disk_path(ctx.layout, i).exists():
-        data["kept"] = f"kept-data/{i.pool}-{i.id}.ext4"
+        data["kept"] = specs.kept_data(i.pool, i.id)
     return Op(action, target, i.state, data=data, owner=ctx.locks.owner, started=ctx.clock())

@@ -23,6 +23,12 @@ def data_disk_path(layout: Layout, i: Instance) -> Path:
     return instance_dir(layout, i) / "data.ext4"
 
 
+def kept_data(pool: str, instance: str) -> str:
+    """Where `destroy --keep-data` moves an instance's data disk, under its tenant's directory
+    (outside the pool: a later `pool destroy` must not take what the user kept)."""
+    return f"kept-data/{pool}-{instance}.ext4"
+
+
 def run_dir(layout: Layout, i: Instance) -> Path:
     """Sockets, pid file and console log. They live under a short runtime path (socket paths
     are limited to 108 bytes); `instances/<i>/run` links there."""

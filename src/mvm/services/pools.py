@@ -45,6 +45,11 @@ def builtin_flake(ctx: Host) -> str:
     return str(d.resolve())
 
 
+def get(ctx: Host, ref: PoolRef) -> Pool:
+    """The pool (`NotFound` when there is none)."""
+    return ctx.store.pool(ref.tenant, ref.pool)
+
+
 def create(ctx: Host, ref: PoolRef, flake: str | None, profile: str, cpus: int, mem: int,
            data_disk: int = 0, network: str = "tenant", *, idle_warm: float | None = None,
            idle_sleep: float | None = None, min_running: int = 0, pinned: bool = False,

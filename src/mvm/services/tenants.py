@@ -16,7 +16,7 @@ from mvm.errors import Conflict, InvalidInput, QuotaExceeded
 from mvm.lifecycle import observe, secrets_disk
 from mvm.model import Event, Quotas, State, Tenant, check_id
 from mvm.network import plan
-from mvm.store import Store, quota_lock_name, tenant_lock_name
+from mvm.store import quota_lock_name, tenant_lock_name
 from mvm.util import inputs, private
 
 
@@ -157,8 +157,13 @@ def secret_keys(ctx: Host, tid: str) -> list[str]:
         return []
 
 
-def stale_instances(store: Store, tid: str) -> list[str]:
+def get(ctx: Host, tid: str) -> Tenant:
+    return ctx.store.tenant(check_id("tenant", tid))
+
+
+def stale_instances(ctx: Host, tid: str) -> list[str]:
     """Instances that hold secrets older than the tenant's current ones."""
+    store = ctx.store
     t = store.tenant(tid)
     return [f"{i.tenant}/{i.pool}/{i.id}" for i in store.instances(tid)
             if i.state in (State.RUNNING, State.WARM, State.SLEEPING)

@@ -8,7 +8,7 @@ from typing import Any
 
 from mvm.context import Host
 from mvm.lifecycle import quota, specs
-from mvm.model import Instance, InstanceRef, PoolRef, check_id
+from mvm.model import Instance, InstanceRef, PoolRef, State, check_id
 from mvm.services import instances, pools, tenants
 from mvm.util.jsonable import jsonable
 
@@ -47,6 +47,19 @@ def instance_counts(ctx: Host, tenant: str | None = None) -> dict[str, int]:
         key = f"{i.tenant}/{i.pool}"
         out[key] = out.get(key, 0) + 1
     return out
+
+
+def state_counts(ctx: Host) -> dict[tuple[str, str, str], int]:
+    """Instances by (tenant, pool, state): every pool, every state but destroyed (0 included)."""
+    counts: dict[tuple[str, str, str], int] = {}
+    for p in ctx.store.pools():
+        for s in State:
+            if s is not State.DESTROYED:
+                counts[(p.tenant, p.id, s.value)] = 0
+    for i in ctx.store.instances():
+        key = (i.tenant, i.pool, i.state.value)
+        counts[key] = counts.get(key, 0) + 1
+    return counts
 
 
 def pool_info(ctx: Host, ref: PoolRef) -> dict[str, Any]:
