@@ -8,6 +8,7 @@ import os
 import secrets
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -139,6 +140,56 @@ def gmvm(tmp_path: Path, netns: str, monkeypatch: pytest.MonkeyPatch) -> Iterato
         for t in json.loads(m("tenant", "list", "--json").out or "[]"):
             m("tenant", "destroy", t["id"], "--force")
         _kill_guests_of(home)
+
+
+SECRETS = {"API_KEY": "s3cr3t-value", "DB_URL": "postgres://db/acme"}
+
+
+def setup_pool(m: Mvm, flake: Path, tmp: Path, pool: str = "acme/workers", *extra: str) -> None:
+    """A tenant with secrets and a built pool of the app flake, as a user makes them."""
+    m.ok("tenant", "create", "acme")
+    (tmp / "secrets.json").write_text(json.dumps(SECRETS))
+    m.ok("tenant", "secrets", "set", "acme", "--from-file", str(tmp / "secrets.json"))
+    m.ok("pool", "create", pool, "--flake", str(flake), "--profile", "baseline", "--cpus", "1",
+         "--mem", "256", "--data-disk", "64", *extra)
+    m.ok("pool", "build", pool)
+
+
+@pytest.fixture(scope="session")
+def app_pool_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One home made by `setup_pool` (a real `pool build` of the app flake with the host's Nix),
+    once per session; tests that only need that pool start from a copy of it (`app_pool`).
+    Made inside a namespace of its own, as the tests that copy it run in one."""
+    root = tmp_path_factory.mktemp("app-pool")
+    flake = root / "flakes" / "app-flake"
+    shutil.copytree(FIXTURES / "app-flake", flake)
+    home = root / "home"
+    _link_assets(home)
+    name = f"mvmtest-{secrets.token_hex(3)}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        setup_pool(Mvm(home, ns=name), flake, root)
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+    return home
+
+
+def clone_home(template: Path, home: Path) -> None:
+    """`home` becomes a copy of `template` (no guest of it ever ran): its own database, files
+    and revision images; the asset links and the flake it was built from are shared."""
+    shutil.rmtree(home)
+    shutil.copytree(template, home, symlinks=True)
+    db = sqlite3.connect(home / "mvm.db")
+    with db:
+        db.execute("UPDATE builds SET log = replace(log, ?, ?)", (str(template), str(home)))
+    db.close()
+
+
+@pytest.fixture
+def app_pool(gmvm: Mvm, app_pool_template: Path) -> None:
+    """`gmvm`'s home holds what `setup_pool(gmvm, <app flake>, tmp)` makes: tenant `acme` with
+    SECRETS, pool `acme/workers` built and current. The build ran once per session."""
+    clone_home(app_pool_template, gmvm.home)
 
 
 def instances_by_state(m: Mvm, pool: str) -> dict[str, list[str]]:

@@ -29,7 +29,6 @@ from mvm.build.kernel import KernelInfo, install_default_kernel
 from mvm.errors import GuestError
 from tests.conftest import Mvm, instances_by_state, needs_assets, sh
 from tests.test_guest_boot import SECRETS, Guest, make_rootfs, make_secrets, mkfs, wait_for
-from tests.test_instances import setup_pool
 
 pytestmark = [
     pytest.mark.guest,
@@ -350,11 +349,10 @@ def test_wake_after_an_aborted_sleep_resume_and_execs(restorable: Guest, tmp_pat
 
 @pytest.mark.nix
 @needs_assets("kernel", "nixpkgs-offline")
-def test_cli_wake_after_a_killed_sleep(gmvm: Mvm, flake_copy, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_cli_wake_after_a_killed_sleep(gmvm: Mvm, app_pool: None) -> None:
     """The issue's repro through mvm itself: SIGKILL `instance sleep` once
     snapshot/<name>/memory.tmp exists, the next command (which finds the sleep interrupted
     and lets the VM run on), two `exec`s, `sleep`, `wake`."""
-    setup_pool(gmvm, flake_copy("app-flake"), tmp_path)
     gmvm.ok("pool", "scale", "acme/workers", "--running", "1")
     inst = instances_by_state(gmvm, "acme/workers")["running"][0]
     info = json.loads(gmvm.ok("instance", "info", inst, "--json").out)

@@ -12,21 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Mvm, instances_by_state, needs_assets, sh
+from tests.conftest import SECRETS, Mvm, instances_by_state, needs_assets, setup_pool, sh
 
 pytestmark = [pytest.mark.guest, pytest.mark.nix, needs_assets("kernel", "nixpkgs-offline")]
-
-SECRETS = {"API_KEY": "s3cr3t-value", "DB_URL": "postgres://db/acme"}
-
-
-def setup_pool(m: Mvm, flake: Path, tmp: Path, pool: str = "acme/workers", *extra: str) -> None:
-    m.ok("tenant", "create", "acme")
-    (tmp / "secrets.json").write_text(json.dumps(SECRETS))
-    m.ok("tenant", "secrets", "set", "acme", "--from-file", str(tmp / "secrets.json"))
-    m.ok("pool", "create", pool, "--flake", str(flake), "--profile", "baseline", "--cpus", "1",
-         "--mem", "256", "--data-disk", "64", *extra)
-    m.ok("pool", "build", pool)
-
 
 def wait_for(fn, timeout: float = 30.0, what: str = "condition"):  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
@@ -45,8 +33,7 @@ def checksum(m: Mvm, inst: str) -> str:
     return r.out.split()[0]
 
 
-def test_guide_flow_scale_data_secrets_and_service(gmvm: Mvm, flake_copy, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    setup_pool(gmvm, flake_copy("app-flake"), tmp_path)
+def test_guide_flow_scale_data_secrets_and_service(gmvm: Mvm, app_pool: None) -> None:
     r = gmvm.ok("pool", "scale", "acme/workers", "--running", "2", "--warm", "1", "--sleeping", "1")
     assert "created" in r.err  # each action is reported
     states = instances_by_state(gmvm, "acme/workers")
@@ -83,8 +70,7 @@ def test_guide_flow_scale_data_secrets_and_service(gmvm: Mvm, flake_copy, tmp_pa
     assert instances_by_state(gmvm, "acme/workers") == states
 
 
-def test_data_survives_warm_sleep_and_stop(gmvm: Mvm, flake_copy, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    setup_pool(gmvm, flake_copy("app-flake"), tmp_path)
+def test_data_survives_warm_sleep_and_stop(gmvm: Mvm, app_pool: None) -> None:
     gmvm.ok("pool", "scale", "acme/workers", "--running", "1")
     inst = instances_by_state(gmvm, "acme/workers")["running"][0]
     assert sh(gmvm, inst, "head -c 1048576 /dev/urandom > /data/blob").rc == 0
@@ -97,8 +83,7 @@ def test_data_survives_warm_sleep_and_stop(gmvm: Mvm, flake_copy, tmp_path: Path
     assert Path(info["data_disk"]).exists()
 
 
-def test_wake_restores_memory_and_resyncs_the_clock(gmvm: Mvm, flake_copy, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    setup_pool(gmvm, flake_copy("app-flake"), tmp_path)
+def test_wake_restores_memory_and_resyncs_the_clock(gmvm: Mvm, app_pool: None) -> None:
     gmvm.ok("pool", "scale", "acme/workers", "--running", "1")
     inst = instances_by_state(gmvm, "acme/workers")["running"][0]
     sh(gmvm, inst, "(i=0; while :; do i=$((i+1)); echo $i > /run/count; sleep 0.2; done) >/dev/null 2>&1 &")
@@ -156,8 +141,7 @@ def qemu_pid(m: Mvm, inst: str) -> int:
     return int((m.home / f"tenants/{t}/pools/{p}/instances/{i}/run/qemu.pid").read_text())
 
 
-def test_killed_hypervisor_is_failed_and_scale_restores(gmvm: Mvm, flake_copy, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    setup_pool(gmvm, flake_copy("app-flake"), tmp_path)
+def test_killed_hypervisor_is_failed_and_scale_restores(gmvm: Mvm, app_pool: None) -> None:
     gmvm.ok("pool", "scale", "acme/workers", "--running", "2")
     victim = instances_by_state(gmvm, "acme/workers")["running"][0]
     os.kill(qemu_pid(gmvm, victim), signal.SIGKILL)
@@ -206,8 +190,7 @@ def leftovers(m: Mvm, inst: str) -> list[str]:
     return found
 
 
-def test_illegal_transitions_and_failed_start_change_nothing(gmvm: Mvm, flake_copy, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    setup_pool(gmvm, flake_copy("app-flake"), tmp_path)
+def test_illegal_transitions_and_failed_start_change_nothing(gmvm: Mvm, app_pool: None) -> None:
     gmvm.ok("pool", "scale", "acme/workers", "--running", "1", "--sleeping", "1")
     states = instances_by_state(gmvm, "acme/workers")
     running, sleeping = states["running"][0], states["sleeping"][0]
@@ -246,8 +229,7 @@ def test_illegal_transitions_and_failed_start_change_nothing(gmvm: Mvm, flake_co
     assert sh(gmvm, running, "echo ok").out == "ok\n"
 
 
-def test_destroy_keep_data_and_secret_rotation(gmvm: Mvm, flake_copy, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    setup_pool(gmvm, flake_copy("app-flake"), tmp_path)
+def test_destroy_keep_data_and_secret_rotation(gmvm: Mvm, app_pool: None, tmp_path: Path) -> None:
     gmvm.ok("pool", "scale", "acme/workers", "--running", "1", "--sleeping", "1")
     states = instances_by_state(gmvm, "acme/workers")
     running, sleeping = states["running"][0], states["sleeping"][0]

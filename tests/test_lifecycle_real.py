@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Mvm, instances_by_state, needs_assets, sh
-from tests.test_instances import setup_pool
 
 pytestmark = [pytest.mark.guest, pytest.mark.nix, needs_assets("kernel", "nixpkgs-offline")]
 
@@ -73,8 +72,7 @@ def back_to_running(m: Mvm, inst: str) -> None:
 
 
 @pytest.mark.parametrize("step", ["prep", "snapshot"])
-def test_sleep_killed_after_each_step(gmvm: Mvm, flake_copy, tmp_path: Path, step: str) -> None:  # type: ignore[no-untyped-def]
-    setup_pool(gmvm, flake_copy("app-flake"), tmp_path)
+def test_sleep_killed_after_each_step(gmvm: Mvm, app_pool: None, step: str) -> None:
     gmvm.ok("pool", "scale", "acme/workers", "--running", "1")
     inst = instances_by_state(gmvm, "acme/workers")["running"][0]
     assert sh(gmvm, inst, "echo before-sleep >> /data/log && sync").rc == 0
@@ -97,8 +95,7 @@ def test_sleep_killed_after_each_step(gmvm: Mvm, flake_copy, tmp_path: Path, ste
     assert abs(int(sh(gmvm, inst, "date +%s").out) - int(__import__("time").time())) <= 3
 
 
-def test_wake_killed_after_each_step(gmvm: Mvm, flake_copy, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    setup_pool(gmvm, flake_copy("app-flake"), tmp_path)
+def test_wake_killed_after_each_step(gmvm: Mvm, app_pool: None) -> None:
     gmvm.ok("pool", "scale", "acme/workers", "--sleeping", "1")
     inst = instances_by_state(gmvm, "acme/workers")["sleeping"][0]
     lines: list[str] = []
@@ -124,14 +121,13 @@ def test_wake_killed_after_each_step(gmvm: Mvm, flake_copy, tmp_path: Path) -> N
 
 
 @pytest.mark.net
-def test_start_and_wake_killed_while_mkfs_makes_the_secrets_disk_leave_no_secrets(  # type: ignore[no-untyped-def]
-        gmvm: Mvm, flake_copy, tmp_path: Path) -> None:
+def test_start_and_wake_killed_while_mkfs_makes_the_secrets_disk_leave_no_secrets(
+        gmvm: Mvm, app_pool: None, tmp_path: Path) -> None:
     from mvm.config.paths import Layout
     from mvm.util.retry import until
-    from tests.test_instances import SECRETS
+    from tests.conftest import SECRETS
     from tests.test_lifecycle_faults import killing_mkfs
 
-    setup_pool(gmvm, flake_copy("app-flake"), tmp_path)
     gmvm.ok("pool", "scale", "acme/workers", "--sleeping", "1")
     inst = instances_by_state(gmvm, "acme/workers")["sleeping"][0]
     shm = Layout(gmvm.home).secrets_runtime_dir()
@@ -159,11 +155,10 @@ def test_start_and_wake_killed_while_mkfs_makes_the_secrets_disk_leave_no_secret
 
 
 @pytest.mark.net
-def test_a_damaged_snapshot_is_refused_and_kept_and_the_instance_stays_sleeping(  # type: ignore[no-untyped-def]
-        gmvm: Mvm, flake_copy, tmp_path: Path) -> None:
+def test_a_damaged_snapshot_is_refused_and_kept_and_the_instance_stays_sleeping(
+        gmvm: Mvm, app_pool: None) -> None:
     from mvm.config.paths import Layout
 
-    setup_pool(gmvm, flake_copy("app-flake"), tmp_path)
     gmvm.ok("pool", "scale", "acme/workers", "--running", "1")
     inst = instances_by_state(gmvm, "acme/workers")["running"][0]
     assert sh(gmvm, inst, "echo before-sleep >> /data/log && sync").rc == 0
@@ -198,8 +193,7 @@ def test_a_damaged_snapshot_is_refused_and_kept_and_the_instance_stays_sleeping(
     assert sh(gmvm, inst, "cat /data/log").out == "before-sleep\n"
 
 
-def test_scale_killed_mid_boot_hides_nothing(gmvm: Mvm, flake_copy, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    setup_pool(gmvm, flake_copy("app-flake"), tmp_path)
+def test_scale_killed_mid_boot_hides_nothing(gmvm: Mvm, app_pool: None) -> None:
     crash(gmvm, "start:boot", "pool", "scale", "acme/workers", "--running", "2")
     # a listing shows what runs without recording it; scale to 0 ends it all
     r = gmvm.ok("pool", "scale", "acme/workers", "--running", "0")
@@ -215,8 +209,7 @@ def test_scale_killed_mid_boot_hides_nothing(gmvm: Mvm, flake_copy, tmp_path: Pa
         assert consistent(gmvm, inst) == "running" and sh(gmvm, inst, "echo ok").out == "ok\n"
 
 
-def test_a_guest_that_dies_at_boot_fails_at_once_with_its_console(gmvm: Mvm, flake_copy, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    setup_pool(gmvm, flake_copy("app-flake"), tmp_path)
+def test_a_guest_that_dies_at_boot_fails_at_once_with_its_console(gmvm: Mvm, app_pool: None) -> None:
     rootfs = gmvm.home / "tenants/acme/pools/workers/artifacts/current/rootfs.ext4"
     rootfs.chmod(0o644)
     with open(rootfs, "r+b") as f:  # no ext4 superblock: the kernel cannot mount its root
@@ -229,8 +222,7 @@ def test_a_guest_that_dies_at_boot_fails_at_once_with_its_console(gmvm: Mvm, fla
     assert consistent(gmvm, inst) == "created"
 
 
-def test_runtime_dir_removed_under_running_guests(gmvm: Mvm, flake_copy, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    setup_pool(gmvm, flake_copy("app-flake"), tmp_path)
+def test_runtime_dir_removed_under_running_guests(gmvm: Mvm, app_pool: None) -> None:
     gmvm.ok("pool", "scale", "acme/workers", "--running", "2")
     a, b = instances_by_state(gmvm, "acme/workers")["running"]
     assert sh(gmvm, a, "echo kept >> /data/log && sync").rc == 0
@@ -249,8 +241,7 @@ def test_runtime_dir_removed_under_running_guests(gmvm: Mvm, flake_copy, tmp_pat
     assert consistent(gmvm, b) == "running"
 
 
-def test_fifty_sleep_wake_cycles_under_concurrent_exec_and_list(gmvm: Mvm, flake_copy, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    setup_pool(gmvm, flake_copy("app-flake"), tmp_path)
+def test_fifty_sleep_wake_cycles_under_concurrent_exec_and_list(gmvm: Mvm, app_pool: None) -> None:
     gmvm.ok("pool", "scale", "acme/workers", "--running", "1")
     inst = instances_by_state(gmvm, "acme/workers")["running"][0]
     stop = threading.Event()
