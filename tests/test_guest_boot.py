@@ -7,7 +7,6 @@ mvm's runtime.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import hashlib
 import json
@@ -26,6 +25,7 @@ from mvm.build.kernel import KernelInfo, install_default_kernel
 from mvm.errors import GuestError
 from mvm.guest.agent_client import AGENT_PORT_NAME, AgentClient
 from mvm.guest.layout import install_guest_files
+from tests.doubles import agent_protocol as proto
 
 pytestmark = [
     pytest.mark.guest,
@@ -406,11 +406,8 @@ def test_exec_timeout_kills_the_whole_tree(guest: Guest) -> None:
 def test_a_torn_request_never_runs(guest: Guest) -> None:
     """A host that dies mid-line leaves half a request; it must not run, even glued to
     the next connection's first line."""
-    def b64(s: str) -> str:
-        return base64.b64encode(s.encode()).decode()
-
     guest.agent.close()
-    torn = f"t0rn exec 10 {b64('sh')} {b64('-c')} {b64('touch /tmp/torn')}"
+    torn = proto.exec_request("t0rn", 10, ["sh", "-c", "touch /tmp/torn"])
     for _ in range(2):
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.connect(str(guest.agent.socket_path))
