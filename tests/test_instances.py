@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import time
 from pathlib import Path
@@ -142,7 +141,7 @@ def qemu_pid(m: Mvm, inst: str) -> int:
 
 
 def test_killed_hypervisor_is_failed_and_scale_restores(gmvm: Mvm, app_pool: None) -> None:
-    gmvm.ok("pool", "scale", "acme/workers", "--running", "2")
+    gmvm.ok("pool", "scale", "acme/workers", "--running", "1")
     victim = instances_by_state(gmvm, "acme/workers")["running"][0]
     os.kill(qemu_pid(gmvm, victim), signal.SIGKILL)
     time.sleep(0.5)
@@ -154,22 +153,14 @@ def test_killed_hypervisor_is_failed_and_scale_restores(gmvm: Mvm, app_pool: Non
     assert f"{victim.split('/')[-1]}: failed: hypervisor process exited unexpectedly" in r.out
     states = instances_by_state(gmvm, "acme/workers")
     assert victim not in states.get("running", []) and victim in states.get("failed", [])
-    gmvm.ok("pool", "scale", "acme/workers", "--running", "2")
+    gmvm.ok("pool", "scale", "acme/workers", "--running", "1")
     states = instances_by_state(gmvm, "acme/workers")
-    assert len(states["running"]) == 2 and victim in states["running"]
+    assert states == {"running": [victim]}
     assert sh(gmvm, victim, "echo alive").out == "alive\n"
-
-    # a command that crashed after booting but before recording it leaves an orphan
-    # hypervisor behind a `stopped` row: the next start ends it and boots one afresh
-    db = sqlite3.connect(gmvm.home / "mvm.db")
-    db.execute("UPDATE instances SET state='stopped' WHERE id=?", (victim.split("/")[-1],))
-    db.commit()
-    db.close()
-    orphan = qemu_pid(gmvm, victim)
-    gmvm.ok("pool", "scale", "acme/workers", "--running", "2")
-    assert len(instances_by_state(gmvm, "acme/workers")["running"]) == 2
-    assert qemu_pid(gmvm, victim) != orphan and not running(orphan)
-    assert sh(gmvm, victim, "echo alive").out == "alive\n"
+    # (a hypervisor left behind a `stopped` row by a command that crashed after booting: ended
+    # by the next command, on the fake runtime in test_lifecycle_faults'
+    # test_a_hidden_hypervisor_is_ended_and_scale_sees_it, on a real one in test_lifecycle_real's
+    # test_scale_killed_mid_boot_hides_nothing)
 
 
 def leftovers(m: Mvm, inst: str) -> list[str]:
@@ -190,29 +181,12 @@ def leftovers(m: Mvm, inst: str) -> list[str]:
     return found
 
 
-def test_illegal_transitions_and_failed_start_change_nothing(gmvm: Mvm, app_pool: None) -> None:
-    gmvm.ok("pool", "scale", "acme/workers", "--running", "1", "--sleeping", "1")
-    states = instances_by_state(gmvm, "acme/workers")
-    running, sleeping = states["running"][0], states["sleeping"][0]
-    gmvm.ok("instance", "stop", running)
+def test_a_failed_start_changes_nothing_and_leaves_nothing(gmvm: Mvm, app_pool: None) -> None:
+    """(The refusals of illegal transitions, once here too, are test_cli_show's, on the fake
+    runtime: they are the lifecycle's, the same on any runtime. What a real hypervisor that
+    refuses its kernel leaves behind is this test's.)"""
+    running = gmvm.ok("instance", "create", "acme/workers").out.strip()
     before = instances_by_state(gmvm, "acme/workers")
-    for args, words in [
-        (("instance", "sleep", running), "cannot sleep"),
-        (("instance", "wake", running), "cannot wake"),
-        (("instance", "exec", sleeping, "--", "true"), "it is sleeping"),
-        (("instance", "resume", sleeping), "cannot resume"),
-        (("pool", "scale", "acme/workers", "--running", "9"), "quota"),
-        (("pool", "scale", "acme/workers", "--warm", "5"), "quota"),
-        (("instance", "start", "acme/workers/i-00000000"), "no instance"),
-    ]:
-        r = gmvm(*args)
-        assert r.rc != 0, args
-        assert len(r.lines) == 1, r.err
-        assert words in r.err, r.err
-        assert instances_by_state(gmvm, "acme/workers") == before
-    gmvm.ok("instance", "start", running)
-    gmvm.ok("instance", "stop", running)
-
     # a start that fails half-way (the hypervisor refuses the kernel) leaves nothing behind
     cur = gmvm.home / "tenants/acme/pools/workers/artifacts/current"
     kernel = cur / "vmlinux"
@@ -221,7 +195,7 @@ def test_illegal_transitions_and_failed_start_change_nothing(gmvm: Mvm, app_pool
     try:
         r = gmvm("instance", "start", running)
         assert r.rc != 0 and len(r.errors) == 1, r.err  # (step progress lines come before it)
-        assert instances_by_state(gmvm, "acme/workers")["stopped"] == [running]
+        assert instances_by_state(gmvm, "acme/workers") == before == {"created": [running]}
         assert leftovers(gmvm, running) == []
     finally:
         kernel.write_bytes(good)
@@ -255,20 +229,3 @@ def test_destroy_keep_data_and_secret_rotation(gmvm: Mvm, app_pool: None, tmp_pa
     assert instances_by_state(gmvm, "acme/workers") == {}
     t, p, i = sleeping.split("/")
     assert not (gmvm.home / f"tenants/{t}/pools/{p}/instances/{i}").exists()
-
-
-def test_single_instance_commands_respect_quotas(gmvm: Mvm, flake_copy, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    gmvm.ok("tenant", "create", "acme", "--max-running", "1", "--max-warm", "0")
-    gmvm.ok("pool", "create", "acme/w", "--flake", str(flake_copy("app-flake")), "--profile", "baseline")
-    gmvm.ok("pool", "build", "acme/w")
-    a = gmvm.ok("instance", "create", "acme/w").out.strip()
-    b = gmvm.ok("instance", "create", "acme/w").out.strip()
-    gmvm.ok("instance", "start", a)
-    before = instances_by_state(gmvm, "acme/w")
-    for args in (("instance", "start", b), ("instance", "warm", a)):
-        r = gmvm(*args)
-        assert r.rc != 0 and len(r.lines) == 1 and "quota" in r.err, r.err
-        assert instances_by_state(gmvm, "acme/w") == before
-    gmvm.ok("instance", "stop", b)
-    gmvm.ok("instance", "stop", b)  # stopping a stopped instance is fine: nothing of it runs
-    assert instances_by_state(gmvm, "acme/w") == {"running": [a], "stopped": [b]}
