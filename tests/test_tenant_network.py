@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import Mvm, instances_by_state, needs_assets, sh
 
-pytestmark = [pytest.mark.guest, pytest.mark.net, needs_assets("kernel", "nixpkgs-offline", "builtin-flake")]
+pytestmark = [needs_assets("kernel", "nixpkgs-offline", "builtin-flake")]
 
 
 def in_ns(m: Mvm, *argv: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
@@ -23,6 +23,8 @@ def ips(m: Mvm, pool: str) -> dict[str, str]:
     return {i["address"]: i["ip"] for i in json.loads(m.ok("instance", "list", pool, "--json").out)}
 
 
+@pytest.mark.guest
+@pytest.mark.net
 def test_two_tenants_isolated_nat_and_host_access(gmvm: Mvm) -> None:
     for t in ("red", "blue"):
         gmvm.ok("tenant", "create", t)
@@ -72,6 +74,8 @@ def test_two_tenants_isolated_nat_and_host_access(gmvm: Mvm) -> None:
     assert "mvm" not in in_ns(gmvm, "nft", "list", "tables").stdout
 
 
+@pytest.mark.guest
+@pytest.mark.net
 def test_verify_reports_and_repairs_drift(gmvm: Mvm) -> None:
     gmvm.ok("tenant", "create", "acme")
     gmvm.ok("pool", "create", "acme/w", "--profile", "minimal")
@@ -96,6 +100,7 @@ def test_verify_reports_and_repairs_drift(gmvm: Mvm) -> None:
 
 
 def test_full_subnet_and_bad_networks_change_nothing(mvm: Mvm) -> None:
+    """(Boots nothing and makes no network: records only.)"""
     from mvm.lifecycle import create
     from mvm.model import PoolRef
     from mvm.services import context
@@ -143,6 +148,8 @@ def _in_echos(ns: str) -> int:
     return int(lines[1][lines[0].index("InEchos")])
 
 
+@pytest.mark.guest
+@pytest.mark.net
 def test_guests_find_the_host_closed_and_cannot_spoof(gmvm: Mvm, tmp_path: Path) -> None:
     ns = gmvm.ns
     assert ns
