@@ -84,6 +84,18 @@ def mvm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Mvm:
     return Mvm(home)
 
 
+@pytest.fixture(scope="session")
+def kernel(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """mvm's default guest kernel and initrd, once for the whole session: a copy of what
+    `mvm setup` installed, brought up to date (installed afresh when it is not current)."""
+    from mvm.build.kernel import install_default_kernel
+
+    dest = tmp_path_factory.mktemp("kernel")
+    if (ASSETS_HOME / "kernel").is_dir():
+        shutil.copytree(ASSETS_HOME / "kernel", dest, dirs_exist_ok=True)
+    return install_default_kernel(dest)
+
+
 def needs_assets(*names: str) -> pytest.MarkDecorator:
     missing = [n for n in names if not (ASSETS_HOME / n).exists()]
     return pytest.mark.skipif(bool(missing), reason=f"run `make setup` first: missing {missing}")

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from mvm.build.kernel import KernelInfo, install_default_kernel
+from mvm.build.kernel import KernelInfo
 from mvm.errors import GuestError
 from tests.conftest import Mvm, instances_by_state, needs_assets, sh
 from tests.doubles import agent_protocol as proto
@@ -153,11 +153,6 @@ def assert_wake_sets_the_clock(g: Guest) -> None:
 
 
 # ---------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def kernel(tmp_path_factory: pytest.TempPathFactory) -> KernelInfo:
-    return install_default_kernel(tmp_path_factory.mktemp("kernel"))
 
 
 def make_guest(kernel: KernelInfo, d: Path) -> Guest:

@@ -304,11 +304,6 @@ def wait_for(fn, timeout: float, what: str):  # type: ignore[no-untyped-def]
 # ---------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="session")
-def kernel(tmp_path_factory: pytest.TempPathFactory) -> KernelInfo:
-    return install_default_kernel(tmp_path_factory.mktemp("kernel"))
-
-
 @pytest.fixture(scope="module")
 def guest(kernel: KernelInfo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Guest]:
     d = tmp_path_factory.mktemp("guest")

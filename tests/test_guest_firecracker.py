@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 
-from mvm.build.kernel import KernelInfo, install_default_kernel, modinfo
+from mvm.build.kernel import KernelInfo, modinfo
 from mvm.build.outputs import check_firecracker_kernel
 from mvm.guest.agent_client import AgentClient
 from mvm.guest.channels import VSOCK_AGENT_PORT, VsockChannel
@@ -45,11 +45,6 @@ pytestmark = [
     pytest.mark.guest,
     pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="needs QEMU"),
 ]
-
-
-@pytest.fixture(scope="module")
-def kernel(tmp_path_factory: pytest.TempPathFactory) -> KernelInfo:
-    return install_default_kernel(tmp_path_factory.mktemp("kernel"))
 
 
 @pytest.fixture(scope="module")
