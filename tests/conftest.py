@@ -11,7 +11,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -167,23 +167,43 @@ def setup_pool(m: Mvm, flake: Path, tmp: Path, pool: str = "acme/workers", *extr
     m.ok("pool", "build", pool)
 
 
+class Templates:
+    """Homes made once per session, each by its `setup(m, root)` (real commands: tenants, pools,
+    real `pool build`s), inside a namespace of its own as the tests that copy them run in one.
+    A test starts from a copy (`clone`) instead of building the same pools again."""
+
+    def __init__(self, factory: pytest.TempPathFactory) -> None:
+        self.factory = factory
+        self.homes: dict[str, Path] = {}
+
+    def home(self, key: str, setup: Callable[[Mvm, Path], None]) -> Path:
+        if key not in self.homes:
+            root = self.factory.mktemp(f"template-{key}")
+            home = root / "home"
+            _link_assets(home)
+            name = f"mvmtest-{secrets.token_hex(3)}"
+            subprocess.run(["ip", "netns", "add", name], check=True)
+            try:
+                setup(Mvm(home, ns=name), root)
+            finally:
+                subprocess.run(["ip", "netns", "del", name], check=False)
+            self.homes[key] = home
+        return self.homes[key]
+
+    def clone(self, m: Mvm, key: str, setup: Callable[[Mvm, Path], None]) -> None:
+        """`m`'s home becomes a copy of the template `key` (made first if need be)."""
+        clone_home(self.home(key, setup), m.home)
+
+
 @pytest.fixture(scope="session")
-def app_pool_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One home made by `setup_pool` (a real `pool build` of the app flake with the host's Nix),
-    once per session; tests that only need that pool start from a copy of it (`app_pool`).
-    Made inside a namespace of its own, as the tests that copy it run in one."""
-    root = tmp_path_factory.mktemp("app-pool")
+def templates(tmp_path_factory: pytest.TempPathFactory) -> Templates:
+    return Templates(tmp_path_factory)
+
+
+def _app_pool(m: Mvm, root: Path) -> None:
     flake = root / "flakes" / "app-flake"
     shutil.copytree(FIXTURES / "app-flake", flake)
-    home = root / "home"
-    _link_assets(home)
-    name = f"mvmtest-{secrets.token_hex(3)}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        setup_pool(Mvm(home, ns=name), flake, root)
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
-    return home
+    setup_pool(m, flake, root)
 
 
 def clone_home(template: Path, home: Path) -> None:
@@ -198,10 +218,10 @@ def clone_home(template: Path, home: Path) -> None:
 
 
 @pytest.fixture
-def app_pool(gmvm: Mvm, app_pool_template: Path) -> None:
+def app_pool(gmvm: Mvm, templates: Templates) -> None:
     """`gmvm`'s home holds what `setup_pool(gmvm, <app flake>, tmp)` makes: tenant `acme` with
     SECRETS, pool `acme/workers` built and current. The build ran once per session."""
-    clone_home(app_pool_template, gmvm.home)
+    templates.clone(gmvm, "app", _app_pool)
 
 
 def instances_by_state(m: Mvm, pool: str) -> dict[str, list[str]]:

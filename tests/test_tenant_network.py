@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Mvm, instances_by_state, needs_assets, sh
+from tests.conftest import Mvm, Templates, instances_by_state, needs_assets, sh
 
 pytestmark = [needs_assets("kernel", "nixpkgs-offline", "builtin-flake")]
 
@@ -19,17 +19,23 @@ def in_ns(m: Mvm, *argv: str, timeout: float = 30) -> subprocess.CompletedProces
     return subprocess.run(["ip", "netns", "exec", m.ns, *argv], capture_output=True, text=True, timeout=timeout)
 
 
+def red_and_blue(m: Mvm, root: Path) -> None:
+    """Two tenants, each with a built pool of the built-in `minimal` profile (nothing runs)."""
+    for t in ("red", "blue"):
+        m.ok("tenant", "create", t)
+        m.ok("pool", "create", f"{t}/web", "--profile", "minimal")
+        m.ok("pool", "build", f"{t}/web")
+
+
 def ips(m: Mvm, pool: str) -> dict[str, str]:
     return {i["address"]: i["ip"] for i in json.loads(m.ok("instance", "list", pool, "--json").out)}
 
 
 @pytest.mark.guest
 @pytest.mark.net
-def test_two_tenants_isolated_nat_and_host_access(gmvm: Mvm) -> None:
+def test_two_tenants_isolated_nat_and_host_access(gmvm: Mvm, templates: Templates) -> None:
+    templates.clone(gmvm, "red-and-blue", red_and_blue)
     for t in ("red", "blue"):
-        gmvm.ok("tenant", "create", t)
-        gmvm.ok("pool", "create", f"{t}/web", "--profile", "minimal")
-        gmvm.ok("pool", "build", f"{t}/web")
         gmvm.ok("pool", "scale", f"{t}/web", "--running", "2")
     red, blue = ips(gmvm, "red/web"), ips(gmvm, "blue/web")
     (r1, r1ip), (r2, r2ip) = sorted(red.items())
@@ -150,7 +156,8 @@ def _in_echos(ns: str) -> int:
 
 @pytest.mark.guest
 @pytest.mark.net
-def test_guests_find_the_host_closed_and_cannot_spoof(gmvm: Mvm, tmp_path: Path) -> None:
+def test_guests_find_the_host_closed_and_cannot_spoof(gmvm: Mvm, templates: Templates, tmp_path: Path) -> None:
+    templates.clone(gmvm, "red-and-blue", red_and_blue)
     ns = gmvm.ns
     assert ns
     out = f"{ns}-out"
@@ -173,9 +180,6 @@ def test_guests_find_the_host_closed_and_cannot_spoof(gmvm: Mvm, tmp_path: Path)
         listeners = [_listen(ns), _listen(out)]
 
         for t in ("red", "blue"):
-            gmvm.ok("tenant", "create", t)
-            gmvm.ok("pool", "create", f"{t}/web", "--profile", "minimal")
-            gmvm.ok("pool", "build", f"{t}/web")
             gmvm.ok("pool", "scale", f"{t}/web", "--running", "1")
         (red, red_ip), = ips(gmvm, "red/web").items()
         (blue, blue_ip), = ips(gmvm, "blue/web").items()
