@@ -8,9 +8,10 @@ import os
 import secrets
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,6 +84,18 @@ def mvm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Mvm:
     return Mvm(home)
 
 
+@pytest.fixture(scope="session")
+def kernel(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """mvm's default guest kernel and initrd, once for the whole session: a copy of what
+    `mvm setup` installed, brought up to date (installed afresh when it is not current)."""
+    from mvm.image.kernel import install_default_kernel
+
+    dest = tmp_path_factory.mktemp("kernel")
+    if (ASSETS_HOME / "kernel").is_dir():
+        shutil.copytree(ASSETS_HOME / "kernel", dest, dirs_exist_ok=True)
+    return install_default_kernel(dest)
+
+
 def needs_assets(*names: str) -> pytest.MarkDecorator:
     missing = [n for n in names if not (ASSETS_HOME / n).exists()]
     return pytest.mark.skipif(bool(missing), reason=f"run `make setup` first: missing {missing}")
@@ -139,6 +152,76 @@ def gmvm(tmp_path: Path, netns: str, monkeypatch: pytest.MonkeyPatch) -> Iterato
         for t in json.loads(m("tenant", "list", "--json").out or "[]"):
             m("tenant", "destroy", t["id"], "--force")
         _kill_guests_of(home)
+
+
+SECRETS = {"API_KEY": "s3cr3t-value", "DB_URL": "postgres://db/acme"}
+
+
+def setup_pool(m: Mvm, flake: Path, tmp: Path, pool: str = "acme/workers", *extra: str) -> None:
+    """A tenant with secrets and a built pool of the app flake, as a user makes them."""
+    m.ok("tenant", "create", "acme")
+    (tmp / "secrets.json").write_text(json.dumps(SECRETS))
+    m.ok("tenant", "secrets", "set", "acme", "--from-file", str(tmp / "secrets.json"))
+    m.ok("pool", "create", pool, "--flake", str(flake), "--profile", "baseline", "--cpus", "1",
+         "--mem", "256", "--data-disk", "64", *extra)
+    m.ok("pool", "build", pool)
+
+
+class Templates:
+    """Homes made once per session, each by its `setup(m, root)` (real commands: tenants, pools,
+    real `pool build`s), inside a namespace of its own as the tests that copy them run in one.
+    A test starts from a copy (`clone`) instead of building the same pools again."""
+
+    def __init__(self, factory: pytest.TempPathFactory) -> None:
+        self.factory = factory
+        self.homes: dict[str, Path] = {}
+
+    def home(self, key: str, setup: Callable[[Mvm, Path], None]) -> Path:
+        if key not in self.homes:
+            root = self.factory.mktemp(f"template-{key}")
+            home = root / "home"
+            _link_assets(home)
+            name = f"mvmtest-{secrets.token_hex(3)}"
+            subprocess.run(["ip", "netns", "add", name], check=True)
+            try:
+                setup(Mvm(home, ns=name), root)
+            finally:
+                subprocess.run(["ip", "netns", "del", name], check=False)
+            self.homes[key] = home
+        return self.homes[key]
+
+    def clone(self, m: Mvm, key: str, setup: Callable[[Mvm, Path], None]) -> None:
+        """`m`'s home becomes a copy of the template `key` (made first if need be)."""
+        clone_home(self.home(key, setup), m.home)
+
+
+@pytest.fixture(scope="session")
+def templates(tmp_path_factory: pytest.TempPathFactory) -> Templates:
+    return Templates(tmp_path_factory)
+
+
+def _app_pool(m: Mvm, root: Path) -> None:
+    flake = root / "flakes" / "app-flake"
+    shutil.copytree(FIXTURES / "app-flake", flake)
+    setup_pool(m, flake, root)
+
+
+def clone_home(template: Path, home: Path) -> None:
+    """`home` becomes a copy of `template` (no guest of it ever ran): its own database, files
+    and revision images; the asset links and the flake it was built from are shared."""
+    shutil.rmtree(home)
+    shutil.copytree(template, home, symlinks=True)
+    db = sqlite3.connect(home / "mvm.db")
+    with db:
+        db.execute("UPDATE builds SET log = replace(log, ?, ?)", (str(template), str(home)))
+    db.close()
+
+
+@pytest.fixture
+def app_pool(gmvm: Mvm, templates: Templates) -> None:
+    """`gmvm`'s home holds what `setup_pool(gmvm, <app flake>, tmp)` makes: tenant `acme` with
+    SECRETS, pool `acme/workers` built and current. The build ran once per session."""
+    templates.clone(gmvm, "app", _app_pool)
 
 
 def instances_by_state(m: Mvm, pool: str) -> dict[str, list[str]]:

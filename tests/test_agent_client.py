@@ -7,7 +7,6 @@ src/mvm/data/guest/agent, including the noise a real channel carries: the agent'
 
 from __future__ import annotations
 
-import base64
 import socket
 import threading
 import time
@@ -18,34 +17,29 @@ import pytest
 
 from mvm.errors import GuestError
 from mvm.guest.agent_client import AgentClient, ExecResult
+from tests.doubles import agent_protocol as proto
+from tests.doubles.agent_protocol import HELLO, Request, b64, unb64
+from tests.doubles.unix_server import UnixServer
 
 Handler = Callable[[str, str, list[str]], list[str] | None]  # → lines to send
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode() if data else "-"
-
-
-def unb64(field: str) -> bytes:
-    return b"" if field == "-" else base64.b64decode(field)
+Script = Callable[[socket.socket, Request], None]  # a guest's answer to one request
 
 
 def guest_like(rid: str, verb: str, args: list[str]) -> list[str] | None:
     """What the real agent answers, plus a stale line before every answer."""
-    stale = ["* hello mvm-agent 1", "deadbeef ok stale"]
+    stale = [HELLO, proto.ok("deadbeef", "stale")]
     if verb == "ping":
-        return [*stale, f"{rid} ok {args[0]}"]
+        return [*stale, proto.ok(rid, args[0])]
     if verb == "exec":
-        argv = [unb64(a) for a in args[1:]]
+        argv = Request(rid, verb, args).argv
         if argv[0] == b"fail":
-            failed = b64(b"failed\n")
-            return [*stale, f"{rid} ok {int(argv[1])} - {failed}"]
+            return [*stale, proto.exec_ok(rid, int(argv[1]), b"", b"failed\n")]
         if argv[0] == b"hang":
-            return [*stale, f"{rid} ok 124 - - timeout"]
-        return [*stale, f"{rid} ok 0 {b64(b'|'.join(argv))} -"]
+            return [*stale, proto.exec_ok(rid, 124, b"", b"", "timeout")]
+        return [*stale, proto.exec_ok(rid, 0, b"|".join(argv))]
     if verb in ("sleep-prep", "wake"):
-        return [f"{rid} ok"]
-    return [f"{rid} err {b64(f'unknown verb: {verb}'.encode())}"]
+        return [proto.ok(rid)]
+    return [proto.err(rid, f"unknown verb: {verb}")]
 
 
 class FakeAgent:
@@ -54,57 +48,35 @@ class FakeAgent:
     def __init__(self, path: Path, handler: Handler = guest_like) -> None:
         self.path = path
         self.handler = handler
-        self.requests: list[str] = []
-        self.connections = 0
+        self.requests: list[Request] = []
         self.discards = 0
         self.session_ended = threading.Event()
         self.drop_after: int | None = None  # close the connection after this many requests
-        self._srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._srv.bind(str(path))
-        self._srv.listen(1)
-        self._stop = False
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
+        self._server = UnixServer(path, self._session)
 
-    def _serve(self) -> None:
-        while not self._stop:
-            try:
-                conn, _ = self._srv.accept()
-            except OSError:
-                return
-            self.connections += 1
-            with conn:
-                self._session(conn)
-            self.session_ended.set()
+    @property
+    def connections(self) -> int:
+        return self._server.connections
 
     def _session(self, conn: socket.socket) -> None:
-        buf = b""
         served = 0
-        while True:
-            try:
-                chunk = conn.recv(65536)
-            except OSError:
-                return
-            if not chunk:
-                return
-            buf += chunk
-            while b"\n" in buf:
-                line, buf = buf.split(b"\n", 1)
-                if b"\x01" in line:
-                    self.discards += 1
-                    continue
-                self.requests.append(line.decode())
-                rid, verb, *args = line.decode().split(" ")
-                out = self.handler(rid, verb, args)
-                if out:
-                    conn.sendall("".join(f"{x}\n" for x in out).encode())
-                served += 1
-                if self.drop_after is not None and served >= self.drop_after:
-                    return
+        for line in proto.lines(conn):
+            req = Request.parse(line)
+            if req is None:
+                self.discards += b"\x01" in line
+                continue
+            self.requests.append(req)
+            out = self.handler(req.rid, req.verb, req.args)
+            if out:
+                conn.sendall("".join(f"{x}\n" for x in out).encode())
+            served += 1
+            if self.drop_after is not None and served >= self.drop_after:
+                break
+        conn.close()
+        self.session_ended.set()
 
     def close(self) -> None:
-        self._stop = True
-        self._srv.close()
+        self._server.close()
 
 
 @pytest.fixture
@@ -126,9 +98,9 @@ def test_ping_and_exec_skip_stale_lines(agent: FakeAgent, sock: Path) -> None:
     assert r == ExecResult(0, "echo|a b||é\n|".encode() + b"\xff\x00bin", b"", False)
     assert r.ok
     # the exec request carried the guest-side timeout and `-` for the empty argument
-    exec_line = next(x for x in agent.requests if " exec " in x)
-    assert exec_line.split(" ")[2:5] == ["5.000", b64(b"echo"), b64(b"a b")]
-    assert exec_line.split(" ")[5] == "-"
+    exec_req = next(x for x in agent.requests if x.verb == "exec")
+    assert exec_req.args[:3] == ["5.000", b64(b"echo"), b64(b"a b")]
+    assert exec_req.args[3] == "-"
 
 
 def test_exit_code_stderr_and_timeout_flag(agent: FakeAgent, sock: Path) -> None:
@@ -199,7 +171,7 @@ def test_refusal_carries_the_guest_message(agent: FakeAgent, sock: Path) -> None
         c._request("frobnicate", [], 5)
     c.sleep_prep()
     c.wake(1_700_000_000.25)
-    assert agent.requests[-1].split(" ")[1:] == ["wake", "1700000000.250000"]
+    assert (agent.requests[-1].verb, agent.requests[-1].args) == ("wake", ["1700000000.250000"])
 
 
 def test_reconnects_after_the_socket_drops(agent: FakeAgent, sock: Path) -> None:
@@ -255,7 +227,7 @@ def test_exec_starts_the_command_only_after_the_host_says_go(sock: Path) -> None
         fake.close()
     assert (r.exit_code, r.stdout) == (3, b"ran")
     run, go = fake.requests
-    assert run.split(" ")[1] == "run" and go == f"{run.split(' ')[0]} go"
+    assert run.verb == "run" and (go.rid, go.verb, go.args) == (run.rid, "go", [])
     assert guest.started == ["echo x"]
 
 
@@ -303,7 +275,7 @@ def test_an_agent_from_before_the_handshake_gets_exec_and_a_loss_counts_as_start
             AgentClient(sock).exec(["true"], timeout=5)
     finally:
         fake.close()
-    assert [r.split(" ")[1] for r in fake.requests] == ["run", "exec"]
+    assert [r.verb for r in fake.requests] == ["run", "exec"]
 
 
 def test_malformed_answers_are_guest_errors(sock: Path) -> None:
@@ -333,7 +305,7 @@ def test_a_queued_wake_sends_the_time_it_goes_out_not_when_it_was_asked(agent: F
     c._lock.release()
     t.join(5)
     assert done.is_set()
-    sent = float(next(x for x in agent.requests if " wake " in x).split(" ")[2])
+    sent = float(next(x for x in agent.requests if x.verb == "wake").args[0])
     assert sent >= released  # not the time 0.6 s earlier, when wake() was called
 
 
@@ -356,52 +328,37 @@ def test_a_wait_ends_when_the_hypervisor_exits(tmp_path: Path) -> None:
 
 
 class RawPeer:
-    """QEMU's chardev socket with a guest that writes what `script(conn, request_line)` says."""
+    """QEMU's chardev socket with a guest that writes what `script(conn, request)` says."""
 
-    def __init__(self, path: Path, script: Callable[[socket.socket, str], None]) -> None:
+    def __init__(self, path: Path, script: Script) -> None:
         self.script = script
-        self.connections = 0
         self.sent = 0
-        self._srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._srv.bind(str(path))
-        self._srv.listen(1)
-        threading.Thread(target=self._serve, daemon=True).start()
+        self._server = UnixServer(path, self._session)
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self._srv.accept()
-            except OSError:
-                return
-            self.connections += 1
-            with conn:
-                buf = b""
-                try:
-                    while True:
-                        chunk = conn.recv(65536)
-                        if not chunk:
-                            break
-                        buf += chunk
-                        while b"\n" in buf:
-                            line, buf = buf.split(b"\n", 1)
-                            if b"\x01" not in line:
-                                self.script(conn, line.decode())
-                except OSError:
-                    pass  # the client dropped the connection
+    @property
+    def connections(self) -> int:
+        return self._server.connections
 
-    def send(self, conn: socket.socket, data: bytes) -> None:
-        conn.sendall(data)
-        self.sent += len(data)
+    def _session(self, conn: socket.socket) -> None:
+        for line in proto.lines(conn):
+            req = Request.parse(line)
+            if req is not None:
+                self.script(conn, req)
+
+    def send(self, conn: socket.socket, data: bytes | str) -> None:
+        raw = data.encode() if isinstance(data, str) else data
+        conn.sendall(raw)
+        self.sent += len(raw)
 
     def close(self) -> None:
-        self._srv.close()
+        self._server.close()
 
 
 @pytest.fixture
-def peer(sock: Path) -> Iterator[Callable[[Callable[[socket.socket, str], None]], RawPeer]]:
+def peer(sock: Path) -> Iterator[Callable[[Script], RawPeer]]:
     made: list[RawPeer] = []
 
-    def make(script: Callable[[socket.socket, str], None]) -> RawPeer:
+    def make(script: Script) -> RawPeer:
         made.append(RawPeer(sock, script))
         return made[-1]
 
@@ -430,7 +387,7 @@ def test_a_flood_without_newlines_ends_the_request_at_once(peer, sock: Path) -> 
     deadline, rescanned for a newline on every recv.)"""
     zeros = b"\0" * 65536  # (made here: the peer allocates nothing while measured)
 
-    def flood(conn: socket.socket, line: str) -> None:
+    def flood(conn: socket.socket, req: Request) -> None:
         for _ in range(2000):  # 128 MiB, far more than the request may read
             p.send(conn, zeros)
 
@@ -447,8 +404,8 @@ def test_an_answer_over_the_limit_is_an_error_and_the_next_request_works(peer, s
     state = {"n": 0}
     long = b"A" * (5 << 20) + b"\n"  # (made here: the peer allocates nothing while measured)
 
-    def answers(conn: socket.socket, line: str) -> None:
-        rid, _verb, *args = line.split(" ")
+    def answers(conn: socket.socket, req: Request) -> None:
+        rid, args = req.rid, req.args
         state["n"] += 1
         if state["n"] == 1:  # our own id, then more than any answer to a ping may hold
             p.send(conn, f"{rid} ok ".encode())
@@ -469,8 +426,8 @@ def test_stale_answers_are_skipped_without_being_kept(peer, sock: Path) -> None:
     """An answer to an exec the host gave up on may be long: skipped as it arrives."""
     stale = b"deadbeef ok 0 " + b"QUFB" * (2 << 20) + b" -\n"  # 8 MiB, not ours
 
-    def answers(conn: socket.socket, line: str) -> None:
-        rid, _verb, *args = line.split(" ")
+    def answers(conn: socket.socket, req: Request) -> None:
+        rid, args = req.rid, req.args
         p.send(conn, stale)
         p.send(conn, b"* hello mvm-agent 1\n")
         p.send(conn, f"{rid} ok {args[0]}\n".encode())
@@ -485,7 +442,7 @@ def test_endless_stale_lines_end_the_request(peer, sock: Path) -> None:  # type:
     """Well-formed lines for others, without end: bounded too (the stale budget)."""
     line64k = b"deadbeef ok " + b"A" * 65524 + b"\n"
 
-    def answers(conn: socket.socket, line: str) -> None:
+    def answers(conn: socket.socket, req: Request) -> None:
         for _ in range(4000):  # 4000 x 64 KiB = 250 MiB offered
             p.send(conn, line64k)
 
@@ -495,16 +452,16 @@ def test_endless_stale_lines_end_the_request(peer, sock: Path) -> None:  # type:
     assert peak < 4 << 20
 
 
-def exec_answer(rid: str, out: bytes, err: bytes, *flags: str) -> bytes:
-    return " ".join([rid, "ok", "0", b64(out), b64(err), *flags]).encode() + b"\n"
+def exec_answer(rid: str, out: bytes, err: bytes, *flags: str) -> str:
+    return proto.exec_ok(rid, 0, out, err, *flags) + "\n"
 
 
 def test_exec_output_cut_by_the_agent_is_flagged(peer, sock: Path) -> None:  # type: ignore[no-untyped-def]
     """A current agent takes the limit (`output-limit`) and says what it cut."""
     seen: list[str] = []
 
-    def agent(conn: socket.socket, line: str) -> None:
-        rid, verb, *args = line.split(" ")
+    def agent(conn: socket.socket, req: Request) -> None:
+        rid, verb, args = req.rid, req.verb, req.args
         seen.append(verb)
         if verb == "output-limit":
             p.send(conn, f"{rid} ok {args[0]}\n".encode())
@@ -519,10 +476,10 @@ def test_exec_output_cut_by_the_agent_is_flagged(peer, sock: Path) -> None:  # t
 
 def test_exec_output_of_an_agent_without_limits_is_cut_here(peer, sock: Path) -> None:  # type: ignore[no-untyped-def]
     """An agent from before output limits refuses `output-limit` and sends it all."""
-    def old_agent(conn: socket.socket, line: str) -> None:
-        rid, verb, *_args = line.split(" ")
+    def old_agent(conn: socket.socket, req: Request) -> None:
+        rid, verb = req.rid, req.verb
         if verb != "exec":
-            p.send(conn, f"{rid} err {b64(f'unknown verb: {verb}'.encode())}\n".encode())
+            p.send(conn, proto.err(rid, f"unknown verb: {verb}") + "\n")
         else:
             p.send(conn, exec_answer(rid, b"o" * 3000, b"e" * 10, "timeout"))
 
@@ -537,8 +494,8 @@ def test_exec_answer_beyond_its_limit_is_an_error_with_bounded_memory(peer, sock
 
     block = b"A" * 65536
 
-    def liar(conn: socket.socket, line: str) -> None:
-        rid = line.split(" ")[0]
+    def liar(conn: socket.socket, req: Request) -> None:
+        rid = req.rid
         p.send(conn, f"{rid} ok 0 ".encode())
         for _ in range(exec_frame(EXEC_OUTPUT_LIMIT) // 65536 + 64):
             p.send(conn, block)
@@ -552,7 +509,7 @@ def test_exec_answer_beyond_its_limit_is_an_error_with_bounded_memory(peer, sock
 
 @pytest.mark.parametrize("bad", ["zz", "7 - - frob", "0 !!!! -", "0 - -" + " timeout" * 10])
 def test_malformed_exec_answers_are_one_line_errors(peer, sock: Path, bad: str) -> None:  # type: ignore[no-untyped-def]
-    p = peer(lambda conn, line: p.send(conn, f"{line.split(' ')[0]} ok {bad}\n".encode()))
+    p = peer(lambda conn, req: p.send(conn, proto.ok(req.rid, bad) + "\n"))
     with pytest.raises(GuestError):
         AgentClient(sock).exec(["x"], timeout=5)
 
@@ -567,7 +524,7 @@ def test_exec_timeout_out_of_range_is_refused_before_anything_is_sent(sock: Path
 
 def test_a_refusal_from_the_guest_is_shown_escaped(peer, sock: Path) -> None:  # type: ignore[no-untyped-def]
     evil = "\x1b]0;owned\x07\x1b[2J"
-    p = peer(lambda conn, line: p.send(conn, f"{line.split(' ')[0]} err {b64(evil.encode())}\n".encode()))
+    p = peer(lambda conn, req: p.send(conn, proto.err(req.rid, evil) + "\n"))
     with pytest.raises(GuestError) as e:
         AgentClient(sock).ping(timeout=5)
     assert "\x1b" not in e.value.message and "\\x1b]0;owned\\x07" in e.value.message
@@ -578,8 +535,8 @@ def test_the_rest_of_an_answer_torn_by_an_earlier_host_is_skipped(peer, sock: Pa
     rest when the next host connects. It is protocol text, however long: skipped, not an error."""
     rest = b"QUFB" * (2 << 20) + b" - stdout-truncated=99999999\n"  # 8 MiB without its id
 
-    def answers(conn: socket.socket, line: str) -> None:
-        rid, _verb, *args = line.split(" ")
+    def answers(conn: socket.socket, req: Request) -> None:
+        rid, args = req.rid, req.args
         p.send(conn, rest)
         p.send(conn, f"{rid} ok {args[0]}\n".encode())
 
@@ -595,8 +552,8 @@ def test_reading_a_long_answer_looks_at_each_byte_once(peer, sock: Path) -> None
     out = b"x" * (3 << 20)
     answer_b64 = b64(out).encode()
 
-    def agent(conn: socket.socket, line: str) -> None:
-        rid, verb, *args = line.split(" ")
+    def agent(conn: socket.socket, req: Request) -> None:
+        rid, verb, args = req.rid, req.verb, req.args
         if verb == "ping":
             p.send(conn, f"{rid} ok {args[0]}\n".encode())
             return

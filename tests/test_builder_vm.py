@@ -114,12 +114,11 @@ def test_guide_flake_through_the_builder_vm_same_revision_as_host_and_boots(
 
 
 @vm_test
-def test_guide_profiles_and_its_service_through_the_builder_vm_same_revision_as_host_and_boot(
+def test_guide_profiles_and_its_service_through_the_builder_vm_same_revision_as_host(
         gmvm: Mvm, flake_copy) -> None:  # type: ignore[no-untyped-def]
     """The guide's `baseline` and `python` and its "Adding Services" flake (`minimal` is the
-    test above): each built by a builder microVM gives the revision the host builder gives,
-    and an instance boots from it. The services flake is the guide's text with the app its
-    unit names (tests/fixtures/app-flake), so the unit can be seen running."""
+    test above): each built by a builder microVM gives the revision the host builder gives.
+    The services flake is the guide's text with the app its unit names (tests/fixtures/app-flake)."""
     guide, app = flake_copy("guide-flake"), flake_copy("app-flake")
     pools = {"acme/baseline": (guide, "baseline"), "acme/python": (guide, "python"),
              "acme/svc": (app, "baseline")}
@@ -143,19 +142,10 @@ def test_guide_profiles_and_its_service_through_the_builder_vm_same_revision_as_
         assert _builds(gmvm, pool) == [("vm", "ok"), ("host", "ok")]
         assert _leftovers(gmvm, *pool.split("/")) == []
     assert len(set(revs.values())) == 3
-    for pool in pools:
-        gmvm.ok("pool", "scale", pool, "--running", "1")
-    insts = {p: instances_by_state(gmvm, p)["running"][0] for p in pools}
-    r = sh(gmvm, insts["acme/baseline"], "wget --version | head -1; openssl version")
-    assert r.rc == 0 and "Wget" in r.out and "OpenSSL" in r.out, r
-    r = sh(gmvm, insts["acme/python"], "python3 -c 'import ssl, json; print(json.dumps([6*7]))'"
-                                       "; pip --version")
-    assert r.rc == 0 and r.out.startswith("[42]\npip "), r
-    # the guide's unit runs: mvm's init starts it from the image the builder packed
-    r = sh(gmvm, insts["acme/svc"], "cat /etc/systemd/system/my-app.service; "
-           "for i in $(seq 100); do [ -s /run/my-app.pid ] && break; sleep 0.2; done; "
-           "kill -0 $(cat /run/my-app.pid) && echo running")
-    assert r.rc == 0 and "ExecStart=/usr/bin/my-app" in r.out and r.out.endswith("running\n"), r
+    # (Each image is the host builder's, byte for byte but python's .pyc files: what runs in
+    # it is test_build's test_guide_flake_builds_every_profile_and_it_runs_in_the_image; the
+    # app flake's baseline is the very revision whose unit test_instances' guide flow sees run
+    # in a guest; an instance booted from a builder VM's image is the test above.)
 
 
 @vm_test

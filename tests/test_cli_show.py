@@ -98,3 +98,54 @@ def test_a_stopped_instance_no_longer_shows_why_it_had_failed(world: World) -> N
     r = cli(world, "events", "acme", "--json", "-n", "100")
     assert any(e["kind"] == "instance.failed" and e["cause"] == "hypervisor process exited unexpectedly"
                for e in json.loads(r.out))
+
+
+def states(w: World) -> dict[str, str]:
+    return {i.id: i.state.value for i in w.ctx.store.instances("acme", "w")}
+
+
+def test_illegal_transitions_are_one_line_and_change_nothing(world: World) -> None:  # noqa: F811
+    """(On real guests in test_instances before: the refusals are the lifecycle's and the line
+    the CLI's, the same on any runtime; a real failed start is still there.)"""
+    stopped, sleeping = world.new(State.STOPPED), world.new(State.SLEEPING)
+    before = states(world)
+    for args, words in [
+        (("instance", "sleep", str(stopped)), "cannot sleep"),
+        (("instance", "wake", str(stopped)), "cannot wake"),
+        (("instance", "exec", str(sleeping), "--", "true"), "it is sleeping"),
+        (("instance", "resume", str(sleeping)), "cannot resume"),
+        (("pool", "scale", "acme/w", "--running", "9"), "quota"),
+        (("pool", "scale", "acme/w", "--warm", "5"), "quota"),
+        (("instance", "start", "acme/w/i-00000000"), "no instance"),
+    ]:
+        r = cli(world, *args)
+        assert r.rc != 0, args
+        assert len(r.lines) == 1, r.err
+        assert words in r.err, r.err
+        assert states(world) == before
+    assert cli(world, "instance", "start", str(stopped)).rc == 0
+    assert states(world)[stopped.instance] == "running"
+
+
+def test_single_instance_commands_respect_quotas(world: World) -> None:  # noqa: F811
+    """(On a real guest in test_instances before: admission is the lifecycle's, before any
+    hypervisor runs.)"""
+    from dataclasses import replace
+
+    from mvm.model import Quotas
+
+    t = world.ctx.store.tenant("acme")
+    world.ctx.store.remove_tenant("acme")
+    world.ctx.store.add_tenant(replace(t, quotas=Quotas(max_running=1, max_warm=0)))
+    a = cli(world, "instance", "create", "acme/w").out.strip()
+    b = cli(world, "instance", "create", "acme/w").out.strip()
+    assert cli(world, "instance", "start", a).rc == 0
+    before = states(world)
+    for args in (("instance", "start", b), ("instance", "warm", a)):
+        r = cli(world, *args)
+        assert r.rc != 0 and len(r.lines) == 1 and "quota" in r.err, r.err
+        assert states(world) == before
+    assert cli(world, "instance", "stop", b).rc == 0
+    assert cli(world, "instance", "stop", b).rc == 0  # stopping a stopped instance is fine
+    ida, idb = a.split("/")[-1], b.split("/")[-1]
+    assert states(world) == {ida: "running", idb: "stopped"}

@@ -188,10 +188,7 @@ def test_an_existing_home_is_made_private_once(tmp_path: Path) -> None:
 @pytest.mark.guest
 @pytest.mark.nix
 @needs_assets("kernel", "nixpkgs-offline")
-def test_a_built_scaled_and_slept_pool_is_private(gmvm: Mvm, flake_copy, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    from tests.test_instances import setup_pool
-
-    setup_pool(gmvm, flake_copy("app-flake"), tmp_path)
+def test_a_built_scaled_and_slept_pool_is_private(gmvm: Mvm, app_pool: None) -> None:
     gmvm.ok("pool", "scale", "acme/workers", "--running", "1", "--sleeping", "1")
     running = instances_by_state(gmvm, "acme/workers")["running"][0]
     layout = Layout(gmvm.home)

@@ -10,7 +10,6 @@ is never more than one setter in the guest.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
 import os
@@ -26,10 +25,11 @@ from pathlib import Path
 import pytest
 
 from mvm.errors import GuestError
-from mvm.image.kernel import KernelInfo, install_default_kernel
+from mvm.image.kernel import KernelInfo
 from tests.conftest import Mvm, instances_by_state, needs_assets, sh
+from tests.doubles import agent_protocol as proto
+from tests.doubles.agent_protocol import Answer
 from tests.test_guest_boot import SECRETS, Guest, make_rootfs, make_secrets, mkfs, wait_for
-from tests.test_instances import setup_pool
 
 pytestmark = [
     pytest.mark.guest,
@@ -112,41 +112,34 @@ def reconnect(g: Guest) -> None:
     pytest.fail("the agent's read loop did not start over after the host went away")
 
 
-def alone(g: Guest, verb: str, *args: str) -> tuple[bool, list[str]]:
+def alone(g: Guest, verb: str, *args: str) -> tuple[bool, Answer]:
     """One request on a connection of its own, as each mvm command makes one, a second after
     the last one ended (so that the guest saw the host go). Returns whether the agent said
-    `* hello` first (it does when its read loop starts over) and the answer's fields. A wake
-    without arguments gets the time it goes out."""
+    `* hello` first (it does when its read loop starts over) and the answer. A wake without
+    arguments gets the time it goes out."""
     g.agent.close()
     time.sleep(1)
     with contextlib.closing(g.agent.channel.connect(10)) as s:
         s.settimeout(30)
         if verb == "wake" and not args:
             args = (f"{time.time():.6f}",)
-        s.sendall(b"\x01\n" + " ".join(["r1", verb, *args]).encode() + b"\n")
-        buf, hello = b"", False
-        while True:
-            line, nl, rest = buf.partition(b"\n")
-            if not nl:
-                chunk = s.recv(1 << 16)
-                assert chunk, f"the agent hung up on {verb}"
-                buf += chunk
-                continue
-            buf = rest
-            fields = line.decode().split(" ")
-            if fields[:2] == ["*", "hello"]:
+        s.sendall(proto.RESYNC + proto.request("r1", verb, *args).encode() + b"\n")
+        hello = False
+        for line in proto.lines(s):
+            answer = Answer.parse(line)
+            if answer is None:
                 hello = True
-            elif fields[0] == "r1":
-                return hello, fields[1:]
+            elif answer.rid == "r1":
+                return hello, answer
+        pytest.fail(f"the agent hung up on {verb}")
 
 
 def last_pid_alone(g: Guest) -> int:
     """last_pid, asked on a connection of its own that the agent saw as new."""
-    b64 = [base64.b64encode(a).decode() for a in (b"cat", b"/proc/loadavg")]
-    hello, answer = alone(g, "exec", "10", *b64)
+    hello, answer = alone(g, "exec", "10", proto.b64("cat"), proto.b64("/proc/loadavg"))
     assert hello, "the agent did not see the host go"
-    assert answer[:2] == ["ok", "0"], answer
-    return int(base64.b64decode(answer[2]).split()[4])
+    assert answer.ok and answer.exit_code == 0, answer
+    return int(answer.stdout.split()[4])
 
 
 def assert_wake_sets_the_clock(g: Guest) -> None:
@@ -160,11 +153,6 @@ def assert_wake_sets_the_clock(g: Guest) -> None:
 
 
 # ---------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def kernel(tmp_path_factory: pytest.TempPathFactory) -> KernelInfo:
-    return install_default_kernel(tmp_path_factory.mktemp("kernel"))
 
 
 def make_guest(kernel: KernelInfo, d: Path) -> Guest:
@@ -237,7 +225,7 @@ def test_connections_without_an_exec_fork_nothing(guest: Guest) -> None:
                        ("ping", ["n0nce"])):
         hello, answer = alone(g, verb, *args)
         assert hello, f"{verb}: the agent did not see the host go"
-        assert answer == ["ok", *args], (verb, answer)
+        assert answer.ok and answer.fields == args, (verb, answer)
     # less sleep-prep's `sync` and clock setter (before a snapshot: no hurry there)
     forks = last_pid_alone(g) - before - per_exec - 2
     assert forks == 0, f"four connections without an exec forked {forks} processes"
@@ -350,11 +338,10 @@ def test_wake_after_an_aborted_sleep_resume_and_execs(restorable: Guest, tmp_pat
 
 @pytest.mark.nix
 @needs_assets("kernel", "nixpkgs-offline")
-def test_cli_wake_after_a_killed_sleep(gmvm: Mvm, flake_copy, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_cli_wake_after_a_killed_sleep(gmvm: Mvm, app_pool: None) -> None:
     """The issue's repro through mvm itself: SIGKILL `instance sleep` once
     snapshot/<name>/memory.tmp exists, the next command (which finds the sleep interrupted
     and lets the VM run on), two `exec`s, `sleep`, `wake`."""
-    setup_pool(gmvm, flake_copy("app-flake"), tmp_path)
     gmvm.ok("pool", "scale", "acme/workers", "--running", "1")
     inst = instances_by_state(gmvm, "acme/workers")["running"][0]
     info = json.loads(gmvm.ok("instance", "info", inst, "--json").out)

@@ -7,11 +7,9 @@ mvm's runtime.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import hashlib
 import json
-import os
 import re
 import shutil
 import socket
@@ -26,6 +24,7 @@ from mvm.errors import GuestError
 from mvm.guest.agent_client import AGENT_PORT_NAME, AgentClient
 from mvm.guest.layout import install_guest_files
 from mvm.image.kernel import KernelInfo, install_default_kernel
+from tests.doubles import agent_protocol as proto
 
 pytestmark = [
     pytest.mark.guest,
@@ -305,11 +304,6 @@ def wait_for(fn, timeout: float, what: str):  # type: ignore[no-untyped-def]
 # ---------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="session")
-def kernel(tmp_path_factory: pytest.TempPathFactory) -> KernelInfo:
-    return install_default_kernel(tmp_path_factory.mktemp("kernel"))
-
-
 @pytest.fixture(scope="module")
 def guest(kernel: KernelInfo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Guest]:
     d = tmp_path_factory.mktemp("guest")
@@ -406,11 +400,8 @@ def test_exec_timeout_kills_the_whole_tree(guest: Guest) -> None:
 def test_a_torn_request_never_runs(guest: Guest) -> None:
     """A host that dies mid-line leaves half a request; it must not run, even glued to
     the next connection's first line."""
-    def b64(s: str) -> str:
-        return base64.b64encode(s.encode()).decode()
-
     guest.agent.close()
-    torn = f"t0rn exec 10 {b64('sh')} {b64('-c')} {b64('touch /tmp/torn')}"
+    torn = proto.exec_request("t0rn", 10, ["sh", "-c", "touch /tmp/torn"])
     for _ in range(2):
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.connect(str(guest.agent.socket_path))
@@ -559,17 +550,3 @@ def test_missing_guest_files_fail_loudly(kernel: KernelInfo, tmp_path: Path) -> 
         g.kill()
     console = g.console()
     assert "mvm-initrd: FATAL: the root image has no /mvm/init" in console, console
-
-
-def test_guest_files_layout(tmp_path: Path) -> None:
-    install_guest_files(tmp_path)
-    install_guest_files(tmp_path)  # idempotent
-    mvm_dir = tmp_path / "mvm"
-    assert os.access(mvm_dir / "busybox", os.X_OK)
-    assert (mvm_dir / "init").read_bytes().startswith(b"#!/mvm/busybox sh")
-    assert (mvm_dir / "agent").stat().st_mode & 0o777 == 0o755
-    assert os.readlink(mvm_dir / "bin" / "mount") == "../busybox"
-    assert (tmp_path / "tmp").stat().st_mode & 0o7777 == 0o1777
-    for d in ("proc", "sys", "dev", "run", "data"):
-        assert (tmp_path / d).is_dir()
-    assert (mvm_dir / "init").stat().st_mtime == 0

@@ -19,7 +19,6 @@
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import gzip
 import shutil
@@ -35,19 +34,17 @@ import pytest
 
 from mvm.guest.agent_client import AgentClient
 from mvm.guest.channels import VSOCK_AGENT_PORT, VsockChannel
-from mvm.image.kernel import KernelInfo, install_default_kernel, modinfo
+from mvm.image.kernel import KernelInfo, modinfo
 from mvm.image.outputs import check_firecracker_kernel
+from tests.doubles import agent_protocol as proto
+from tests.doubles.agent_protocol import Answer
+from tests.doubles.unix_server import UnixServer
 from tests.test_guest_boot import Guest, make_rootfs
 
 pytestmark = [
     pytest.mark.guest,
     pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="needs QEMU"),
 ]
-
-
-@pytest.fixture(scope="module")
-def kernel(tmp_path_factory: pytest.TempPathFactory) -> KernelInfo:
-    return install_default_kernel(tmp_path_factory.mktemp("kernel"))
 
 
 @pytest.fixture(scope="module")
@@ -63,10 +60,6 @@ class NoAcpiGuest(Guest):
         argv = super().argv(incoming)
         argv[argv.index("microvm")] = "microvm,acpi=off"
         return argv
-
-
-def b64(s: str) -> str:
-    return base64.b64encode(s.encode()).decode()
 
 
 def test_the_initrd_carries_the_vsock_modules_and_relay(kernel: KernelInfo) -> None:
@@ -180,38 +173,27 @@ class FakeVsockMuxer:
     def __init__(self, path: Path, bridge: Path) -> None:
         self.bridge = bridge
         self.connects: list[bytes] = []
-        self._srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._srv.bind(str(path))
-        self._srv.listen(1)
-        threading.Thread(target=self._serve, daemon=True).start()
+        self._server = UnixServer(path, self._one)
 
-    def _serve(self) -> None:
-        n = 0
-        while True:
-            try:
-                host, _ = self._srv.accept()
-            except OSError:
-                return
-            with host:
-                line = b""
-                while not line.endswith(b"\n") and len(line) < 64:
-                    b = host.recv(1)
-                    if not b:
-                        break
-                    line += b
-                self.connects.append(line)
-                n += 1
-                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as guest:
-                    guest.connect(str(self.bridge))
-                    host.sendall(b"OK %d\n" % (1073741824 + n))
-                    copy = threading.Thread(target=_copy, args=(guest, host), daemon=True)
-                    copy.start()
-                    _copy(host, guest)
-                    guest.shutdown(socket.SHUT_RDWR)
-                    copy.join(10)
+    def _one(self, host: socket.socket) -> None:
+        line = b""
+        while not line.endswith(b"\n") and len(line) < 64:
+            b = host.recv(1)
+            if not b:
+                break
+            line += b
+        self.connects.append(line)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as guest:
+            guest.connect(str(self.bridge))
+            host.sendall(b"OK %d\n" % (1073741824 + self._server.connections))
+            copy = threading.Thread(target=_copy, args=(guest, host), daemon=True)
+            copy.start()
+            _copy(host, guest)
+            guest.shutdown(socket.SHUT_RDWR)
+            copy.join(10)
 
     def close(self) -> None:
-        self._srv.close()
+        self._server.close()
 
 
 def _copy(src: socket.socket, dst: socket.socket) -> None:
@@ -239,22 +221,20 @@ def vsock_exchange(g: Guest, lines: list[str]) -> list[str]:
 
 def test_the_agent_answers_on_vsock(vsock_guest: Guest) -> None:
     g = vsock_guest
-    answers = vsock_exchange(g, ["p1 ping n1", f"e1 exec 20 {b64('sh')} {b64('-c')} "
-                                 f"{b64('echo from $(cat /proc/sys/kernel/hostname)')}",
-                                 "p2 ping n2"])
+    answers = vsock_exchange(g, ["p1 ping n1", proto.exec_request(
+        "e1", 20, ["sh", "-c", "echo from $(cat /proc/sys/kernel/hostname)"]), "p2 ping n2"])
     assert len(answers) == 4, answers
-    assert answers[0] == "* hello mvm-agent 1"
+    assert answers[0] == proto.HELLO
     assert answers[1] == "p1 ok n1"
-    code, out = answers[2].split(" ")[2:4]
-    assert answers[2].startswith("e1 ok ") and code == "0"
-    assert base64.b64decode(out) == b"from guest1\n"
+    e1 = Answer.parse(answers[2])
+    assert e1 is not None and (e1.rid, e1.ok, e1.exit_code) == ("e1", True, 0)
+    assert (e1.stdout, e1.stderr, e1.flags) == (b"from guest1\n", b"", [])
     assert answers[3] == "p2 ok n2"
     # one connection after another, each host gone right after its requests (it stopped
     # sending while the agent was still at an exec): the next one is served the same
     for n in range(5):
-        out = b64(f"{n}\n")
-        assert vsock_exchange(g, [f"e{n} exec 20 {b64('echo')} {b64(str(n))}", f"p{n} ping x"]) \
-            == ["* hello mvm-agent 1", f"e{n} ok 0 {out} -", f"p{n} ok x"]
+        assert vsock_exchange(g, [proto.exec_request(f"e{n}", 20, ["echo", str(n)]), f"p{n} ping x"]) \
+            == [proto.HELLO, proto.exec_ok(f"e{n}", 0, f"{n}\n".encode()), f"p{n} ok x"]
     # the virtio-serial agent is still there beside it
     r = g.agent.exec(["cat", "/proc/sys/kernel/hostname"], 30)
     assert r.ok and r.stdout == b"guest1\n", r

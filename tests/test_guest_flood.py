@@ -19,7 +19,7 @@ import pytest
 
 from mvm.runtime import console
 from tests.conftest import Mvm, Result, instances_by_state, needs_assets, sh
-from tests.test_instances import setup_pool, wait_for
+from tests.test_instances import wait_for
 from tests.test_lifecycle_real import qemus
 
 pytestmark = [pytest.mark.guest, pytest.mark.nix, needs_assets("kernel", "nixpkgs-offline")]
@@ -87,8 +87,7 @@ def console_within_cap(m: Mvm, inst: str) -> None:
             assert f.stat().st_size <= console.CAP, f
 
 
-def test_a_guest_flooding_its_channels_cannot_stall_or_bloat_the_host(gmvm: Mvm, flake_copy, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    setup_pool(gmvm, flake_copy("app-flake"), tmp_path)
+def test_a_guest_flooding_its_channels_cannot_stall_or_bloat_the_host(gmvm: Mvm, app_pool: None) -> None:
     gmvm.ok("pool", "scale", "acme/workers", "--running", "2")
     bad, quiet = instances_by_state(gmvm, "acme/workers")["running"]
 

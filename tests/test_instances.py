@@ -5,28 +5,15 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import Mvm, instances_by_state, needs_assets, sh
+from tests.conftest import SECRETS, Mvm, instances_by_state, needs_assets, setup_pool, sh
 
 pytestmark = [pytest.mark.guest, pytest.mark.nix, needs_assets("kernel", "nixpkgs-offline")]
-
-SECRETS = {"API_KEY": "s3cr3t-value", "DB_URL": "postgres://db/acme"}
-
-
-def setup_pool(m: Mvm, flake: Path, tmp: Path, pool: str = "acme/workers", *extra: str) -> None:
-    m.ok("tenant", "create", "acme")
-    (tmp / "secrets.json").write_text(json.dumps(SECRETS))
-    m.ok("tenant", "secrets", "set", "acme", "--from-file", str(tmp / "secrets.json"))
-    m.ok("pool", "create", pool, "--flake", str(flake), "--profile", "baseline", "--cpus", "1",
-         "--mem", "256", "--data-disk", "64", *extra)
-    m.ok("pool", "build", pool)
-
 
 def wait_for(fn, timeout: float = 30.0, what: str = "condition"):  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
@@ -45,8 +32,7 @@ def checksum(m: Mvm, inst: str) -> str:
     return r.out.split()[0]
 
 
-def test_guide_flow_scale_data_secrets_and_service(gmvm: Mvm, flake_copy, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    setup_pool(gmvm, flake_copy("app-flake"), tmp_path)
+def test_guide_flow_scale_data_secrets_and_service(gmvm: Mvm, app_pool: None) -> None:
     r = gmvm.ok("pool", "scale", "acme/workers", "--running", "2", "--warm", "1", "--sleeping", "1")
     assert "created" in r.err  # each action is reported
     states = instances_by_state(gmvm, "acme/workers")
@@ -83,8 +69,7 @@ def test_guide_flow_scale_data_secrets_and_service(gmvm: Mvm, flake_copy, tmp_pa
     assert instances_by_state(gmvm, "acme/workers") == states
 
 
-def test_data_survives_warm_sleep_and_stop(gmvm: Mvm, flake_copy, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    setup_pool(gmvm, flake_copy("app-flake"), tmp_path)
+def test_data_survives_warm_sleep_and_stop(gmvm: Mvm, app_pool: None) -> None:
     gmvm.ok("pool", "scale", "acme/workers", "--running", "1")
     inst = instances_by_state(gmvm, "acme/workers")["running"][0]
     assert sh(gmvm, inst, "head -c 1048576 /dev/urandom > /data/blob").rc == 0
@@ -97,8 +82,7 @@ def test_data_survives_warm_sleep_and_stop(gmvm: Mvm, flake_copy, tmp_path: Path
     assert Path(info["data_disk"]).exists()
 
 
-def test_wake_restores_memory_and_resyncs_the_clock(gmvm: Mvm, flake_copy, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    setup_pool(gmvm, flake_copy("app-flake"), tmp_path)
+def test_wake_restores_memory_and_resyncs_the_clock(gmvm: Mvm, app_pool: None) -> None:
     gmvm.ok("pool", "scale", "acme/workers", "--running", "1")
     inst = instances_by_state(gmvm, "acme/workers")["running"][0]
     sh(gmvm, inst, "(i=0; while :; do i=$((i+1)); echo $i > /run/count; sleep 0.2; done) >/dev/null 2>&1 &")
@@ -156,9 +140,8 @@ def qemu_pid(m: Mvm, inst: str) -> int:
     return int((m.home / f"tenants/{t}/pools/{p}/instances/{i}/run/qemu.pid").read_text())
 
 
-def test_killed_hypervisor_is_failed_and_scale_restores(gmvm: Mvm, flake_copy, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    setup_pool(gmvm, flake_copy("app-flake"), tmp_path)
-    gmvm.ok("pool", "scale", "acme/workers", "--running", "2")
+def test_killed_hypervisor_is_failed_and_scale_restores(gmvm: Mvm, app_pool: None) -> None:
+    gmvm.ok("pool", "scale", "acme/workers", "--running", "1")
     victim = instances_by_state(gmvm, "acme/workers")["running"][0]
     os.kill(qemu_pid(gmvm, victim), signal.SIGKILL)
     time.sleep(0.5)
@@ -170,22 +153,14 @@ def test_killed_hypervisor_is_failed_and_scale_restores(gmvm: Mvm, flake_copy, t
     assert f"{victim.split('/')[-1]}: failed: hypervisor process exited unexpectedly" in r.out
     states = instances_by_state(gmvm, "acme/workers")
     assert victim not in states.get("running", []) and victim in states.get("failed", [])
-    gmvm.ok("pool", "scale", "acme/workers", "--running", "2")
+    gmvm.ok("pool", "scale", "acme/workers", "--running", "1")
     states = instances_by_state(gmvm, "acme/workers")
-    assert len(states["running"]) == 2 and victim in states["running"]
+    assert states == {"running": [victim]}
     assert sh(gmvm, victim, "echo alive").out == "alive\n"
-
-    # a command that crashed after booting but before recording it leaves an orphan
-    # hypervisor behind a `stopped` row: the next start ends it and boots one afresh
-    db = sqlite3.connect(gmvm.home / "mvm.db")
-    db.execute("UPDATE instances SET state='stopped' WHERE id=?", (victim.split("/")[-1],))
-    db.commit()
-    db.close()
-    orphan = qemu_pid(gmvm, victim)
-    gmvm.ok("pool", "scale", "acme/workers", "--running", "2")
-    assert len(instances_by_state(gmvm, "acme/workers")["running"]) == 2
-    assert qemu_pid(gmvm, victim) != orphan and not running(orphan)
-    assert sh(gmvm, victim, "echo alive").out == "alive\n"
+    # (a hypervisor left behind a `stopped` row by a command that crashed after booting: ended
+    # by the next command, on the fake runtime in test_lifecycle_faults'
+    # test_a_hidden_hypervisor_is_ended_and_scale_sees_it, on a real one in test_lifecycle_real's
+    # test_scale_killed_mid_boot_hides_nothing)
 
 
 def leftovers(m: Mvm, inst: str) -> list[str]:
@@ -206,30 +181,12 @@ def leftovers(m: Mvm, inst: str) -> list[str]:
     return found
 
 
-def test_illegal_transitions_and_failed_start_change_nothing(gmvm: Mvm, flake_copy, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    setup_pool(gmvm, flake_copy("app-flake"), tmp_path)
-    gmvm.ok("pool", "scale", "acme/workers", "--running", "1", "--sleeping", "1")
-    states = instances_by_state(gmvm, "acme/workers")
-    running, sleeping = states["running"][0], states["sleeping"][0]
-    gmvm.ok("instance", "stop", running)
+def test_a_failed_start_changes_nothing_and_leaves_nothing(gmvm: Mvm, app_pool: None) -> None:
+    """(The refusals of illegal transitions, once here too, are test_cli_show's, on the fake
+    runtime: they are the lifecycle's, the same on any runtime. What a real hypervisor that
+    refuses its kernel leaves behind is this test's.)"""
+    running = gmvm.ok("instance", "create", "acme/workers").out.strip()
     before = instances_by_state(gmvm, "acme/workers")
-    for args, words in [
-        (("instance", "sleep", running), "cannot sleep"),
-        (("instance", "wake", running), "cannot wake"),
-        (("instance", "exec", sleeping, "--", "true"), "it is sleeping"),
-        (("instance", "resume", sleeping), "cannot resume"),
-        (("pool", "scale", "acme/workers", "--running", "9"), "quota"),
-        (("pool", "scale", "acme/workers", "--warm", "5"), "quota"),
-        (("instance", "start", "acme/workers/i-00000000"), "no instance"),
-    ]:
-        r = gmvm(*args)
-        assert r.rc != 0, args
-        assert len(r.lines) == 1, r.err
-        assert words in r.err, r.err
-        assert instances_by_state(gmvm, "acme/workers") == before
-    gmvm.ok("instance", "start", running)
-    gmvm.ok("instance", "stop", running)
-
     # a start that fails half-way (the hypervisor refuses the kernel) leaves nothing behind
     cur = gmvm.home / "tenants/acme/pools/workers/artifacts/current"
     kernel = cur / "vmlinux"
@@ -238,7 +195,7 @@ def test_illegal_transitions_and_failed_start_change_nothing(gmvm: Mvm, flake_co
     try:
         r = gmvm("instance", "start", running)
         assert r.rc != 0 and len(r.errors) == 1, r.err  # (step progress lines come before it)
-        assert instances_by_state(gmvm, "acme/workers")["stopped"] == [running]
+        assert instances_by_state(gmvm, "acme/workers") == before == {"created": [running]}
         assert leftovers(gmvm, running) == []
     finally:
         kernel.write_bytes(good)
@@ -246,8 +203,7 @@ def test_illegal_transitions_and_failed_start_change_nothing(gmvm: Mvm, flake_co
     assert sh(gmvm, running, "echo ok").out == "ok\n"
 
 
-def test_destroy_keep_data_and_secret_rotation(gmvm: Mvm, flake_copy, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    setup_pool(gmvm, flake_copy("app-flake"), tmp_path)
+def test_destroy_keep_data_and_secret_rotation(gmvm: Mvm, app_pool: None, tmp_path: Path) -> None:
     gmvm.ok("pool", "scale", "acme/workers", "--running", "1", "--sleeping", "1")
     states = instances_by_state(gmvm, "acme/workers")
     running, sleeping = states["running"][0], states["sleeping"][0]
@@ -273,20 +229,3 @@ def test_destroy_keep_data_and_secret_rotation(gmvm: Mvm, flake_copy, tmp_path: 
     assert instances_by_state(gmvm, "acme/workers") == {}
     t, p, i = sleeping.split("/")
     assert not (gmvm.home / f"tenants/{t}/pools/{p}/instances/{i}").exists()
-
-
-def test_single_instance_commands_respect_quotas(gmvm: Mvm, flake_copy, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    gmvm.ok("tenant", "create", "acme", "--max-running", "1", "--max-warm", "0")
-    gmvm.ok("pool", "create", "acme/w", "--flake", str(flake_copy("app-flake")), "--profile", "baseline")
-    gmvm.ok("pool", "build", "acme/w")
-    a = gmvm.ok("instance", "create", "acme/w").out.strip()
-    b = gmvm.ok("instance", "create", "acme/w").out.strip()
-    gmvm.ok("instance", "start", a)
-    before = instances_by_state(gmvm, "acme/w")
-    for args in (("instance", "start", b), ("instance", "warm", a)):
-        r = gmvm(*args)
-        assert r.rc != 0 and len(r.lines) == 1 and "quota" in r.err, r.err
-        assert instances_by_state(gmvm, "acme/w") == before
-    gmvm.ok("instance", "stop", b)
-    gmvm.ok("instance", "stop", b)  # stopping a stopped instance is fine: nothing of it runs
-    assert instances_by_state(gmvm, "acme/w") == {"running": [a], "stopped": [b]}

@@ -23,7 +23,6 @@ from mvm.runtime.qemu import QemuRuntime
 from mvm.util import pids
 from tests.conftest import Mvm, instances_by_state, needs_assets, sh
 from tests.test_agent import _events, _pool
-from tests.test_instances import setup_pool
 from tests.test_qemu_runtime import (  # noqa: F401
     Vms,
     boot_ready,
@@ -196,8 +195,7 @@ def cgroup_dirs_named(name: str) -> list[Path]:
 
 @needs_assets("kernel", "nixpkgs-offline")
 @pytest.mark.nix
-def test_pool_scale_runs_jailed_instances(gmvm: Mvm, flake_copy, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    setup_pool(gmvm, flake_copy("app-flake"), tmp_path)
+def test_pool_scale_runs_jailed_instances(gmvm: Mvm, app_pool: None) -> None:
     gmvm.ok("pool", "scale", "acme/workers", "--running", "1")
     inst = instances_by_state(gmvm, "acme/workers")["running"][0]
     iid = inst.split("/")[-1]

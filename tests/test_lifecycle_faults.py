@@ -532,3 +532,52 @@ def test_the_agent_sweeps_clear_text_secrets_when_it_starts(world: World) -> Non
     Agent(world.ctx, 3600.0, report=lines.append).run(stop)
     _swept(world, *leftovers)
     assert any("removed clear-text secrets" in ln for ln in lines), lines
+
+
+def test_fifty_sleep_wake_cycles_under_concurrent_exec_and_list(world: World) -> None:
+    """Every wake of fifty sleep/wake cycles succeeds while another command execs and lists
+    all along, and the guest's data and a consistent state come out of it. (The real-guest run
+    in test_lifecycle_real makes a few cycles; fifty cost milliseconds here.)"""
+    import threading
+
+    from mvm.errors import IllegalTransition
+    from mvm.services import instances
+
+    ref = world.new(State.RUNNING)
+    world.guest(ref, "write", "kept")
+    world.guest(ref, "sync")
+    stop = threading.Event()
+    seen = {"exec-ok": 0, "exec-refused": 0, "list": 0}
+
+    def pester() -> None:
+        ctx = world.host()  # another command: a store connection of its own
+        while not stop.is_set():
+            try:
+                if "kept" in instances.exec_(ctx, ref, ["read"]).stdout.decode().split():
+                    seen["exec-ok"] += 1
+            except IllegalTransition as e:
+                assert "it is sleeping" in str(e), e
+                seen["exec-refused"] += 1
+            except MvmError:
+                pass  # the VM went to sleep between the state read and the exec
+            assert [v.instance.id for v in instances.views(ctx, "acme", "w")] == [ref.instance]
+            seen["list"] += 1
+
+    t = threading.Thread(target=pester)
+    t.start()
+    failed_wakes = []
+    try:
+        for n in range(50):
+            apply(world.ctx, ref, Action.SLEEP)
+            try:
+                apply(world.ctx, ref, Action.WAKE)
+            except MvmError as e:
+                failed_wakes.append((n, str(e)))
+                break
+    finally:
+        stop.set()
+        t.join()
+    assert failed_wakes == []
+    assert world.check(ref).state is State.RUNNING
+    assert world.guest(ref, "read").split() == ["kept"]
+    assert seen["exec-ok"] > 0 and seen["exec-refused"] > 0 and seen["list"] > 0, seen

@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Mvm, instances_by_state, needs_assets, sh
-from tests.test_instances import setup_pool
 
 pytestmark = [pytest.mark.guest, pytest.mark.nix, needs_assets("kernel", "nixpkgs-offline")]
 
@@ -72,9 +71,11 @@ def back_to_running(m: Mvm, inst: str) -> None:
         m.ok("instance", action, inst)
 
 
-@pytest.mark.parametrize("step", ["prep", "snapshot"])
-def test_sleep_killed_after_each_step(gmvm: Mvm, flake_copy, tmp_path: Path, step: str) -> None:  # type: ignore[no-untyped-def]
-    setup_pool(gmvm, flake_copy("app-flake"), tmp_path)
+# A sleep killed after its `prep` step, then execs, sleep and wake: the same path on a real
+# guest is test_guest_agent_clock's test_cli_wake_after_a_killed_sleep (killed mid-snapshot);
+# every sleep step on the fake runtime is test_lifecycle_faults'.
+@pytest.mark.parametrize("step", ["snapshot"])
+def test_sleep_killed_after_each_step(gmvm: Mvm, app_pool: None, step: str) -> None:
     gmvm.ok("pool", "scale", "acme/workers", "--running", "1")
     inst = instances_by_state(gmvm, "acme/workers")["running"][0]
     assert sh(gmvm, inst, "echo before-sleep >> /data/log && sync").rc == 0
@@ -97,17 +98,18 @@ def test_sleep_killed_after_each_step(gmvm: Mvm, flake_copy, tmp_path: Path, ste
     assert abs(int(sh(gmvm, inst, "date +%s").out) - int(__import__("time").time())) <= 3
 
 
-def test_wake_killed_after_each_step(gmvm: Mvm, flake_copy, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    setup_pool(gmvm, flake_copy("app-flake"), tmp_path)
+def test_wake_killed_after_each_step(gmvm: Mvm, app_pool: None) -> None:
     gmvm.ok("pool", "scale", "acme/workers", "--sleeping", "1")
     inst = instances_by_state(gmvm, "acme/workers")["sleeping"][0]
     lines: list[str] = []
-    for n, step in enumerate(["network", "secrets", "restore", "consume", "resume", "agent"]):
+    # One step before the snapshot is consumed (a real QEMU killed while it restores) and one
+    # after (the guest runs on); every wake step is test_lifecycle_faults', on the fake runtime.
+    for n, step in enumerate(["restore", "resume"]):
         snapshot = info(gmvm, inst)["snapshot"]
         crash(gmvm, f"wake:{step}", "instance", "wake", inst)
         gmvm.ok("instance", "observe", "acme/workers")
         state = consistent(gmvm, inst)
-        if step in ("network", "secrets", "restore"):
+        if step == "restore":
             # the restored guest never ran: the same snapshot waits for the next wake
             assert state == "sleeping" and info(gmvm, inst)["snapshot"] == snapshot
             gmvm.ok("instance", "wake", inst)
@@ -124,22 +126,20 @@ def test_wake_killed_after_each_step(gmvm: Mvm, flake_copy, tmp_path: Path) -> N
 
 
 @pytest.mark.net
-def test_start_and_wake_killed_while_mkfs_makes_the_secrets_disk_leave_no_secrets(  # type: ignore[no-untyped-def]
-        gmvm: Mvm, flake_copy, tmp_path: Path) -> None:
+def test_wake_killed_while_mkfs_makes_the_secrets_disk_leaves_no_secrets(
+        gmvm: Mvm, app_pool: None, tmp_path: Path) -> None:
     from mvm.config.paths import Layout
     from mvm.util.retry import until
-    from tests.test_instances import SECRETS
+    from tests.conftest import SECRETS
     from tests.test_lifecycle_faults import killing_mkfs
 
-    setup_pool(gmvm, flake_copy("app-flake"), tmp_path)
     gmvm.ok("pool", "scale", "acme/workers", "--sleeping", "1")
     inst = instances_by_state(gmvm, "acme/workers")["sleeping"][0]
     shm = Layout(gmvm.home).secrets_runtime_dir()
     secret = SECRETS["API_KEY"].encode()
     bin_dir, done = killing_mkfs(tmp_path)
-    for action, before in (("wake", "sleeping"), ("start", "stopped")):
-        if action == "start":
-            gmvm.ok("instance", "stop", inst)
+    # (a start killed there is test_lifecycle_faults', on the fake runtime, with the wake)
+    for action, before in (("wake", "sleeping"),):
         saved = gmvm.env
         gmvm.env = dict(saved, PATH=f"{bin_dir}:{saved['PATH']}")
         try:
@@ -159,11 +159,10 @@ def test_start_and_wake_killed_while_mkfs_makes_the_secrets_disk_leave_no_secret
 
 
 @pytest.mark.net
-def test_a_damaged_snapshot_is_refused_and_kept_and_the_instance_stays_sleeping(  # type: ignore[no-untyped-def]
-        gmvm: Mvm, flake_copy, tmp_path: Path) -> None:
+def test_a_damaged_snapshot_is_refused_and_kept_and_the_instance_stays_sleeping(
+        gmvm: Mvm, app_pool: None) -> None:
     from mvm.config.paths import Layout
 
-    setup_pool(gmvm, flake_copy("app-flake"), tmp_path)
     gmvm.ok("pool", "scale", "acme/workers", "--running", "1")
     inst = instances_by_state(gmvm, "acme/workers")["running"][0]
     assert sh(gmvm, inst, "echo before-sleep >> /data/log && sync").rc == 0
@@ -198,8 +197,7 @@ def test_a_damaged_snapshot_is_refused_and_kept_and_the_instance_stays_sleeping(
     assert sh(gmvm, inst, "cat /data/log").out == "before-sleep\n"
 
 
-def test_scale_killed_mid_boot_hides_nothing(gmvm: Mvm, flake_copy, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    setup_pool(gmvm, flake_copy("app-flake"), tmp_path)
+def test_scale_killed_mid_boot_hides_nothing(gmvm: Mvm, app_pool: None) -> None:
     crash(gmvm, "start:boot", "pool", "scale", "acme/workers", "--running", "2")
     # a listing shows what runs without recording it; scale to 0 ends it all
     r = gmvm.ok("pool", "scale", "acme/workers", "--running", "0")
@@ -215,8 +213,7 @@ def test_scale_killed_mid_boot_hides_nothing(gmvm: Mvm, flake_copy, tmp_path: Pa
         assert consistent(gmvm, inst) == "running" and sh(gmvm, inst, "echo ok").out == "ok\n"
 
 
-def test_a_guest_that_dies_at_boot_fails_at_once_with_its_console(gmvm: Mvm, flake_copy, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    setup_pool(gmvm, flake_copy("app-flake"), tmp_path)
+def test_a_guest_that_dies_at_boot_fails_at_once_with_its_console(gmvm: Mvm, app_pool: None) -> None:
     rootfs = gmvm.home / "tenants/acme/pools/workers/artifacts/current/rootfs.ext4"
     rootfs.chmod(0o644)
     with open(rootfs, "r+b") as f:  # no ext4 superblock: the kernel cannot mount its root
@@ -229,8 +226,7 @@ def test_a_guest_that_dies_at_boot_fails_at_once_with_its_console(gmvm: Mvm, fla
     assert consistent(gmvm, inst) == "created"
 
 
-def test_runtime_dir_removed_under_running_guests(gmvm: Mvm, flake_copy, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    setup_pool(gmvm, flake_copy("app-flake"), tmp_path)
+def test_runtime_dir_removed_under_running_guests(gmvm: Mvm, app_pool: None) -> None:
     gmvm.ok("pool", "scale", "acme/workers", "--running", "2")
     a, b = instances_by_state(gmvm, "acme/workers")["running"]
     assert sh(gmvm, a, "echo kept >> /data/log && sync").rc == 0
@@ -249,8 +245,10 @@ def test_runtime_dir_removed_under_running_guests(gmvm: Mvm, flake_copy, tmp_pat
     assert consistent(gmvm, b) == "running"
 
 
-def test_fifty_sleep_wake_cycles_under_concurrent_exec_and_list(gmvm: Mvm, flake_copy, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    setup_pool(gmvm, flake_copy("app-flake"), tmp_path)
+CYCLES = 5  # (fifty, where they cost milliseconds: test_lifecycle_faults, on the fake runtime)
+
+
+def test_sleep_wake_cycles_under_concurrent_exec_and_list(gmvm: Mvm, app_pool: None) -> None:
     gmvm.ok("pool", "scale", "acme/workers", "--running", "1")
     inst = instances_by_state(gmvm, "acme/workers")["running"][0]
     stop = threading.Event()
@@ -272,7 +270,7 @@ def test_fifty_sleep_wake_cycles_under_concurrent_exec_and_list(gmvm: Mvm, flake
     t.start()
     failed_wakes = []
     try:
-        for n in range(50):
+        for n in range(CYCLES):
             gmvm.ok("instance", "sleep", inst)
             r = gmvm("instance", "wake", inst)
             if r.rc != 0:
@@ -281,7 +279,7 @@ def test_fifty_sleep_wake_cycles_under_concurrent_exec_and_list(gmvm: Mvm, flake
     finally:
         stop.set()
         t.join()
-    print(f"\n50 cycles: failed wakes {len(failed_wakes)}, concurrent execs ok {seen['exec-ok']}, "
+    print(f"\n{CYCLES} cycles: failed wakes {len(failed_wakes)}, concurrent execs ok {seen['exec-ok']}, "
           f"refused {seen['exec-refused']}, lists {seen['list']}")
     assert failed_wakes == []
     assert consistent(gmvm, inst) == "running"

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Mvm, instances_by_state, needs_assets, sh
+from tests.conftest import Mvm, Templates, instances_by_state, needs_assets, sh
 
-pytestmark = [pytest.mark.guest, pytest.mark.net, needs_assets("kernel", "nixpkgs-offline", "builtin-flake")]
+pytestmark = [needs_assets("kernel", "nixpkgs-offline", "builtin-flake")]
 
 
 def in_ns(m: Mvm, *argv: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
@@ -19,15 +19,23 @@ def in_ns(m: Mvm, *argv: str, timeout: float = 30) -> subprocess.CompletedProces
     return subprocess.run(["ip", "netns", "exec", m.ns, *argv], capture_output=True, text=True, timeout=timeout)
 
 
+def red_and_blue(m: Mvm, root: Path) -> None:
+    """Two tenants, each with a built pool of the built-in `minimal` profile (nothing runs)."""
+    for t in ("red", "blue"):
+        m.ok("tenant", "create", t)
+        m.ok("pool", "create", f"{t}/web", "--profile", "minimal")
+        m.ok("pool", "build", f"{t}/web")
+
+
 def ips(m: Mvm, pool: str) -> dict[str, str]:
     return {i["address"]: i["ip"] for i in json.loads(m.ok("instance", "list", pool, "--json").out)}
 
 
-def test_two_tenants_isolated_nat_and_host_access(gmvm: Mvm) -> None:
+@pytest.mark.guest
+@pytest.mark.net
+def test_two_tenants_isolated_nat_and_host_access(gmvm: Mvm, templates: Templates) -> None:
+    templates.clone(gmvm, "red-and-blue", red_and_blue)
     for t in ("red", "blue"):
-        gmvm.ok("tenant", "create", t)
-        gmvm.ok("pool", "create", f"{t}/web", "--profile", "minimal")
-        gmvm.ok("pool", "build", f"{t}/web")
         gmvm.ok("pool", "scale", f"{t}/web", "--running", "2")
     red, blue = ips(gmvm, "red/web"), ips(gmvm, "blue/web")
     (r1, r1ip), (r2, r2ip) = sorted(red.items())
@@ -72,6 +80,8 @@ def test_two_tenants_isolated_nat_and_host_access(gmvm: Mvm) -> None:
     assert "mvm" not in in_ns(gmvm, "nft", "list", "tables").stdout
 
 
+@pytest.mark.guest
+@pytest.mark.net
 def test_verify_reports_and_repairs_drift(gmvm: Mvm) -> None:
     gmvm.ok("tenant", "create", "acme")
     gmvm.ok("pool", "create", "acme/w", "--profile", "minimal")
@@ -96,6 +106,7 @@ def test_verify_reports_and_repairs_drift(gmvm: Mvm) -> None:
 
 
 def test_full_subnet_and_bad_networks_change_nothing(mvm: Mvm) -> None:
+    """(Boots nothing and makes no network: records only.)"""
     from mvm.context.compose import compose
     from mvm.lifecycle import create
     from mvm.model import PoolRef
@@ -143,7 +154,10 @@ def _in_echos(ns: str) -> int:
     return int(lines[1][lines[0].index("InEchos")])
 
 
-def test_guests_find_the_host_closed_and_cannot_spoof(gmvm: Mvm, tmp_path: Path) -> None:
+@pytest.mark.guest
+@pytest.mark.net
+def test_guests_find_the_host_closed_and_cannot_spoof(gmvm: Mvm, templates: Templates, tmp_path: Path) -> None:
+    templates.clone(gmvm, "red-and-blue", red_and_blue)
     ns = gmvm.ns
     assert ns
     out = f"{ns}-out"
@@ -166,9 +180,6 @@ def test_guests_find_the_host_closed_and_cannot_spoof(gmvm: Mvm, tmp_path: Path)
         listeners = [_listen(ns), _listen(out)]
 
         for t in ("red", "blue"):
-            gmvm.ok("tenant", "create", t)
-            gmvm.ok("pool", "create", f"{t}/web", "--profile", "minimal")
-            gmvm.ok("pool", "build", f"{t}/web")
             gmvm.ok("pool", "scale", f"{t}/web", "--running", "1")
         (red, red_ip), = ips(gmvm, "red/web").items()
         (blue, blue_ip), = ips(gmvm, "blue/web").items()

@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import socket
 import threading
 import time
@@ -16,6 +15,9 @@ import pytest
 from mvm.errors import GuestError
 from mvm.guest.agent_client import AgentClient
 from mvm.guest.channels import VSOCK_AGENT_PORT, VsockChannel
+from tests.doubles import agent_protocol as proto
+from tests.doubles.agent_protocol import Request
+from tests.doubles.unix_server import UnixServer
 
 Script = Callable[[socket.socket, bytes], None]  # (connection, the CONNECT line read)
 
@@ -27,33 +29,20 @@ class VsockSocket:
     def __init__(self, path: Path, script: Script) -> None:
         self.script = script
         self.requests: list[bytes] = []
-        self._srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._srv.bind(str(path))
-        self._srv.listen(4)
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self._srv.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
+        self._server = UnixServer(path, self._one, backlog=4, concurrent=True)
 
     def _one(self, conn: socket.socket) -> None:
-        with conn:
-            line = b""
-            while not line.endswith(b"\n") and len(line) < 100:
-                b = conn.recv(1)
-                if not b:
-                    return
-                line += b
-            self.requests.append(line)
-            with contextlib.suppress(OSError):
-                self.script(conn, line)
+        line = b""
+        while not line.endswith(b"\n") and len(line) < 100:
+            b = conn.recv(1)
+            if not b:
+                return
+            line += b
+        self.requests.append(line)
+        self.script(conn, line)
 
     def close(self) -> None:
-        self._srv.close()
+        self._server.close()
 
 
 @pytest.fixture
@@ -169,16 +158,15 @@ def test_a_guest_that_never_listens_ends_at_the_timeout(sock_path: Path) -> None
 
 
 def test_agent_client_pings_over_vsock(sock_path: Path) -> None:
-    nonces: list[bytes] = []
+    nonces: list[str] = []
 
     def agent(conn: socket.socket, line: bytes) -> None:
         conn.sendall(b"OK 1073741825\n")
-        f = conn.makefile("rb")
-        for req in f:
-            parts = req.strip(b"\x01\n").split(b" ")
-            if len(parts) == 3 and parts[1] == b"ping":
-                nonces.append(parts[2])
-                conn.sendall(parts[0] + b" ok " + parts[2] + b"\n")
+        for line in proto.lines(conn):
+            req = Request.parse(line)
+            if req is not None and req.verb == "ping":
+                nonces.append(req.args[0])
+                conn.sendall(f"{proto.ok(req.rid, req.args[0])}\n".encode())
 
     srv = VsockSocket(sock_path, agent)
     try:

@@ -286,9 +286,10 @@ class FakeAgent:
             vm["cache"] = [*vm["cache"], *rest]  # type: ignore[misc]
         elif verb == "sync":
             _sync(vm)
-        elif verb == "read":
+        elif verb == "read":  # (changes nothing: saves nothing over a concurrent command's change)
             disk = Path(str(vm["disk"])).read_text() if vm["disk"] and Path(str(vm["disk"])).exists() else ""
             out = (disk + "".join(f"{x}\n" for x in vm["cache"])).encode()  # type: ignore[attr-defined]
+            return ExecResult(0, out, b"")
         elif verb == "exit":
             return ExecResult(int(rest[0]), b"", b"")
         elif verb == "wait":
