@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from mvm.errors import RuntimeFailure
-from mvm.runtime.qmp import Qmp, call
+from mvm.runtime.qemu.qmp import Qmp, call
 
 GREETING = {"QMP": {"version": {"qemu": {"major": 7, "minor": 2, "micro": 0}, "package": ""},
                     "capabilities": []}}

@@ -30,7 +30,7 @@ from mvm.guest.agent_client import AgentClient
 from mvm.guest.layout import install_guest_files
 from mvm.runtime.base import MANIFEST, Disk, NetIf, SnapshotInfo, VmSpec, VmStatus
 from mvm.runtime.qemu import QemuRuntime
-from mvm.runtime.qmp import Qmp
+from mvm.runtime.qemu.qmp import Qmp
 from mvm.util import pids
 from mvm.util.retry import until
 

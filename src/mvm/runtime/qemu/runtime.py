@@ -21,7 +21,7 @@ from pathlib import Path
 from mvm.errors import CommandFailed, InvalidInput, RuntimeFailure
 from mvm.guest.agent_client import AgentClient
 from mvm.guest.channels import VirtioSerialChannel
-from mvm.runtime import base, console, jail, qmp, rundir
+from mvm.runtime import base, console, jail, rundir
 from mvm.runtime.base import (
     MANIFEST,
     Progress,
@@ -32,7 +32,8 @@ from mvm.runtime.base import (
     VmStatus,
     checksum,
 )
-from mvm.runtime.qmp import Qmp
+from mvm.runtime.qemu import qmp
+from mvm.runtime.qemu.qmp import Qmp
 from mvm.util import pids, private
 from mvm.util.proc import run
 from mvm.util.proc import which as proc_which
