@@ -30,6 +30,7 @@ from mvm.services import instances, tenants
 from mvm.services.agent import Agent
 from mvm.util import pids
 from tests.doubles.fake_runtime import _DETACHED, FakeRuntime, _stopped
+from tests.doubles.qmp import Monitor
 from tests.test_agent import Fleet
 
 
@@ -272,8 +273,6 @@ def test_qemu_status_has_the_deadline_when_qmp_does_not_answer(tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """A QEMU (a stand-in process naming its pid file as QEMU does) whose QMP socket greets and
     then says nothing: `status` gives up at the control deadline, and says so."""
-    from tests.test_qemu_qmp import QmpDouble
-
     monkeypatch.setattr(base, "CONTROL_DEADLINE", 0.3)
     run = tmp_path / "run"
     run.mkdir()
@@ -283,7 +282,7 @@ def test_qemu_status_has_the_deadline_when_qmp_does_not_answer(tmp_path: Path,
                              "-pidfile", str(rt.pid_file(spec))])
     try:
         rt.pid_file(spec).write_text(f"{proc.pid}\n")
-        silent = QmpDouble(rt.qmp_socket(spec), lambda msg, fds: None)
+        silent = Monitor(rt.qmp_socket(spec), lambda cmd, args, fds: {"mute": True})
         try:
             with pytest.raises(RuntimeFailure, match=r"did not answer query-status within 0\.[0-9]+s"):
                 rt.status(spec)

@@ -47,17 +47,18 @@ def cmdline(pid: int) -> list[str]:
     return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
 
 
+def has_arg(pid: int, flag: str, value: str) -> bool:
+    """Whether process pid was started with `flag value` on its command line."""
+    args = cmdline(pid)
+    return any(args[i:i + 2] == [flag, value] for i in range(len(args) - 1))
+
+
 def owned_pid(pid_file: Path, flag: str = "-pidfile") -> int | None:
     """The live pid recorded in pid_file, if that process was started with `flag pid_file`."""
     pid = read_pid(pid_file)
     if pid is None or not is_running(pid):
         return None
-    args = cmdline(pid)
-    want = str(pid_file)
-    for i, arg in enumerate(args[:-1]):
-        if arg == flag and args[i + 1] == want:
-            return pid
-    return None
+    return pid if has_arg(pid, flag, str(pid_file)) else None
 
 
 def find_by_arg(flag: str, value: str) -> int | None:
