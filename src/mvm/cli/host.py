@@ -23,7 +23,7 @@ def setup(
     """Install mvm's host assets: default guest kernel, built-in flake, offline nixpkgs."""
     from mvm.services import host_setup
 
-    host_setup.setup(layout(), offline, progress=output.Steps("setup"))
+    host_setup.setup(layout(), offline, progress=output.StepPrinter("setup"))
 
 
 def doctor(json_: JsonOpt = False) -> None:
@@ -76,7 +76,7 @@ def builder_init(force: Annotated[bool, typer.Option(
     """Make the builder image (Debian with Nix, by mmdebstrap from apt's mirror); idempotent."""
     from mvm.services import builder as builder_vm
 
-    info, made = builder_vm.init(ctx(), output.Steps("builder init"), force)
+    info, made = builder_vm.init(ctx(), output.StepPrinter("builder init"), force)
     print(f"builder {info.version} {'made' if made else 'is current'}: {info.image}")
 
 

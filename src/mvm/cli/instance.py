@@ -58,7 +58,7 @@ def _transition_cmd(name: str, doc: str) -> None:
             return
         from mvm.services import instances
 
-        i = instances.transition(ctx(), ref, Action(name), progress=output.Steps(f"{name} {instance}"))
+        i = instances.transition(ctx(), ref, Action(name), progress=output.StepPrinter(f"{name} {instance}"))
         present.transitioned(str(i.ref), i.state.value)
 
     cmd.__doc__ = doc

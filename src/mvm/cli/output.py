@@ -69,5 +69,3 @@ class StepPrinter:
         took = now - self.started.pop(step)
         err.print(Text.assemble((self.what, "dim"), f" {step}: {message} ", (f"({took:.2f}s)", "dim")))
 
-
-Steps = StepPrinter  # the old name, still used by cli/main.py (being split by another change)

@@ -135,7 +135,7 @@ def pool_build(
         present.built(str(ref), r["revision"], r["cached"])
         return
     opts = builder_vm.Options(builder_cpus, builder_mem, timeout)
-    rev, cached = pools.build(ctx(), ref, force, progress=output.Steps(f"build {ref}"),
+    rev, cached = pools.build(ctx(), ref, force, progress=output.StepPrinter(f"build {ref}"),
                               builder_kind=builder, options=opts)
     present.built(str(ref), rev.hash, cached)
 
@@ -205,5 +205,5 @@ def pool_scale(
     from mvm.services import scale
 
     result = scale.scale(ctx(), ref, running, warm, sleeping, report=output.note,
-                         progress=output.Steps("scale"))
+                         progress=output.StepPrinter("scale"))
     present.scaled(str(ref), [views.instance(i) for i in result], json_)

@@ -125,7 +125,7 @@ def secrets_rotate(tenant: str, restart: Annotated[bool, typer.Option(
     if restart and stale:
         from mvm.services import instances
 
-        restarted = instances.redeliver_secrets(ctx(), tenant, progress=output.Steps("rotate"))
+        restarted = instances.redeliver_secrets(ctx(), tenant, progress=output.StepPrinter("rotate"))
     if json_:
         emit_json({"stale": stale, "restarted": restarted})
         return

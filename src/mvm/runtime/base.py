@@ -301,12 +301,6 @@ class UndoSteps:
             self._undos.clear()
 
 
-# The old names, still used by runtime/qemu.py, runtime/firecracker.py and runtime/rundir.py
-# (being split into packages by another change): drop them once those use the names above.
-Progress = StepTimes
-Steps = UndoSteps
-
-
 class Runtime(ABC):
     """One hypervisor backend. Callers never reach past this to the hypervisor itself."""
 

@@ -25,7 +25,7 @@ from mvm.errors import RuntimeFailure
 from mvm.guest.agent_client import AgentClient
 from mvm.guest.channels import VirtioSerialChannel, VsockChannel
 from mvm.runtime import base, console, jail, rundir
-from mvm.runtime.base import MANIFEST, Runtime, SnapshotInfo, Steps, VmSpec, VmStatus, checksum
+from mvm.runtime.base import MANIFEST, Runtime, SnapshotInfo, UndoSteps, VmSpec, VmStatus, checksum
 from mvm.util import pids, private
 from mvm.util.text import printable
 
@@ -185,12 +185,12 @@ class HypervisorRuntime(Runtime):
     def _check_inputs(self, spec: VmSpec) -> None:
         rundir.check_inputs(spec)
 
-    def _prepare_run_dir(self, spec: VmSpec, steps: Steps, fresh: bool) -> None:
+    def _prepare_run_dir(self, spec: VmSpec, steps: UndoSteps, fresh: bool) -> None:
         rundir.prepare(spec, steps, fresh, hypervisor=self.hypervisor, pid=self._pid(spec),
                        log=self.hypervisor_log(spec), console_log=self.console_log(spec),
                        cleanup=lambda: self._cleanup(spec))
 
-    def _start(self, spec: VmSpec, steps: Steps, plain: Callable[[], T],
+    def _start(self, spec: VmSpec, steps: UndoSteps, plain: Callable[[], T],
                jailed: Callable[[jail.Cgroups], T]) -> T:
         """Start the hypervisor, under the jail when `jailing` says so (and note which, for
         `jail_of`). Its undo is registered first: a hypervisor that started but whose start
@@ -233,7 +233,7 @@ class HypervisorRuntime(Runtime):
 
     # -- the snapshot's skeleton ----------------------------------------------------------------
 
-    def _prepare_snap_dir(self, snap_dir: Path, steps: Steps) -> None:
+    def _prepare_snap_dir(self, snap_dir: Path, steps: UndoSteps) -> None:
         private.mkdirs(snap_dir)
         # Uncommit any older snapshot first: a manifest must never describe a half-written file.
         rundir.unlink(snap_dir / MANIFEST)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from mvm.errors import InvalidInput, RuntimeFailure
 from mvm.runtime import console
-from mvm.runtime.base import Steps, VmSpec
+from mvm.runtime.base import UndoSteps, VmSpec
 from mvm.util import pids, private
 
 
@@ -55,7 +55,7 @@ def check_inputs(spec: VmSpec) -> None:
         raise InvalidInput(f"{spec.name}: {spec.vcpus} vCPUs / {spec.mem_mib} MiB is not a runnable VM")
 
 
-def prepare(spec: VmSpec, steps: Steps, fresh: bool, *, hypervisor: str, pid: int | None,
+def prepare(spec: VmSpec, steps: UndoSteps, fresh: bool, *, hypervisor: str, pid: int | None,
             log: Path, console_log: Path, cleanup: Callable[[], None]) -> None:
     """Refuse a VM whose hypervisor (`pid`) still runs; make its run directory and clear what
     a crashed hypervisor left (`cleanup`); `fresh`: a cold boot starts a new console log. The

@@ -35,7 +35,7 @@ from pathlib import Path
 from mvm.errors import RuntimeFailure
 from mvm.guest.channels import VSOCK_AGENT_PORT, VsockChannel
 from mvm.runtime import console, jail
-from mvm.runtime.base import Progress, SnapshotInfo, Steps, VmSpec, VmStatus
+from mvm.runtime.base import SnapshotInfo, UndoSteps, VmSpec, VmStatus
 from mvm.runtime.firecracker import jailer as fcjail
 from mvm.runtime.firecracker.api import (
     API_SOCK,
@@ -57,6 +57,7 @@ from mvm.runtime.process import HypervisorRuntime, log_tail
 from mvm.util import pids
 from mvm.util.proc import run
 from mvm.util.proc import which as proc_which
+from mvm.util.progress import StepTimes
 from mvm.util.retry import until
 from mvm.util.text import printable
 
@@ -147,7 +148,7 @@ class FirecrackerRuntime(HypervisorRuntime):
 
     # -- lifecycle --------------------------------------------------------------------------
 
-    def boot(self, spec: VmSpec, progress: Progress | None = None) -> None:
+    def boot(self, spec: VmSpec, progress: StepTimes | None = None) -> None:
         try:
             self._boot(spec, progress)
         finally:
@@ -158,8 +159,8 @@ class FirecrackerRuntime(HypervisorRuntime):
             os.close(self._writer)
             self._writer = None
 
-    def _boot(self, spec: VmSpec, progress: Progress | None) -> None:
-        with Steps("boot", progress) as s:
+    def _boot(self, spec: VmSpec, progress: StepTimes | None) -> None:
+        with UndoSteps("boot", progress) as s:
             s.run("check", lambda: self._check_inputs(spec))
             s.run("run-dir", lambda: self._prepare_run_dir(spec, s, fresh=True))
             paths = s.run("spawn", lambda: self._launch(spec, s))
@@ -171,14 +172,14 @@ class FirecrackerRuntime(HypervisorRuntime):
                 raise self._with_logs(spec, RuntimeFailure(
                     f"{spec.name}: Firecracker is {state!r} after InstanceStart, expected Running"))
 
-    def restore(self, spec: VmSpec, snap_dir: Path, progress: Progress | None = None) -> None:
+    def restore(self, spec: VmSpec, snap_dir: Path, progress: StepTimes | None = None) -> None:
         try:
             self._restore(spec, snap_dir, progress)
         finally:
             self._release_writer()
 
-    def _restore(self, spec: VmSpec, snap_dir: Path, progress: Progress | None) -> None:
-        with Steps("restore", progress) as s:
+    def _restore(self, spec: VmSpec, snap_dir: Path, progress: StepTimes | None) -> None:
+        with UndoSteps("restore", progress) as s:
             info = s.run("check", lambda: self._check_snapshot(spec, snap_dir))
             s.run("run-dir", lambda: self._prepare_run_dir(spec, s, fresh=False))
             paths = s.run("spawn", lambda: self._launch(spec, s, snap_dir=snap_dir))
@@ -201,10 +202,10 @@ class FirecrackerRuntime(HypervisorRuntime):
         with self._api(spec) as api:
             api.call("PATCH", "/vm", {"state": "Resumed"})
 
-    def snapshot(self, spec: VmSpec, snap_dir: Path, progress: Progress | None = None) -> SnapshotInfo:
+    def snapshot(self, spec: VmSpec, snap_dir: Path, progress: StepTimes | None = None) -> SnapshotInfo:
         pid = self._require_alive(spec)
         started = time.monotonic()
-        with self._api(spec) as api, Steps("snapshot", progress) as s:
+        with self._api(spec) as api, UndoSteps("snapshot", progress) as s:
             state = s.run("status", lambda: api.call("GET", "/")["state"])
             if state == "Running":
                 s.run("pause", lambda: api.call("PATCH", "/vm", {"state": "Paused"}))
@@ -218,7 +219,7 @@ class FirecrackerRuntime(HypervisorRuntime):
             extra = {"state": STATE_FILE, **({"tap": spec.net.tap} if spec.net is not None else {})}
             info = s.run("commit", lambda: self._commit(spec, snap_dir, started, extra))
         # Committed: the VM must never run again (its disks now belong to the snapshot).
-        Steps("snapshot", progress).run("quit", lambda: self._end(spec, pid))
+        UndoSteps("snapshot", progress).run("quit", lambda: self._end(spec, pid))
         return info
 
     def stop(self, spec: VmSpec, timeout: float) -> None:
@@ -242,7 +243,7 @@ class FirecrackerRuntime(HypervisorRuntime):
                 raise self._with_logs(spec, e) from e
             raise
 
-    def _launch(self, spec: VmSpec, steps: Steps, snap_dir: Path | None = None) -> Paths:
+    def _launch(self, spec: VmSpec, steps: UndoSteps, snap_dir: Path | None = None) -> Paths:
         """Spawn Firecracker (jailed or not) and wait for its API; returns how it names files."""
         return self._start(spec, steps, lambda: self._spawn(spec),
                            lambda cgroups: self._spawn_jailed(spec, snap_dir, cgroups))

@@ -16,7 +16,7 @@ from pathlib import Path
 from mvm.errors import CommandFailed, RuntimeFailure
 from mvm.guest.channels import VirtioSerialChannel
 from mvm.runtime import console, jail
-from mvm.runtime.base import Progress, SnapshotInfo, Steps, VmSpec, VmStatus
+from mvm.runtime.base import SnapshotInfo, UndoSteps, VmSpec, VmStatus
 from mvm.runtime.process import MEMORY_FILE, HypervisorRuntime, log_tail
 from mvm.runtime.qemu import snapshot
 from mvm.runtime.qemu.cmdline import (
@@ -35,6 +35,7 @@ from mvm.runtime.qemu.qmp import Qmp
 from mvm.util import pids
 from mvm.util.proc import run
 from mvm.util.proc import which as proc_which
+from mvm.util.progress import StepTimes
 
 SPAWN_TIMEOUT = 30.0
 QUIT_TIMEOUT = 5.0
@@ -117,15 +118,15 @@ class QemuRuntime(HypervisorRuntime):
 
     # -- lifecycle --------------------------------------------------------------------------
 
-    def boot(self, spec: VmSpec, progress: Progress | None = None) -> None:
-        with Steps("boot", progress) as s:
+    def boot(self, spec: VmSpec, progress: StepTimes | None = None) -> None:
+        with UndoSteps("boot", progress) as s:
             s.run("check", lambda: self._check_inputs(spec))
             s.run("run-dir", lambda: self._prepare_run_dir(spec, s, fresh=True))
             s.run("spawn", lambda: self._launch(spec, self.accel, False, s))
             s.run("running", lambda: self._expect_state(spec, "running"))
 
-    def restore(self, spec: VmSpec, snap_dir: Path, progress: Progress | None = None) -> None:
-        with Steps("restore", progress) as s:
+    def restore(self, spec: VmSpec, snap_dir: Path, progress: StepTimes | None = None) -> None:
+        with UndoSteps("restore", progress) as s:
             info = s.run("check", lambda: self._check_snapshot(spec, snap_dir))
             accel = info.extra.get("accel", self.accel)
             s.run("run-dir", lambda: self._prepare_run_dir(spec, s, fresh=False))
@@ -145,12 +146,12 @@ class QemuRuntime(HypervisorRuntime):
             snapshot.run_vcpus(q)
 
     def snapshot(self, spec: VmSpec, snap_dir: Path,
-                 progress: Progress | None = None) -> SnapshotInfo:
+                 progress: StepTimes | None = None) -> SnapshotInfo:
         pid = self._require_alive(spec)
         started = time.monotonic()
         tmp = snap_dir / (MEMORY_FILE + ".tmp")
         with Qmp(self.qmp_socket(spec)) as q:
-            with Steps("snapshot", progress) as s:
+            with UndoSteps("snapshot", progress) as s:
                 state = s.run("status", lambda: q.execute("query-status")["status"])
                 if state == "running":
                     s.run("pause", lambda: q.execute("stop"))
@@ -163,7 +164,7 @@ class QemuRuntime(HypervisorRuntime):
                 info = s.run("commit", lambda: self._commit(spec, snap_dir, started, extra))
             # Committed: from here the VM must never run again (its disks now belong to the
             # snapshot), so failures below end in SIGKILL, not in a resume.
-            Steps("snapshot", progress).run("quit", lambda: self._end(spec, pid, q))
+            UndoSteps("snapshot", progress).run("quit", lambda: self._end(spec, pid, q))
         return info
 
     def stop(self, spec: VmSpec, timeout: float) -> None:
@@ -210,7 +211,7 @@ class QemuRuntime(HypervisorRuntime):
 
     # -- steps ------------------------------------------------------------------------------
 
-    def _launch(self, spec: VmSpec, accel: str, incoming: bool, steps: Steps) -> int:
+    def _launch(self, spec: VmSpec, accel: str, incoming: bool, steps: UndoSteps) -> int:
         return self._start(spec, steps, lambda: self._spawn(spec, self.argv(spec, accel, incoming)),
                            lambda cgroups: self._spawn_jailed(spec, accel, incoming, cgroups))
 
