@@ -597,3 +597,33 @@ def test_a_stopped_firecracker_is_unresponsive_refused_in_one_line_and_stopped(
     finally:
         if pids.is_running(pid):
             os.kill(pid, signal.SIGCONT)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="bind mounts need root")
+def test_a_jailed_firecracker_keeps_no_name_of_the_clear_text_secrets(tmp_path: Path) -> None:
+    """The jailer's chroot names every disk: once Firecracker holds them open, the transient
+    ones (the secrets image, in /dev/shm: another filesystem, so bind-mounted) lose that name;
+    the others keep theirs, and the secrets file itself is the lifecycle's to unlink."""
+    from mvm.runtime.firecracker import jailer
+
+    shm = Path(tempfile.mkdtemp(dir="/dev/shm"))
+    try:
+        secrets, rootfs = shm / "i-1.img", tmp_path / "rootfs.ext4"
+        secrets.write_bytes(b"API_KEY=hunter2")
+        rootfs.write_bytes(b"rootfs")
+        spec = VmSpec("i-1", 1, 128, tmp_path / "vmlinux", None, "",
+                      (Disk("rootfs", rootfs, True), Disk("secrets", secrets, True, transient=True)),
+                      None, tmp_path / "run")
+        root = tmp_path / "chroot"
+        root.mkdir()
+        jailer.link_into_chroot(root, {f"disk-{d.id}": d.path for d in spec.disks}, 0, 0)
+        assert os.path.ismount(root / "disk-secrets")  # (another filesystem: bind-mounted)
+        assert (root / "disk-secrets").read_bytes() == b"API_KEY=hunter2"
+        assert jailer.drop_transient(root, spec) == ["disk-secrets"]
+        assert sorted(p.name for p in root.iterdir()) == ["disk-rootfs"]
+        assert not any(str(root) in line for line in Path("/proc/self/mounts").read_text().splitlines())
+        assert secrets.read_bytes() == b"API_KEY=hunter2"  # (unlinking it is the lifecycle's)
+        assert jailer.drop_transient(root, spec) == []  # (again: nothing left to drop)
+    finally:
+        jailer.unbind_chroot(tmp_path / "chroot")
+        shutil.rmtree(shm)

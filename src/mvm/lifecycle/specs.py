@@ -64,7 +64,7 @@ def spec_for(ctx: Host, i: Instance, revision: str) -> VmSpec:
     devs = [Disk("rootfs", rdir / "rootfs.ext4", True)]
     if pool.data_disk:
         devs.append(Disk("data", data_disk_path(layout, i), False))
-    devs.append(Disk("secrets", secrets_disk.image_path(layout, i.id), True))
+    devs.append(Disk("secrets", secrets_disk.image_path(layout, i.id), True, transient=True))
     initrd = rdir / "initrd"
     return VmSpec(
         name=i.id, vcpus=pool.cpus, mem_mib=pool.mem, kernel=rdir / "vmlinux",

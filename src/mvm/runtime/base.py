@@ -53,6 +53,9 @@ class Disk:
     id: str
     path: Path
     read_only: bool
+    #: Its name must go as soon as the hypervisor holds the file open (the clear-text secrets
+    #: disk): a runtime that names it elsewhere too (Firecracker's chroot) removes that name then.
+    transient: bool = False
 
 
 @dataclass(frozen=True)

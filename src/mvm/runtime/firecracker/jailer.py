@@ -88,6 +88,21 @@ def link_into_chroot(root: Path, links: dict[str, Path], uid: int, gid: int) -> 
             os.chown(dst, uid, gid)
 
 
+def drop_transient(root: Path, spec: VmSpec) -> list[str]:
+    """Remove the chroot's names of the disks that must not keep one (`Disk.transient`: the
+    clear-text secrets image) once Firecracker holds them open; returns what was removed."""
+    gone = []
+    for d in spec.disks:
+        dst = root / f"disk-{d.id}"
+        if not d.transient or not (dst.exists() or dst.is_symlink()):
+            continue
+        if os.path.ismount(dst):
+            run(["umount", "-l", os.fspath(dst)], check=False)
+        dst.unlink(missing_ok=True)
+        gone.append(dst.name)
+    return gone
+
+
 def unbind_chroot(root: Path) -> None:
     if not root.is_dir():
         return

@@ -168,6 +168,7 @@ class FirecrackerRuntime(HypervisorRuntime):
                 for req in boot_requests(spec, paths):
                     s.run(f"{req[0]} {req[1]}", lambda r=req: self._send(spec, api, r))  # type: ignore[misc]
                 state = s.run("running", lambda: api.call("GET", "/")["state"])
+            s.run("transient", lambda: self._drop_transient(spec))
             if state != "Running":
                 raise self._with_logs(spec, RuntimeFailure(
                     f"{spec.name}: Firecracker is {state!r} after InstanceStart, expected Running"))
@@ -188,6 +189,7 @@ class FirecrackerRuntime(HypervisorRuntime):
                 req = load_request(spec, state_file, memory, paths.vsock, info.extra.get("tap"))
                 s.run("load", lambda: self._send(spec, api, req))
                 state = s.run("paused", lambda: api.call("GET", "/")["state"])
+            s.run("transient", lambda: self._drop_transient(spec))
             if state != "Paused":
                 raise self._with_logs(spec, RuntimeFailure(
                     f"{spec.name}: Firecracker is {state!r} after loading the snapshot, expected Paused"))
@@ -341,6 +343,12 @@ class FirecrackerRuntime(HypervisorRuntime):
 
     def _jail_root(self, spec: VmSpec) -> Path:
         return fcjail.chroot_dir(spec.run_dir / fcjail.JAIL_DIR, Path(self.command[0]).name, fcjail.vm_id(spec))
+
+    def _drop_transient(self, spec: VmSpec) -> None:
+        """A jailed Firecracker holds its disks open once it runs (or has loaded a snapshot):
+        the names its chroot gave the transient ones (the clear-text secrets) go now, not at
+        its end."""
+        fcjail.drop_transient(self._jail_root(spec), spec)
 
     def _spawn_jailed(self, spec: VmSpec, snap_dir: Path | None, cgroups: jail.Cgroups) -> Paths:
         desc = self._describe_jail(spec, jail.MEM_OVERHEAD_MIB)
