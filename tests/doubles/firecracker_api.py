@@ -52,6 +52,8 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
+from tests.doubles import agent_protocol
+
 VERSION = "1.17.0-dev"
 APP_NAME = "Firecracker"
 AGENT_PORT = 1024
@@ -283,25 +285,15 @@ class Vsock:
             self.vmm.wait_running()  # the guest accepts only while its vCPUs run
             self.next_port += 1
             conn.sendall(f"OK {self.next_port}\n".encode())
-            buf = b""
-            while True:
-                try:
-                    chunk = conn.recv(65536)
-                except OSError:
-                    return
-                if not chunk:
-                    return
-                buf += chunk
-                while b"\n" in buf:
-                    raw, buf = buf.split(b"\n", 1)
-                    if b"\x01" in raw or not raw.strip():
-                        continue
-                    rid, verb, *args = raw.decode(errors="replace").split(" ")
-                    self.vmm.wait_running()
-                    with self.vmm.lock:
-                        assert self.vmm.guest is not None
-                        out = self.vmm.guest.answer(rid, verb, args)
-                    conn.sendall(out.encode() + b"\n")
+            for raw in agent_protocol.lines(conn):
+                if b"\x01" in raw or not raw.strip():
+                    continue
+                rid, verb, *args = raw.decode(errors="replace").split(" ")
+                self.vmm.wait_running()
+                with self.vmm.lock:
+                    assert self.vmm.guest is not None
+                    out = self.vmm.guest.answer(rid, verb, args)
+                conn.sendall(out.encode() + b"\n")
 
     def close(self) -> None:
         self.sock.close()
