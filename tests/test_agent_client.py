@@ -1,4 +1,4 @@
-"""AgentClient against a protocol double of the guest agent (no guest, no QEMU).
+"""GuestAgentClient against a protocol double of the guest agent (no guest, no QEMU).
 
 The double listens on a Unix socket like QEMU's chardev and speaks the line protocol of
 src/mvm/data/guest/agent, including the noise a real channel carries: the agent's own
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from mvm.errors import GuestError
-from mvm.guest.agent_client import AgentClient, ExecResult
+from mvm.guest.agent_client import ExecResult, GuestAgentClient
 from tests.doubles import agent_protocol as proto
 from tests.doubles.agent_protocol import HELLO, Request, b64, unb64
 from tests.doubles.unix_server import UnixServer
@@ -92,7 +92,7 @@ def agent(sock: Path) -> Iterator[FakeAgent]:
 
 
 def test_ping_and_exec_skip_stale_lines(agent: FakeAgent, sock: Path) -> None:
-    with AgentClient(sock) as c:
+    with GuestAgentClient(sock) as c:
         assert c.ping() < 5
         r = c.exec(["echo", "a b", "", "é\n", b"\xff\x00bin"], timeout=5)
     assert r == ExecResult(0, "echo|a b||é\n|".encode() + b"\xff\x00bin", b"", False)
@@ -104,7 +104,7 @@ def test_ping_and_exec_skip_stale_lines(agent: FakeAgent, sock: Path) -> None:
 
 
 def test_exit_code_stderr_and_timeout_flag(agent: FakeAgent, sock: Path) -> None:
-    c = AgentClient(sock)
+    c = GuestAgentClient(sock)
     r = c.exec(["fail", "7"], timeout=5)
     assert (r.exit_code, r.stdout, r.stderr, r.timed_out, r.ok) == (7, b"", b"failed\n", False,
                                                                     False)
@@ -125,7 +125,7 @@ def test_wait_ready_keeps_pinging_until_the_agent_answers(sock: Path) -> None:
     fake = FakeAgent(sock, booting)
     try:
         started = time.monotonic()
-        AgentClient(sock).wait_ready(timeout=20)
+        GuestAgentClient(sock).wait_ready(timeout=20)
         assert len(seen) == 4 and len(set(seen)) == 4  # a fresh nonce per try
         assert time.monotonic() - started < 10
     finally:
@@ -138,7 +138,7 @@ def test_wait_ready_waits_for_the_socket_to_appear(tmp_path: Path) -> None:
     timer = threading.Timer(0.3, lambda: fakes.append(FakeAgent(sock)))
     timer.start()
     try:
-        AgentClient(sock).wait_ready(timeout=10)
+        GuestAgentClient(sock).wait_ready(timeout=10)
     finally:
         timer.join()
         for f in fakes:
@@ -148,25 +148,25 @@ def test_wait_ready_waits_for_the_socket_to_appear(tmp_path: Path) -> None:
 def test_no_socket_is_a_guest_error_within_the_deadline(tmp_path: Path) -> None:
     started = time.monotonic()
     with pytest.raises(GuestError, match=r"not ready after 0\.5s"):
-        AgentClient(tmp_path / "nothing.sock").wait_ready(timeout=0.5)
+        GuestAgentClient(tmp_path / "nothing.sock").wait_ready(timeout=0.5)
     assert time.monotonic() - started < 2
     with pytest.raises(GuestError, match=r"nothing\.sock"):
-        AgentClient(tmp_path / "nothing.sock").ping(timeout=0.5)
+        GuestAgentClient(tmp_path / "nothing.sock").ping(timeout=0.5)
 
 
 def test_silent_guest_is_a_guest_error(sock: Path) -> None:
     fake = FakeAgent(sock, lambda rid, verb, args: None)
     try:
         with pytest.raises(GuestError, match=r"did not answer ping within 0\.3s"):
-            AgentClient(sock).ping(timeout=0.3)
+            GuestAgentClient(sock).ping(timeout=0.3)
         with pytest.raises(GuestError, match="not ready"):
-            AgentClient(sock).wait_ready(timeout=0.6)
+            GuestAgentClient(sock).wait_ready(timeout=0.6)
     finally:
         fake.close()
 
 
 def test_refusal_carries_the_guest_message(agent: FakeAgent, sock: Path) -> None:
-    c = AgentClient(sock)
+    c = GuestAgentClient(sock)
     with pytest.raises(GuestError, match="unknown verb: frobnicate"):
         c._request("frobnicate", [], 5)
     c.sleep_prep()
@@ -176,7 +176,7 @@ def test_refusal_carries_the_guest_message(agent: FakeAgent, sock: Path) -> None
 
 def test_reconnects_after_the_socket_drops(agent: FakeAgent, sock: Path) -> None:
     agent.drop_after = 1  # like QEMU going away after a snapshot, then a restored one
-    c = AgentClient(sock)
+    c = GuestAgentClient(sock)
     c.ping()
     assert agent.session_ended.wait(5)
     c.ping()  # the request could not be sent on the dead connection: sent on a new one
@@ -189,7 +189,7 @@ def test_answer_lost_with_the_connection_is_a_guest_error(sock: Path) -> None:
     fake.drop_after = 1  # reads the request, then the VM goes away without answering
     try:
         with pytest.raises(GuestError, match="closed the agent socket"):
-            AgentClient(sock).exec(["true"], timeout=5)
+            GuestAgentClient(sock).exec(["true"], timeout=5)
     finally:
         fake.close()
 
@@ -222,7 +222,7 @@ def test_exec_starts_the_command_only_after_the_host_says_go(sock: Path) -> None
     guest = StartHandshake()
     fake = FakeAgent(sock, guest)
     try:
-        r = AgentClient(sock).exec(["echo", "x"], timeout=5)
+        r = GuestAgentClient(sock).exec(["echo", "x"], timeout=5)
     finally:
         fake.close()
     assert (r.exit_code, r.stdout) == (3, b"ran")
@@ -242,7 +242,7 @@ def test_a_lost_exec_says_whether_its_command_started(sock: Path, lose: str) -> 
     fake.drop_after = 1 if lose == "before-ready" else 2
     try:
         with pytest.raises(GuestError) as e:
-            AgentClient(sock).exec(["touch", "/data/once"], timeout=5)
+            GuestAgentClient(sock).exec(["touch", "/data/once"], timeout=5)
     finally:
         fake.close()
     assert isinstance(e.value, ExecLost) == (lose == "after-go")
@@ -259,7 +259,7 @@ def test_a_refused_go_is_a_command_that_did_not_start(sock: Path) -> None:
     fake = FakeAgent(sock, lambda rid, verb, args: guest(rid, verb, args) if verb != "run" else [f"{rid} ready"])
     try:
         with pytest.raises(GuestError, match="not started") as e:
-            AgentClient(sock).exec(["true"], timeout=5)
+            GuestAgentClient(sock).exec(["true"], timeout=5)
     finally:
         fake.close()
     assert not isinstance(e.value, ExecLost) and guest.started == []
@@ -272,7 +272,7 @@ def test_an_agent_from_before_the_handshake_gets_exec_and_a_loss_counts_as_start
     fake.drop_after = 2  # `run` refused as unknown, then `exec` read and the VM gone
     try:
         with pytest.raises(ExecLost, match="before `run`"):
-            AgentClient(sock).exec(["true"], timeout=5)
+            GuestAgentClient(sock).exec(["true"], timeout=5)
     finally:
         fake.close()
     assert [r.verb for r in fake.requests] == ["run", "exec"]
@@ -282,15 +282,15 @@ def test_malformed_answers_are_guest_errors(sock: Path) -> None:
     fake = FakeAgent(sock, lambda rid, verb, args: [f"{rid} ok notanumber - -"])
     try:
         with pytest.raises(GuestError, match="exit code"):
-            AgentClient(sock).exec(["x"], timeout=1)
+            GuestAgentClient(sock).exec(["x"], timeout=1)
     finally:
         fake.close()
     with pytest.raises(ValueError):
-        AgentClient(sock).exec([], timeout=1)
+        GuestAgentClient(sock).exec([], timeout=1)
 
 
 def test_a_queued_wake_sends_the_time_it_goes_out_not_when_it_was_asked(agent: FakeAgent, sock: Path) -> None:
-    c = AgentClient(sock)
+    c = GuestAgentClient(sock)
     c._lock.acquire()  # another request of this client is in flight
     done = threading.Event()
 
@@ -318,7 +318,7 @@ def test_a_wait_ends_when_the_hypervisor_exits(tmp_path: Path) -> None:
     threading.Timer(0.3, lambda: alive.update(yes=False)).start()
     # (without the watch this would end after the full minute, as "not ready after 60s")
     with pytest.raises(GuestError, match="the hypervisor exited while waiting for the guest agent") as e:
-        AgentClient(channel).wait_ready(timeout=60)
+        GuestAgentClient(channel).wait_ready(timeout=60)
     assert "Kernel panic" in e.value.message
 
 
@@ -392,7 +392,7 @@ def test_a_flood_without_newlines_ends_the_request_at_once(peer, sock: Path) -> 
             p.send(conn, zeros)
 
     p = peer(flood)
-    c = AgentClient(sock)
+    c = GuestAgentClient(sock)
     err, peak = peak_memory(lambda: c.ping(timeout=60))
     assert isinstance(err, GuestError)
     assert "not protocol lines" in err.message and "connection was reset" in err.message
@@ -414,7 +414,7 @@ def test_an_answer_over_the_limit_is_an_error_and_the_next_request_works(peer, s
             p.send(conn, f"{rid} ok {args[0]}\n".encode())
 
     p = peer(answers)
-    c = AgentClient(sock)
+    c = GuestAgentClient(sock)
     err, peak = peak_memory(lambda: c.ping(timeout=60))
     assert isinstance(err, GuestError) and "longer than 65536 bytes" in err.message
     assert peak < 4 << 20
@@ -433,7 +433,7 @@ def test_stale_answers_are_skipped_without_being_kept(peer, sock: Path) -> None:
         p.send(conn, f"{rid} ok {args[0]}\n".encode())
 
     p = peer(answers)
-    result, peak = peak_memory(lambda: AgentClient(sock).ping(timeout=60))
+    result, peak = peak_memory(lambda: GuestAgentClient(sock).ping(timeout=60))
     assert isinstance(result, float)
     assert peak < 4 << 20
 
@@ -447,7 +447,7 @@ def test_endless_stale_lines_end_the_request(peer, sock: Path) -> None:  # type:
             p.send(conn, line64k)
 
     p = peer(answers)
-    err, peak = peak_memory(lambda: AgentClient(sock).ping(timeout=120))
+    err, peak = peak_memory(lambda: GuestAgentClient(sock).ping(timeout=120))
     assert isinstance(err, GuestError) and "answers to other requests" in err.message
     assert peak < 4 << 20
 
@@ -469,7 +469,7 @@ def test_exec_output_cut_by_the_agent_is_flagged(peer, sock: Path) -> None:  # t
             p.send(conn, exec_answer(rid, b"x" * 1000, b"e", "stdout-truncated=5000"))
 
     p = peer(agent)
-    r = AgentClient(sock).exec(["yes"], timeout=5, output_limit=1000)
+    r = GuestAgentClient(sock).exec(["yes"], timeout=5, output_limit=1000)
     assert seen == ["output-limit", "run"]
     assert (r.stdout, r.stderr, r.truncated, r.exit_code) == (b"x" * 1000, b"e", {"stdout": 5000}, 0)
 
@@ -484,7 +484,7 @@ def test_exec_output_of_an_agent_without_limits_is_cut_here(peer, sock: Path) ->
             p.send(conn, exec_answer(rid, b"o" * 3000, b"e" * 10, "timeout"))
 
     p = peer(old_agent)
-    r = AgentClient(sock).exec(["yes"], timeout=5, output_limit=1000)
+    r = GuestAgentClient(sock).exec(["yes"], timeout=5, output_limit=1000)
     assert (r.stdout, r.stderr, r.truncated, r.timed_out) == (b"o" * 1000, b"e" * 10, {"stdout": 3000}, True)
 
 
@@ -501,7 +501,7 @@ def test_exec_answer_beyond_its_limit_is_an_error_with_bounded_memory(peer, sock
             p.send(conn, block)
 
     p = peer(liar)
-    err, peak = peak_memory(lambda: AgentClient(sock).exec(["yes"], timeout=60))
+    err, peak = peak_memory(lambda: GuestAgentClient(sock).exec(["yes"], timeout=60))
     assert isinstance(err, GuestError) and "longer than" in err.message
     assert "--max-output" in (err.hint or "")
     assert peak < exec_frame(EXEC_OUTPUT_LIMIT) * 1.3
@@ -511,7 +511,7 @@ def test_exec_answer_beyond_its_limit_is_an_error_with_bounded_memory(peer, sock
 def test_malformed_exec_answers_are_one_line_errors(peer, sock: Path, bad: str) -> None:  # type: ignore[no-untyped-def]
     p = peer(lambda conn, req: p.send(conn, proto.ok(req.rid, bad) + "\n"))
     with pytest.raises(GuestError):
-        AgentClient(sock).exec(["x"], timeout=5)
+        GuestAgentClient(sock).exec(["x"], timeout=5)
 
 
 @pytest.mark.parametrize("timeout", [-1.0, 0.0, float("nan"), float("inf"), 1e300, 86401.0])
@@ -519,14 +519,14 @@ def test_exec_timeout_out_of_range_is_refused_before_anything_is_sent(sock: Path
     from mvm.errors import InvalidInput
 
     with pytest.raises(InvalidInput, match=r"--timeout must be more than 0 and at most 86400 seconds"):
-        AgentClient(sock).exec(["true"], timeout=timeout)  # (no socket there: nothing was tried)
+        GuestAgentClient(sock).exec(["true"], timeout=timeout)  # (no socket there: nothing was tried)
 
 
 def test_a_refusal_from_the_guest_is_shown_escaped(peer, sock: Path) -> None:  # type: ignore[no-untyped-def]
     evil = "\x1b]0;owned\x07\x1b[2J"
     p = peer(lambda conn, req: p.send(conn, proto.err(req.rid, evil) + "\n"))
     with pytest.raises(GuestError) as e:
-        AgentClient(sock).ping(timeout=5)
+        GuestAgentClient(sock).ping(timeout=5)
     assert "\x1b" not in e.value.message and "\\x1b]0;owned\\x07" in e.value.message
 
 
@@ -541,7 +541,7 @@ def test_the_rest_of_an_answer_torn_by_an_earlier_host_is_skipped(peer, sock: Pa
         p.send(conn, f"{rid} ok {args[0]}\n".encode())
 
     p = peer(answers)
-    result, peak = peak_memory(lambda: AgentClient(sock).ping(timeout=60))
+    result, peak = peak_memory(lambda: GuestAgentClient(sock).ping(timeout=60))
     assert isinstance(result, float)
     assert peak < 4 << 20
 
@@ -573,7 +573,7 @@ def test_reading_a_long_answer_looks_at_each_byte_once(peer, sock: Path) -> None
             return found
 
     p = peer(agent)
-    c = AgentClient(sock)
+    c = GuestAgentClient(sock)
     c.ping(timeout=10)  # connected
     c._buf = Counting()
     assert c.exec(["cat"], timeout=60).stdout == out

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from mvm.errors import GuestError
-from mvm.guest.agent_client import AGENT_PORT_NAME, AgentClient
+from mvm.guest.agent_client import AGENT_PORT_NAME, GuestAgentClient
 from mvm.guest.layout import install_guest_files
 from mvm.image.kernel import KernelInfo, install_default_kernel
 from tests.doubles import agent_protocol as proto
@@ -158,7 +158,7 @@ class Guest:
         self.append = append
         self.proc: subprocess.Popen[bytes] | None = None
         self.generation = 0
-        self.agent = AgentClient(self.dir / "agent-0.sock")
+        self.agent = GuestAgentClient(self.dir / "agent-0.sock")
 
     @property
     def console_log(self) -> Path:
@@ -277,7 +277,7 @@ class Guest:
     def restore(self, state_file: Path) -> float:
         self.generation += 1
         self.agent.close()
-        self.agent = AgentClient(self.dir / f"agent-{self.generation}.sock")
+        self.agent = GuestAgentClient(self.dir / f"agent-{self.generation}.sock")
         return self.start(incoming=f"exec:cat {state_file}")
 
     def wait_exit(self, timeout: float) -> int:
@@ -476,7 +476,7 @@ def test_agent_survives_host_reconnects(guest: Guest) -> None:
     # A second client while the first is idle-connected: QEMU serves one at a time, so
     # hand over by closing the first.
     guest.agent.close()
-    with AgentClient(guest.agent.socket_path) as other:
+    with GuestAgentClient(guest.agent.socket_path) as other:
         other.wait_ready(10)
 
 

@@ -10,7 +10,7 @@
 - The guest agent listens on vsock port 1024 when the guest has vsock: with the loopback
   transport (`mvm.modules=vsock_loopback`), a client inside the guest (the relay's own
   `connect` mode) reaches it on CID 1 and is served the agent's protocol; and mvm's host
-  side (AgentClient over VsockChannel) reaches it through a stand-in for Firecracker's
+  side (GuestAgentClient over VsockChannel) reaches it through a stand-in for Firecracker's
   vsock muxer (CONNECT/OK, then a byte pipe into the guest joined to AF_VSOCK there).
 - Firecracker's stop is a Ctrl-Alt-Del on its i8042 (`SendCtrlAltDel`): mvm's init turns it
   into a clean stop (services stopped, disks unmounted) rather than the kernel's immediate
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 
-from mvm.guest.agent_client import AgentClient
+from mvm.guest.agent_client import GuestAgentClient
 from mvm.guest.channels import VSOCK_AGENT_PORT, VsockChannel
 from mvm.image.kernel import KernelInfo, modinfo
 from mvm.image.outputs import check_firecracker_kernel
@@ -245,7 +245,7 @@ def test_the_agent_answers_on_vsock(vsock_guest: Guest) -> None:
 
 def test_agent_client_over_vsock_channel_reaches_the_guest_agent(vsock_guest: KeyboardGuest,
                                                                  tmp_path: Path) -> None:
-    """mvm's host side (AgentClient over VsockChannel: CONNECT/OK, then the agent protocol)
+    """mvm's host side (GuestAgentClient over VsockChannel: CONNECT/OK, then the agent protocol)
     against the guest's agent on vsock, through a stand-in for Firecracker's muxer."""
     g = vsock_guest
     g.sh(f"""for d in /sys/class/virtio-ports/*; do
@@ -255,7 +255,7 @@ def test_agent_client_over_vsock_channel_reaches_the_guest_agent(vsock_guest: Ke
     mux = FakeVsockMuxer(tmp_path / "v.sock", g.bridge_path)
     try:
         for _ in range(2):  # a host, then another (each connection is a vsock connection)
-            with AgentClient(VsockChannel(tmp_path / "v.sock", VSOCK_AGENT_PORT)) as client:
+            with GuestAgentClient(VsockChannel(tmp_path / "v.sock", VSOCK_AGENT_PORT)) as client:
                 client.wait_ready(60)
                 r = client.exec(["sh", "-c", "echo $PPID; cat /proc/sys/kernel/hostname"], 30)
                 assert r.ok and r.stdout.decode().split("\n")[1] == "guest1", r

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from mvm.errors import GuestError, RuntimeFailure
-from mvm.guest.agent_client import AgentClient
+from mvm.guest.agent_client import GuestAgentClient
 from mvm.guest.layout import install_guest_files
 from mvm.image.kernel import (
     KernelInfo,
@@ -92,8 +92,8 @@ class Vms:
         self.specs.append(s)
         return s
 
-    def agent(self, spec: VmSpec) -> AgentClient:
-        return AgentClient(self.rt.agent_socket(spec))
+    def agent(self, spec: VmSpec) -> GuestAgentClient:
+        return GuestAgentClient(self.rt.agent_socket(spec))
 
     def sh(self, spec: VmSpec, script: str, timeout: float = 20) -> str:
         with self.agent(spec) as a:

@@ -301,7 +301,7 @@ def test_the_agent_channel_ends_a_wait_on_a_silent_hypervisor(tmp_path: Path,
     """An exec whose guest agent never answers ends when the channel says the hypervisor does
     not answer its control socket, not at the exec's timeout."""
     from mvm.guest import agent_client
-    from mvm.guest.agent_client import AgentClient
+    from mvm.guest.agent_client import GuestAgentClient
     from mvm.guest.channels import VirtioSerialChannel
 
     monkeypatch.setattr(agent_client, "SILENCE_CHECK", 0.05)
@@ -310,7 +310,7 @@ def test_the_agent_channel_ends_a_wait_on_a_silent_hypervisor(tmp_path: Path,
         mute.bind(str(path))
         mute.listen(1)
         channel = VirtioSerialChannel(path, unanswered=lambda: "QEMU did not answer on qmp.sock within 5s")
-        with AgentClient(channel) as ag, pytest.raises(GuestError) as e:
+        with GuestAgentClient(channel) as ag, pytest.raises(GuestError) as e:
             ag.exec(["true"], timeout=30)
     assert e.value.message == ("the hypervisor does not answer (during exec): "
                                "QEMU did not answer on qmp.sock within 5s")

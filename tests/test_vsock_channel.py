@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from mvm.errors import GuestError
-from mvm.guest.agent_client import AgentClient
+from mvm.guest.agent_client import GuestAgentClient
 from mvm.guest.channels import VSOCK_AGENT_PORT, VsockChannel
 from tests.doubles import agent_protocol as proto
 from tests.doubles.agent_protocol import Request
@@ -170,7 +170,7 @@ def test_agent_client_pings_over_vsock(sock_path: Path) -> None:
 
     srv = VsockSocket(sock_path, agent)
     try:
-        with AgentClient(VsockChannel(sock_path, VSOCK_AGENT_PORT)) as c:
+        with GuestAgentClient(VsockChannel(sock_path, VSOCK_AGENT_PORT)) as c:
             c.wait_ready(timeout=20)
             before = len(nonces)
             c.ping()

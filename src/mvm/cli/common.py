@@ -27,14 +27,14 @@ def show(info: dict[str, object], json_: bool) -> None:
     present.show(info, json_)
 
 
-def agent() -> remote.Agent | None:
+def agent() -> remote.AgentApi | None:
     """The agent this command goes through (`--agent` / MVM_AGENT), if any."""
     where = STATE.get("agent")
     if not where:
         return None
     from mvm.cli import remote
 
-    return remote.Agent(str(where))
+    return remote.AgentApi(str(where))
 
 
 def _not_through_agent() -> None:

@@ -34,7 +34,10 @@ def _error(body: Any, status: int) -> MvmError:
     return e
 
 
-class Agent:
+class AgentApi:
+    """The agent's REST API, as the CLI asks it (not the agent itself: `services.agent.Agent`;
+    nor the guest's agent: `guest.agent_client.GuestAgentClient`)."""
+
     def __init__(self, where: str) -> None:
         self.where = where
         if where.startswith(("http://", "https://")):
@@ -141,7 +144,7 @@ class Agent:
 class EventStore:
     """What `mvm events` reads of the store (tenants and events), asked of the agent."""
 
-    def __init__(self, agent: Agent) -> None:
+    def __init__(self, agent: AgentApi) -> None:
         self.agent = agent
 
     def tenants(self) -> list[Tenant]:

@@ -11,7 +11,7 @@ line before it).
 Lines whose id is not the one we wait for — answers to requests we gave up on, the
 agent's own `* hello` lines, data from before a snapshot — are skipped, so the
 connection needs no resynchronisation. QEMU serves one client at a time: use one
-AgentClient per instance and do not share it between processes.
+GuestAgentClient per instance and do not share it between processes.
 
 The guest is root in its VM and may replace the agent, so every byte on the channel is
 hostile until parsed, and what it can cost the host is bounded:
@@ -122,7 +122,7 @@ class _Refused(GuestError):
         self.unknown_verb = guest_message.startswith(("unknown verb:", "request line too long"))
 
 
-class AgentClient:
+class GuestAgentClient:
     """Talks to one guest's agent over a channel. Connects lazily and reconnects after the
     socket drops (e.g. after a snapshot restore the new QEMU has a new socket). Waits end
     early when the channel says its hypervisor is gone."""
@@ -239,7 +239,7 @@ class AgentClient:
         with self._lock:
             self._drop()
 
-    def __enter__(self) -> AgentClient:
+    def __enter__(self) -> GuestAgentClient:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -25,7 +25,7 @@ from mvm.util import private
 from mvm.util.progress import StepTimes
 
 if TYPE_CHECKING:
-    from mvm.guest.agent_client import AgentClient
+    from mvm.guest.agent_client import GuestAgentClient
 
 T = TypeVar("T")
 
@@ -374,7 +374,7 @@ class Runtime(ABC):
         """The host end of the guest agent channel (a Unix stream socket to connect to)."""
 
     @abstractmethod
-    def agent(self, spec: VmSpec) -> AgentClient:
+    def agent(self, spec: VmSpec) -> GuestAgentClient:
         """A client of the VM's guest agent over this backend's channel (virtio-serial for
         QEMU, vsock for Firecracker), whose waits end early, with the console's last lines,
         when the hypervisor exits."""

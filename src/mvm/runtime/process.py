@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from mvm.errors import RuntimeFailure
-from mvm.guest.agent_client import AgentClient
+from mvm.guest.agent_client import GuestAgentClient
 from mvm.guest.channels import VirtioSerialChannel, VsockChannel
 from mvm.runtime import base, console, jail, rundir
 from mvm.runtime.base import MANIFEST, Runtime, SnapshotInfo, UndoSteps, VmSpec, VmStatus, checksum
@@ -139,8 +139,8 @@ class HypervisorRuntime(Runtime):
                 return VmStatus.GONE
             raise
 
-    def agent(self, spec: VmSpec) -> AgentClient:
-        return AgentClient(self._channel(
+    def agent(self, spec: VmSpec) -> GuestAgentClient:
+        return GuestAgentClient(self._channel(
             spec, alive=lambda: self.is_alive(spec), last_words=lambda: self._last_words(spec),
             unanswered=lambda: self.unanswered(spec)))
 
