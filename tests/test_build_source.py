@@ -3,9 +3,11 @@ no host path (fast: no Nix runs here; see test_build_hostile.py for real builds)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 from pathlib import Path
 
@@ -319,8 +321,8 @@ def test_pool_build_refuses_a_flake_directory_swapped_after_create(mvm: Mvm, tmp
     st = os.stat(user / "f")
     assert pools["p"]["flake_id"] == f"{st.st_dev}:{st.st_ino}"
     # acme/old: made before mvm recorded the directory
-    subprocess.run(["sqlite3", str(mvm.home / "mvm.db"),
-                    "UPDATE pools SET flake_id='' WHERE id='old'"], check=True)
+    with contextlib.closing(sqlite3.connect(mvm.home / "mvm.db")) as db, db:
+        db.execute("UPDATE pools SET flake_id='' WHERE id='old'")
     os.rename(user / "f", user / "f.old")
     (user / "f").symlink_to(victim)
     for pool in ("acme/p", "acme/old"):
