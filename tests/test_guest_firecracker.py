@@ -38,7 +38,7 @@ from mvm.image.kernel import KernelInfo, modinfo
 from mvm.image.outputs import check_firecracker_kernel
 from tests.doubles import agent_protocol as proto
 from tests.doubles.agent_protocol import Answer
-from tests.doubles.unix_server import UnixServer
+from tests.doubles.unix_server import UnixServer, read_line
 from tests.test_guest_boot import Guest, make_rootfs
 
 pytestmark = [
@@ -176,12 +176,7 @@ class FakeVsockMuxer:
         self._server = UnixServer(path, self._one)
 
     def _one(self, host: socket.socket) -> None:
-        line = b""
-        while not line.endswith(b"\n") and len(line) < 64:
-            b = host.recv(1)
-            if not b:
-                break
-            line += b
+        line = read_line(host, 64)
         self.connects.append(line)
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as guest:
             guest.connect(str(self.bridge))

@@ -17,7 +17,7 @@ from mvm.guest.agent_client import GuestAgentClient
 from mvm.guest.channels import VSOCK_AGENT_PORT, VsockChannel
 from tests.doubles import agent_protocol as proto
 from tests.doubles.agent_protocol import Request
-from tests.doubles.unix_server import UnixServer
+from tests.doubles.unix_server import UnixServer, read_line
 
 Script = Callable[[socket.socket, bytes], None]  # (connection, the CONNECT line read)
 
@@ -32,12 +32,9 @@ class VsockSocket:
         self._server = UnixServer(path, self._one, backlog=4, concurrent=True)
 
     def _one(self, conn: socket.socket) -> None:
-        line = b""
-        while not line.endswith(b"\n") and len(line) < 100:
-            b = conn.recv(1)
-            if not b:
-                return
-            line += b
+        line = read_line(conn, 100)
+        if not line.endswith(b"\n") and len(line) < 100:
+            return  # (the client closed first)
         self.requests.append(line)
         self.script(conn, line)
 

@@ -51,3 +51,16 @@ class UnixServer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def read_line(conn: socket.socket, limit: int) -> bytes:
+    """One line (its newline kept) read byte by byte, so that nothing after it is consumed, as
+    a peer reading a handshake does (Firecracker's `CONNECT <port>`); at most `limit` bytes,
+    fewer when the client closes first."""
+    line = b""
+    while not line.endswith(b"\n") and len(line) < limit:
+        b = conn.recv(1)
+        if not b:
+            break
+        line += b
+    return line
