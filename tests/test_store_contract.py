@@ -379,3 +379,24 @@ def _try_lock(backend: Backend, name: str, say: Callable[[str], None]) -> None:
             say("got it")
     except Conflict as e:
         say(f"busy: {e.message}")
+
+
+def test_a_build_whose_command_died_is_recorded_interrupted_once(backend: Backend, store: Store) -> None:
+    """A build still `running` whose command is gone shows as interrupted; the next build
+    records it so with its event — once: later builds neither record nor announce it again."""
+    child = os.fork()
+    if child == 0:  # another command, which starts a build and dies
+        try:
+            backend.store().start_build("acme", "w", "/dev/null")
+        finally:
+            os._exit(0)
+    os.waitpid(child, 0)
+    [dead] = [b for b in store.builds("acme", "w") if b["status"] == "interrupted"]
+    assert not dead["finished"]
+    assert store.interrupt_builds("acme", "w", _event("interrupt_builds")) == 1
+    assert _newest(store) == ("contract.interrupt_builds", "made interrupt_builds")
+    [recorded] = [b for b in store.builds("acme", "w") if b["id"] == dead["id"]]
+    assert recorded["status"] == "interrupted" and recorded["finished"]
+    before = dump(store)
+    assert store.interrupt_builds("acme", "w", _event("again")) == 0
+    assert dump(store) == before  # no second record, no second event

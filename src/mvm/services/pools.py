@@ -141,7 +141,8 @@ def build(ctx: Host, ref: PoolRef, force: bool = False,
         log = bdir / f"{time.strftime('%Y%m%dT%H%M%S')}-{time.time_ns() % 10**9:09d}.log"
         with private.open_new(log):  # 0600 before Nix writes a line to it
             pass
-        interrupted = sum(b["status"] == "interrupted" for b in store.builds(ref.tenant, ref.pool))
+        interrupted = sum(b["status"] == "interrupted" and not b["finished"]
+                          for b in store.builds(ref.tenant, ref.pool))  # (not yet recorded)
         if interrupted:
             store.interrupt_builds(ref.tenant, ref.pool, Event(
                 "pool.build-interrupted", f"{interrupted} earlier build(s) recorded as interrupted",

@@ -83,7 +83,7 @@ class Store(Protocol):
     def interrupt_builds(self, tenant: str, pid: str, event: Event | None = None, *,
                          fence: Lease | None = None) -> int:
         """Record the builds whose command died as interrupted (and `event`, when there were
-        any); returns how many."""
+        any; builds recorded so before count no more); returns how many."""
         ...
 
     # instances

@@ -358,8 +358,9 @@ class SqliteStore:
     def interrupt_builds(self, tenant: str, pid: str, event: Event | None = None, *,
                          fence: Lease | None = None) -> int:
         """Record builds whose command died as interrupted, and `event` when there were any
-        (the caller holds the pool's lock)."""
-        gone = [b["id"] for b in self.builds(tenant, pid) if b["status"] == "interrupted"]
+        (the caller holds the pool's lock). One already recorded (it has its `finished` time)
+        is not recorded or announced again."""
+        gone = [b["id"] for b in self.builds(tenant, pid) if b["status"] == "interrupted" and not b["finished"]]
         with self.tx(fence) as db:
             for bid in gone:
                 db.execute("UPDATE builds SET status='interrupted', finished=?,"
